@@ -1,0 +1,83 @@
+//! The error type of the safe API. Every variant maps to one errno, which the C boundary
+//! returns negated.
+
+use std::fmt;
+use std::io;
+
+/// Why an fdcast call failed.
+#[derive(Debug)]
+pub enum Error {
+    /// An argument is out of its range (a topic of 0 or more than [`crate::MAX_TOPIC_LEN`]
+    /// bytes, for example). `EINVAL`.
+    InvalidArgument(&'static str),
+    /// The fd is negative or not open. `EBADF`.
+    BadFd,
+    /// No subscription has that id. `ENOENT`.
+    NotFound,
+    /// The authorizer refused the subscription. `EACCES`.
+    Refused,
+    /// A payload for a WebSocket text or SSE subscriber is not valid UTF-8. `EILSEQ`.
+    InvalidUtf8,
+    /// The overflow policy dropped the frame (the fd's outbox is full). `ENOBUFS`.
+    Dropped,
+    /// The peer is gone; the fd was evicted. Holds the write's errno (`EPIPE`, ...).
+    PeerGone(i32),
+    /// Another thread is inside `dispatch`. `EBUSY`.
+    Busy,
+    /// A system call failed.
+    Io(io::Error),
+}
+
+impl Error {
+    /// The positive errno value for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::BadFd => libc::EBADF,
+            Error::NotFound => libc::ENOENT,
+            Error::Refused => libc::EACCES,
+            Error::InvalidUtf8 => libc::EILSEQ,
+            Error::Dropped => libc::ENOBUFS,
+            Error::PeerGone(errno) => *errno,
+            Error::Busy => libc::EBUSY,
+            Error::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument(what) => write!(f, "invalid argument: {what}"),
+            Error::BadFd => f.write_str("the fd is negative or not open"),
+            Error::NotFound => f.write_str("no subscription has that id"),
+            Error::Refused => f.write_str("the authorizer refused the subscription"),
+            Error::InvalidUtf8 => f.write_str(
+                "payload is not valid UTF-8, which WebSocket text and SSE subscribers require",
+            ),
+            Error::Dropped => f.write_str("the fd's outbox is full: the frame was dropped"),
+            Error::PeerGone(errno) => write!(
+                f,
+                "the peer is gone ({}); the fd was evicted",
+                io::Error::from_raw_os_error(*errno)
+            ),
+            Error::Busy => f.write_str("another thread is already in dispatch"),
+            Error::Io(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Error {
+        Error::Io(err)
+    }
+}

@@ -1,0 +1,123 @@
+//! The plumbing every exported function shares: the panic boundary, the thread-local error
+//! message, and the one place where pointers from C become Rust references and slices.
+
+use std::cell::RefCell;
+use std::ffi::{CString, c_char, c_int};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::fdcast;
+use crate::error::Error;
+use crate::registry::Registry;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+/// Runs `body`, turning a panic into `on_panic` (and a message in `fdcast_last_error`), so
+/// no unwind ever crosses into C.
+pub(crate) fn boundary<T>(on_panic: T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(payload) => {
+            let reason = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            set_last_error(&format!("internal error (please report): {reason}"));
+            on_panic
+        }
+    }
+}
+
+/// The boundary of a function returning a count or an id as `int64_t`: the value, or
+/// `-errno` with the detail recorded for `fdcast_last_error`; `-EIO` after a panic.
+pub(crate) fn returning_i64(body: impl FnOnce() -> Result<i64, Error>) -> i64 {
+    boundary(-i64::from(libc::EIO), || code(body()))
+}
+
+/// The boundary of a function returning `int` 0 on success, or `-errno`; `-EIO` after a
+/// panic.
+pub(crate) fn returning_status(body: impl FnOnce() -> Result<(), Error>) -> c_int {
+    boundary(-libc::EIO, || status(body()))
+}
+
+fn code(result: Result<i64, Error>) -> i64 {
+    match result {
+        Ok(value) => value,
+        Err(err) => {
+            set_last_error(&err.to_string());
+            -i64::from(err.errno())
+        }
+    }
+}
+
+fn status(result: Result<(), Error>) -> c_int {
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            set_last_error(&err.to_string());
+            -err.errno()
+        }
+    }
+}
+
+pub(crate) fn set_last_error(message: &str) {
+    let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = message);
+}
+
+/// The current thread's last error message; valid until this thread's next failing call.
+pub(crate) fn last_error() -> *const c_char {
+    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+}
+
+/// The registry behind a handle, or `EINVAL` for NULL.
+///
+/// # Safety
+/// `fc` is NULL or a handle from `fdcast_new` that has not been freed, as the header
+/// requires of callers; the reference does not outlive the exported call.
+pub(crate) unsafe fn registry<'a>(fc: *const fdcast) -> Result<&'a Registry, Error> {
+    // SAFETY: per this function's contract, a non-NULL `fc` points to a live `fdcast`, which
+    // is only ever shared (all its methods take `&self`).
+    unsafe { fc.as_ref() }
+        .map(|handle| &handle.registry)
+        .ok_or(Error::InvalidArgument("the fdcast handle is NULL"))
+}
+
+/// A byte buffer from C: any pointer (NULL included) for a length of 0, else a non-NULL
+/// pointer to `len` readable bytes.
+///
+/// # Safety
+/// A non-NULL `ptr` points to `len` bytes that stay readable and unmodified for the call.
+pub(crate) unsafe fn bytes<'a>(
+    ptr: *const u8,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a [u8], Error> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() || len > isize::MAX as usize {
+        return Err(Error::InvalidArgument(what));
+    }
+    // SAFETY: `ptr` is non-NULL, `len` fits `isize`, and the caller guarantees `len` readable
+    // bytes for the duration of the call.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// A writable array of `cap` ints from C; NULL is allowed when `cap` is 0.
+///
+/// # Safety
+/// A non-NULL `ptr` points to `cap` writable ints not aliased elsewhere for the call.
+pub(crate) unsafe fn int_array<'a>(ptr: *mut c_int, cap: usize) -> Result<&'a mut [c_int], Error> {
+    if cap == 0 {
+        return Ok(&mut []);
+    }
+    if ptr.is_null() || cap > isize::MAX as usize / size_of::<c_int>() {
+        return Err(Error::InvalidArgument("fds is NULL with a non-zero cap"));
+    }
+    // SAFETY: `ptr` is non-NULL, the byte size fits `isize`, and the caller guarantees `cap`
+    // writable, unaliased ints for the duration of the call.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, cap) })
+}

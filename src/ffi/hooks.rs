@@ -1,0 +1,109 @@
+//! The authorizer and evict callbacks: C function pointers wrapped as Rust closures.
+
+use std::ffi::{c_char, c_int, c_void};
+
+use super::boundary::{boundary, registry};
+use super::{fdcast, fdcast_mode, mode_to_c};
+
+/// Decides whether `fd` may subscribe to `topic[0..topic_len)` in `mode`: return true to
+/// allow. `topic` is only valid during the call.
+///
+/// Runs on the thread calling fdcast_subscribe, with no fdcast lock held: it may call any
+/// fdcast function except fdcast_free (a nested fdcast_subscribe runs the authorizer again).
+#[allow(non_camel_case_types)]
+pub type fdcast_authorize_fn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        topic: *const c_char,
+        topic_len: usize,
+        fd: c_int,
+        mode: fdcast_mode,
+    ) -> bool,
+>;
+
+/// Told that `fd` was evicted: its subscriptions and queued bytes are already gone. `reason`
+/// is a positive errno: the failed write's (EPIPE, ECONNRESET, ...) or ENOBUFS for
+/// FDCAST_EVICT. The fd stays open and the host's: close it (typically from the event loop,
+/// after this returns).
+///
+/// Runs on the thread that found the condition, inside fdcast_publish, fdcast_send or
+/// fdcast_dispatch, with no fdcast lock held: it may call any fdcast function except
+/// fdcast_free. Not called for fdcast_unsubscribe_fd, fdcast_clear or the fd-reuse guard.
+#[allow(non_camel_case_types)]
+pub type fdcast_evict_fn =
+    Option<unsafe extern "C" fn(user: *mut c_void, fd: c_int, reason: c_int)>;
+
+/// The host's `user` pointer, handed back to its callbacks on whatever thread runs them.
+struct UserData(*mut c_void);
+
+impl UserData {
+    /// A method rather than field access, so closures capture the whole `Send` wrapper.
+    fn get(&self) -> *mut c_void {
+        self.0
+    }
+}
+
+// SAFETY: fdcast never dereferences `user`; it passes it back to the host's callback, which the
+// header documents may run on any thread that calls into fdcast.
+unsafe impl Send for UserData {}
+// SAFETY: as above; sharing the pointer value between threads is the documented contract.
+unsafe impl Sync for UserData {}
+
+/// Sets the authorizer consulted by every fdcast_subscribe, with `user` passed back to it.
+/// A NULL `fn` allows all (the default). A NULL `fc` is a no-op.
+///
+/// Thread: any; a subscribe already running may still use the previous authorizer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdcast_set_authorizer(
+    fc: *mut fdcast,
+    authorize: fdcast_authorize_fn,
+    user: *mut c_void,
+) {
+    boundary((), || {
+        // SAFETY: the header requires NULL or a live handle.
+        let Ok(registry) = (unsafe { registry(fc) }) else {
+            return;
+        };
+        let user = UserData(user);
+        registry.set_authorizer(authorize.map(|authorize| {
+            Box::new(move |topic: &[u8], fd, mode| {
+                // SAFETY: the host supplied `authorize` for exactly this signature; `topic`
+                // is valid for the call and `mode` is a valid fdcast_mode.
+                unsafe {
+                    authorize(
+                        user.get(),
+                        topic.as_ptr().cast(),
+                        topic.len(),
+                        fd,
+                        mode_to_c(mode),
+                    )
+                }
+            }) as Box<crate::Authorizer>
+        }));
+    })
+}
+
+/// Sets the callback told of each evicted fd, with `user` passed back to it. NULL `fn`
+/// removes it. A NULL `fc` is a no-op.
+///
+/// Thread: any; an eviction already running may still call the previous callback.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdcast_set_evict_callback(
+    fc: *mut fdcast,
+    on_evict: fdcast_evict_fn,
+    user: *mut c_void,
+) {
+    boundary((), || {
+        // SAFETY: the header requires NULL or a live handle.
+        let Ok(registry) = (unsafe { registry(fc) }) else {
+            return;
+        };
+        let user = UserData(user);
+        registry.set_evict_callback(on_evict.map(|on_evict| {
+            Box::new(move |fd, reason| {
+                // SAFETY: the host supplied `on_evict` for exactly this signature.
+                unsafe { on_evict(user.get(), fd, reason) }
+            }) as Box<crate::EvictCallback>
+        }));
+    })
+}

@@ -1,0 +1,289 @@
+//! Encoders for the three wire framings. Pure functions: no I/O, no locks.
+//!
+//! A frame is a small header plus a body. RAW and WebSocket frames borrow the caller's
+//! payload as their body, so an immediate write costs no copy; only SSE, which rewrites line
+//! endings, builds a new body. The bytes are joined into one shared buffer only when some fd
+//! has to queue them (see [`Frame::shared`]).
+
+use std::cell::OnceCell;
+use std::sync::Arc;
+
+/// How a payload is framed for one subscriber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The payload bytes as they are.
+    Raw,
+    /// An RFC 6455 server frame: FIN, opcode 0x1 (text), unmasked.
+    WsText,
+    /// An RFC 6455 server frame: FIN, opcode 0x2 (binary), unmasked.
+    WsBinary,
+    /// A `text/event-stream` event: one `data: ` line per payload line, then a blank line.
+    Sse,
+}
+
+impl Mode {
+    /// Every mode, in the order of [`Mode::index`].
+    pub const ALL: [Mode; 4] = [Mode::Raw, Mode::WsText, Mode::WsBinary, Mode::Sse];
+
+    /// Whether payloads for this mode must be valid UTF-8.
+    pub fn requires_utf8(self) -> bool {
+        matches!(self, Mode::WsText | Mode::Sse)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const WS_FIN: u8 = 0x80;
+const WS_OPCODE_TEXT: u8 = 0x1;
+const WS_OPCODE_BINARY: u8 = 0x2;
+/// The longest WebSocket header a server writes: 2 bytes + a 64-bit extended length.
+const MAX_HEADER_LEN: usize = 10;
+
+/// A frame's leading bytes, held inline so building one allocates nothing.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Header {
+    bytes: [u8; MAX_HEADER_LEN],
+    len: u8,
+}
+
+impl Header {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// RFC 6455 §5.2 base framing for an unmasked server frame: the 7-bit length, or 126 and a
+    /// 16-bit length, or 127 and a 64-bit length, always in network byte order.
+    fn websocket(opcode: u8, payload_len: usize) -> Header {
+        let mut header = Header::default();
+        header.bytes[0] = WS_FIN | opcode;
+        if payload_len < 126 {
+            header.bytes[1] = payload_len as u8;
+            header.len = 2;
+        } else if let Ok(len16) = u16::try_from(payload_len) {
+            header.bytes[1] = 126;
+            header.bytes[2..4].copy_from_slice(&len16.to_be_bytes());
+            header.len = 4;
+        } else {
+            header.bytes[1] = 127;
+            header.bytes[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+            header.len = 10;
+        }
+        header
+    }
+}
+
+enum Body<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+/// One encoded frame, built once per publish per mode and written to every subscriber of
+/// that mode.
+pub(crate) struct Frame<'a> {
+    header: Header,
+    body: Body<'a>,
+    shared: OnceCell<Arc<[u8]>>,
+}
+
+impl<'a> Frame<'a> {
+    pub(crate) fn encode(mode: Mode, payload: &'a [u8]) -> Frame<'a> {
+        let (header, body) = match mode {
+            Mode::Raw => (Header::default(), Body::Borrowed(payload)),
+            Mode::WsText => (
+                Header::websocket(WS_OPCODE_TEXT, payload.len()),
+                Body::Borrowed(payload),
+            ),
+            Mode::WsBinary => (
+                Header::websocket(WS_OPCODE_BINARY, payload.len()),
+                Body::Borrowed(payload),
+            ),
+            Mode::Sse => (Header::default(), Body::Owned(sse_event(payload))),
+        };
+        Frame {
+            header,
+            body,
+            shared: OnceCell::new(),
+        }
+    }
+
+    pub(crate) fn header(&self) -> &[u8] {
+        self.header.as_slice()
+    }
+
+    pub(crate) fn body(&self) -> &[u8] {
+        match &self.body {
+            Body::Borrowed(bytes) => bytes,
+            Body::Owned(bytes) => bytes,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.header().len() + self.body().len()
+    }
+
+    /// The whole frame in one reference-counted buffer, built on first use, so every fd that
+    /// queues this frame shares one copy (API.md write-path rule 8).
+    pub(crate) fn shared(&self) -> Arc<[u8]> {
+        self.shared
+            .get_or_init(|| {
+                let mut bytes = Vec::with_capacity(self.len());
+                bytes.extend_from_slice(self.header());
+                bytes.extend_from_slice(self.body());
+                Arc::from(bytes)
+            })
+            .clone()
+    }
+}
+
+/// The frames of one publish, one slot per mode, each encoded the first time a subscriber of
+/// that mode needs it.
+pub(crate) struct FrameSet<'a> {
+    payload: &'a [u8],
+    frames: [OnceCell<Frame<'a>>; 4],
+}
+
+impl<'a> FrameSet<'a> {
+    pub(crate) fn new(payload: &'a [u8]) -> FrameSet<'a> {
+        FrameSet {
+            payload,
+            frames: Default::default(),
+        }
+    }
+
+    pub(crate) fn get(&self, mode: Mode) -> &Frame<'a> {
+        self.frames[mode.index()].get_or_init(|| Frame::encode(mode, self.payload))
+    }
+}
+
+/// Splits `payload` into lines on CRLF, LF and CR (the line breaks the EventSource parser
+/// recognises), so that a browser reassembles exactly the payload, with CRLF and CR as LF.
+/// A trailing line break yields a final empty line, which `data: ` carries as an empty line.
+fn sse_lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(payload);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.iter().position(|&b| b == b'\n' || b == b'\r') {
+            None => {
+                rest = None;
+                Some(current)
+            }
+            Some(at) => {
+                let break_len = if current[at] == b'\r' && current.get(at + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = Some(&current[at + break_len..]);
+                Some(&current[..at])
+            }
+        }
+    })
+}
+
+const SSE_DATA_PREFIX: &[u8] = b"data: ";
+
+fn sse_event(payload: &[u8]) -> Vec<u8> {
+    let line_count = 1 + payload
+        .iter()
+        .filter(|&&b| b == b'\n' || b == b'\r')
+        .count();
+    let mut event =
+        Vec::with_capacity(payload.len() + line_count * (SSE_DATA_PREFIX.len() + 1) + 1);
+    for line in sse_lines(payload) {
+        event.extend_from_slice(SSE_DATA_PREFIX);
+        event.extend_from_slice(line);
+        event.push(b'\n');
+    }
+    event.push(b'\n');
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(mode: Mode, payload: &[u8]) -> Vec<u8> {
+        Frame::encode(mode, payload).shared().to_vec()
+    }
+
+    #[test]
+    fn raw_frame_is_the_payload() {
+        assert_eq!(bytes(Mode::Raw, b"log line\n"), b"log line\n");
+        assert_eq!(bytes(Mode::Raw, b""), b"");
+    }
+
+    #[test]
+    fn websocket_short_lengths_fit_in_seven_bits() {
+        assert_eq!(bytes(Mode::WsText, b"hello"), b"\x81\x05hello");
+        assert_eq!(bytes(Mode::WsBinary, b""), b"\x82\x00");
+        let frame = bytes(Mode::WsBinary, &[7u8; 125]);
+        assert_eq!(&frame[..2], &[0x82, 125]);
+        assert_eq!(frame.len(), 127);
+    }
+
+    #[test]
+    fn websocket_medium_lengths_use_sixteen_bits() {
+        let frame = bytes(Mode::WsText, &[b'a'; 126]);
+        assert_eq!(&frame[..4], &[0x81, 126, 0, 126]);
+        assert_eq!(frame.len(), 4 + 126);
+        let frame = bytes(Mode::WsBinary, &[0; 65535]);
+        assert_eq!(&frame[..4], &[0x82, 126, 0xff, 0xff]);
+        assert_eq!(frame.len(), 4 + 65535);
+    }
+
+    #[test]
+    fn websocket_long_lengths_use_sixty_four_bits() {
+        let frame = bytes(Mode::WsBinary, &[0; 65536]);
+        assert_eq!(&frame[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(frame.len(), 10 + 65536);
+    }
+
+    #[test]
+    fn sse_single_line() {
+        assert_eq!(bytes(Mode::Sse, b"hello"), b"data: hello\n\n");
+    }
+
+    #[test]
+    fn sse_empty_payload_is_one_empty_data_line() {
+        assert_eq!(bytes(Mode::Sse, b""), b"data: \n\n");
+    }
+
+    #[test]
+    fn sse_splits_on_crlf_lf_and_cr() {
+        assert_eq!(
+            bytes(Mode::Sse, b"a\r\nb\nc\rd"),
+            b"data: a\ndata: b\ndata: c\ndata: d\n\n"
+        );
+    }
+
+    #[test]
+    fn sse_keeps_empty_lines_and_trailing_breaks() {
+        assert_eq!(bytes(Mode::Sse, b"a\n\nb"), b"data: a\ndata: \ndata: b\n\n");
+        assert_eq!(bytes(Mode::Sse, b"a\n"), b"data: a\ndata: \n\n");
+        assert_eq!(bytes(Mode::Sse, b"\r\r\n"), b"data: \ndata: \ndata: \n\n");
+    }
+
+    #[test]
+    fn frame_parts_join_to_the_shared_buffer() {
+        let frame = Frame::encode(Mode::WsText, b"abc");
+        assert_eq!(frame.header(), b"\x81\x03");
+        assert_eq!(frame.body(), b"abc");
+        assert_eq!(frame.len(), 5);
+        let first = frame.shared();
+        assert!(
+            Arc::ptr_eq(&first, &frame.shared()),
+            "built once, then shared"
+        );
+    }
+
+    #[test]
+    fn frame_set_encodes_each_mode_once() {
+        let set = FrameSet::new(b"x");
+        let first: *const Frame = set.get(Mode::Sse);
+        let again: *const Frame = set.get(Mode::Sse);
+        assert_eq!(first, again);
+        assert_eq!(set.get(Mode::WsBinary).len(), 3);
+    }
+}

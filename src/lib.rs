@@ -1,0 +1,24 @@
+//! fdcast: publish one message to every file descriptor subscribed to a topic, framed per
+//! subscriber as raw bytes, an RFC 6455 WebSocket frame or a Server-Sent Events block, with
+//! non-blocking writes that never tear a frame and bounded per-fd outboxes.
+//!
+//! The safe API is [`Registry`]; the C API in `include/fdcast.h` is a thin layer over it
+//! (module `ffi`). Embed it in an event loop by polling [`Registry::poll_fd`] for
+//! readability and calling [`Registry::dispatch`] when it fires.
+
+mod error;
+mod ffi;
+mod frame;
+mod index;
+mod io;
+mod outbox;
+mod reactor;
+mod registry;
+
+pub use error::Error;
+pub use frame::Mode;
+pub use index::SubscriptionId;
+pub use outbox::Overflow;
+pub use registry::{
+    Authorizer, DEFAULT_OUTBOX_LIMIT, EvictCallback, MAX_TOPIC_LEN, Registry, Stats,
+};

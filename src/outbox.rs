@@ -1,0 +1,252 @@
+//! One fd as fdcast knows it: its identity and its outbox, the bounded queue of frames the
+//! kernel has not taken yet. Every write to the fd happens here, under the fd's own lock, which
+//! is what keeps frames whole and in order when several threads publish at once.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::frame::Frame;
+use crate::io::{self, FileIdentity};
+use crate::reactor::Reactor;
+
+/// What happens to a frame that would push an fd's queued bytes past the outbox limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    /// Drop that frame for that fd, and count it.
+    DropMessage,
+    /// Evict the fd: drop its subscriptions and queued bytes, `shutdown(2)` it, and call the
+    /// evict callback with `ENOBUFS`.
+    Evict,
+}
+
+/// The write-path settings a publish reads once and applies to every fd.
+#[derive(Clone, Copy)]
+pub(crate) struct WritePolicy {
+    pub(crate) outbox_limit: usize,
+    pub(crate) overflow: Overflow,
+}
+
+/// The outcome of handing one frame to one fd.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// The whole frame reached the kernel.
+    Written,
+    /// The frame, or the rest of it, waits in the outbox.
+    Queued,
+    /// `Overflow::DropMessage` dropped the frame.
+    Dropped,
+    /// `Overflow::Evict` applies: the caller evicts the fd.
+    Overflowed,
+    /// The write failed with this errno: the caller evicts the fd.
+    Failed(i32),
+    /// The fd was forgotten or evicted meanwhile; nothing was done.
+    Closed,
+}
+
+/// The outcome of writing an fd's outbox.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Flush {
+    /// `frames` frames were completed; `drained` says whether the outbox is now empty.
+    Progress { frames: usize, drained: bool },
+    /// The write failed with this errno: the caller evicts the fd.
+    Failed(i32),
+}
+
+struct QueuedFrame {
+    bytes: Arc<[u8]>,
+    written: usize,
+}
+
+#[derive(Default)]
+struct Outbox {
+    frames: VecDeque<QueuedFrame>,
+    queued_bytes: usize,
+    /// Set when the fd is forgotten or evicted: a publish still holding this peer from an
+    /// older topic snapshot must not write to an fd number that may now be another file.
+    closed: bool,
+    /// Whether the reactor watches the fd for writability.
+    watched: bool,
+}
+
+pub(crate) struct Peer {
+    pub(crate) fd: RawFd,
+    pub(crate) identity: FileIdentity,
+    outbox: Mutex<Outbox>,
+}
+
+/// Iovecs gathered per write on the stack; a longer outbox takes several writes.
+const IOVECS_PER_WRITE: usize = 64;
+
+impl Peer {
+    pub(crate) fn new(fd: RawFd, identity: FileIdentity) -> Peer {
+        Peer {
+            fd,
+            identity,
+            outbox: Mutex::new(Outbox::default()),
+        }
+    }
+
+    /// Writes `frame`, or queues it behind bytes already waiting, under API.md's write-path
+    /// rules 3 to 5. `queued_gauge` tracks the bytes queued across all fds.
+    pub(crate) fn deliver(
+        &self,
+        frame: &Frame<'_>,
+        policy: WritePolicy,
+        reactor: &Reactor,
+        queued_gauge: &AtomicU64,
+    ) -> Delivery {
+        let mut outbox = self.outbox.lock();
+        if outbox.closed {
+            return Delivery::Closed;
+        }
+        let frame_len = frame.len();
+        if frame_len == 0 {
+            return Delivery::Written;
+        }
+        if !outbox.frames.is_empty() {
+            if outbox.queued_bytes + frame_len > policy.outbox_limit {
+                return match policy.overflow {
+                    Overflow::DropMessage => Delivery::Dropped,
+                    Overflow::Evict => Delivery::Overflowed,
+                };
+            }
+            outbox.push(frame.shared(), 0, queued_gauge);
+            return Delivery::Queued;
+        }
+        let parts = [IoSlice::new(frame.header()), IoSlice::new(frame.body())];
+        let parts = if frame.header().is_empty() {
+            &parts[1..]
+        } else {
+            &parts[..]
+        };
+        let written = match io::write_vectored(self.fd, self.identity.kind, parts) {
+            Ok(written) => written,
+            Err(err) => return Delivery::Failed(errno_of(&err)),
+        };
+        if written == frame_len {
+            return Delivery::Written;
+        }
+        outbox.push(frame.shared(), written, queued_gauge);
+        if let Err(errno) = outbox.ensure_watched(self.fd, reactor) {
+            return Delivery::Failed(errno);
+        }
+        Delivery::Queued
+    }
+
+    /// Writes as much of the outbox as the fd takes, several frames per system call.
+    pub(crate) fn flush(&self, reactor: &Reactor, queued_gauge: &AtomicU64) -> Flush {
+        let mut outbox = self.outbox.lock();
+        let mut completed = 0;
+        while !outbox.frames.is_empty() && !outbox.closed {
+            let mut iovecs = [IoSlice::new(&[]); IOVECS_PER_WRITE];
+            let mut count = 0;
+            for (slot, queued) in iovecs.iter_mut().zip(&outbox.frames) {
+                *slot = IoSlice::new(&queued.bytes[queued.written..]);
+                count += 1;
+            }
+            let written = match io::write_vectored(self.fd, self.identity.kind, &iovecs[..count]) {
+                Ok(written) => written,
+                Err(err) => return Flush::Failed(errno_of(&err)),
+            };
+            if written == 0 {
+                if let Err(errno) = outbox.ensure_watched(self.fd, reactor) {
+                    return Flush::Failed(errno);
+                }
+                return Flush::Progress {
+                    frames: completed,
+                    drained: false,
+                };
+            }
+            completed += outbox.consume(written, queued_gauge);
+        }
+        if outbox.watched {
+            reactor.unwatch(self.fd);
+            outbox.watched = false;
+        }
+        Flush::Progress {
+            frames: completed,
+            drained: true,
+        }
+    }
+
+    /// Forgets the fd: discards its queued bytes (a partly written frame included) and stops
+    /// watching it. Later deliveries to this peer do nothing.
+    pub(crate) fn close(&self, reactor: &Reactor, queued_gauge: &AtomicU64) {
+        let mut outbox = self.outbox.lock();
+        outbox.closed = true;
+        queued_gauge.fetch_sub(outbox.queued_bytes as u64, Ordering::Relaxed);
+        outbox.queued_bytes = 0;
+        outbox.frames = VecDeque::new();
+        if outbox.watched {
+            reactor.unwatch(self.fd);
+            outbox.watched = false;
+        }
+    }
+
+    /// Closes the peer only if nothing is queued, so an fd with no subscriptions left can be
+    /// forgotten without losing bytes. Returns whether it closed.
+    pub(crate) fn close_if_idle(&self, reactor: &Reactor) -> bool {
+        let mut outbox = self.outbox.lock();
+        if !outbox.frames.is_empty() {
+            return false;
+        }
+        outbox.closed = true;
+        if outbox.watched {
+            reactor.unwatch(self.fd);
+            outbox.watched = false;
+        }
+        true
+    }
+
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.outbox.lock().queued_bytes
+    }
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: Arc<[u8]>, written: usize, queued_gauge: &AtomicU64) {
+        let remaining = bytes.len() - written;
+        self.queued_bytes += remaining;
+        queued_gauge.fetch_add(remaining as u64, Ordering::Relaxed);
+        self.frames.push_back(QueuedFrame { bytes, written });
+    }
+
+    /// Advances past `written` bytes; returns how many frames were completed.
+    fn consume(&mut self, mut written: usize, queued_gauge: &AtomicU64) -> usize {
+        self.queued_bytes -= written;
+        queued_gauge.fetch_sub(written as u64, Ordering::Relaxed);
+        let mut completed = 0;
+        while written > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            let remaining = front.bytes.len() - front.written;
+            if written >= remaining {
+                written -= remaining;
+                self.frames.pop_front();
+                completed += 1;
+            } else {
+                front.written += written;
+                written = 0;
+            }
+        }
+        completed
+    }
+
+    fn ensure_watched(&mut self, fd: RawFd, reactor: &Reactor) -> Result<(), i32> {
+        if !self.watched {
+            reactor.watch(fd).map_err(|err| errno_of(&err))?;
+            self.watched = true;
+        }
+        Ok(())
+    }
+}
+
+fn errno_of(err: &std::io::Error) -> i32 {
+    err.raw_os_error().unwrap_or(libc::EIO)
+}

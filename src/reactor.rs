@@ -1,0 +1,97 @@
+//! The internal `mio::Poll`: fds with queued bytes are watched for writability, and its
+//! epoll fd is the one fd the host adds to its own loop (`fdcast_fd`).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
+
+use crate::error::Error;
+
+/// Reserved for the waker; fd tokens are the fd numbers, which are never this large.
+const WAKER_TOKEN: Token = Token(usize::MAX);
+const EVENTS_PER_WAIT: usize = 1024;
+
+pub(crate) struct Reactor {
+    poll: Mutex<(Poll, Events)>,
+    /// A clone of the poll's registry, so any thread may watch an fd while another waits.
+    registry: mio::Registry,
+    waker: Waker,
+    poll_fd: RawFd,
+}
+
+impl Reactor {
+    pub(crate) fn new() -> io::Result<Reactor> {
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let waker = Waker::new(poll.registry(), WAKER_TOKEN)?;
+        let poll_fd = poll.as_raw_fd();
+        Ok(Reactor {
+            poll: Mutex::new((poll, Events::with_capacity(EVENTS_PER_WAIT))),
+            registry,
+            waker,
+            poll_fd,
+        })
+    }
+
+    pub(crate) fn poll_fd(&self) -> RawFd {
+        self.poll_fd
+    }
+
+    /// Starts watching `fd` for writability. mio is edge-triggered, and epoll reports an fd
+    /// that is already writable when it is added, so no edge is missed between the write
+    /// that would block and this call.
+    pub(crate) fn watch(&self, fd: RawFd) -> io::Result<()> {
+        let token = Token(fd as usize);
+        match self
+            .registry
+            .register(&mut SourceFd(&fd), token, Interest::WRITABLE)
+        {
+            // The fd number is still registered for an old file the host closed and a dup
+            // keeps alive; re-registering points it at the current one.
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                self.registry
+                    .reregister(&mut SourceFd(&fd), token, Interest::WRITABLE)
+            }
+            other => other,
+        }
+    }
+
+    /// Stops watching `fd`. Errors are ignored: epoll already forgot an fd the host closed.
+    pub(crate) fn unwatch(&self, fd: RawFd) {
+        let _ = self.registry.deregister(&mut SourceFd(&fd));
+    }
+
+    /// Makes a concurrent or the next `wait` return.
+    pub(crate) fn wake(&self) {
+        let _ = self.waker.wake();
+    }
+
+    /// Waits up to `timeout` (`None`: forever) and appends to `ready` each fd found
+    /// writable. The poll is locked only for the wait itself, so the caller handles the fds
+    /// (and runs callbacks) with no lock held. Only one thread may wait at a time: a second
+    /// gets [`Error::Busy`].
+    pub(crate) fn wait(
+        &self,
+        timeout: Option<Duration>,
+        ready: &mut Vec<RawFd>,
+    ) -> Result<(), Error> {
+        let mut guard = self.poll.try_lock().ok_or(Error::Busy)?;
+        let (poll, events) = &mut *guard;
+        match poll.poll(events, timeout) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(err) => return Err(Error::Io(err)),
+        }
+        ready.extend(
+            events
+                .iter()
+                .filter(|event| event.token() != WAKER_TOKEN)
+                .map(|event| event.token().0 as RawFd),
+        );
+        Ok(())
+    }
+}

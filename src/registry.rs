@@ -1,0 +1,507 @@
+//! The public `Registry`: subscriptions, the publish fan-out, eviction and dispatch.
+//!
+//! Locks, always taken in this order and never the other way round:
+//! 1. `index` (an `RwLock`): read briefly by publish to clone a topic's subscriber list,
+//!    written by subscribe, unsubscribe, eviction and the fd-reuse guard;
+//! 2. one peer's outbox mutex: held for the writes to that one fd.
+//!
+//! A publish holds no lock while it walks its subscriber list and at most one outbox lock at a
+//! time, so a publish to many fds never blocks changes on other topics, publishes to other
+//! topics run in parallel, and no cycle can form. The reactor's poll mutex is only held for
+//! the wait itself, and the hook slots are read-locked only to clone the callback out;
+//! callbacks run with no lock held.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use crate::error::Error;
+use crate::frame::{Frame, FrameSet, Mode};
+use crate::index::{Index, SubscriptionId};
+use crate::io::{self, FileIdentity, FileKind};
+use crate::outbox::{Delivery, Flush, Overflow, Peer, WritePolicy};
+use crate::reactor::Reactor;
+
+/// The longest topic, in bytes.
+pub const MAX_TOPIC_LEN: usize = 4096;
+/// The outbox limit of a new registry, per fd.
+pub const DEFAULT_OUTBOX_LIMIT: usize = 1 << 20;
+
+/// Decides whether `fd` may subscribe to a topic in a mode.
+pub type Authorizer = dyn Fn(&[u8], RawFd, Mode) -> bool + Send + Sync;
+/// Told which fd was evicted and why (a positive errno: `EPIPE`, or `ENOBUFS` for
+/// [`Overflow::Evict`]).
+pub type EvictCallback = dyn Fn(RawFd, i32) + Send + Sync;
+
+/// Counters and gauges of a registry. Frame counts are per (frame, fd) pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Successful publish calls, those that matched no subscriber included.
+    pub publishes: u64,
+    /// Frames whose last byte reached the kernel.
+    pub deliveries: u64,
+    /// Frames dropped by [`Overflow::DropMessage`].
+    pub dropped_messages: u64,
+    /// Fds removed because the peer was gone or by [`Overflow::Evict`].
+    pub evicted_fds: u64,
+    /// Bytes waiting in outboxes now.
+    pub queued_bytes: u64,
+    /// Live subscriptions.
+    pub subscriptions: u64,
+    /// Topics with at least one subscriber.
+    pub topics: u64,
+    /// Distinct fds with at least one subscription or queued bytes.
+    pub fds: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    publishes: AtomicU64,
+    deliveries: AtomicU64,
+    dropped_messages: AtomicU64,
+    evicted_fds: AtomicU64,
+    queued_bytes: AtomicU64,
+}
+
+/// Why a peer is being evicted.
+struct Eviction {
+    peer: Arc<Peer>,
+    reason: i32,
+    shut_down: bool,
+}
+
+/// A topic → fd fan-out registry. Every method may be called from any thread; `dispatch`
+/// from one thread at a time.
+pub struct Registry {
+    index: RwLock<Index<Peer>>,
+    reactor: Reactor,
+    outbox_limit: AtomicUsize,
+    overflow_evicts: AtomicBool,
+    authorizer: RwLock<Option<Arc<Authorizer>>>,
+    on_evict: RwLock<Option<Arc<EvictCallback>>>,
+    counters: Counters,
+}
+
+impl Registry {
+    /// An empty registry with its own poller.
+    pub fn new() -> std::io::Result<Registry> {
+        Ok(Registry {
+            index: RwLock::new(Index::default()),
+            reactor: Reactor::new()?,
+            outbox_limit: AtomicUsize::new(DEFAULT_OUTBOX_LIMIT),
+            overflow_evicts: AtomicBool::new(false),
+            authorizer: RwLock::new(None),
+            on_evict: RwLock::new(None),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Subscribes `fd` to `topic`. Subscribing the same (topic, fd) again returns the same id
+    /// and sets the mode. Pipes and other non-sockets are made `O_NONBLOCK`.
+    pub fn subscribe(&self, topic: &[u8], fd: RawFd, mode: Mode) -> Result<SubscriptionId, Error> {
+        check_topic(topic)?;
+        let identity = identify(fd)?;
+        let authorizer = self.authorizer.read().clone();
+        if let Some(authorize) = authorizer {
+            if !authorize(topic, fd, mode) {
+                return Err(Error::Refused);
+            }
+        }
+        let mut index = self.index.write();
+        self.known_peer(&mut index, fd, identity)?;
+        Ok(index.subscribe(topic, fd, mode))
+    }
+
+    /// Removes one subscription. Frames already queued for its fd stay queued.
+    pub fn unsubscribe(&self, id: SubscriptionId) -> Result<(), Error> {
+        let mut index = self.index.write();
+        let fd = index.unsubscribe(id).ok_or(Error::NotFound)?;
+        self.forget_if_unused(&mut index, fd);
+        Ok(())
+    }
+
+    /// Forgets `fd`: drops every subscription and every queued byte of it, a partly written
+    /// frame included. Returns how many subscriptions it dropped.
+    pub fn unsubscribe_fd(&self, fd: RawFd) -> Result<usize, Error> {
+        if fd < 0 {
+            return Err(Error::BadFd);
+        }
+        let mut index = self.index.write();
+        Ok(self.forget(&mut index, fd))
+    }
+
+    /// Drops every subscription and every queued byte.
+    pub fn clear(&self) {
+        let mut index = self.index.write();
+        for peer in index.take_all() {
+            peer.close(&self.reactor, &self.counters.queued_bytes);
+        }
+    }
+
+    /// Live subscriptions.
+    pub fn subscriber_count(&self) -> usize {
+        self.index.read().subscription_count()
+    }
+
+    /// The fds subscribed to `topic` (none for an invalid topic).
+    pub fn subscribers_for(&self, topic: &[u8]) -> Vec<RawFd> {
+        let index = self.index.read();
+        let mut fds = vec![0; index.subscribers_into(topic, &mut [])];
+        index.subscribers_into(topic, &mut fds);
+        fds
+    }
+
+    /// Writes up to `out.len()` fds subscribed to `topic` into `out`; returns how many fds
+    /// subscribe to it.
+    pub fn subscribers_into(&self, topic: &[u8], out: &mut [RawFd]) -> Result<usize, Error> {
+        check_topic(topic)?;
+        Ok(self.index.read().subscribers_into(topic, out))
+    }
+
+    /// Writes `payload`, framed per subscriber, to every subscriber of `topic`; returns how
+    /// many subscribers matched.
+    pub fn publish(&self, topic: &[u8], payload: &[u8]) -> Result<usize, Error> {
+        self.publish_except(topic, payload, None)
+    }
+
+    /// [`Registry::publish`], skipping `except` (the sender), which is not counted.
+    pub fn publish_except(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> Result<usize, Error> {
+        check_topic(topic)?;
+        let (list, except_mode) = {
+            let index = self.index.read();
+            let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
+            (index.snapshot(topic), except_mode)
+        };
+        let Some(list) = list else {
+            self.counters.publishes.fetch_add(1, Ordering::Relaxed);
+            return Ok(0);
+        };
+        let utf8_recipients =
+            list.utf8_subscribers() - usize::from(except_mode.is_some_and(Mode::requires_utf8));
+        if utf8_recipients > 0 && std::str::from_utf8(payload).is_err() {
+            return Err(Error::InvalidUtf8);
+        }
+
+        let frames = FrameSet::new(payload);
+        let policy = self.write_policy();
+        let mut matched = 0;
+        let mut delivered = 0;
+        let mut dropped = 0;
+        let mut evictions = Vec::new();
+        for subscriber in &list.subscribers {
+            if Some(subscriber.fd) == except {
+                continue;
+            }
+            matched += 1;
+            let frame = frames.get(subscriber.mode);
+            match self.deliver(&subscriber.peer, frame, policy) {
+                Delivery::Written => delivered += 1,
+                Delivery::Queued | Delivery::Closed => {}
+                Delivery::Dropped => dropped += 1,
+                Delivery::Overflowed => evictions.push(Eviction {
+                    peer: Arc::clone(&subscriber.peer),
+                    reason: libc::ENOBUFS,
+                    shut_down: true,
+                }),
+                Delivery::Failed(errno) => evictions.push(Eviction {
+                    peer: Arc::clone(&subscriber.peer),
+                    reason: errno,
+                    shut_down: false,
+                }),
+            }
+        }
+        drop(list);
+        self.counters
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+        self.counters
+            .dropped_messages
+            .fetch_add(dropped, Ordering::Relaxed);
+        self.counters.publishes.fetch_add(1, Ordering::Relaxed);
+        for eviction in evictions {
+            self.evict(eviction);
+        }
+        Ok(matched)
+    }
+
+    /// Writes one frame to one fd, subscribed or not, through its outbox, so it never
+    /// overtakes or splits queued frames.
+    pub fn send(&self, fd: RawFd, mode: Mode, payload: &[u8]) -> Result<(), Error> {
+        if mode.requires_utf8() && std::str::from_utf8(payload).is_err() {
+            return Err(Error::InvalidUtf8);
+        }
+        let identity = identify(fd)?;
+        let frame = Frame::encode(mode, payload);
+        let policy = self.write_policy();
+        loop {
+            let (peer, subscribed) = self.peer_for_send(fd, identity)?;
+            let eviction = match self.deliver(&peer, &frame, policy) {
+                Delivery::Written => {
+                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    if !subscribed {
+                        self.forget_if_unused(&mut self.index.write(), fd);
+                    }
+                    return Ok(());
+                }
+                Delivery::Queued => return Ok(()),
+                // Forgotten between lookup and write: look the fd up afresh.
+                Delivery::Closed => continue,
+                Delivery::Dropped => {
+                    self.counters
+                        .dropped_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::Dropped);
+                }
+                Delivery::Overflowed => Eviction {
+                    peer,
+                    reason: libc::ENOBUFS,
+                    shut_down: true,
+                },
+                Delivery::Failed(errno) => Eviction {
+                    peer,
+                    reason: errno,
+                    shut_down: false,
+                },
+            };
+            let error = match eviction.reason {
+                libc::ENOBUFS if eviction.shut_down => Error::Dropped,
+                errno => Error::PeerGone(errno),
+            };
+            self.evict(eviction);
+            return Err(error);
+        }
+    }
+
+    /// The fd to add to the host's event loop for readability: it becomes readable when an
+    /// fd with queued bytes becomes writable.
+    pub fn poll_fd(&self) -> RawFd {
+        self.reactor.poll_fd()
+    }
+
+    /// Waits up to `timeout` (`None`: until there is work) and flushes the outboxes that can
+    /// take bytes. Returns how many fds it served.
+    pub fn dispatch(&self, timeout: Option<Duration>) -> Result<usize, Error> {
+        let mut ready = Vec::new();
+        self.reactor.wait(timeout, &mut ready)?;
+        let mut served = 0;
+        for fd in ready {
+            let Some(peer) = self.index.read().peer(fd).cloned() else {
+                continue;
+            };
+            served += 1;
+            match peer.flush(&self.reactor, &self.counters.queued_bytes) {
+                Flush::Progress { frames, drained } => {
+                    self.counters
+                        .deliveries
+                        .fetch_add(frames as u64, Ordering::Relaxed);
+                    if drained {
+                        let mut index = self.index.write();
+                        if index
+                            .peer(fd)
+                            .is_some_and(|current| Arc::ptr_eq(current, &peer))
+                        {
+                            self.forget_if_unused(&mut index, fd);
+                        }
+                    }
+                }
+                Flush::Failed(errno) => self.evict(Eviction {
+                    peer,
+                    reason: errno,
+                    shut_down: false,
+                }),
+            }
+        }
+        Ok(served)
+    }
+
+    /// Makes a waiting (or the next) `dispatch` return, and `poll_fd` readable until it does.
+    pub fn wake(&self) {
+        self.reactor.wake();
+    }
+
+    /// Bytes queued for `fd` (0 when none or unknown).
+    pub fn pending_bytes(&self, fd: RawFd) -> Result<usize, Error> {
+        if fd < 0 {
+            return Err(Error::BadFd);
+        }
+        let peer = self.index.read().peer(fd).cloned();
+        Ok(peer.map_or(0, |peer| peer.queued_bytes()))
+    }
+
+    /// Sets the per-fd bound on queued bytes (0: queue nothing but the rest of a started
+    /// frame).
+    pub fn set_outbox_limit(&self, bytes: usize) {
+        self.outbox_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sets what happens to a frame that would overflow an outbox.
+    pub fn set_overflow(&self, policy: Overflow) {
+        self.overflow_evicts
+            .store(policy == Overflow::Evict, Ordering::Relaxed);
+    }
+
+    /// Sets (or, with `None`, removes) the authorizer that every subscribe consults.
+    pub fn set_authorizer(&self, authorizer: Option<Box<Authorizer>>) {
+        *self.authorizer.write() = authorizer.map(Arc::from);
+    }
+
+    /// Sets (or, with `None`, removes) the callback told of each evicted fd.
+    pub fn set_evict_callback(&self, callback: Option<Box<EvictCallback>>) {
+        *self.on_evict.write() = callback.map(Arc::from);
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (subscriptions, topics, fds) = {
+            let index = self.index.read();
+            (
+                index.subscription_count(),
+                index.topic_count(),
+                index.peer_count(),
+            )
+        };
+        let counters = &self.counters;
+        Stats {
+            publishes: counters.publishes.load(Ordering::Relaxed),
+            deliveries: counters.deliveries.load(Ordering::Relaxed),
+            dropped_messages: counters.dropped_messages.load(Ordering::Relaxed),
+            evicted_fds: counters.evicted_fds.load(Ordering::Relaxed),
+            queued_bytes: counters.queued_bytes.load(Ordering::Relaxed),
+            subscriptions: subscriptions as u64,
+            topics: topics as u64,
+            fds: fds as u64,
+        }
+    }
+
+    fn write_policy(&self) -> WritePolicy {
+        WritePolicy {
+            outbox_limit: self.outbox_limit.load(Ordering::Relaxed),
+            overflow: if self.overflow_evicts.load(Ordering::Relaxed) {
+                Overflow::Evict
+            } else {
+                Overflow::DropMessage
+            },
+        }
+    }
+
+    fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
+        peer.deliver(frame, policy, &self.reactor, &self.counters.queued_bytes)
+    }
+
+    /// The peer for `fd`, created if the index does not know the fd, and replacing a stale one
+    /// if the fd number now refers to another file (the fd-reuse guard of API.md).
+    fn known_peer(
+        &self,
+        index: &mut Index<Peer>,
+        fd: RawFd,
+        identity: FileIdentity,
+    ) -> Result<Arc<Peer>, Error> {
+        if let Some(peer) = index.peer(fd) {
+            if peer.identity == identity {
+                return Ok(Arc::clone(peer));
+            }
+            self.forget(index, fd);
+        }
+        if identity.kind != FileKind::Socket {
+            io::make_nonblocking(fd)?;
+        }
+        let peer = Arc::new(Peer::new(fd, identity));
+        index.insert_peer(fd, Arc::clone(&peer));
+        Ok(peer)
+    }
+
+    /// Looks `fd` up under the read lock, which is enough unless the fd is new or reused.
+    /// Also says whether the fd has subscriptions, which decides whether a fully written send
+    /// leaves a peer behind to forget.
+    fn peer_for_send(&self, fd: RawFd, identity: FileIdentity) -> Result<(Arc<Peer>, bool), Error> {
+        {
+            let index = self.index.read();
+            if let Some(peer) = index.peer(fd) {
+                if peer.identity == identity {
+                    return Ok((Arc::clone(peer), index.subscriptions_of(fd) > 0));
+                }
+            }
+        }
+        let mut index = self.index.write();
+        let peer = self.known_peer(&mut index, fd, identity)?;
+        Ok((peer, index.subscriptions_of(fd) > 0))
+    }
+
+    /// Drops `fd`'s subscriptions and queued bytes; returns how many subscriptions it had.
+    fn forget(&self, index: &mut Index<Peer>, fd: RawFd) -> usize {
+        match index.remove_peer(fd) {
+            Some((peer, subscriptions)) => {
+                peer.close(&self.reactor, &self.counters.queued_bytes);
+                subscriptions
+            }
+            None => 0,
+        }
+    }
+
+    /// Forgets an fd that has neither subscriptions nor queued bytes, so the index only holds
+    /// fds with something to do.
+    fn forget_if_unused(&self, index: &mut Index<Peer>, fd: RawFd) {
+        if index.subscriptions_of(fd) > 0 {
+            return;
+        }
+        if index
+            .peer(fd)
+            .is_some_and(|peer| peer.close_if_idle(&self.reactor))
+        {
+            index.remove_peer(fd);
+        }
+    }
+
+    /// Evicts a peer whose write failed or whose outbox overflowed under
+    /// [`Overflow::Evict`], then tells the host, with no lock held. A peer already forgotten
+    /// (by the host, or by another thread's eviction) is left alone and not reported twice.
+    fn evict(&self, eviction: Eviction) {
+        let Eviction {
+            peer,
+            reason,
+            shut_down,
+        } = eviction;
+        {
+            let mut index = self.index.write();
+            if !index
+                .peer(peer.fd)
+                .is_some_and(|current| Arc::ptr_eq(current, &peer))
+            {
+                return;
+            }
+            self.forget(&mut index, peer.fd);
+            if shut_down {
+                io::shutdown(peer.fd, peer.identity.kind);
+            }
+        }
+        self.counters.evicted_fds.fetch_add(1, Ordering::Relaxed);
+        let callback = self.on_evict.read().clone();
+        if let Some(on_evict) = callback {
+            on_evict(peer.fd, reason);
+        }
+    }
+}
+
+fn check_topic(topic: &[u8]) -> Result<(), Error> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
+        return Err(Error::InvalidArgument("a topic is 1 to 4096 bytes"));
+    }
+    Ok(())
+}
+
+fn identify(fd: RawFd) -> Result<FileIdentity, Error> {
+    if fd < 0 {
+        return Err(Error::BadFd);
+    }
+    io::identify(fd).map_err(|err| match err.raw_os_error() {
+        Some(libc::EBADF) => Error::BadFd,
+        _ => Error::Io(err),
+    })
+}
