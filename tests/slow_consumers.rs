@@ -1,0 +1,434 @@
+//! Slow consumers: outbox limit, DropMessage and Evict policies, no torn frames, order kept.
+
+mod common;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use fdcast::{Error, Mode, Overflow, Registry};
+
+const T: Duration = Duration::from_secs(20);
+const N: u32 = 5000;
+const LIMIT: usize = 64 * 1024;
+const BODY: usize = 100;
+
+#[derive(Clone, Copy, Debug)]
+enum Fmt {
+    Ws,
+    Sse,
+    Raw,
+}
+
+impl Fmt {
+    fn mode(self) -> Mode {
+        match self {
+            Fmt::Ws => Mode::WsBinary,
+            Fmt::Sse => Mode::Sse,
+            Fmt::Raw => Mode::Raw,
+        }
+    }
+
+    /// The payload published for frame `n`.
+    fn payload(self, n: u32) -> Vec<u8> {
+        let b = body(n);
+        match self {
+            Fmt::Raw => lp_encode(&b),
+            _ => b,
+        }
+    }
+
+    /// The bytes frame `n` puts on the wire.
+    fn wire(self, n: u32) -> Vec<u8> {
+        match self {
+            Fmt::Ws => ws_encode(2, &body(n)),
+            Fmt::Sse => sse_encode(&body(n)),
+            Fmt::Raw => lp_encode(&body(n)),
+        }
+    }
+
+    /// Parses a whole stream (panics on a torn frame) into frame bodies.
+    fn parse_all(self, buf: &[u8]) -> Vec<Vec<u8>> {
+        match self {
+            Fmt::Ws => parse_ws_all(buf)
+                .into_iter()
+                .map(|f| {
+                    assert_eq!(f.opcode, 2);
+                    f.payload
+                })
+                .collect(),
+            Fmt::Sse => parse_sse_all(buf),
+            Fmt::Raw => parse_lp_all(buf),
+        }
+    }
+}
+
+/// A numbered ASCII body: "00000042:" then filler derived from the number.
+fn body(n: u32) -> Vec<u8> {
+    let mut b = format!("{n:08}:").into_bytes();
+    while b.len() < BODY {
+        b.push(b'a' + ((n as usize + b.len()) % 26) as u8);
+    }
+    b
+}
+
+fn seq_of(b: &[u8]) -> u32 {
+    let n: u32 = std::str::from_utf8(&b[..8]).unwrap().parse().unwrap();
+    assert_eq!(b, body(n).as_slice(), "frame {n} has the wrong content");
+    n
+}
+
+/// Checks frames are whole (done by the parser), intact and in strictly increasing order.
+fn check_increasing(frames: &[Vec<u8>]) -> Vec<u32> {
+    let seqs: Vec<u32> = frames.iter().map(|f| seq_of(f)).collect();
+    for w in seqs.windows(2) {
+        assert!(w[0] < w[1], "frames out of order: {} then {}", w[0], w[1]);
+    }
+    seqs
+}
+
+fn drop_message_run(fmt: Fmt, limit: usize, n: u32) {
+    let (a, b) = socketpair();
+    let (fd, peer) = (a.as_raw_fd(), b.as_raw_fd());
+    make_slow(fd, peer);
+    let reg = Registry::new().unwrap();
+    reg.set_outbox_limit(limit);
+    reg.set_overflow(Overflow::DropMessage);
+    let evicted = Arc::new(Mutex::new(Vec::new()));
+    let ev = evicted.clone();
+    reg.set_evict_callback(Some(Box::new(move |fd, why| {
+        ev.lock().unwrap().push((fd, why))
+    })));
+    reg.subscribe(b"feed", fd, fmt.mode()).unwrap();
+    let frame_len = fmt.wire(0).len();
+    let mut max_queued = 0;
+    for i in 0..n {
+        assert_eq!(reg.publish(b"feed", &fmt.payload(i)).unwrap(), 1);
+        let st = reg.stats();
+        max_queued = max_queued.max(st.queued_bytes as usize);
+        assert!(
+            st.queued_bytes as usize <= limit + frame_len,
+            "queued_bytes {} > limit {limit} + frame {frame_len} after frame {i}",
+            st.queued_bytes
+        );
+        assert_eq!(st.queued_bytes as usize, reg.pending_bytes(fd).unwrap());
+    }
+    let st = reg.stats();
+    assert!(
+        st.dropped_messages > 0,
+        "peer never filled up: test proves nothing"
+    );
+    assert_eq!(reg.subscriber_count(), 1, "DropMessage must not evict");
+
+    let got = drain_with_dispatch(&reg, fd, peer, T);
+    let frames = fmt.parse_all(&got);
+    let seqs = check_increasing(&frames);
+    let st = reg.stats();
+    assert_eq!(
+        frames.len() as u64 + st.dropped_messages,
+        n as u64,
+        "received {} + dropped {} != published {n}",
+        frames.len(),
+        st.dropped_messages
+    );
+    assert_eq!(st.deliveries, frames.len() as u64);
+    assert_eq!(st.publishes, n as u64);
+    assert_eq!(st.queued_bytes, 0);
+    assert_eq!(st.evicted_fds, 0);
+    assert!(evicted.lock().unwrap().is_empty());
+    assert_eq!(seqs[0], 0, "the first frame goes straight to the kernel");
+    assert_eq!(reg.subscriber_count(), 1);
+
+    // The connection still works afterwards, and nothing more is dropped.
+    reg.publish(b"feed", &fmt.payload(n)).unwrap();
+    let got = drain_with_dispatch(&reg, fd, peer, T);
+    assert_eq!(got, fmt.wire(n));
+}
+
+#[test]
+fn drop_message_ws_binary() {
+    with_watchdog(60, || drop_message_run(Fmt::Ws, LIMIT, N));
+}
+
+#[test]
+fn drop_message_sse() {
+    with_watchdog(60, || drop_message_run(Fmt::Sse, LIMIT, N));
+}
+
+#[test]
+fn drop_message_raw_length_prefixed() {
+    with_watchdog(60, || drop_message_run(Fmt::Raw, LIMIT, N));
+}
+
+/// Limit 0: nothing is queued but the rest of a started frame.
+#[test]
+fn drop_message_limit_zero() {
+    with_watchdog(60, || {
+        drop_message_run(Fmt::Ws, 0, 2000);
+        drop_message_run(Fmt::Raw, 0, 2000);
+    });
+}
+
+fn evict_run(fmt: Fmt) {
+    let (a, b) = socketpair();
+    let (fd, peer) = (a.as_raw_fd(), b.as_raw_fd());
+    make_slow(fd, peer);
+    let reg = Arc::new(Registry::new().unwrap());
+    reg.set_outbox_limit(LIMIT);
+    reg.set_overflow(Overflow::Evict);
+    let evicted = Arc::new(Mutex::new(Vec::new()));
+    let ev = evicted.clone();
+    let weak: Weak<Registry> = Arc::downgrade(&reg);
+    reg.set_evict_callback(Some(Box::new(move |efd, why| {
+        // Runs with no lock held, after the fd's subscriptions are gone: calling back into
+        // the registry must work (a deadlock here trips the watchdog).
+        let r = weak.upgrade().unwrap();
+        let still = r.subscribers_for(b"feed").contains(&efd);
+        let other = r.subscribers_for(b"other").contains(&efd);
+        ev.lock().unwrap().push((efd, why, still || other));
+    })));
+    reg.subscribe(b"feed", fd, fmt.mode()).unwrap();
+    reg.subscribe(b"other", fd, Mode::Raw).unwrap();
+    let mut published = 0;
+    let mut expected = Vec::new();
+    for i in 0..N {
+        let m = reg.publish(b"feed", &fmt.payload(i)).unwrap();
+        if !evicted.lock().unwrap().is_empty() {
+            break;
+        }
+        assert_eq!(m, 1);
+        published += 1;
+        expected.extend_from_slice(&fmt.wire(i));
+        assert!(reg.stats().queued_bytes as usize <= LIMIT + fmt.wire(i).len());
+    }
+    let calls = evicted.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![(fd, libc::ENOBUFS, false)],
+        "evict callback: (fd, ENOBUFS) once, after the subscriptions are gone"
+    );
+    assert!(published > 0);
+    assert_eq!(reg.subscriber_count(), 0);
+    assert!(reg.subscribers_for(b"feed").is_empty());
+    assert!(reg.subscribers_for(b"other").is_empty());
+    assert_eq!(reg.pending_bytes(fd).unwrap(), 0);
+    let st = reg.stats();
+    assert_eq!(st.evicted_fds, 1);
+    assert_eq!(
+        (st.queued_bytes, st.fds, st.subscriptions, st.topics),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(reg.publish(b"feed", &fmt.payload(N)).unwrap(), 0);
+    assert!(fd_is_open(fd), "the library never closes a host fd");
+
+    // The peer sees the frames that reached the kernel, then EOF (the socket was shut down).
+    let got = read_to_eof(peer, T);
+    assert!(!got.is_empty());
+    assert!(
+        expected.starts_with(&got),
+        "the peer's bytes are not a prefix of the published stream"
+    );
+    // Whole frames, in order from 0 without gaps. API.md rule 4 allows FDCAST_EVICT to end the
+    // stream inside a frame (an aborted connection), so only the whole frames are checked.
+    let whole = match fmt {
+        Fmt::Ws => parse_ws_frames(&got)
+            .0
+            .into_iter()
+            .map(|f| f.payload)
+            .collect(),
+        Fmt::Raw => parse_lp_frames(&got).0,
+        Fmt::Sse => {
+            let mut p = SseParser::default();
+            p.feed(&got);
+            p.events
+        }
+    };
+    let seqs = check_increasing(&whole);
+    assert_eq!(seqs, (0..whole.len() as u32).collect::<Vec<_>>());
+    assert!(!whole.is_empty());
+    // Nothing more is written to the evicted fd.
+    reg.dispatch(Some(Duration::from_millis(20))).unwrap();
+    assert_eq!(reg.stats().evicted_fds, 1);
+}
+
+#[test]
+fn evict_ws_binary() {
+    with_watchdog(60, || evict_run(Fmt::Ws));
+}
+
+#[test]
+fn evict_sse() {
+    with_watchdog(60, || evict_run(Fmt::Sse));
+}
+
+#[test]
+fn evict_raw() {
+    with_watchdog(60, || evict_run(Fmt::Raw));
+}
+
+/// send() on a full outbox reports the policy's verdict.
+#[test]
+fn send_reports_dropped_and_evicted() {
+    with_watchdog(60, || {
+        let (a, b) = socketpair();
+        let (fd, peer) = (a.as_raw_fd(), b.as_raw_fd());
+        make_slow(fd, peer);
+        let reg = Registry::new().unwrap();
+        reg.set_outbox_limit(4096);
+        let mut sent = 0;
+        let err = loop {
+            match reg.send(fd, Mode::Raw, &lp_encode(&body(sent))) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 100_000, "never dropped");
+        };
+        assert!(matches!(err, Error::Dropped), "{err:?}");
+        assert_eq!(err.errno(), libc::ENOBUFS);
+        assert_eq!(reg.stats().dropped_messages, 1);
+        // An fd with queued bytes counts in `fds` even without subscriptions.
+        assert_eq!((reg.stats().fds, reg.stats().subscriptions), (1, 0));
+        let got = drain_with_dispatch(&reg, fd, peer, T);
+        assert_eq!(reg.stats().fds, 0);
+        let frames = parse_lp_all(&got);
+        assert_eq!(check_increasing(&frames), (0..sent).collect::<Vec<_>>());
+
+        // Evict policy through send: fill again, the overflowing send evicts.
+        reg.set_overflow(Overflow::Evict);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        reg.set_evict_callback(Some(Box::new(move |fd, why| {
+            c.lock().unwrap().push((fd, why))
+        })));
+        reg.subscribe(b"t", fd, Mode::Raw).unwrap();
+        let mut k = 0;
+        let err = loop {
+            match reg.send(fd, Mode::Raw, &lp_encode(&body(k))) {
+                Ok(()) => k += 1,
+                Err(e) => break e,
+            }
+            assert!(k < 100_000, "never evicted");
+        };
+        assert_eq!(err.errno(), libc::ENOBUFS, "{err:?}");
+        assert_eq!(*calls.lock().unwrap(), vec![(fd, libc::ENOBUFS)]);
+        assert_eq!(reg.subscriber_count(), 0);
+        let _ = read_to_eof(peer, T);
+    });
+}
+
+/// A frame larger than the limit still reaches a fast reader whole (rule 5), and a frame that
+/// would pile onto its queued remainder is dropped.
+#[test]
+fn frame_bigger_than_limit_reaches_fast_reader() {
+    with_watchdog(60, || {
+        for (mode, policy) in [
+            (Mode::Raw, Overflow::DropMessage),
+            (Mode::WsBinary, Overflow::DropMessage),
+            (Mode::WsBinary, Overflow::Evict),
+        ] {
+            let (a, b) = socketpair();
+            let (fd, peer) = (a.as_raw_fd(), b.as_raw_fd());
+            make_slow(fd, peer);
+            let reg = Registry::new().unwrap();
+            reg.set_outbox_limit(1024);
+            reg.set_overflow(policy);
+            reg.subscribe(b"big", fd, mode).unwrap();
+            let big = pattern_bytes(256 * 1024, 99);
+            assert_eq!(reg.publish(b"big", &big).unwrap(), 1);
+            let pending = reg.pending_bytes(fd).unwrap();
+            assert!(pending > 1024, "remainder must be queued whatever its size");
+            assert_eq!(
+                reg.subscriber_count(),
+                1,
+                "an empty outbox never triggers the policy"
+            );
+            assert_eq!(reg.stats().dropped_messages, 0);
+            if policy == Overflow::DropMessage {
+                let e = reg.send(fd, mode, b"small").unwrap_err();
+                assert!(matches!(e, Error::Dropped), "{e:?}");
+                assert_eq!(reg.stats().dropped_messages, 1);
+            }
+            // A fast reader now.
+            let h = thread::spawn(move || read_available(peer, Duration::from_millis(300), T).0);
+            dispatch_until_flushed(&reg, fd, T);
+            let got = h.join().unwrap();
+            let want = if mode == Mode::Raw {
+                big.clone()
+            } else {
+                ws_encode(2, &big)
+            };
+            assert_eq!(got.len(), want.len());
+            assert!(got == want, "big frame corrupted");
+            assert_eq!(reg.stats().deliveries, 1);
+            assert_eq!(reg.stats().evicted_fds, 0);
+            drop(b);
+        }
+    });
+}
+
+/// A frame shared by many slow fds is counted once per fd in queued_bytes.
+#[test]
+fn queued_bytes_counts_each_fds_share() {
+    with_watchdog(60, || {
+        let reg = Registry::new().unwrap();
+        reg.set_outbox_limit(1 << 20);
+        let pairs: Vec<_> = (0..10).map(|_| socketpair()).collect();
+        for (a, b) in &pairs {
+            make_slow(a.as_raw_fd(), b.as_raw_fd());
+            reg.subscribe(b"fan", a.as_raw_fd(), Mode::WsBinary)
+                .unwrap();
+        }
+        let big = pattern_bytes(200 * 1024, 5);
+        assert_eq!(reg.publish(b"fan", &big).unwrap(), 10);
+        let fds: Vec<RawFd> = pairs.iter().map(|(a, _)| a.as_raw_fd()).collect();
+        let total: usize = fds.iter().map(|&fd| reg.pending_bytes(fd).unwrap()).sum();
+        assert_eq!(reg.stats().queued_bytes as usize, total);
+        assert!(total > 10 * 100 * 1024);
+        for (a, b) in &pairs {
+            let got = drain_with_dispatch(&reg, a.as_raw_fd(), b.as_raw_fd(), T);
+            assert!(got == ws_encode(2, &big));
+        }
+        assert_eq!(reg.stats().queued_bytes, 0);
+        assert_eq!(reg.stats().deliveries, 10);
+    });
+}
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
+}
+
+/// Rule 8: a frame queued for many fds is held once, not copied per fd.
+#[test]
+fn shared_frame_is_held_once() {
+    with_watchdog(60, || {
+        const FDS: usize = 200;
+        let reg = Registry::new().unwrap();
+        let pairs: Vec<_> = (0..FDS).map(|_| socketpair()).collect();
+        for (a, b) in &pairs {
+            make_slow(a.as_raw_fd(), b.as_raw_fd());
+            reg.subscribe(b"fan", a.as_raw_fd(), Mode::WsBinary)
+                .unwrap();
+        }
+        let big = pattern_bytes(1 << 20, 8);
+        let before = rss_bytes();
+        assert_eq!(reg.publish(b"fan", &big).unwrap(), FDS);
+        let after = rss_bytes();
+        let queued = reg.stats().queued_bytes as usize;
+        assert!(
+            queued > FDS * (900 << 10),
+            "each fd's share counts: {queued}"
+        );
+        // Copies would need ~200 MiB more; one shared frame needs ~1 MiB.
+        assert!(
+            after.saturating_sub(before) < 64 << 20,
+            "RSS grew by {} MiB for one 1 MiB frame queued to {FDS} fds",
+            (after - before) >> 20
+        );
+        reg.clear();
+        assert_eq!(reg.stats().queued_bytes, 0);
+    });
+}
