@@ -14,6 +14,7 @@ mod io;
 mod outbox;
 mod reactor;
 mod registry;
+pub mod ws;
 
 pub use error::Error;
 pub use frame::Mode;

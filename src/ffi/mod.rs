@@ -20,6 +20,8 @@ mod event_loop;
 
 mod hooks;
 
+mod ws;
+
 mod boundary;
 
 use std::ffi::c_int;
