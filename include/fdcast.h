@@ -377,6 +377,40 @@ int fdcast_set_overflow(struct fdcast *fc, fdcast_overflow policy);
 void fdcast_get_stats(const struct fdcast *fc, struct fdcast_stats *out);
 
 /**
+ * Corks the registry: from now on fdcast_publish, fdcast_publish_except and fdcast_send
+ * queue their frames instead of writing them (the outbox limit and overflow policy still
+ * apply, and nothing is torn). fdcast_fd() becomes readable as soon as frames are queued, and
+ * fdcast_dispatch() writes them, so a host that stays corked gets one write per fd per loop
+ * iteration carrying every frame queued for it, as Redis does before it sleeps. Ordering per
+ * fd is unchanged. Corking twice is the same as once.
+ *
+ * Returns 0 or -EINVAL (NULL `fc`).
+ *
+ * Thread: any; a publish running concurrently may still write at once.
+ */
+int fdcast_cork(struct fdcast *fc);
+
+/**
+ * Writes everything queued while corked, at most one writev/sendmsg per fd per IOV_MAX
+ * frames, and returns to writing at once. What an fd does not take waits for writability
+ * (fdcast_dispatch). Fds found dead are evicted (the evict callback runs on this thread).
+ *
+ * Returns the number of fds written to, or -EINVAL (NULL `fc`).
+ *
+ * Thread: any.
+ */
+int64_t fdcast_uncork(struct fdcast *fc);
+
+/**
+ * Writes everything queued while corked, like fdcast_uncork(), but stays corked.
+ *
+ * Returns the number of fds written to, or -EINVAL (NULL `fc`).
+ *
+ * Thread: any.
+ */
+int64_t fdcast_flush(struct fdcast *fc);
+
+/**
  * Sets the authorizer consulted by every fdcast_subscribe, with `user` passed back to it.
  * A NULL `fn` allows all (the default). A NULL `fc` is a no-op.
  *

@@ -27,8 +27,8 @@ pub(crate) enum FileKind {
     Other,
 }
 
-/// The most iovecs one write takes; Linux's `IOV_MAX`.
-pub(crate) const MAX_IOVECS: usize = 1024;
+/// The most slices one write takes; Linux's `IOV_MAX`.
+const MAX_IOVECS: usize = 1024;
 
 pub(crate) fn identify(fd: RawFd) -> io::Result<FileIdentity> {
     let mut stat = MaybeUninit::<libc::stat>::uninit();
@@ -70,10 +70,23 @@ pub(crate) fn make_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes as much of `bufs` as the kernel takes without blocking. `Ok(0)` for non-empty
-/// `bufs` means the fd would block; an `Err` is a hard failure of the fd (the peer is gone).
-pub(crate) fn write_vectored(fd: RawFd, kind: FileKind, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    let bufs = &bufs[..bufs.len().min(MAX_IOVECS)];
+/// Writes as much of `slices`, in order, as the kernel takes without blocking, in one system
+/// call of at most [`MAX_IOVECS`] slices. `Ok(0)` for non-empty slices means the fd would
+/// block; an `Err` is a hard failure of the fd (the peer is gone).
+pub(crate) fn write_slices<'a>(
+    fd: RawFd,
+    kind: FileKind,
+    slices: impl IntoIterator<Item = &'a [u8]>,
+) -> io::Result<usize> {
+    let mut iovecs = [const { MaybeUninit::<IoSlice<'a>>::uninit() }; MAX_IOVECS];
+    let mut count = 0;
+    for (slot, slice) in iovecs.iter_mut().zip(slices) {
+        slot.write(IoSlice::new(slice));
+        count += 1;
+    }
+    // SAFETY: the first `count` elements were initialised just above, and MaybeUninit<T> has
+    // the layout of T, so they form a valid `[IoSlice]`.
+    let bufs = unsafe { std::slice::from_raw_parts(iovecs.as_ptr().cast::<IoSlice<'a>>(), count) };
     loop {
         let result = match kind {
             FileKind::Socket => send_nonblocking(fd, bufs),

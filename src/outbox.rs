@@ -3,7 +3,6 @@
 //! is what keeps frames whole and in order when several threads publish at once.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +28,8 @@ pub enum Overflow {
 pub(crate) struct WritePolicy {
     pub(crate) outbox_limit: usize,
     pub(crate) overflow: Overflow,
+    /// Queue instead of writing, for a later flush (`fdcast_cork`).
+    pub(crate) corked: bool,
 }
 
 /// The outcome of handing one frame to one fd.
@@ -38,6 +39,9 @@ pub(crate) enum Delivery {
     Written,
     /// The frame, or the rest of it, waits in the outbox.
     Queued,
+    /// Corked: the frame waits in an outbox that had nothing waiting for a flush, so the
+    /// caller must put this peer on its flush list.
+    Deferred,
     /// `Overflow::DropMessage` dropped the frame.
     Dropped,
     /// `Overflow::Evict` applies: the caller evicts the fd.
@@ -51,8 +55,13 @@ pub(crate) enum Delivery {
 /// The outcome of writing an fd's outbox.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Flush {
-    /// `frames` frames were completed; `drained` says whether the outbox is now empty.
-    Progress { frames: usize, drained: bool },
+    /// `bytes` bytes were written, completing `frames` frames; `drained` says whether the
+    /// outbox is now empty.
+    Progress {
+        bytes: usize,
+        frames: usize,
+        drained: bool,
+    },
     /// The write failed with this errno: the caller evicts the fd.
     Failed(i32),
 }
@@ -71,6 +80,8 @@ struct Outbox {
     closed: bool,
     /// Whether the reactor watches the fd for writability.
     watched: bool,
+    /// Whether the peer is on the registry's flush list (frames queued while corked).
+    awaiting_flush: bool,
 }
 
 pub(crate) struct Peer {
@@ -78,9 +89,6 @@ pub(crate) struct Peer {
     pub(crate) identity: FileIdentity,
     outbox: Mutex<Outbox>,
 }
-
-/// Iovecs gathered per write on the stack; a longer outbox takes several writes.
-const IOVECS_PER_WRITE: usize = 64;
 
 impl Peer {
     pub(crate) fn new(fd: RawFd, identity: FileIdentity) -> Peer {
@@ -108,23 +116,31 @@ impl Peer {
         if frame_len == 0 {
             return Delivery::Written;
         }
-        if !outbox.frames.is_empty() {
-            if outbox.queued_bytes + frame_len > policy.outbox_limit {
-                return match policy.overflow {
-                    Overflow::DropMessage => Delivery::Dropped,
-                    Overflow::Evict => Delivery::Overflowed,
-                };
+        if !outbox.frames.is_empty() && outbox.queued_bytes + frame_len > policy.outbox_limit {
+            return match policy.overflow {
+                Overflow::DropMessage => Delivery::Dropped,
+                Overflow::Evict => Delivery::Overflowed,
+            };
+        }
+        if policy.corked {
+            outbox.push(frame.shared(), 0, queued_gauge);
+            if outbox.awaiting_flush {
+                return Delivery::Queued;
             }
+            outbox.awaiting_flush = true;
+            return Delivery::Deferred;
+        }
+        if !outbox.frames.is_empty() {
             outbox.push(frame.shared(), 0, queued_gauge);
             return Delivery::Queued;
         }
-        let parts = [IoSlice::new(frame.header()), IoSlice::new(frame.body())];
+        let parts = [frame.header(), frame.body()];
         let parts = if frame.header().is_empty() {
             &parts[1..]
         } else {
             &parts[..]
         };
-        let written = match io::write_vectored(self.fd, self.identity.kind, parts) {
+        let written = match io::write_slices(self.fd, self.identity.kind, parts.iter().copied()) {
             Ok(written) => written,
             Err(err) => return Delivery::Failed(errno_of(&err)),
         };
@@ -138,18 +154,19 @@ impl Peer {
         Delivery::Queued
     }
 
-    /// Writes as much of the outbox as the fd takes, several frames per system call.
+    /// Writes as much of the outbox as the fd takes, up to IOV_MAX frames per system call;
+    /// what the fd refuses waits for writability.
     pub(crate) fn flush(&self, reactor: &Reactor, queued_gauge: &AtomicU64) -> Flush {
         let mut outbox = self.outbox.lock();
-        let mut completed = 0;
+        outbox.awaiting_flush = false;
+        let mut bytes = 0;
+        let mut frames = 0;
         while !outbox.frames.is_empty() && !outbox.closed {
-            let mut iovecs = [IoSlice::new(&[]); IOVECS_PER_WRITE];
-            let mut count = 0;
-            for (slot, queued) in iovecs.iter_mut().zip(&outbox.frames) {
-                *slot = IoSlice::new(&queued.bytes[queued.written..]);
-                count += 1;
-            }
-            let written = match io::write_vectored(self.fd, self.identity.kind, &iovecs[..count]) {
+            let pending = outbox
+                .frames
+                .iter()
+                .map(|queued| &queued.bytes[queued.written..]);
+            let written = match io::write_slices(self.fd, self.identity.kind, pending) {
                 Ok(written) => written,
                 Err(err) => return Flush::Failed(errno_of(&err)),
             };
@@ -158,18 +175,21 @@ impl Peer {
                     return Flush::Failed(errno);
                 }
                 return Flush::Progress {
-                    frames: completed,
+                    bytes,
+                    frames,
                     drained: false,
                 };
             }
-            completed += outbox.consume(written, queued_gauge);
+            bytes += written;
+            frames += outbox.consume(written, queued_gauge);
         }
         if outbox.watched {
             reactor.unwatch(self.fd);
             outbox.watched = false;
         }
         Flush::Progress {
-            frames: completed,
+            bytes,
+            frames,
             drained: true,
         }
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
@@ -80,6 +80,10 @@ pub struct Registry {
     reactor: Reactor,
     outbox_limit: AtomicUsize,
     overflow_evicts: AtomicBool,
+    corked: AtomicBool,
+    /// Peers with frames queued while corked, to be written by the next flush. A leaf lock:
+    /// nothing else is locked while it is held.
+    flush_list: Mutex<Vec<Arc<Peer>>>,
     authorizer: RwLock<Option<Arc<Authorizer>>>,
     on_evict: RwLock<Option<Arc<EvictCallback>>>,
     counters: Counters,
@@ -93,6 +97,8 @@ impl Registry {
             reactor: Reactor::new()?,
             outbox_limit: AtomicUsize::new(DEFAULT_OUTBOX_LIMIT),
             overflow_evicts: AtomicBool::new(false),
+            corked: AtomicBool::new(false),
+            flush_list: Mutex::new(Vec::new()),
             authorizer: RwLock::new(None),
             on_evict: RwLock::new(None),
             counters: Counters::default(),
@@ -196,6 +202,7 @@ impl Registry {
         let mut delivered = 0;
         let mut dropped = 0;
         let mut evictions = Vec::new();
+        let mut deferred = Vec::new();
         for subscriber in &list.subscribers {
             if Some(subscriber.fd) == except {
                 continue;
@@ -205,6 +212,7 @@ impl Registry {
             match self.deliver(&subscriber.peer, frame, policy) {
                 Delivery::Written => delivered += 1,
                 Delivery::Queued | Delivery::Closed => {}
+                Delivery::Deferred => deferred.push(Arc::clone(&subscriber.peer)),
                 Delivery::Dropped => dropped += 1,
                 Delivery::Overflowed => evictions.push(Eviction {
                     peer: Arc::clone(&subscriber.peer),
@@ -226,6 +234,7 @@ impl Registry {
             .dropped_messages
             .fetch_add(dropped, Ordering::Relaxed);
         self.counters.publishes.fetch_add(1, Ordering::Relaxed);
+        self.await_flush(deferred);
         for eviction in evictions {
             self.evict(eviction);
         }
@@ -252,6 +261,10 @@ impl Registry {
                     return Ok(());
                 }
                 Delivery::Queued => return Ok(()),
+                Delivery::Deferred => {
+                    self.await_flush(vec![peer]);
+                    return Ok(());
+                }
                 // Forgotten between lookup and write: look the fd up afresh.
                 Delivery::Closed => continue,
                 Delivery::Dropped => {
@@ -286,10 +299,16 @@ impl Registry {
         self.reactor.poll_fd()
     }
 
-    /// Waits up to `timeout` (`None`: until there is work) and flushes the outboxes that can
-    /// take bytes. Returns how many fds it served.
+    /// Waits up to `timeout` (`None`: until there is work), then flushes the outboxes that can
+    /// take bytes and, while corked, every frame queued since the last flush. Returns how
+    /// many fds it served.
     pub fn dispatch(&self, timeout: Option<Duration>) -> Result<usize, Error> {
         let mut ready = Vec::new();
+        let timeout = if self.flush_list.lock().is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         self.reactor.wait(timeout, &mut ready)?;
         let mut served = 0;
         for fd in ready {
@@ -297,29 +316,30 @@ impl Registry {
                 continue;
             };
             served += 1;
-            match peer.flush(&self.reactor, &self.counters.queued_bytes) {
-                Flush::Progress { frames, drained } => {
-                    self.counters
-                        .deliveries
-                        .fetch_add(frames as u64, Ordering::Relaxed);
-                    if drained {
-                        let mut index = self.index.write();
-                        if index
-                            .peer(fd)
-                            .is_some_and(|current| Arc::ptr_eq(current, &peer))
-                        {
-                            self.forget_if_unused(&mut index, fd);
-                        }
-                    }
-                }
-                Flush::Failed(errno) => self.evict(Eviction {
-                    peer,
-                    reason: errno,
-                    shut_down: false,
-                }),
-            }
+            self.flush_peer(&peer);
         }
-        Ok(served)
+        Ok(served + self.flush())
+    }
+
+    /// Corks the registry: from now on publishes and sends queue their frames (under the same
+    /// outbox limit and overflow policy) instead of writing them, until [`Registry::flush`],
+    /// [`Registry::uncork`] or a `dispatch` writes them, one system call per fd.
+    pub fn cork(&self) {
+        self.corked.store(true, Ordering::Relaxed);
+    }
+
+    /// Writes everything queued and returns to writing at once; returns how many fds it
+    /// wrote to.
+    pub fn uncork(&self) -> usize {
+        self.corked.store(false, Ordering::Relaxed);
+        self.flush()
+    }
+
+    /// Writes every frame queued while corked, at most one system call per fd per IOV_MAX
+    /// frames, staying corked; returns how many fds it wrote to.
+    pub fn flush(&self) -> usize {
+        let peers = std::mem::take(&mut *self.flush_list.lock());
+        peers.iter().filter(|peer| self.flush_peer(peer)).count()
     }
 
     /// Makes a waiting (or the next) `dispatch` return, and `poll_fd` readable until it does.
@@ -380,8 +400,60 @@ impl Registry {
         }
     }
 
+    /// Writes what `peer` has queued and settles the outcome: deliveries counted, an fd left
+    /// with nothing to do forgotten, a dead one evicted. Returns whether any byte was written.
+    fn flush_peer(&self, peer: &Arc<Peer>) -> bool {
+        match peer.flush(&self.reactor, &self.counters.queued_bytes) {
+            Flush::Progress {
+                bytes,
+                frames,
+                drained,
+            } => {
+                self.counters
+                    .deliveries
+                    .fetch_add(frames as u64, Ordering::Relaxed);
+                if drained {
+                    let mut index = self.index.write();
+                    if index
+                        .peer(peer.fd)
+                        .is_some_and(|current| Arc::ptr_eq(current, peer))
+                    {
+                        self.forget_if_unused(&mut index, peer.fd);
+                    }
+                }
+                bytes > 0
+            }
+            Flush::Failed(errno) => {
+                self.evict(Eviction {
+                    peer: Arc::clone(peer),
+                    reason: errno,
+                    shut_down: false,
+                });
+                false
+            }
+        }
+    }
+
+    /// Puts peers that just got their first corked frame on the flush list, and makes
+    /// `poll_fd` readable when the list stops being empty, so the host's loop dispatches.
+    fn await_flush(&self, peers: Vec<Arc<Peer>>) {
+        if peers.is_empty() {
+            return;
+        }
+        let was_empty = {
+            let mut list = self.flush_list.lock();
+            let was_empty = list.is_empty();
+            list.extend(peers);
+            was_empty
+        };
+        if was_empty {
+            self.reactor.wake();
+        }
+    }
+
     fn write_policy(&self) -> WritePolicy {
         WritePolicy {
+            corked: self.corked.load(Ordering::Relaxed),
             outbox_limit: self.outbox_limit.load(Ordering::Relaxed),
             overflow: if self.overflow_evicts.load(Ordering::Relaxed) {
                 Overflow::Evict

@@ -11,12 +11,15 @@
 //! - every function may be called from any thread, concurrently on the same handle, except
 //!   `fdcast_free` (no call may be in flight) and `fdcast_dispatch` (one thread at a time).
 
-// In the order the header presents them: a registry, publishing, the event loop, hooks.
+// In the order the header presents them: a registry, publishing, the event loop, batching,
+// hooks, WebSocket helpers.
 mod registry;
 
 mod publish;
 
 mod event_loop;
+
+mod batching;
 
 mod hooks;
 
