@@ -107,7 +107,7 @@ example-test: lib
 	$(PYTHON) tests/sse_fanout_test.py $(OUT)/static/sse_fanout
 
 rust-test:
-	$(CARGO) test --all-targets
+	$(CARGO) test --release --all-targets
 
 test: rust-test c-test example-test
 

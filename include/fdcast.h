@@ -137,6 +137,45 @@ typedef bool (*fdcast_authorize_fn)(void *user, const char *topic, size_t topic_
  */
 typedef void (*fdcast_evict_fn)(void *user, int fd, int reason);
 
+/**
+ * Counters of the PostgreSQL backend, filled by fdcast_pg_get_stats().
+ */
+typedef struct fdcast_pg_stats {
+  /**
+   * Notifications the server confirmed.
+   */
+  uint64_t sent;
+  /**
+   * Notifications from other registries delivered to local subscribers.
+   */
+  uint64_t received;
+  /**
+   * This registry's own notifications, come back and ignored (same backend pid).
+   */
+  uint64_t ignored_self;
+  /**
+   * Notifications on the channel not in the `<len>:<topic><payload>` format, ignored.
+   */
+  uint64_t malformed;
+  /**
+   * Times the connection was re-established after a loss.
+   */
+  uint64_t reconnects;
+  /**
+   * Notifications waiting to be sent or confirmed now.
+   */
+  uint64_t queued;
+  /**
+   * 1 while the LISTEN is in effect, 0 while connecting or reconnecting.
+   */
+  uint64_t connected;
+  /**
+   * Notifications not forwarded: the queue was full (65536), the server refused them, or
+   * they were in flight when the connection broke.
+   */
+  uint64_t dropped;
+} fdcast_pg_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -425,6 +464,62 @@ void fdcast_set_authorizer(struct fdcast *fc, fdcast_authorize_fn authorize, voi
  * Thread: any; an eviction already running may still call the previous callback.
  */
 void fdcast_set_evict_callback(struct fdcast *fc, fdcast_evict_fn on_evict, void *user);
+
+/**
+ * Connects to PostgreSQL and LISTENs on `channel`, returning once the LISTEN is in effect
+ * (or the connection attempt failed: by default it waits up to 10 s, or the conninfo's
+ * `connect_timeout`). `conninfo` is a libpq connection string or a `postgresql://` URI;
+ * TLS follows its `sslmode`. `channel` is used as a quoted identifier (case kept, 1 to 63
+ * bytes).
+ *
+ * From then on every publish also NOTIFYs the channel, whether or not a local subscriber
+ * matched, in the format `<decimal topic byte length>:<topic><payload>` shared with
+ * Tep::Broadcast; a publish whose notification NOTIFY cannot carry (8000 bytes or more,
+ * length prefix included; NUL bytes; invalid UTF-8 in topic or payload) fails with
+ * -EMSGSIZE or -EILSEQ before anything is written anywhere. Publishing never waits for the
+ * server. Notifications from other registries (not this connection's own) are delivered to
+ * local subscribers by fdcast_dispatch() (the connection's socket is inside fdcast_fd()) or
+ * fdcast_pg_poll_once(). A lost connection is re-established with backoff (100 ms doubling
+ * to 5 s) and LISTEN re-issued; publishes meanwhile wait in a bounded queue.
+ *
+ * Returns 0, or -EINVAL (NULL `fc`, `conninfo` or `channel`; a conninfo libpq refuses; a
+ * bad channel name), -ENOTSUP (built without the `pg` feature), -EALREADY (already enabled), -ECONNREFUSED (the server could not be
+ * reached, refused the connection or the authentication, or did not answer in time), -EIO
+ * (the LISTEN failed); fdcast_last_error() then holds libpq's or the server's message.
+ *
+ * Thread: any; blocks the calling thread while connecting.
+ */
+int fdcast_pg_enable(struct fdcast *fc, const char *conninfo, const char *channel);
+
+/**
+ * Waits up to `timeout_ms` (0: do not wait; negative: until one arrives) for notifications
+ * from other registries and delivers them to local subscribers; also does any due
+ * reconnect. For hosts that drive the backend themselves (the Tep::Broadcast v1 style);
+ * fdcast_dispatch() does the same as part of its work.
+ *
+ * Returns how many notifications it delivered, or -EINVAL (NULL `fc`), -ENOTCONN (the
+ * backend is not enabled).
+ *
+ * Thread: any.
+ */
+int64_t fdcast_pg_poll_once(struct fdcast *fc, int timeout_ms);
+
+/**
+ * UNLISTENs and disconnects (after pushing out notifications still buffered, for up to a
+ * second); the registry is local-only again, so NOTIFY's limits no longer apply. A no-op
+ * when not enabled, after a failed enable, or with a NULL `fc`.
+ *
+ * Thread: any.
+ */
+void fdcast_pg_disable(struct fdcast *fc);
+
+/**
+ * Fills `*out` with the PostgreSQL backend's counters (zeros when it is not enabled). A NULL
+ * `out` is a no-op; a NULL `fc` fills zeros.
+ *
+ * Thread: any.
+ */
+void fdcast_pg_get_stats(const struct fdcast *fc, struct fdcast_pg_stats *out);
 
 #ifdef __cplusplus
 }  // extern "C"

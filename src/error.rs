@@ -18,6 +18,22 @@ pub enum Error {
     Refused,
     /// A payload for a WebSocket text or SSE subscriber is not valid UTF-8. `EILSEQ`.
     InvalidUtf8,
+    /// A PostgreSQL notification cannot carry these bytes (NUL, invalid UTF-8). `EILSEQ`.
+    NotText(&'static str),
+    /// A PostgreSQL notification cannot carry this much. `EMSGSIZE`.
+    TooLarge,
+    /// The operation is already in effect (e.g. the backend is already enabled). `EALREADY`.
+    Already(&'static str),
+    /// This build lacks the feature (e.g. `pg`). `ENOTSUP`.
+    NotSupported(&'static str),
+    /// The PostgreSQL backend is not enabled. `ENOTCONN`.
+    NotEnabled,
+    /// libpq refused the connection string. `EINVAL`.
+    InvalidConninfo(String),
+    /// The server could not be reached or refused the connection. `ECONNREFUSED`.
+    Unreachable(String),
+    /// The server failed a request, or the connection broke. `EIO`.
+    Backend(String),
     /// The overflow policy dropped the frame (the fd's outbox is full). `ENOBUFS`.
     Dropped,
     /// The peer is gone; the fd was evicted. Holds the write's errno (`EPIPE`, ...).
@@ -36,7 +52,14 @@ impl Error {
             Error::BadFd => libc::EBADF,
             Error::NotFound => libc::ENOENT,
             Error::Refused => libc::EACCES,
-            Error::InvalidUtf8 => libc::EILSEQ,
+            Error::InvalidUtf8 | Error::NotText(_) => libc::EILSEQ,
+            Error::TooLarge => libc::EMSGSIZE,
+            Error::Already(_) => libc::EALREADY,
+            Error::Unreachable(_) => libc::ECONNREFUSED,
+            Error::InvalidConninfo(_) => libc::EINVAL,
+            Error::NotEnabled => libc::ENOTCONN,
+            Error::NotSupported(_) => libc::ENOTSUP,
+            Error::Backend(_) => libc::EIO,
             Error::Dropped => libc::ENOBUFS,
             Error::PeerGone(errno) => *errno,
             Error::Busy => libc::EBUSY,
@@ -55,6 +78,16 @@ impl fmt::Display for Error {
             Error::InvalidUtf8 => f.write_str(
                 "payload is not valid UTF-8, which WebSocket text and SSE subscribers require",
             ),
+            Error::NotText(why) => f.write_str(why),
+            Error::TooLarge => f.write_str(
+                "the PostgreSQL notification would be 8000 bytes or more (length prefix and topic included)",
+            ),
+            Error::Already(what) => f.write_str(what),
+            Error::NotEnabled => f.write_str("the PostgreSQL backend is not enabled"),
+            Error::NotSupported(feature) => write!(f, "fdcast was built without the {feature} feature"),
+            Error::InvalidConninfo(message) => write!(f, "invalid conninfo: {message}"),
+            Error::Unreachable(message) => write!(f, "cannot connect to PostgreSQL: {message}"),
+            Error::Backend(message) => write!(f, "PostgreSQL: {message}"),
             Error::Dropped => f.write_str("the fd's outbox is full: the frame was dropped"),
             Error::PeerGone(errno) => write!(
                 f,

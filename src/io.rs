@@ -8,7 +8,8 @@
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// What an fd refers to, taken with `fstat` when fdcast first sees the fd. Two fds that
 /// refer to the same open file have the same `(dev, ino)`; a closed-and-reused fd number
@@ -189,4 +190,90 @@ pub(crate) fn shutdown(fd: RawFd, kind: FileKind) {
         // SAFETY: shutdown takes an fd and a flag and touches no memory.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
+}
+
+#[cfg_attr(not(feature = "pg"), allow(dead_code))]
+/// Waits up to `timeout` (`None`: forever) until `fd` is readable (`want_write` false) or
+/// writable; returns whether it is. EINTR counts as not ready.
+pub(crate) fn wait_fd(fd: RawFd, want_write: bool, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: if want_write {
+            libc::POLLOUT
+        } else {
+            libc::POLLIN
+        },
+        revents: 0,
+    };
+    let timeout_ms = timeout.map_or(-1, c_int_millis);
+    // SAFETY: `pollfd` is one valid pollfd that poll reads and writes for the call.
+    let ready = unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+    if ready < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(err)
+        };
+    }
+    Ok(ready > 0)
+}
+
+#[cfg_attr(not(feature = "pg"), allow(dead_code))]
+/// Rounds up, so a wait of 0.5 ms does not become a busy loop of 0 ms waits.
+fn c_int_millis(timeout: Duration) -> libc::c_int {
+    let millis = timeout.as_micros().div_ceil(1000);
+    libc::c_int::try_from(millis).unwrap_or(libc::c_int::MAX)
+}
+
+/// A monotonic timerfd, non-blocking, for deadlines the reactor must wake up for.
+pub(crate) fn timer_create() -> io::Result<OwnedFd> {
+    // SAFETY: timerfd_create takes a clock id and flags and returns a new fd or -1.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg_attr(not(feature = "pg"), allow(dead_code))]
+/// Arms `timer` to fire once after `after` (at least 1 ns later), or disarms it with `None`.
+pub(crate) fn timer_set(timer: &OwnedFd, after: Option<Duration>) -> io::Result<()> {
+    let after = after.map(|after| after.max(Duration::from_nanos(1)));
+    let value = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: after.map_or(0, |after| after.as_secs() as libc::time_t),
+            tv_nsec: after.map_or(0, |after| after.subsec_nanos() as libc::c_long),
+        },
+    };
+    // SAFETY: `value` is a valid itimerspec; the old value pointer may be NULL.
+    let rc = unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &value, std::ptr::null_mut()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Consumes a timer's expirations so it stops reading as ready.
+pub(crate) fn timer_clear(timer: &OwnedFd) {
+    let mut expirations = 0u64;
+    // SAFETY: reads at most 8 bytes into a u64; the fd is non-blocking, so EAGAIN (nothing
+    // expired) returns at once and is ignored.
+    unsafe {
+        libc::read(
+            timer.as_raw_fd(),
+            (&mut expirations as *mut u64).cast(),
+            size_of::<u64>(),
+        )
+    };
 }

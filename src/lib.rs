@@ -6,6 +6,7 @@
 //! (module `ffi`). Embed it in an event loop by polling [`Registry::poll_fd`] for
 //! readability and calling [`Registry::dispatch`] when it fires.
 
+mod backend;
 mod error;
 mod ffi;
 mod frame;
@@ -16,6 +17,7 @@ mod reactor;
 mod registry;
 pub mod ws;
 
+pub use backend::PgStats;
 pub use error::Error;
 pub use frame::Mode;
 pub use index::SubscriptionId;

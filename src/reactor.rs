@@ -2,7 +2,7 @@
 //! epoll fd is the one fd the host adds to its own loop (`fdcast_fd`).
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -10,9 +10,12 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
 use crate::error::Error;
+use crate::io as sys;
 
-/// Reserved for the waker; fd tokens are the fd numbers, which are never this large.
+/// Reserved tokens; fd tokens are the fd numbers, which are never this large.
 const WAKER_TOKEN: Token = Token(usize::MAX);
+const TIMER_TOKEN: Token = Token(usize::MAX - 1);
+const BACKEND_TOKEN: Token = Token(usize::MAX - 2);
 const EVENTS_PER_WAIT: usize = 1024;
 
 pub(crate) struct Reactor {
@@ -20,7 +23,18 @@ pub(crate) struct Reactor {
     /// A clone of the poll's registry, so any thread may watch an fd while another waits.
     registry: mio::Registry,
     waker: Waker,
+    /// A timerfd for deadlines (a backend's reconnect), so the host needs no timer of its own.
+    timer: OwnedFd,
     poll_fd: RawFd,
+}
+
+/// What woke a wait, besides writable fds.
+#[derive(Default)]
+pub(crate) struct Wakeups {
+    /// The cross-process backend's socket is ready.
+    pub(crate) backend: bool,
+    /// The timer set with `set_timer` fired.
+    pub(crate) timer: bool,
 }
 
 impl Reactor {
@@ -28,11 +42,18 @@ impl Reactor {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let waker = Waker::new(poll.registry(), WAKER_TOKEN)?;
+        let timer = sys::timer_create()?;
+        registry.register(
+            &mut SourceFd(&timer.as_raw_fd()),
+            TIMER_TOKEN,
+            Interest::READABLE,
+        )?;
         let poll_fd = poll.as_raw_fd();
         Ok(Reactor {
             poll: Mutex::new((poll, Events::with_capacity(EVENTS_PER_WAIT))),
             registry,
             waker,
+            timer,
             poll_fd,
         })
     }
@@ -65,6 +86,30 @@ impl Reactor {
         let _ = self.registry.deregister(&mut SourceFd(&fd));
     }
 
+    #[cfg_attr(not(feature = "pg"), allow(dead_code))]
+    /// Watches the backend's socket with `interest`, replacing any earlier registration of
+    /// `previous` (libpq may switch sockets while connecting, possibly to the same number).
+    pub(crate) fn watch_backend(
+        &self,
+        previous: Option<RawFd>,
+        fd: RawFd,
+        interest: Interest,
+    ) -> io::Result<()> {
+        if let Some(previous) = previous {
+            self.unwatch(previous);
+        }
+        self.registry
+            .register(&mut SourceFd(&fd), BACKEND_TOKEN, interest)
+    }
+
+    #[cfg_attr(not(feature = "pg"), allow(dead_code))]
+    /// Arms the timer to make `wait` return after `after`, or disarms it.
+    pub(crate) fn set_timer(&self, after: Option<Duration>) {
+        // Cannot fail for a valid timerfd and itimerspec; if it ever did, the backend would
+        // only retry at the next publish or dispatch instead of on time.
+        let _ = sys::timer_set(&self.timer, after);
+    }
+
     /// Makes a concurrent or the next `wait` return.
     pub(crate) fn wake(&self) {
         let _ = self.waker.wake();
@@ -78,20 +123,26 @@ impl Reactor {
         &self,
         timeout: Option<Duration>,
         ready: &mut Vec<RawFd>,
-    ) -> Result<(), Error> {
+    ) -> Result<Wakeups, Error> {
         let mut guard = self.poll.try_lock().ok_or(Error::Busy)?;
         let (poll, events) = &mut *guard;
+        let mut wakeups = Wakeups::default();
         match poll.poll(events, timeout) {
             Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(wakeups),
             Err(err) => return Err(Error::Io(err)),
         }
-        ready.extend(
-            events
-                .iter()
-                .filter(|event| event.token() != WAKER_TOKEN)
-                .map(|event| event.token().0 as RawFd),
-        );
-        Ok(())
+        for event in events.iter() {
+            match event.token() {
+                WAKER_TOKEN => {}
+                TIMER_TOKEN => {
+                    sys::timer_clear(&self.timer);
+                    wakeups.timer = true;
+                }
+                BACKEND_TOKEN => wakeups.backend = true,
+                Token(fd) => ready.push(fd as RawFd),
+            }
+        }
+        Ok(wakeups)
     }
 }

@@ -15,9 +15,16 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+#[cfg(feature = "pg")]
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::backend::PgStats;
+#[cfg(feature = "pg")]
+use crate::backend::pg::PgBackend;
+#[cfg(feature = "pg")]
+use crate::backend::wire;
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::index::{Index, SubscriptionId};
@@ -84,6 +91,13 @@ pub struct Registry {
     /// Peers with frames queued while corked, to be written by the next flush. A leaf lock:
     /// nothing else is locked while it is held.
     flush_list: Mutex<Vec<Arc<Peer>>>,
+    /// The PostgreSQL backend, when enabled. A leaf lock like the flush list: held to hand it
+    /// a notification or let it read its socket, never while delivering.
+    #[cfg(feature = "pg")]
+    pg: Mutex<Option<PgBackend>>,
+    /// Whether `pg` is `Some`, so a publish checks it without the lock.
+    #[cfg(feature = "pg")]
+    pg_enabled: AtomicBool,
     authorizer: RwLock<Option<Arc<Authorizer>>>,
     on_evict: RwLock<Option<Arc<EvictCallback>>>,
     counters: Counters,
@@ -99,6 +113,10 @@ impl Registry {
             overflow_evicts: AtomicBool::new(false),
             corked: AtomicBool::new(false),
             flush_list: Mutex::new(Vec::new()),
+            #[cfg(feature = "pg")]
+            pg: Mutex::new(None),
+            #[cfg(feature = "pg")]
+            pg_enabled: AtomicBool::new(false),
             authorizer: RwLock::new(None),
             on_evict: RwLock::new(None),
             counters: Counters::default(),
@@ -173,7 +191,9 @@ impl Registry {
         self.publish_except(topic, payload, None)
     }
 
-    /// [`Registry::publish`], skipping `except` (the sender), which is not counted.
+    /// [`Registry::publish`], skipping `except` (the sender), which is not counted. With the
+    /// PostgreSQL backend enabled, the publish is also notified to other registries, and a
+    /// payload that a notification cannot carry is refused before anything is written.
     pub fn publish_except(
         &self,
         topic: &[u8],
@@ -181,13 +201,37 @@ impl Registry {
         except: Option<RawFd>,
     ) -> Result<usize, Error> {
         check_topic(topic)?;
+        #[cfg(feature = "pg")]
+        let notification = if self.pg_enabled.load(Ordering::Acquire) {
+            Some(wire::encode(topic, payload)?)
+        } else {
+            None
+        };
+        let matched = self.deliver_local(topic, payload, except)?;
+        self.counters.publishes.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "pg")]
+        if let Some(notification) = notification {
+            if let Some(backend) = self.pg.lock().as_mut() {
+                backend.notify(notification, &self.reactor);
+            }
+        }
+        Ok(matched)
+    }
+
+    /// Writes `payload` to this registry's subscribers of `topic`, framed per subscriber;
+    /// returns how many matched.
+    fn deliver_local(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> Result<usize, Error> {
         let (list, except_mode) = {
             let index = self.index.read();
             let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
             (index.snapshot(topic), except_mode)
         };
         let Some(list) = list else {
-            self.counters.publishes.fetch_add(1, Ordering::Relaxed);
             return Ok(0);
         };
         let utf8_recipients =
@@ -233,7 +277,6 @@ impl Registry {
         self.counters
             .dropped_messages
             .fetch_add(dropped, Ordering::Relaxed);
-        self.counters.publishes.fetch_add(1, Ordering::Relaxed);
         self.await_flush(deferred);
         for eviction in evictions {
             self.evict(eviction);
@@ -309,8 +352,13 @@ impl Registry {
         } else {
             Some(Duration::ZERO)
         };
-        self.reactor.wait(timeout, &mut ready)?;
+        #[cfg_attr(not(feature = "pg"), allow(unused_variables))]
+        let wakeups = self.reactor.wait(timeout, &mut ready)?;
         let mut served = 0;
+        #[cfg(feature = "pg")]
+        if wakeups.backend || wakeups.timer {
+            served += self.pg_service();
+        }
         for fd in ready {
             let Some(peer) = self.index.read().peer(fd).cloned() else {
                 continue;
@@ -558,6 +606,117 @@ impl Registry {
         if let Some(on_evict) = callback {
             on_evict(peer.fd, reason);
         }
+    }
+}
+
+#[cfg(feature = "pg")]
+impl Registry {
+    /// Connects to PostgreSQL (a libpq conninfo string or `postgresql://` URI; TLS per
+    /// `sslmode`) and LISTENs on `channel`, returning once the LISTEN is in effect. From then
+    /// on every publish is also notified on the channel, and other registries' notifications
+    /// are delivered to local subscribers by `dispatch` (or [`Registry::pg_poll_once`]).
+    pub fn pg_enable(&self, conninfo: &str, channel: &str) -> Result<(), Error> {
+        let mut slot = self.pg.lock();
+        if slot.is_some() {
+            return Err(Error::Already(
+                "the PostgreSQL backend is already enabled: disable it first",
+            ));
+        }
+        *slot = Some(PgBackend::enable(conninfo, channel, &self.reactor)?);
+        self.pg_enabled.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// UNLISTENs and disconnects; the registry is local-only again. A no-op when disabled.
+    pub fn pg_disable(&self) {
+        let mut slot = self.pg.lock();
+        self.pg_enabled.store(false, Ordering::Release);
+        if let Some(mut backend) = slot.take() {
+            backend.shut_down(&self.reactor);
+            self.reactor.set_timer(None);
+        }
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for notifications from other registries and
+    /// delivers them; returns how many it delivered. For hosts that drive the backend
+    /// themselves; `dispatch` does the same as part of its work.
+    pub fn pg_poll_once(&self, timeout: Option<Duration>) -> Result<usize, Error> {
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        loop {
+            let wait = {
+                let mut slot = self.pg.lock();
+                slot.as_mut().ok_or(Error::NotEnabled)?.wait()
+            };
+            let delivered = self.pg_service();
+            let now = Instant::now();
+            if delivered > 0 || deadline.is_some_and(|deadline| now >= deadline) {
+                return Ok(delivered);
+            }
+            let until = match (deadline, wait.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let wait_for = until.map(|until| until.saturating_duration_since(now));
+            match wait.socket {
+                Some((socket, for_write)) => {
+                    io::wait_fd(socket, for_write, wait_for)?;
+                }
+                None => std::thread::sleep(wait_for.unwrap_or(Duration::from_millis(100))),
+            }
+        }
+    }
+
+    /// The PostgreSQL backend's counters (all zero when it was never enabled).
+    pub fn pg_stats(&self) -> PgStats {
+        self.pg
+            .lock()
+            .as_ref()
+            .map(PgBackend::stats)
+            .unwrap_or_default()
+    }
+
+    /// Lets the backend do its pending work, then delivers what it received, with no lock
+    /// held. Returns how many notifications were delivered.
+    fn pg_service(&self) -> usize {
+        let mut received = Vec::new();
+        {
+            let mut slot = self.pg.lock();
+            let Some(backend) = slot.as_mut() else {
+                return 0;
+            };
+            backend.advance(&self.reactor, &mut received);
+            let retry_in = backend
+                .wait()
+                .deadline
+                .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            self.reactor.set_timer(retry_in);
+        }
+        for notification in &received {
+            if let Some((topic, payload)) = wire::decode(notification) {
+                // A payload a local subscriber cannot take (invalid UTF-8 from a server
+                // whose encoding is not UTF8) reaches nobody; there is no caller to tell.
+                let _ = self.deliver_local(topic, payload, None);
+            }
+        }
+        received.len()
+    }
+}
+
+/// Without the `pg` feature the backend's entry points exist, and say so.
+#[cfg(not(feature = "pg"))]
+impl Registry {
+    pub fn pg_enable(&self, _conninfo: &str, _channel: &str) -> Result<(), Error> {
+        Err(Error::NotSupported("pg"))
+    }
+
+    pub fn pg_disable(&self) {}
+
+    pub fn pg_poll_once(&self, _timeout: Option<Duration>) -> Result<usize, Error> {
+        Err(Error::NotSupported("pg"))
+    }
+
+    pub fn pg_stats(&self) -> PgStats {
+        PgStats::default()
     }
 }
 
