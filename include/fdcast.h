@@ -378,6 +378,22 @@ int64_t fdcast_dispatch(struct fdcast *fc, int timeout_ms);
 int fdcast_wake(struct fdcast *fc);
 
 /**
+ * Keeps idle streams alive through proxies that cut silent connections: every
+ * `interval_ms` milliseconds (0 turns it off, the default), fdcast_dispatch() sends an empty
+ * WebSocket ping (0x89 0x00) to each FDCAST_WS_TEXT/FDCAST_WS_BINARY subscriber and an SSE
+ * comment line (":\n\n", which EventSource ignores) to each FDCAST_SSE subscriber that has
+ * taken no frame for a whole interval and has nothing queued. A timerfd inside fdcast_fd()
+ * makes it readable when a heartbeat is due, so the host needs no timer. Keep-alive frames
+ * go through the fd's outbox like any frame but are not counted as deliveries; a peer found
+ * gone is evicted.
+ *
+ * Returns 0 or -EINVAL (NULL `fc`).
+ *
+ * Thread: any.
+ */
+int fdcast_set_heartbeat(struct fdcast *fc, uint32_t interval_ms);
+
+/**
  * Returns the number of bytes queued for `fd` (0 when none or the fd is unknown), or
  * -EINVAL (NULL `fc`), -EBADF (negative `fd`).
  *

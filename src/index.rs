@@ -211,6 +211,13 @@ impl<P> Index<P> {
         topic.list.subscribers.len()
     }
 
+    /// Calls `visit` with every subscription's fd, mode and peer.
+    pub(crate) fn for_each_subscriber(&self, mut visit: impl FnMut(&Subscriber<P>)) {
+        for topic in self.topics.values() {
+            topic.list.subscribers.iter().for_each(&mut visit);
+        }
+    }
+
     pub(crate) fn subscription_count(&self) -> usize {
         self.subscriptions.len()
     }

@@ -30,6 +30,8 @@ pub(crate) struct WritePolicy {
     pub(crate) overflow: Overflow,
     /// Queue instead of writing, for a later flush (`fdcast_cork`).
     pub(crate) corked: bool,
+    /// The heartbeat period the write happens in; an fd that takes a frame is not idle.
+    pub(crate) heartbeat_tick: u64,
 }
 
 /// The outcome of handing one frame to one fd.
@@ -69,6 +71,8 @@ pub(crate) enum Flush {
 struct QueuedFrame {
     bytes: Arc<[u8]>,
     written: usize,
+    /// Whether completing it counts as a delivery (a heartbeat does not).
+    counted: bool,
 }
 
 #[derive(Default)]
@@ -82,6 +86,8 @@ struct Outbox {
     watched: bool,
     /// Whether the peer is on the registry's flush list (frames queued while corked).
     awaiting_flush: bool,
+    /// The heartbeat period of the last frame handed to this fd.
+    last_active_tick: u64,
 }
 
 pub(crate) struct Peer {
@@ -122,8 +128,9 @@ impl Peer {
                 Overflow::Evict => Delivery::Overflowed,
             };
         }
+        outbox.last_active_tick = policy.heartbeat_tick;
         if policy.corked {
-            outbox.push(frame.shared(), 0, queued_gauge);
+            outbox.push(frame.shared(), 0, true, queued_gauge);
             if outbox.awaiting_flush {
                 return Delivery::Queued;
             }
@@ -131,27 +138,43 @@ impl Peer {
             return Delivery::Deferred;
         }
         if !outbox.frames.is_empty() {
-            outbox.push(frame.shared(), 0, queued_gauge);
+            outbox.push(frame.shared(), 0, true, queued_gauge);
             return Delivery::Queued;
         }
-        let parts = [frame.header(), frame.body()];
-        let parts = if frame.header().is_empty() {
-            &parts[1..]
-        } else {
-            &parts[..]
-        };
-        let written = match io::write_slices(self.fd, self.identity.kind, parts.iter().copied()) {
-            Ok(written) => written,
-            Err(err) => return Delivery::Failed(errno_of(&err)),
-        };
-        if written == frame_len {
-            return Delivery::Written;
+        outbox.write_now(
+            self.fd,
+            self.identity.kind,
+            frame,
+            true,
+            reactor,
+            queued_gauge,
+        )
+    }
+
+    /// Writes a keep-alive frame if the fd has taken nothing since `idle_since_tick` and has
+    /// nothing queued; the frame is not counted as a delivery. Returns `None` when the fd
+    /// was not idle (or is closed), else the write's outcome.
+    pub(crate) fn heartbeat(
+        &self,
+        frame: &Frame<'_>,
+        idle_since_tick: u64,
+        current_tick: u64,
+        reactor: &Reactor,
+        queued_gauge: &AtomicU64,
+    ) -> Option<Delivery> {
+        let mut outbox = self.outbox.lock();
+        if outbox.closed || !outbox.frames.is_empty() || outbox.last_active_tick > idle_since_tick {
+            return None;
         }
-        outbox.push(frame.shared(), written, queued_gauge);
-        if let Err(errno) = outbox.ensure_watched(self.fd, reactor) {
-            return Delivery::Failed(errno);
-        }
-        Delivery::Queued
+        outbox.last_active_tick = current_tick;
+        Some(outbox.write_now(
+            self.fd,
+            self.identity.kind,
+            frame,
+            false,
+            reactor,
+            queued_gauge,
+        ))
     }
 
     /// Writes as much of the outbox as the fd takes, up to IOV_MAX frames per system call;
@@ -229,14 +252,49 @@ impl Peer {
 }
 
 impl Outbox {
-    fn push(&mut self, bytes: Arc<[u8]>, written: usize, queued_gauge: &AtomicU64) {
+    /// Writes `frame` to an fd with nothing queued; queues what the kernel does not take and
+    /// watches the fd for writability.
+    fn write_now(
+        &mut self,
+        fd: RawFd,
+        kind: io::FileKind,
+        frame: &Frame<'_>,
+        counted: bool,
+        reactor: &Reactor,
+        queued_gauge: &AtomicU64,
+    ) -> Delivery {
+        let parts = [frame.header(), frame.body()];
+        let parts = if frame.header().is_empty() {
+            &parts[1..]
+        } else {
+            &parts[..]
+        };
+        let written = match io::write_slices(fd, kind, parts.iter().copied()) {
+            Ok(written) => written,
+            Err(err) => return Delivery::Failed(errno_of(&err)),
+        };
+        if written == frame.len() {
+            return Delivery::Written;
+        }
+        self.push(frame.shared(), written, counted, queued_gauge);
+        if let Err(errno) = self.ensure_watched(fd, reactor) {
+            return Delivery::Failed(errno);
+        }
+        Delivery::Queued
+    }
+
+    fn push(&mut self, bytes: Arc<[u8]>, written: usize, counted: bool, queued_gauge: &AtomicU64) {
         let remaining = bytes.len() - written;
         self.queued_bytes += remaining;
         queued_gauge.fetch_add(remaining as u64, Ordering::Relaxed);
-        self.frames.push_back(QueuedFrame { bytes, written });
+        self.frames.push_back(QueuedFrame {
+            bytes,
+            written,
+            counted,
+        });
     }
 
-    /// Advances past `written` bytes; returns how many frames were completed.
+    /// Advances past `written` bytes; returns how many counted frames were completed.
     fn consume(&mut self, mut written: usize, queued_gauge: &AtomicU64) -> usize {
         self.queued_bytes -= written;
         queued_gauge.fetch_sub(written as u64, Ordering::Relaxed);
@@ -248,8 +306,8 @@ impl Outbox {
             let remaining = front.bytes.len() - front.written;
             if written >= remaining {
                 written -= remaining;
+                completed += usize::from(front.counted);
                 self.frames.pop_front();
-                completed += 1;
             } else {
                 front.written += written;
                 written = 0;

@@ -11,12 +11,11 @@
 //! the wait itself, and the hook slots are read-locked only to clone the callback out;
 //! callbacks run with no lock held.
 
+use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
-#[cfg(feature = "pg")]
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -73,6 +72,17 @@ struct Counters {
     queued_bytes: AtomicU64,
 }
 
+#[derive(Default)]
+struct Heartbeat {
+    interval: Option<Duration>,
+    next_due: Option<Instant>,
+}
+
+/// The keep-alive frames: an empty WebSocket ping, and an SSE comment line, which
+/// EventSource ignores.
+const WEBSOCKET_PING: &[u8] = &[0x89, 0x00];
+const SSE_COMMENT: &[u8] = b":\n\n";
+
 /// Why a peer is being evicted.
 struct Eviction {
     peer: Arc<Peer>,
@@ -88,6 +98,10 @@ pub struct Registry {
     outbox_limit: AtomicUsize,
     overflow_evicts: AtomicBool,
     corked: AtomicBool,
+    /// Keep-alive settings; a leaf lock.
+    heartbeat: Mutex<Heartbeat>,
+    /// The current heartbeat period; every write stamps its fd with it.
+    heartbeat_tick: AtomicU64,
     /// Peers with frames queued while corked, to be written by the next flush. A leaf lock:
     /// nothing else is locked while it is held.
     flush_list: Mutex<Vec<Arc<Peer>>>,
@@ -112,6 +126,8 @@ impl Registry {
             outbox_limit: AtomicUsize::new(DEFAULT_OUTBOX_LIMIT),
             overflow_evicts: AtomicBool::new(false),
             corked: AtomicBool::new(false),
+            heartbeat: Mutex::new(Heartbeat::default()),
+            heartbeat_tick: AtomicU64::new(1),
             flush_list: Mutex::new(Vec::new()),
             #[cfg(feature = "pg")]
             pg: Mutex::new(None),
@@ -352,12 +368,15 @@ impl Registry {
         } else {
             Some(Duration::ZERO)
         };
-        #[cfg_attr(not(feature = "pg"), allow(unused_variables))]
         let wakeups = self.reactor.wait(timeout, &mut ready)?;
         let mut served = 0;
         #[cfg(feature = "pg")]
         if wakeups.backend || wakeups.timer {
             served += self.pg_service();
+        }
+        if wakeups.timer {
+            served += self.beat_if_due();
+            self.arm_timer();
         }
         for fd in ready {
             let Some(peer) = self.index.read().peer(fd).cloned() else {
@@ -393,6 +412,96 @@ impl Registry {
     /// Makes a waiting (or the next) `dispatch` return, and `poll_fd` readable until it does.
     pub fn wake(&self) {
         self.reactor.wake();
+    }
+
+    /// Keeps idle streams alive through proxies: every `interval` (`None`: never, the
+    /// default), `dispatch` sends an empty ping to each WebSocket subscriber and an SSE comment
+    /// line (`:\n\n`) to each SSE subscriber that has taken no frame for a whole interval and
+    /// has nothing queued. The reactor's timer makes `poll_fd` readable when one is due.
+    pub fn set_heartbeat(&self, interval: Option<Duration>) {
+        {
+            let mut heartbeat = self.heartbeat.lock();
+            heartbeat.interval = interval.filter(|interval| !interval.is_zero());
+            heartbeat.next_due = heartbeat.interval.map(|interval| Instant::now() + interval);
+        }
+        self.arm_timer();
+    }
+
+    /// Sends the keep-alive frames if they are due; returns how many fds got one.
+    fn beat_if_due(&self) -> usize {
+        let ended = {
+            let mut heartbeat = self.heartbeat.lock();
+            let (Some(interval), Some(due)) = (heartbeat.interval, heartbeat.next_due) else {
+                return 0;
+            };
+            let now = Instant::now();
+            if now < due {
+                return 0;
+            }
+            heartbeat.next_due = Some(now + interval);
+            // Writes in the period that ends now were stamped with its tick; an fd stamped
+            // earlier has been idle for at least a whole interval.
+            self.heartbeat_tick.fetch_add(1, Ordering::Relaxed)
+        };
+        let current = ended + 1;
+        let mut keepalive: HashMap<RawFd, (Arc<Peer>, Mode)> = HashMap::new();
+        self.index.read().for_each_subscriber(|subscriber| {
+            let mode = match subscriber.mode {
+                Mode::WsText | Mode::WsBinary => Mode::WsBinary,
+                Mode::Sse => Mode::Sse,
+                Mode::Raw => return,
+            };
+            let entry = keepalive
+                .entry(subscriber.fd)
+                .or_insert_with(|| (Arc::clone(&subscriber.peer), mode));
+            // A WebSocket ping wins over an SSE comment on an fd subscribed both ways.
+            if mode == Mode::WsBinary {
+                entry.1 = mode;
+            }
+        });
+        let ping = Frame::encode(Mode::Raw, WEBSOCKET_PING);
+        let comment = Frame::encode(Mode::Raw, SSE_COMMENT);
+        let mut sent = 0;
+        for (peer, mode) in keepalive.into_values() {
+            let frame = if mode == Mode::Sse { &comment } else { &ping };
+            let outcome = peer.heartbeat(
+                frame,
+                ended - 1,
+                current,
+                &self.reactor,
+                &self.counters.queued_bytes,
+            );
+            match outcome {
+                None => {}
+                Some(Delivery::Failed(errno)) => self.evict(Eviction {
+                    peer,
+                    reason: errno,
+                    shut_down: false,
+                }),
+                Some(_) => sent += 1,
+            }
+        }
+        sent
+    }
+
+    /// Arms the reactor's timer for the earliest deadline: the next heartbeat or the
+    /// backend's next reconnect.
+    fn arm_timer(&self) {
+        let heartbeat = self.heartbeat.lock().next_due;
+        #[cfg(feature = "pg")]
+        let reconnect = self
+            .pg
+            .lock()
+            .as_ref()
+            .and_then(|backend| backend.wait().deadline);
+        #[cfg(not(feature = "pg"))]
+        let reconnect = None;
+        let deadline = match (heartbeat, reconnect) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.reactor
+            .set_timer(deadline.map(|deadline| deadline.saturating_duration_since(Instant::now())));
     }
 
     /// Bytes queued for `fd` (0 when none or unknown).
@@ -502,6 +611,7 @@ impl Registry {
     fn write_policy(&self) -> WritePolicy {
         WritePolicy {
             corked: self.corked.load(Ordering::Relaxed),
+            heartbeat_tick: self.heartbeat_tick.load(Ordering::Relaxed),
             outbox_limit: self.outbox_limit.load(Ordering::Relaxed),
             overflow: if self.overflow_evicts.load(Ordering::Relaxed) {
                 Overflow::Evict
@@ -633,8 +743,9 @@ impl Registry {
         self.pg_enabled.store(false, Ordering::Release);
         if let Some(mut backend) = slot.take() {
             backend.shut_down(&self.reactor);
-            self.reactor.set_timer(None);
         }
+        drop(slot);
+        self.arm_timer();
     }
 
     /// Waits up to `timeout` (`None`: forever) for notifications from other registries and
@@ -685,12 +796,8 @@ impl Registry {
                 return 0;
             };
             backend.advance(&self.reactor, &mut received);
-            let retry_in = backend
-                .wait()
-                .deadline
-                .map(|deadline| deadline.saturating_duration_since(Instant::now()));
-            self.reactor.set_timer(retry_in);
         }
+        self.arm_timer();
         for notification in &received {
             if let Some((topic, payload)) = wire::decode(notification) {
                 // A payload a local subscriber cannot take (invalid UTF-8 from a server
