@@ -2,6 +2,11 @@
 //! O(its subscriptions). Pure bookkeeping: no I/O and no locks; the registry wraps it in one
 //! `RwLock`.
 //!
+//! A subscription id carries its fd in the high 32 bits and a serial number in the low 32, so
+//! resolving an id needs no map of its own: the fd's entry lists its (id, topic) pairs. That
+//! keeps a subscription at about 80 bytes (its slot in the topic's list, the topic's fd → slot
+//! map, and the fd's list) beyond the topic's bytes, which all of a topic's subscriptions share.
+//!
 //! Each topic's subscribers live in an `Arc`'d list that a publish clones (one atomic
 //! increment) and then walks with no lock held. A change to a topic copies its list only
 //! while a publish still holds the old one (`Arc::make_mut`), so subscribing is O(1)
@@ -13,8 +18,16 @@ use std::sync::Arc;
 
 use crate::frame::Mode;
 
-/// Identifies one (topic, fd) subscription; always > 0.
+/// Identifies one (topic, fd) subscription; always > 0 and below 2^63.
 pub type SubscriptionId = u64;
+
+fn subscription_id(fd: RawFd, serial: u32) -> SubscriptionId {
+    (u64::from(fd as u32) << 32) | u64::from(serial)
+}
+
+fn fd_of(id: SubscriptionId) -> RawFd {
+    (id >> 32) as u32 as RawFd
+}
 
 pub(crate) struct Subscriber<P> {
     pub(crate) fd: RawFd,
@@ -58,34 +71,32 @@ impl<P> SubscriberList<P> {
 }
 
 struct Topic<P> {
+    /// The topic's bytes, shared with the map key and every subscribed fd's entry.
+    name: Arc<[u8]>,
     list: Arc<SubscriberList<P>>,
-    position_of_fd: HashMap<RawFd, usize>,
-}
-
-struct Subscription {
-    topic: Arc<[u8]>,
-    fd: RawFd,
+    position_of_fd: HashMap<RawFd, u32>,
 }
 
 struct PeerEntry<P> {
     peer: Arc<P>,
-    subscriptions: Vec<SubscriptionId>,
+    /// The fd's subscriptions: the reverse index that makes forgetting an fd O(these).
+    subscriptions: Vec<(SubscriptionId, Arc<[u8]>)>,
 }
 
 pub(crate) struct Index<P> {
     topics: HashMap<Arc<[u8]>, Topic<P>>,
-    subscriptions: HashMap<SubscriptionId, Subscription>,
     peers: HashMap<RawFd, PeerEntry<P>>,
-    last_id: SubscriptionId,
+    subscription_count: usize,
+    last_serial: u32,
 }
 
 impl<P> Default for Index<P> {
     fn default() -> Self {
         Index {
             topics: HashMap::new(),
-            subscriptions: HashMap::new(),
             peers: HashMap::new(),
-            last_id: 0,
+            subscription_count: 0,
+            last_serial: 0,
         }
     }
 }
@@ -98,7 +109,7 @@ impl<P> Index<P> {
     pub(crate) fn mode_of(&self, topic: &[u8], fd: RawFd) -> Option<Mode> {
         let topic = self.topics.get(topic)?;
         let position = *topic.position_of_fd.get(&fd)?;
-        Some(topic.list.subscribers[position].mode)
+        Some(topic.list.subscribers[position as usize].mode)
     }
 
     pub(crate) fn peer(&self, fd: RawFd) -> Option<&Arc<P>> {
@@ -130,35 +141,33 @@ impl<P> Index<P> {
             .peers
             .get_mut(&fd)
             .expect("subscribe needs a known peer");
-        let key: Arc<[u8]> = match self.topics.get_key_value(topic) {
-            Some((key, _)) => Arc::clone(key),
-            None => Arc::from(topic),
-        };
-        let topic_entry = self
-            .topics
-            .entry(Arc::clone(&key))
-            .or_insert_with(|| Topic {
+        if !self.topics.contains_key(topic) {
+            let name: Arc<[u8]> = Arc::from(topic);
+            let empty = Topic {
+                name: Arc::clone(&name),
                 list: Arc::new(SubscriberList {
                     subscribers: Vec::new(),
                     utf8_subscribers: 0,
                 }),
                 position_of_fd: HashMap::new(),
-            });
+            };
+            self.topics.insert(name, empty);
+        }
+        let topic_entry = self.topics.get_mut(topic).expect("inserted above");
         if let Some(&position) = topic_entry.position_of_fd.get(&fd) {
             let list = Arc::make_mut(&mut topic_entry.list);
-            let subscriber = &mut list.subscribers[position];
+            let subscriber = &mut list.subscribers[position as usize];
             let old_mode = std::mem::replace(&mut subscriber.mode, mode);
-            let id = subscriber.id;
             list.utf8_subscribers = list.utf8_subscribers + usize::from(mode.requires_utf8())
                 - usize::from(old_mode.requires_utf8());
-            return id;
+            return subscriber.id;
         }
-        self.last_id += 1;
-        let id = self.last_id;
+        // Serial 0 is skipped so that an id is never 0, even for fd 0.
+        self.last_serial = self.last_serial.checked_add(1).unwrap_or(1);
+        let id = subscription_id(fd, self.last_serial);
         let list = Arc::make_mut(&mut topic_entry.list);
-        topic_entry
-            .position_of_fd
-            .insert(fd, list.subscribers.len());
+        let position = u32::try_from(list.subscribers.len()).expect("fewer than 2^32 fds");
+        topic_entry.position_of_fd.insert(fd, position);
         list.subscribers.push(Subscriber {
             fd,
             mode,
@@ -166,37 +175,41 @@ impl<P> Index<P> {
             peer: Arc::clone(&peer_entry.peer),
         });
         list.utf8_subscribers += usize::from(mode.requires_utf8());
-        peer_entry.subscriptions.push(id);
-        self.subscriptions
-            .insert(id, Subscription { topic: key, fd });
+        peer_entry
+            .subscriptions
+            .push((id, Arc::clone(&topic_entry.name)));
+        self.subscription_count += 1;
         id
     }
 
     /// Removes one subscription; returns its fd, or `None` for an unknown id.
     pub(crate) fn unsubscribe(&mut self, id: SubscriptionId) -> Option<RawFd> {
-        let subscription = self.subscriptions.remove(&id)?;
-        if let Some(entry) = self.peers.get_mut(&subscription.fd) {
-            entry.subscriptions.retain(|&other| other != id);
-        }
-        self.remove_from_topic(&subscription.topic, subscription.fd);
-        Some(subscription.fd)
+        let fd = fd_of(id);
+        let entry = self.peers.get_mut(&fd)?;
+        let index = entry
+            .subscriptions
+            .iter()
+            .position(|(subscription, _)| *subscription == id)?;
+        let (_, topic) = entry.subscriptions.swap_remove(index);
+        self.subscription_count -= 1;
+        self.remove_from_topic(&topic, fd);
+        Some(fd)
     }
 
     /// Forgets `fd` entirely; returns its peer and how many subscriptions it had.
     pub(crate) fn remove_peer(&mut self, fd: RawFd) -> Option<(Arc<P>, usize)> {
         let entry = self.peers.remove(&fd)?;
-        for id in &entry.subscriptions {
-            if let Some(subscription) = self.subscriptions.remove(id) {
-                self.remove_from_topic(&subscription.topic, fd);
-            }
+        for (_, topic) in &entry.subscriptions {
+            self.remove_from_topic(topic, fd);
         }
+        self.subscription_count -= entry.subscriptions.len();
         Some((entry.peer, entry.subscriptions.len()))
     }
 
     /// Empties the index; returns every peer it held.
     pub(crate) fn take_all(&mut self) -> Vec<Arc<P>> {
         self.topics.clear();
-        self.subscriptions.clear();
+        self.subscription_count = 0;
         self.peers.drain().map(|(_, entry)| entry.peer).collect()
     }
 
@@ -219,7 +232,7 @@ impl<P> Index<P> {
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
-        self.subscriptions.len()
+        self.subscription_count
     }
 
     pub(crate) fn topic_count(&self) -> usize {
@@ -242,9 +255,9 @@ impl<P> Index<P> {
             return;
         }
         let list = Arc::make_mut(&mut topic_entry.list);
-        let removed = list.subscribers.swap_remove(position);
+        let removed = list.subscribers.swap_remove(position as usize);
         list.utf8_subscribers -= usize::from(removed.mode.requires_utf8());
-        if let Some(moved) = list.subscribers.get(position) {
+        if let Some(moved) = list.subscribers.get(position as usize) {
             topic_entry.position_of_fd.insert(moved.fd, position);
         }
     }
@@ -291,6 +304,26 @@ mod tests {
         let c = index.subscribe(b"b", 3, Mode::Raw);
         assert!(a > 0 && b > 0 && c > 0);
         assert!(a != b && b != c && a != c);
+    }
+
+    #[test]
+    fn an_id_names_its_fd_and_stays_unique_across_fd_reuse() {
+        let mut index = index_with_peers(&[0, 7]);
+        let zero = index.subscribe(b"t", 0, Mode::Raw);
+        assert!(zero > 0, "fd 0 still gets a positive id");
+        let old = index.subscribe(b"t", 7, Mode::Raw);
+        assert_eq!(fd_of(old), 7);
+        index.remove_peer(7);
+        index.insert_peer(7, Arc::new(()));
+        let new = index.subscribe(b"t", 7, Mode::Raw);
+        assert_ne!(old, new);
+        assert_eq!(
+            index.unsubscribe(old),
+            None,
+            "a stale id does not touch the new one"
+        );
+        assert_eq!(index.unsubscribe(new), Some(7));
+        assert_eq!(index.unsubscribe(u64::MAX), None);
     }
 
     #[test]
