@@ -123,6 +123,17 @@ impl<'a> Frame<'a> {
         self.header().len() + self.body().len()
     }
 
+    /// Appends the frame's bytes from offset `skip` on to `out`.
+    pub(crate) fn copy_from(&self, skip: usize, out: &mut Vec<u8>) {
+        let header = self.header();
+        if skip < header.len() {
+            out.extend_from_slice(&header[skip..]);
+            out.extend_from_slice(self.body());
+        } else {
+            out.extend_from_slice(&self.body()[skip - header.len()..]);
+        }
+    }
+
     /// The whole frame in one reference-counted buffer, built on first use, so every fd that
     /// queues this frame shares one copy (API.md write-path rule 8).
     pub(crate) fn shared(&self) -> Arc<[u8]> {
@@ -276,6 +287,16 @@ mod tests {
             Arc::ptr_eq(&first, &frame.shared()),
             "built once, then shared"
         );
+    }
+
+    #[test]
+    fn copy_from_skips_what_was_written() {
+        let frame = Frame::encode(Mode::WsText, b"abc");
+        for skip in 0..=frame.len() {
+            let mut out = b"x".to_vec();
+            frame.copy_from(skip, &mut out);
+            assert_eq!(&out[1..], &frame.shared()[skip..], "skip {skip}");
+        }
     }
 
     #[test]

@@ -104,6 +104,23 @@ pub(crate) fn write_slices<'a>(
 }
 
 fn send_nonblocking(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    if let [only] = bufs {
+        // One buffer: send(2) spares the kernel importing an iovec array.
+        // SAFETY: `only` describes memory borrowed for the call; send only reads it.
+        let sent = unsafe {
+            libc::send(
+                fd,
+                only.as_ptr().cast(),
+                only.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        return if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        };
+    }
     // SAFETY: an all-zero msghdr is valid (no address, no control data).
     let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is guaranteed ABI-compatible with `struct iovec` on Unix; sendmsg only reads it.

@@ -39,11 +39,11 @@ pub(crate) struct WritePolicy {
 pub(crate) enum Delivery {
     /// The whole frame reached the kernel.
     Written,
-    /// The frame, or the rest of it, waits in the outbox.
-    Queued,
-    /// Corked: the frame waits in an outbox that had nothing waiting for a flush, so the
-    /// caller must put this peer on its flush list.
-    Deferred,
+    /// The frame, or the rest of it (`bytes`), waits in the outbox.
+    Queued { bytes: usize },
+    /// Corked: the frame (`bytes`) waits in an outbox that had nothing waiting for a flush,
+    /// so the caller must put this peer on its flush list.
+    Deferred { bytes: usize },
     /// `Overflow::DropMessage` dropped the frame.
     Dropped,
     /// `Overflow::Evict` applies: the caller evicts the fd.
@@ -68,16 +68,51 @@ pub(crate) enum Flush {
     Failed(i32),
 }
 
-struct QueuedFrame {
-    bytes: Arc<[u8]>,
-    written: usize,
+/// Frames up to this size are copied into the fd's contiguous chunks instead of sharing the
+/// frame: a 64-byte copy is cheaper than the reference count's two atomic operations, and a
+/// flush then writes many frames as one iovec. Larger frames are shared (API.md rule 8).
+const INLINE_FRAME_MAX: usize = 512;
+/// Inline chunks stop growing here, so a drained chunk frees its memory.
+const INLINE_CHUNK_MAX: usize = 16 * 1024;
+
+/// Queued bytes: small frames copied back to back, or one large frame shared with every fd
+/// that queued it.
+enum Chunk {
+    Inline { bytes: Vec<u8>, written: usize },
+    Shared { bytes: Arc<[u8]>, written: usize },
+}
+
+impl Chunk {
+    fn unwritten(&self) -> &[u8] {
+        match self {
+            Chunk::Inline { bytes, written } => &bytes[*written..],
+            Chunk::Shared { bytes, written } => &bytes[*written..],
+        }
+    }
+
+    fn advance(&mut self, by: usize) {
+        match self {
+            Chunk::Inline { written, .. } | Chunk::Shared { written, .. } => *written += by,
+        }
+    }
+}
+
+/// Where a queued frame ends, as an offset in the fd's byte stream, so completed frames can
+/// be counted however the chunks split them.
+struct FrameEnd {
+    end: u64,
     /// Whether completing it counts as a delivery (a heartbeat does not).
     counted: bool,
 }
 
 #[derive(Default)]
 struct Outbox {
-    frames: VecDeque<QueuedFrame>,
+    chunks: VecDeque<Chunk>,
+    frame_ends: VecDeque<FrameEnd>,
+    /// Stream offsets: bytes handed to the kernel, and bytes queued, since the fd was first
+    /// seen.
+    stream_written: u64,
+    stream_queued: u64,
     queued_bytes: usize,
     /// Set when the fd is forgotten or evicted: a publish still holding this peer from an
     /// older topic snapshot must not write to an fd number that may now be another file.
@@ -106,13 +141,13 @@ impl Peer {
     }
 
     /// Writes `frame`, or queues it behind bytes already waiting, under API.md's write-path
-    /// rules 3 to 5. `queued_gauge` tracks the bytes queued across all fds.
+    /// rules 3 to 5. The bytes it queues are reported in the outcome, for the caller to add
+    /// to the registry-wide gauge once per publish rather than once per fd.
     pub(crate) fn deliver(
         &self,
         frame: &Frame<'_>,
         policy: WritePolicy,
         reactor: &Reactor,
-        queued_gauge: &AtomicU64,
     ) -> Delivery {
         let mut outbox = self.outbox.lock();
         if outbox.closed {
@@ -122,7 +157,7 @@ impl Peer {
         if frame_len == 0 {
             return Delivery::Written;
         }
-        if !outbox.frames.is_empty() && outbox.queued_bytes + frame_len > policy.outbox_limit {
+        if !outbox.chunks.is_empty() && outbox.queued_bytes + frame_len > policy.outbox_limit {
             return match policy.overflow {
                 Overflow::DropMessage => Delivery::Dropped,
                 Overflow::Evict => Delivery::Overflowed,
@@ -130,25 +165,18 @@ impl Peer {
         }
         outbox.last_active_tick = policy.heartbeat_tick;
         if policy.corked {
-            outbox.push(frame.shared(), 0, true, queued_gauge);
+            outbox.push(frame, 0, true);
             if outbox.awaiting_flush {
-                return Delivery::Queued;
+                return Delivery::Queued { bytes: frame_len };
             }
             outbox.awaiting_flush = true;
-            return Delivery::Deferred;
+            return Delivery::Deferred { bytes: frame_len };
         }
-        if !outbox.frames.is_empty() {
-            outbox.push(frame.shared(), 0, true, queued_gauge);
-            return Delivery::Queued;
+        if !outbox.chunks.is_empty() {
+            outbox.push(frame, 0, true);
+            return Delivery::Queued { bytes: frame_len };
         }
-        outbox.write_now(
-            self.fd,
-            self.identity.kind,
-            frame,
-            true,
-            reactor,
-            queued_gauge,
-        )
+        outbox.write_now(self.fd, self.identity.kind, frame, true, reactor)
     }
 
     /// Writes a keep-alive frame if the fd has taken nothing since `idle_since_tick` and has
@@ -160,21 +188,13 @@ impl Peer {
         idle_since_tick: u64,
         current_tick: u64,
         reactor: &Reactor,
-        queued_gauge: &AtomicU64,
     ) -> Option<Delivery> {
         let mut outbox = self.outbox.lock();
-        if outbox.closed || !outbox.frames.is_empty() || outbox.last_active_tick > idle_since_tick {
+        if outbox.closed || !outbox.chunks.is_empty() || outbox.last_active_tick > idle_since_tick {
             return None;
         }
         outbox.last_active_tick = current_tick;
-        Some(outbox.write_now(
-            self.fd,
-            self.identity.kind,
-            frame,
-            false,
-            reactor,
-            queued_gauge,
-        ))
+        Some(outbox.write_now(self.fd, self.identity.kind, frame, false, reactor))
     }
 
     /// Writes as much of the outbox as the fd takes, up to IOV_MAX frames per system call;
@@ -184,11 +204,8 @@ impl Peer {
         outbox.awaiting_flush = false;
         let mut bytes = 0;
         let mut frames = 0;
-        while !outbox.frames.is_empty() && !outbox.closed {
-            let pending = outbox
-                .frames
-                .iter()
-                .map(|queued| &queued.bytes[queued.written..]);
+        while !outbox.chunks.is_empty() && !outbox.closed {
+            let pending = outbox.chunks.iter().map(Chunk::unwritten);
             let written = match io::write_slices(self.fd, self.identity.kind, pending) {
                 Ok(written) => written,
                 Err(err) => return Flush::Failed(errno_of(&err)),
@@ -224,7 +241,8 @@ impl Peer {
         outbox.closed = true;
         queued_gauge.fetch_sub(outbox.queued_bytes as u64, Ordering::Relaxed);
         outbox.queued_bytes = 0;
-        outbox.frames = VecDeque::new();
+        outbox.chunks = VecDeque::new();
+        outbox.frame_ends = VecDeque::new();
         if outbox.watched {
             reactor.unwatch(self.fd);
             outbox.watched = false;
@@ -235,7 +253,7 @@ impl Peer {
     /// forgotten without losing bytes. Returns whether it closed.
     pub(crate) fn close_if_idle(&self, reactor: &Reactor) -> bool {
         let mut outbox = self.outbox.lock();
-        if !outbox.frames.is_empty() {
+        if !outbox.chunks.is_empty() {
             return false;
         }
         outbox.closed = true;
@@ -261,7 +279,6 @@ impl Outbox {
         frame: &Frame<'_>,
         counted: bool,
         reactor: &Reactor,
-        queued_gauge: &AtomicU64,
     ) -> Delivery {
         let parts = [frame.header(), frame.body()];
         let parts = if frame.header().is_empty() {
@@ -274,44 +291,78 @@ impl Outbox {
             Err(err) => return Delivery::Failed(errno_of(&err)),
         };
         if written == frame.len() {
+            self.stream_written += written as u64;
+            self.stream_queued += written as u64;
             return Delivery::Written;
         }
-        self.push(frame.shared(), written, counted, queued_gauge);
+        self.stream_written += written as u64;
+        self.stream_queued += written as u64;
+        self.push(frame, written, counted);
         if let Err(errno) = self.ensure_watched(fd, reactor) {
             return Delivery::Failed(errno);
         }
-        Delivery::Queued
+        Delivery::Queued {
+            bytes: frame.len() - written,
+        }
     }
 
-    fn push(&mut self, bytes: Arc<[u8]>, written: usize, counted: bool, queued_gauge: &AtomicU64) {
-        let remaining = bytes.len() - written;
+    /// Queues `frame` from byte `skip` on (the part already written is skipped).
+    fn push(&mut self, frame: &Frame<'_>, skip: usize, counted: bool) {
+        let remaining = frame.len() - skip;
         self.queued_bytes += remaining;
-        queued_gauge.fetch_add(remaining as u64, Ordering::Relaxed);
-        self.frames.push_back(QueuedFrame {
-            bytes,
-            written,
+        self.stream_queued += remaining as u64;
+        self.frame_ends.push_back(FrameEnd {
+            end: self.stream_queued,
             counted,
         });
+        if frame.len() > INLINE_FRAME_MAX {
+            self.chunks.push_back(Chunk::Shared {
+                bytes: frame.shared(),
+                written: skip,
+            });
+            return;
+        }
+        let fits_last = matches!(
+            self.chunks.back(),
+            Some(Chunk::Inline { bytes, .. }) if bytes.len() + remaining <= INLINE_CHUNK_MAX
+        );
+        if !fits_last {
+            self.chunks.push_back(Chunk::Inline {
+                bytes: Vec::new(),
+                written: 0,
+            });
+        }
+        let Some(Chunk::Inline { bytes, .. }) = self.chunks.back_mut() else {
+            unreachable!("an inline chunk is last");
+        };
+        frame.copy_from(skip, bytes);
     }
 
     /// Advances past `written` bytes; returns how many counted frames were completed.
     fn consume(&mut self, mut written: usize, queued_gauge: &AtomicU64) -> usize {
         self.queued_bytes -= written;
         queued_gauge.fetch_sub(written as u64, Ordering::Relaxed);
-        let mut completed = 0;
+        self.stream_written += written as u64;
         while written > 0 {
-            let Some(front) = self.frames.front_mut() else {
+            let Some(front) = self.chunks.front_mut() else {
                 break;
             };
-            let remaining = front.bytes.len() - front.written;
+            let remaining = front.unwritten().len();
             if written >= remaining {
                 written -= remaining;
-                completed += usize::from(front.counted);
-                self.frames.pop_front();
+                self.chunks.pop_front();
             } else {
-                front.written += written;
+                front.advance(written);
                 written = 0;
             }
+        }
+        let mut completed = 0;
+        while let Some(frame) = self.frame_ends.front() {
+            if frame.end > self.stream_written {
+                break;
+            }
+            completed += usize::from(frame.counted);
+            self.frame_ends.pop_front();
         }
         completed
     }

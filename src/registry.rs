@@ -263,6 +263,7 @@ impl Registry {
         let mut dropped = 0;
         let mut evictions = Vec::new();
         let mut deferred = Vec::new();
+        let mut queued = 0;
         for subscriber in &list.subscribers {
             if Some(subscriber.fd) == except {
                 continue;
@@ -271,8 +272,12 @@ impl Registry {
             let frame = frames.get(subscriber.mode);
             match self.deliver(&subscriber.peer, frame, policy) {
                 Delivery::Written => delivered += 1,
-                Delivery::Queued | Delivery::Closed => {}
-                Delivery::Deferred => deferred.push(Arc::clone(&subscriber.peer)),
+                Delivery::Queued { bytes } => queued += bytes as u64,
+                Delivery::Closed => {}
+                Delivery::Deferred { bytes } => {
+                    queued += bytes as u64;
+                    deferred.push(Arc::clone(&subscriber.peer));
+                }
                 Delivery::Dropped => dropped += 1,
                 Delivery::Overflowed => evictions.push(Eviction {
                     peer: Arc::clone(&subscriber.peer),
@@ -293,6 +298,9 @@ impl Registry {
         self.counters
             .dropped_messages
             .fetch_add(dropped, Ordering::Relaxed);
+        self.counters
+            .queued_bytes
+            .fetch_add(queued, Ordering::Relaxed);
         self.await_flush(deferred);
         for eviction in evictions {
             self.evict(eviction);
@@ -319,8 +327,16 @@ impl Registry {
                     }
                     return Ok(());
                 }
-                Delivery::Queued => return Ok(()),
-                Delivery::Deferred => {
+                Delivery::Queued { bytes } => {
+                    self.counters
+                        .queued_bytes
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Delivery::Deferred { bytes } => {
+                    self.counters
+                        .queued_bytes
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
                     self.await_flush(vec![peer]);
                     return Ok(());
                 }
@@ -464,15 +480,14 @@ impl Registry {
         let mut sent = 0;
         for (peer, mode) in keepalive.into_values() {
             let frame = if mode == Mode::Sse { &comment } else { &ping };
-            let outcome = peer.heartbeat(
-                frame,
-                ended - 1,
-                current,
-                &self.reactor,
-                &self.counters.queued_bytes,
-            );
-            match outcome {
+            match peer.heartbeat(frame, ended - 1, current, &self.reactor) {
                 None => {}
+                Some(Delivery::Queued { bytes }) => {
+                    self.counters
+                        .queued_bytes
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    sent += 1;
+                }
                 Some(Delivery::Failed(errno)) => self.evict(Eviction {
                     peer,
                     reason: errno,
@@ -622,7 +637,7 @@ impl Registry {
     }
 
     fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
-        peer.deliver(frame, policy, &self.reactor, &self.counters.queued_bytes)
+        peer.deliver(frame, policy, &self.reactor)
     }
 
     /// The peer for `fd`, created if the index does not know the fd, and replacing a stale one
