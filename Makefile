@@ -5,6 +5,12 @@
 #   make demo          run target/c/sse_fanout on 127.0.0.1:8080
 #   make c-test        C tests: static lib + ASan/UBSan, shared lib + valgrind, header check
 #   make example-test  end-to-end test of the sse_fanout example
+#   make ws-chat-test  ws_chat against Python websockets/SSE clients and headless Chromium
+#   make log-fanout-test  log_fanout with 100 nc/socat/Python clients
+#   make uv-embed-test the libuv example, driven by the sse_fanout test
+#   make ctypes-test   the C ABI from Python ctypes
+#   make install       PREFIX=/usr/local DESTDIR=: header, libraries, fdcast.pc
+#   make install-test  install into a temp prefix, build and run against it
 #   make rust-test     cargo test --all-targets
 #   make test          every test suite (what README and CI run)
 #   make clean
@@ -44,20 +50,48 @@ C_TESTS   := $(patsubst tests/c/%.c,%,$(wildcard tests/c/*.c))
 EXAMPLES  := $(patsubst c-examples/%.c,%,$(wildcard c-examples/*.c))
 DEMO_PORT ?= 8080
 
+# Libraries an example needs besides fdcast: EXAMPLE_LIBS_<name>.
+EXAMPLE_LIBS_uv_embed = $(shell pkg-config --cflags --libs libuv)
+
+# $(call build_example,NAME,OUTPUT,EXTRA_CFLAGS): c-examples/NAME.c, statically linked.
+build_example = $(CC) $(CFLAGS) $(3) -o $(2) c-examples/$(1).c $(STATIC_LIB) $(NATIVE_LIBS) \
+  $(EXAMPLE_LIBS_$(1))
+define newline
+
+
+endef
+
+# make install: GNU-style directories; DESTDIR stages the files under another root.
+PREFIX       ?= /usr/local
+DESTDIR      ?=
+libdir       ?= $(PREFIX)/lib
+includedir   ?= $(PREFIX)/include
+pkgconfigdir ?= $(libdir)/pkgconfig
+# Keep them out of cargo's environment (`make install` builds first): the vendored OpenSSL's
+# own `make install` would honour a DESTDIR and miss its files. MAKEOVERRIDES: the same for
+# the command-line copies that MAKEFLAGS would carry.
+unexport DESTDIR PREFIX
+MAKEOVERRIDES :=
+VERSION  := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+SONAME   := libfdcast.so.$(firstword $(subst ., ,$(VERSION)))
+REALNAME := libfdcast.so.$(VERSION)
+
 .PHONY: all lib examples demo c-test c-test-static c-test-shared header-test \
-        example-test rust-test test clean
+        example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
+        install uninstall install-test rust-test test clean
 
 all: lib examples
 
+# Programs linked with -L$(LIBDIR) -lfdcast record the soname (libfdcast.so.0):
+# the link lets them find the library in place.
 lib:
 	$(CARGO) build --release
 	test -f $(STATIC_LIB) && test -f $(LIBDIR)/libfdcast.so && test -f $(HEADER)
+	ln -sf libfdcast.so $(LIBDIR)/$(SONAME)
 
 examples: lib
 	mkdir -p $(OUT)
-	for ex in $(EXAMPLES); do \
-	  $(CC) $(CFLAGS) -O2 -o $(OUT)/$$ex c-examples/$$ex.c $(STATIC_LIB) $(NATIVE_LIBS) || exit 1; \
-	done
+	$(foreach ex,$(EXAMPLES),$(call build_example,$(ex),$(OUT)/$(ex),-O2)$(newline))
 
 demo: examples
 	$(OUT)/sse_fanout $(DEMO_PORT)
@@ -106,10 +140,59 @@ example-test: lib
 	  $(STATIC_LIB) $(NATIVE_LIBS)
 	$(PYTHON) tests/sse_fanout_test.py $(OUT)/static/sse_fanout
 
+# ws_chat (ASan+UBSan build) against real clients: Python `websockets` and raw
+# sockets, then headless Chromium (Debian's /usr/bin/chromium) driven by
+# playwright-core. .ci/run installs all three; `npm ci` runs here if needed.
+ws-chat-test: lib
+	mkdir -p $(OUT)/static
+	$(CC) $(CFLAGS) $(SANITIZE) -o $(OUT)/static/ws_chat c-examples/ws_chat.c \
+	  $(STATIC_LIB) $(NATIVE_LIBS)
+	$(PYTHON) tests/ws_chat_test.py $(OUT)/static/ws_chat
+	test -d tests/browser/node_modules/playwright-core || \
+	  (cd tests/browser && npm ci --no-audit --no-fund)
+	cd tests/browser && WS_CHAT_BIN=$(abspath $(OUT)/static/ws_chat) node --test ws_chat.test.mjs
+
+# log_fanout (ASan+UBSan build) with 100 nc, socat and Python clients.
+log-fanout-test: lib
+	mkdir -p $(OUT)/static
+	$(call build_example,log_fanout,$(OUT)/static/log_fanout,$(SANITIZE))
+	$(PYTHON) tests/log_fanout_test.py $(OUT)/static/log_fanout
+
+# uv_embed serves the same HTTP as sse_fanout, so the same test drives it.
+uv-embed-test: lib
+	mkdir -p $(OUT)/static
+	$(call build_example,uv_embed,$(OUT)/static/uv_embed,$(SANITIZE))
+	$(PYTHON) tests/sse_fanout_test.py $(OUT)/static/uv_embed
+
+ctypes-test: lib
+	$(PYTHON) tests/ctypes_test.py $(LIBDIR)/libfdcast.so
+
+# --- install -----------------------------------------------------------------
+
+install: lib
+	install -d $(DESTDIR)$(includedir) $(DESTDIR)$(libdir) $(DESTDIR)$(pkgconfigdir)
+	install -m 644 $(HEADER) $(DESTDIR)$(includedir)/fdcast.h
+	install -m 644 $(STATIC_LIB) $(DESTDIR)$(libdir)/libfdcast.a
+	install -m 755 $(LIBDIR)/libfdcast.so $(DESTDIR)$(libdir)/$(REALNAME)
+	ln -sf $(REALNAME) $(DESTDIR)$(libdir)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(libdir)/libfdcast.so
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(libdir)|' \
+	  -e 's|@INCLUDEDIR@|$(includedir)|' -e 's|@VERSION@|$(VERSION)|' \
+	  -e 's|@NATIVE_LIBS@|$(NATIVE_LIBS)|' fdcast.pc.in > $(DESTDIR)$(pkgconfigdir)/fdcast.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(includedir)/fdcast.h $(DESTDIR)$(libdir)/libfdcast.a \
+	  $(DESTDIR)$(libdir)/$(REALNAME) $(DESTDIR)$(libdir)/$(SONAME) \
+	  $(DESTDIR)$(libdir)/libfdcast.so $(DESTDIR)$(pkgconfigdir)/fdcast.pc
+
+install-test: lib
+	MAKE='$(MAKE)' TEST_CC='$(CC)' sh tests/install_test.sh
+
 rust-test:
 	$(CARGO) test --release --all-targets
 
-test: rust-test c-test example-test
+test: rust-test c-test example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
+      install-test
 
 clean:
 	$(CARGO) clean

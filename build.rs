@@ -10,6 +10,12 @@ fn main() {
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-changed=build.rs");
+    // The shared library's soname, libfdcast.so.<major>, as `make install` names it (README:
+    // Install). Programs linked with -lfdcast record this name, not the unversioned one.
+    println!(
+        "cargo:rustc-cdylib-link-arg=-Wl,-soname,libfdcast.so.{}",
+        env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets this")
+    );
 
     let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
         .expect("cbindgen.toml is readable and valid");

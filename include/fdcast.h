@@ -35,6 +35,24 @@
 #define FDCAST_DEFAULT_OUTBOX_LIMIT 1048576
 
 /**
+ * The size of the buffer fdcast_ws_accept_key() writes: 28 characters and a NUL.
+ */
+#define FDCAST_WS_ACCEPT_KEY_SIZE 29
+
+/**
+ * The largest payload, in bytes, fdcast_ws_decode() accepts in one frame and
+ * fdcast_ws_read() in one message (its fragments summed): 16 MiB. A larger one is -EMSGSIZE
+ * (close the connection with status 1009).
+ */
+#define FDCAST_WS_MAX_FRAME 16777216
+
+/**
+ * The longest header of a server frame: a buffer of `len + FDCAST_WS_MAX_HEADER` bytes
+ * always holds what fdcast_ws_encode() writes for a `len`-byte payload.
+ */
+#define FDCAST_WS_MAX_HEADER 10
+
+/**
  * How a payload is framed for one subscriber.
  */
 typedef enum fdcast_mode {
@@ -71,6 +89,37 @@ typedef enum fdcast_overflow {
    */
   FDCAST_EVICT = 1,
 } fdcast_overflow;
+
+/**
+ * The opcodes of RFC 6455 §5.2, as found in fdcast_ws_frame.opcode and passed to
+ * fdcast_ws_encode() (both plain ints).
+ */
+typedef enum fdcast_ws_opcode {
+  /**
+   * The next fragment of a fragmented text or binary message.
+   */
+  FDCAST_WS_OP_CONTINUATION = 0,
+  /**
+   * A UTF-8 text message (or its first fragment).
+   */
+  FDCAST_WS_OP_TEXT = 1,
+  /**
+   * A binary message (or its first fragment).
+   */
+  FDCAST_WS_OP_BINARY = 2,
+  /**
+   * Close: payload empty, or a big-endian status code and a UTF-8 reason.
+   */
+  FDCAST_WS_OP_CLOSE = 8,
+  /**
+   * Ping: answer with a pong carrying the same payload.
+   */
+  FDCAST_WS_OP_PING = 9,
+  /**
+   * Pong: the answer to a ping (or an unsolicited heartbeat): ignore it.
+   */
+  FDCAST_WS_OP_PONG = 10,
+} fdcast_ws_opcode;
 
 /**
  * A registry of topic → fd subscriptions, with its outboxes and its poller. Opaque: create
@@ -175,6 +224,62 @@ typedef struct fdcast_pg_stats {
    */
   uint64_t dropped;
 } fdcast_pg_stats;
+
+/**
+ * One client frame, filled by fdcast_ws_decode() and fdcast_ws_read().
+ */
+typedef struct fdcast_ws_frame {
+  /**
+   * An fdcast_ws_opcode value.
+   */
+  int opcode;
+  /**
+   * Whether this is the last frame of its message (always true for control frames).
+   */
+  bool fin;
+  /**
+   * The payload, unmasked, inside the caller's buffer (valid as long as that buffer is);
+   * not NUL-terminated. When payload_len is 0 it points just past the frame's header.
+   * For a close frame: the 2-byte big-endian status code, then the UTF-8 reason, which
+   * is therefore `payload + 2`, `payload_len - 2` bytes (when payload_len >= 2).
+   */
+  uint8_t *payload;
+  /**
+   * Payload bytes, at most FDCAST_WS_MAX_FRAME (125 for control frames).
+   */
+  size_t payload_len;
+  /**
+   * For a close frame with a payload, its status code (already checked to be one a peer
+   * may send: 1000-1003, 1007-1011 or 3000-4999); 0 otherwise (a close frame without a
+   * payload means "no status", which RFC 6455 reports as 1005).
+   */
+  uint16_t close_code;
+} fdcast_ws_frame;
+
+/**
+ * The state fdcast_ws_read() keeps between frames of one connection (the message in
+ * progress, its length so far, an incomplete UTF-8 sequence). Plain data, no heap: embed
+ * one per connection and zero it (`= {0}`, memset, calloc) to start. Its fields are
+ * private: never write them (a reader that fdcast could not have produced gives -EINVAL).
+ */
+typedef struct fdcast_ws_reader {
+  /**
+   * Private: payload bytes of the fragmented message in progress.
+   */
+  uint64_t message_len;
+  /**
+   * Private: the opcode of the fragmented message in progress, 0 when none.
+   */
+  uint8_t message_opcode;
+  /**
+   * Private: how many bytes of utf8_tail are in use.
+   */
+  uint8_t utf8_tail_len;
+  /**
+   * Private: an incomplete UTF-8 sequence at the end of the text so far.
+   */
+  uint8_t utf8_tail[3];
+} fdcast_ws_reader;
 
 #ifdef __cplusplus
 extern "C" {
@@ -536,6 +641,104 @@ void fdcast_pg_disable(struct fdcast *fc);
  * Thread: any.
  */
 void fdcast_pg_get_stats(const struct fdcast *fc, struct fdcast_pg_stats *out);
+
+/**
+ * Writes the Sec-WebSocket-Accept value answering a handshake whose Sec-WebSocket-Key is
+ * `client_key[0..len)`: base64(SHA-1(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11")), RFC
+ * 6455 §4.2.2, as 28 characters and a NUL in `out`.
+ *
+ * `client_key` is the header's value without surrounding whitespace (need not be
+ * NUL-terminated); it must be 24 base64 characters that decode to 16 bytes (§4.2.1).
+ * `out` must have room for FDCAST_WS_ACCEPT_KEY_SIZE (29) bytes; it is written only on
+ * success.
+ *
+ * Returns 0, or -EINVAL (NULL `client_key` with `len` > 0; NULL `out`; a key that is not
+ * 24 base64 characters encoding 16 bytes: answer the handshake with 400 Bad Request).
+ *
+ * Thread: any.
+ */
+FDCAST_MUST_USE int fdcast_ws_accept_key(const char *client_key, size_t len, char *out);
+
+/**
+ * Decodes the client frame at the front of `buf[0..len)`, checking the rules of RFC 6455
+ * that a single frame can break, and unmasks its payload in place.
+ *
+ * Checked, each as soon as the bytes it depends on are in `buf` (a broken header fails
+ * without waiting for the payload): the frame is masked (clients must mask); RSV1-3 are 0
+ * (fdcast negotiates no extension); the opcode is one of fdcast_ws_opcode; a control frame
+ * (close, ping, pong) has FIN set and at most 125 bytes of payload; a 64-bit length has its
+ * most significant bit clear; a close payload is empty, or a status code a peer may send
+ * (1000-1003, 1007-1011, 3000-4999) followed by a UTF-8 reason; the payload is at most
+ * FDCAST_WS_MAX_FRAME bytes. Lengths need not use their minimal encoding.
+ *
+ * Not checked, because they span frames: that a continuation frame continues a message,
+ * that a text or binary frame does not start inside a fragmented one, and that a text
+ * message is UTF-8. fdcast_ws_read() checks those; a caller of fdcast_ws_decode must.
+ *
+ * Usage: append what recv(2) returns to a per-connection buffer, call this until it
+ * returns 0, and move the unconsumed bytes to the front (the frame's payload is valid
+ * until then). Answer a ping with fdcast_ws_encode(FDCAST_WS_OP_PONG, same payload) and a
+ * close with a close frame, then close the connection; after a close, decode nothing more.
+ *
+ * `out` is written only when a frame is returned; it must not point into `buf`.
+ *
+ * Returns the frame's length in bytes (> 0: the next frame starts at `buf + that`), 0 when
+ * `buf` holds no whole frame yet (nothing is changed), or, with nothing changed:
+ * -EPROTO (a rule above is broken; fdcast_last_error() names it: close the connection with
+ * status 1002), -EILSEQ (a close reason that is not UTF-8: status 1007), -EMSGSIZE (a
+ * payload over FDCAST_WS_MAX_FRAME: status 1009), -EINVAL (NULL `buf` with `len` > 0; NULL
+ * `out`).
+ *
+ * Thread: any.
+ */
+FDCAST_MUST_USE int64_t fdcast_ws_decode(uint8_t *buf, size_t len, struct fdcast_ws_frame *out);
+
+/**
+ * fdcast_ws_decode(), plus the rules that span frames, with their state in `*r`: a
+ * continuation frame needs a fragmented message in progress, and a text or binary frame
+ * needs none (-EPROTO); a text message, its fragments joined, is UTF-8 (checked as each
+ * fragment arrives, so invalid bytes fail at once: -EILSEQ, close with 1007); a message's
+ * payload, its fragments summed, is at most FDCAST_WS_MAX_FRAME bytes (-EMSGSIZE, close
+ * with 1009). Control frames may come between fragments.
+ *
+ * Fragments are returned one by one, as they arrive: the first with opcode TEXT or BINARY
+ * and `fin` false, the next ones with opcode CONTINUATION, the last with `fin` true. A
+ * caller that wants whole messages joins them (and remembers the first opcode). What is
+ * left to the caller: answering pings and closes, and reading nothing after a close.
+ *
+ * `r` holds one connection's state: zero it before the connection's first frame, and keep
+ * it with the connection. After an error, neither `*r` nor `buf` has changed, but the
+ * connection must be closed.
+ *
+ * Returns as fdcast_ws_decode(), and -EINVAL for a NULL `r`, or an `*r` that was not
+ * zeroed or was written by the caller.
+ *
+ * Thread: any; one reader must not be used by two threads at once.
+ */
+FDCAST_MUST_USE int64_t fdcast_ws_read(struct fdcast_ws_reader *r, uint8_t *buf, size_t len, struct fdcast_ws_frame *out);
+
+/**
+ * Writes one unmasked server frame, FIN set, with `opcode` (an fdcast_ws_opcode) and the
+ * payload `payload[0..len)` to `out[0..cap)`. For pongs and close replies (and any frame
+ * the broadcast modes do not cover); send the result with
+ * fdcast_send(fc, fd, FDCAST_RAW, out, n) so it goes through the fd's outbox behind any
+ * queued frames.
+ *
+ * The frame takes `len + 2` bytes when `len` < 126, `len + 4` when `len` < 65536, else
+ * `len + 10`: a buffer of `len + FDCAST_WS_MAX_HEADER` bytes always suffices. A control
+ * frame's payload is at most 125 bytes; a close payload is empty or a 2-byte big-endian
+ * status code (1000-1003, 1007-1011, 3000-4999) followed by a UTF-8 reason; a text payload
+ * is UTF-8. `payload` and `out` must not overlap.
+ *
+ * Returns the frame's length (> 0), or -ENOBUFS (`cap` is too small: nothing was written,
+ * and fdcast_last_error() gives the size needed), -EINVAL (`opcode` not an
+ * fdcast_ws_opcode; a control payload over 125 bytes; a close payload of 1 byte or with a
+ * status code that may not be sent; NULL `payload` with `len` > 0; NULL `out` with `cap` >
+ * 0; overlapping buffers), -EILSEQ (a text payload or close reason that is not UTF-8).
+ *
+ * Thread: any.
+ */
+FDCAST_MUST_USE int64_t fdcast_ws_encode(int opcode, const void *payload, size_t len, uint8_t *out, size_t cap);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -11,12 +11,19 @@ a hand-written request whose body arrives in pieces, and checks that:
   - each publish answers 200 with the number of subscribers reached;
   - a client that disconnects stops being counted;
   - unknown paths get 404 and invalid UTF-8 gets 400 and reaches nobody;
+  - a subscriber that stops reading gets events queued in fdcast's outbox
+    (measured: published bytes beyond the kernel's send and receive queues,
+    read from /proc/net/tcp and FIONREAD), and once it reads again, the rest
+    arrives whole and in order: the server's loop watches fdcast_fd() and
+    calls fdcast_dispatch();
   - SIGTERM makes the server exit 0 (under ASan this includes no leaks).
 
 Python 3 standard library and the curl binary only. Every wait has a timeout.
-Usage: sse_fanout_test.py [path/to/sse_fanout]
+The same test drives c-examples/uv_embed.c (the same server in a libuv loop).
+Usage: sse_fanout_test.py [path/to/sse_fanout or path/to/uv_embed]
 """
 
+import fcntl
 import http.client
 import os
 import re
@@ -24,7 +31,9 @@ import signal
 import socket
 import subprocess
 import sys
+import struct
 import tempfile
+import termios
 import threading
 import time
 
@@ -294,6 +303,65 @@ def publish_in_pieces(port, topic, body):
         s.close()
 
 
+def server_send_queue(port, peer_port):
+    """Bytes the server's socket to peer_port has not had acknowledged
+    (tx_queue in /proc/net/tcp): what sits in the kernel's send queue."""
+    with open("/proc/net/tcp") as f:
+        for row in f.readlines()[1:]:
+            fields = row.split()
+            local, remote = fields[1].split(":"), fields[2].split(":")
+            if int(local[1], 16) == port and int(remote[1], 16) == peer_port:
+                return int(fields[4].split(":")[0], 16)
+    raise TestFailure(f"no socket {port} -> {peer_port} in /proc/net/tcp")
+
+
+def check_slow_reader(port):
+    """A subscriber stops reading: publish 200 KB events until some bytes are
+    beyond both kernel queues, i.e. in fdcast's outbox (well under its 1 MiB
+    limit, so no eviction); then read: the rest must arrive, which takes
+    fdcast_dispatch() called by the server's loop when fdcast_fd() is readable."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(TIMEOUT)
+    try:
+        s.connect((HOST, port))
+        s.sendall(f"GET /events/slow HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):  # byte by byte: no event is read
+            chunk = s.recv(1)
+            check(chunk, "slow reader: closed before the response head")
+            head += chunk
+        check_sse_head("slow reader", *split_head("slow reader", head[:-4]))
+        peer_port = s.getsockname()[1]
+        payloads, published, outbox = [], 0, 0
+        while outbox <= 0:
+            check(len(payloads) < 100, "slow reader: 20 MB published and nothing ever "
+                                       "waited in fdcast's outbox")
+            payload = f"{len(payloads):04d}" + "x" * 199_996
+            n = publish(port, "slow", payload.encode())
+            check(n == 1, f"publish to the slow reader reached {n}, expected 1")
+            payloads.append(payload)
+            published += len(payload) + len("data: \n\n")
+            in_kernel = server_send_queue(port, peer_port)
+            waiting = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0" * 4))[0]
+            outbox = published - in_kernel - waiting
+        want = b"".join(f"data: {p}\n\n".encode() for p in payloads)
+        got = b""
+        while len(got) < len(want):
+            try:
+                chunk = s.recv(262_144)
+            except socket.timeout:
+                raise TestFailure(f"slow reader: stuck at {len(got)} of {len(want)} bytes "
+                                  f"for {TIMEOUT}s (is fdcast_fd() watched?)")
+            check(chunk, f"slow reader: EOF after {len(got)} of {len(want)} bytes "
+                         "(evicted?)")
+            got += chunk
+        check(got == want, "slow reader: events differ from those published")
+        return len(payloads), outbox
+    finally:
+        s.close()
+
+
 # --------------------------------------------------------------------------
 
 
@@ -408,6 +476,10 @@ def run(out, err):
         for s in [sock_news.stream] + sports:
             s.wait_events()
         ok("disconnected clients (socket close, curl killed) are no longer counted")
+
+        events, queued = check_slow_reader(port)
+        ok(f"a reader that paused got all {events} events of 200 KB once it read again "
+           f"({queued} bytes had waited in fdcast's outbox: the loop's dispatch sent them)")
 
         # Clean shutdown with live subscribers.
         server.send_signal(signal.SIGTERM)
