@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -123,11 +123,17 @@ struct Outbox {
     awaiting_flush: bool,
     /// The heartbeat period of the last frame handed to this fd.
     last_active_tick: u64,
+    /// A drained inline chunk's buffer, kept for the next one: a corked fd fills and drains
+    /// one per flush cycle, and growing a fresh Vec each time cost more than the copying.
+    spare: Vec<u8>,
 }
 
 pub(crate) struct Peer {
     pub(crate) fd: RawFd,
     pub(crate) identity: FileIdentity,
+    /// Whether the fd has subscriptions, kept by the registry under its index lock, so that a
+    /// flush can tell without that lock whether a drained fd may have to be forgotten.
+    pub(crate) subscribed: AtomicBool,
     outbox: Mutex<Outbox>,
 }
 
@@ -136,6 +142,7 @@ impl Peer {
         Peer {
             fd,
             identity,
+            subscribed: AtomicBool::new(false),
             outbox: Mutex::new(Outbox::default()),
         }
     }
@@ -328,7 +335,7 @@ impl Outbox {
         );
         if !fits_last {
             self.chunks.push_back(Chunk::Inline {
-                bytes: Vec::new(),
+                bytes: std::mem::take(&mut self.spare),
                 written: 0,
             });
         }
@@ -350,7 +357,12 @@ impl Outbox {
             let remaining = front.unwritten().len();
             if written >= remaining {
                 written -= remaining;
-                self.chunks.pop_front();
+                if let Some(Chunk::Inline { mut bytes, .. }) = self.chunks.pop_front() {
+                    if bytes.capacity() > self.spare.capacity() {
+                        bytes.clear();
+                        self.spare = bytes;
+                    }
+                }
             } else {
                 front.advance(written);
                 written = 0;

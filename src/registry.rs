@@ -151,7 +151,8 @@ impl Registry {
             }
         }
         let mut index = self.index.write();
-        self.known_peer(&mut index, fd, identity)?;
+        let peer = self.known_peer(&mut index, fd, identity)?;
+        peer.subscribed.store(true, Ordering::Relaxed);
         Ok(index.subscribe(topic, fd, mode))
     }
 
@@ -584,7 +585,9 @@ impl Registry {
                 self.counters
                     .deliveries
                     .fetch_add(frames as u64, Ordering::Relaxed);
-                if drained {
+                // Only an fd without subscriptions is forgotten once drained; checking the
+                // flag first keeps the index lock out of every corked flush.
+                if drained && !peer.subscribed.load(Ordering::Relaxed) {
                     let mut index = self.index.write();
                     if index
                         .peer(peer.fd)
@@ -695,6 +698,9 @@ impl Registry {
     fn forget_if_unused(&self, index: &mut Index<Peer>, fd: RawFd) {
         if index.subscriptions_of(fd) > 0 {
             return;
+        }
+        if let Some(peer) = index.peer(fd) {
+            peer.subscribed.store(false, Ordering::Relaxed);
         }
         if index
             .peer(fd)
