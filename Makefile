@@ -11,6 +11,7 @@
 #   make ctypes-test   the C ABI from Python ctypes
 #   make install       PREFIX=/usr/local DESTDIR=: header, libraries, fdcast.pc
 #   make install-test  install into a temp prefix, build and run against it
+#   make bench         benchmarks (bench/run.sh): tables in bench/results.md, plot
 #   make rust-test     cargo test --all-targets
 #   make test          every test suite (what README and CI run)
 #   make clean
@@ -187,6 +188,22 @@ uninstall:
 
 install-test: lib
 	MAKE='$(MAKE)' TEST_CC='$(CC)' sh tests/install_test.sh
+
+# --- benchmarks (issue 5) ------------------------------------------------------
+# bench-build: the C bench programs (target/bench/) and the registry bench example.
+# bench: bench/run.sh (BENCH_ARGS=--quick for the one-minute smoke run).
+BENCH_C := fanout pubsub fdcast_server slow
+.PHONY: bench bench-build
+bench-build: lib
+	mkdir -p target/bench
+	for b in $(BENCH_C); do \
+	  $(CC) $(WARN) -O2 -g -Iinclude -pthread -o target/bench/$$b bench/$$b.c bench/common.c \
+	    $(STATIC_LIB) $(NATIVE_LIBS) || exit 1; \
+	done
+	$(CARGO) build --release --example registry_bench
+
+bench:
+	bench/run.sh $(BENCH_ARGS)
 
 rust-test:
 	$(CARGO) test --release --all-targets

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# bench/run.sh [--quick]: fdcast's benchmarks (issue 5). Builds the programs (make
+# bench-build), runs them, and prints the tables with ratios fdcast / other.
+#
+#   full     (under 5 minutes) writes bench/results.md and bench/deliveries.png
+#   --quick  (under 1 minute) small sizes, one run each, results in target/bench/; the smoke
+#            check CI runs: it fails (exit 1) if any receiver misses a byte, never on a time
+#
+# Programs (see the comment at the top of each): bench/fanout.c (part 1, physical limit),
+# bench/pubsub.c + bench/fdcast_server.c (part 2, Redis), bench/registry.rs (parts 3 and 4,
+# registry costs and contention), bench/slow.c (part 5, slow consumers). Each runs its
+# contenders alternating, reps times, and reports medians; bench/report.py makes the tables.
+# Needs redis-server (installed with apt-get when missing) and, for the plot, matplotlib
+# (installed with pip when missing; the quick run makes no plot).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+case "${1:-}" in
+  --quick) quick=1 ;;
+  "") ;;
+  *) echo "usage: bench/run.sh [--quick]" >&2; exit 2 ;;
+esac
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "bench: installing redis-server" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+if ((!quick)) && ! python3 -c 'import matplotlib' 2>/dev/null; then
+  echo "bench: installing matplotlib" >&2
+  python3 -m pip install -q --disable-pip-version-check matplotlib ||
+    echo "bench: no matplotlib, no plot" >&2
+fi
+
+make -s bench-build >&2
+# Run private copies, so that a rebuild by someone else meanwhile cannot swap them mid-run.
+B=$(mktemp -d target/bench/run.XXXXXX)
+trap 'rm -rf "$B"' EXIT
+cargo build --release -q --example pg_crossprocess
+cp target/bench/{fanout,pubsub,fdcast_server,slow} target/release/examples/{registry_bench,pg_crossprocess} "$B"/
+raw=$B/results.txt
+if ((quick)); then
+  md=target/bench/quick-results.md png=
+else
+  md=bench/results.md png=bench/deliveries.png
+fi
+: >"$raw"
+failed=0
+start=$SECONDS
+
+# run CMD...: prints what runs, keeps its RESULT lines; a failing program fails the run.
+run() {
+  local t0=$SECONDS
+  printf '+ %s\n' "$*" >&2
+  if ! "$@" | tee -a "$raw" >&2; then
+    echo "bench: FAILED: $*" >&2
+    failed=1
+  fi
+  printf '  (%d s)\n' $((SECONDS - t0)) >&2
+}
+
+if ((quick)); then
+  for n in 1 100 10000; do run $B/fanout transport=unix n=$n s=64 deliveries=20000 reps=1; done
+  for n in 1 100 1000; do run $B/fanout transport=tcp n=$n s=64 deliveries=20000 reps=1; done
+  for t in unix tcp; do run $B/fanout transport=$t n=100 s=1024 deliveries=20000 reps=1; done
+  run $B/pubsub n=100 s=64 deliveries=50000 reps=1 server=$B/fdcast_server
+  run $B/registry_bench --quick
+  run $B/slow n=100 s=1024 m=1400 reps=1
+else
+  # deliveries per run (at least K=16 messages): about 0.3 s for the slowest contender
+  for t in unix tcp; do
+    for s in 64 1024; do
+      d=$([[ $t == unix ]] && echo 100000 || echo 40000)
+      ((s > 64)) && d=$((d / 2))
+      for n in 1 10 100 1000 10000; do
+        run $B/fanout transport=$t n=$n s=$s deliveries=$d reps=3
+      done
+    done
+  done
+  for n in 100 1000; do run $B/pubsub n=$n s=64 deliveries=1000000 reps=3 server=$B/fdcast_server; done
+  run $B/registry_bench
+  run $B/slow n=400 s=1024 m=1400 reps=3
+fi
+
+python3 bench/report.py "$raw" "$md" $png
+cp "$raw" "${md%.md}.txt"
+
+# Cross-process fan-out through PostgreSQL (issue 3): publish in this process, bytes on a
+# socket in another; the receiver checks every message arrived once, in order.
+{
+  echo
+  echo "## 6. Cross-process through PostgreSQL"
+  echo
+  echo "Publisher and receiver in two processes, each with its own registry and connection to"
+  echo "the local server; SSE framing; latency is publish → bytes read from the receiver's socket"
+  echo "(CLOCK_MONOTONIC, shared by both processes). \`offered/s\` max: as fast as publishes go."
+  echo
+  echo "| messages | offered/s | published/s | received/s | p50 µs | p99 µs | max µs |"
+  echo "|---|---|---|---|---|---|---|"
+} >>"$md"
+if ((quick)); then
+  pg_runs=("2000 0")
+else
+  pg_runs=("20000 0" "10000 1000" "10000 5000")
+fi
+for r in "${pg_runs[@]}"; do
+  printf '+ pg_crossprocess %s\n' "$r" >&2
+  # shellcheck disable=SC2086
+  if ! $B/pg_crossprocess $r >>"$md"; then
+    echo "bench: FAILED: pg_crossprocess $r" >&2
+    failed=1
+  fi
+done
+echo >&2
+echo "bench: $((SECONDS - start)) s; tables in $md${png:+, plot in $png}" >&2
+if ((failed)); then
+  echo "bench: FAILED: some receiver did not get every byte, or a program failed (see above)" >&2
+  exit 1
+fi
