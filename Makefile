@@ -13,7 +13,8 @@
 #   make install-test  install into a temp prefix, build and run against it
 #   make bench         benchmarks (bench/run.sh): tables in bench/results.md, plot
 #   make rust-test     cargo test --all-targets
-#   make test          every test suite (what README and CI run)
+#   make test          every test suite (what README and CI run), after `make deps`
+#   make deps          install and start what the tests need (scripts/test-deps.sh)
 #   make clean
 #
 # GNU make. Every recipe stops at the first failing command.
@@ -77,7 +78,7 @@ VERSION  := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1
 SONAME   := libfdcast.so.$(firstword $(subst ., ,$(VERSION)))
 REALNAME := libfdcast.so.$(VERSION)
 
-.PHONY: all lib examples demo c-test c-test-static c-test-shared header-test \
+.PHONY: deps all lib examples demo c-test c-test-static c-test-shared header-test \
         example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
         install uninstall install-test rust-test test clean
 
@@ -208,7 +209,11 @@ bench:
 rust-test:
 	$(CARGO) test --release --all-targets
 
-test: rust-test c-test example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
+# Installs (when missing) and starts what the suites need: tools, Chromium, PostgreSQL.
+deps:
+	bash scripts/test-deps.sh
+
+test: deps rust-test c-test example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
       install-test
 
 clean:
