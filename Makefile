@@ -12,7 +12,11 @@
 #   make install       PREFIX=/usr/local DESTDIR=: header, libraries, fdcast.pc
 #   make install-test  install into a temp prefix, build and run against it
 #   make bench         benchmarks (bench/run.sh): tables in bench/results.md, plot
-#   make rust-test     cargo test --all-targets
+#   make rust-test     cargo test --all-targets (with the model test, the soak, resource limits)
+#   make c-test-threads  the threaded C test under valgrind's helgrind
+#   make deadlock-test stress with parking_lot's deadlock detector (feature deadlock-detection)
+#   make soak          the soak under faults alone (SOAK_SECS, default 60)
+#   make fuzz-smoke    each fuzz target for FUZZ_SECS (default 20) seconds (fuzz/smoke.sh)
 #   make test          every test suite (what README and CI run), after `make deps`
 #   make deps          install and start what the tests need (scripts/test-deps.sh)
 #   make clean
@@ -78,6 +82,7 @@ VERSION  := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1
 SONAME   := libfdcast.so.$(firstword $(subst ., ,$(VERSION)))
 REALNAME := libfdcast.so.$(VERSION)
 
+.PHONY: c-test-threads deadlock-test soak fuzz-build fuzz-smoke
 .PHONY: deps all lib examples demo c-test c-test-static c-test-shared header-test \
         example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
         install uninstall install-test rust-test test clean
@@ -209,12 +214,37 @@ bench:
 rust-test:
 	$(CARGO) test --release --all-targets
 
+# --- reliability (README: Reliability) -----------------------------------------
+
+# helgrind on the threaded C test. tests/c/helgrind.supp hides what helgrind cannot judge
+# (races inside libfdcast, ordered by parking_lot futexes and Rust atomics it cannot see);
+# races in the host program still fail the run.
+c-test-threads: lib
+	mkdir -p $(OUT)/shared
+	$(CC) $(CFLAGS) -o $(OUT)/shared/test_threads tests/c/test_threads.c $(SHARED_LINK)
+	$(VALGRIND) --tool=helgrind --error-exitcode=1 --suppressions=tests/c/helgrind.supp \
+	  $(OUT)/shared/test_threads
+
+deadlock-test:
+	$(CARGO) test --release --features deadlock-detection --test deadlock
+
+SOAK_SECS ?= 60
+soak:
+	FDCAST_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --test soak
+
+FUZZ_SECS ?= 20
+fuzz-build:
+	sh fuzz/smoke.sh build
+
+fuzz-smoke:
+	FUZZ_SECS=$(FUZZ_SECS) sh fuzz/smoke.sh run
+
 # Installs (when missing) and starts what the suites need: tools, Chromium, PostgreSQL.
 deps:
 	bash scripts/test-deps.sh
 
 test: deps rust-test c-test example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
-      install-test
+      install-test c-test-threads deadlock-test
 
 clean:
 	$(CARGO) clean

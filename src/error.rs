@@ -40,6 +40,8 @@ pub enum Error {
     PeerGone(i32),
     /// Another thread is inside `dispatch`. `EBUSY`.
     Busy,
+    /// The memory for a payload-sized buffer could not be had. `ENOMEM`.
+    NoMemory,
     /// A system call failed.
     Io(io::Error),
 }
@@ -63,6 +65,7 @@ impl Error {
             Error::Dropped => libc::ENOBUFS,
             Error::PeerGone(errno) => *errno,
             Error::Busy => libc::EBUSY,
+            Error::NoMemory => libc::ENOMEM,
             Error::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -95,6 +98,7 @@ impl fmt::Display for Error {
                 io::Error::from_raw_os_error(*errno)
             ),
             Error::Busy => f.write_str("another thread is already in dispatch"),
+            Error::NoMemory => f.write_str("out of memory for the frame"),
             Error::Io(err) => write!(f, "{err}"),
         }
     }

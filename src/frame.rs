@@ -84,11 +84,13 @@ enum Body<'a> {
 pub(crate) struct Frame<'a> {
     header: Header,
     body: Body<'a>,
-    shared: OnceCell<Arc<[u8]>>,
+    shared: OnceCell<Arc<Vec<u8>>>,
 }
 
 impl<'a> Frame<'a> {
-    pub(crate) fn encode(mode: Mode, payload: &'a [u8]) -> Frame<'a> {
+    /// Encodes `payload` for `mode`; `None` if the memory for an SSE body cannot be had (a
+    /// huge payload under a memory limit), which the caller reports instead of aborting.
+    pub(crate) fn encode(mode: Mode, payload: &'a [u8]) -> Option<Frame<'a>> {
         let (header, body) = match mode {
             Mode::Raw => (Header::default(), Body::Borrowed(payload)),
             Mode::WsText => (
@@ -99,13 +101,13 @@ impl<'a> Frame<'a> {
                 Header::websocket(WS_OPCODE_BINARY, payload.len()),
                 Body::Borrowed(payload),
             ),
-            Mode::Sse => (Header::default(), Body::Owned(sse_event(payload))),
+            Mode::Sse => (Header::default(), Body::Owned(sse_event(payload)?)),
         };
-        Frame {
+        Some(Frame {
             header,
             body,
             shared: OnceCell::new(),
-        }
+        })
     }
 
     pub(crate) fn header(&self) -> &[u8] {
@@ -135,16 +137,17 @@ impl<'a> Frame<'a> {
     }
 
     /// The whole frame in one reference-counted buffer, built on first use, so every fd that
-    /// queues this frame shares one copy (API.md write-path rule 8).
-    pub(crate) fn shared(&self) -> Arc<[u8]> {
-        self.shared
-            .get_or_init(|| {
-                let mut bytes = Vec::with_capacity(self.len());
-                bytes.extend_from_slice(self.header());
-                bytes.extend_from_slice(self.body());
-                Arc::from(bytes)
-            })
-            .clone()
+    /// queues this frame shares one copy (API.md write-path rule 8). `None` if the memory
+    /// cannot be had: the buffer is the payload's size, so it is reserved fallibly.
+    pub(crate) fn shared(&self) -> Option<Arc<Vec<u8>>> {
+        if let Some(shared) = self.shared.get() {
+            return Some(Arc::clone(shared));
+        }
+        let mut bytes = Vec::new();
+        bytes.try_reserve_exact(self.len()).ok()?;
+        bytes.extend_from_slice(self.header());
+        bytes.extend_from_slice(self.body());
+        Some(Arc::clone(self.shared.get_or_init(|| Arc::new(bytes))))
     }
 }
 
@@ -152,7 +155,7 @@ impl<'a> Frame<'a> {
 /// that mode needs it.
 pub(crate) struct FrameSet<'a> {
     payload: &'a [u8],
-    frames: [OnceCell<Frame<'a>>; 4],
+    frames: [OnceCell<Option<Frame<'a>>>; 4],
 }
 
 impl<'a> FrameSet<'a> {
@@ -163,8 +166,11 @@ impl<'a> FrameSet<'a> {
         }
     }
 
-    pub(crate) fn get(&self, mode: Mode) -> &Frame<'a> {
-        self.frames[mode.index()].get_or_init(|| Frame::encode(mode, self.payload))
+    /// The frame for `mode`, or `None` if it could not be encoded for lack of memory.
+    pub(crate) fn get(&self, mode: Mode) -> Option<&Frame<'a>> {
+        self.frames[mode.index()]
+            .get_or_init(|| Frame::encode(mode, self.payload))
+            .as_ref()
     }
 }
 
@@ -195,20 +201,22 @@ fn sse_lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 const SSE_DATA_PREFIX: &[u8] = b"data: ";
 
-fn sse_event(payload: &[u8]) -> Vec<u8> {
+fn sse_event(payload: &[u8]) -> Option<Vec<u8>> {
     let line_count = 1 + payload
         .iter()
         .filter(|&&b| b == b'\n' || b == b'\r')
         .count();
-    let mut event =
-        Vec::with_capacity(payload.len() + line_count * (SSE_DATA_PREFIX.len() + 1) + 1);
+    let mut event = Vec::new();
+    event
+        .try_reserve_exact(payload.len() + line_count * (SSE_DATA_PREFIX.len() + 1) + 1)
+        .ok()?;
     for line in sse_lines(payload) {
         event.extend_from_slice(SSE_DATA_PREFIX);
         event.extend_from_slice(line);
         event.push(b'\n');
     }
     event.push(b'\n');
-    event
+    Some(event)
 }
 
 #[cfg(test)]
@@ -216,7 +224,11 @@ mod tests {
     use super::*;
 
     fn bytes(mode: Mode, payload: &[u8]) -> Vec<u8> {
-        Frame::encode(mode, payload).shared().to_vec()
+        Frame::encode(mode, payload)
+            .unwrap()
+            .shared()
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
@@ -278,33 +290,33 @@ mod tests {
 
     #[test]
     fn frame_parts_join_to_the_shared_buffer() {
-        let frame = Frame::encode(Mode::WsText, b"abc");
+        let frame = Frame::encode(Mode::WsText, b"abc").unwrap();
         assert_eq!(frame.header(), b"\x81\x03");
         assert_eq!(frame.body(), b"abc");
         assert_eq!(frame.len(), 5);
-        let first = frame.shared();
+        let first = frame.shared().unwrap();
         assert!(
-            Arc::ptr_eq(&first, &frame.shared()),
+            Arc::ptr_eq(&first, &frame.shared().unwrap()),
             "built once, then shared"
         );
     }
 
     #[test]
     fn copy_from_skips_what_was_written() {
-        let frame = Frame::encode(Mode::WsText, b"abc");
+        let frame = Frame::encode(Mode::WsText, b"abc").unwrap();
         for skip in 0..=frame.len() {
             let mut out = b"x".to_vec();
             frame.copy_from(skip, &mut out);
-            assert_eq!(&out[1..], &frame.shared()[skip..], "skip {skip}");
+            assert_eq!(&out[1..], &frame.shared().unwrap()[skip..], "skip {skip}");
         }
     }
 
     #[test]
     fn frame_set_encodes_each_mode_once() {
         let set = FrameSet::new(b"x");
-        let first: *const Frame = set.get(Mode::Sse);
-        let again: *const Frame = set.get(Mode::Sse);
+        let first: *const Frame = set.get(Mode::Sse).unwrap();
+        let again: *const Frame = set.get(Mode::Sse).unwrap();
         assert_eq!(first, again);
-        assert_eq!(set.get(Mode::WsBinary).len(), 3);
+        assert_eq!(set.get(Mode::WsBinary).unwrap().len(), 3);
     }
 }

@@ -44,7 +44,7 @@ pub(crate) enum Delivery {
     /// Corked: the frame (`bytes`) waits in an outbox that had nothing waiting for a flush,
     /// so the caller must put this peer on its flush list.
     Deferred { bytes: usize },
-    /// `Overflow::DropMessage` dropped the frame.
+    /// `Overflow::DropMessage` dropped the frame, or there was no memory to queue it.
     Dropped,
     /// `Overflow::Evict` applies: the caller evicts the fd.
     Overflowed,
@@ -79,7 +79,7 @@ const INLINE_CHUNK_MAX: usize = 16 * 1024;
 /// that queued it.
 enum Chunk {
     Inline { bytes: Vec<u8>, written: usize },
-    Shared { bytes: Arc<[u8]>, written: usize },
+    Shared { bytes: Arc<Vec<u8>>, written: usize },
 }
 
 impl Chunk {
@@ -172,7 +172,9 @@ impl Peer {
         }
         outbox.last_active_tick = policy.heartbeat_tick;
         if policy.corked {
-            outbox.push(frame, 0, true);
+            if !outbox.push(frame, 0, true) {
+                return Delivery::Dropped;
+            }
             if outbox.awaiting_flush {
                 return Delivery::Queued { bytes: frame_len };
             }
@@ -180,7 +182,9 @@ impl Peer {
             return Delivery::Deferred { bytes: frame_len };
         }
         if !outbox.chunks.is_empty() {
-            outbox.push(frame, 0, true);
+            if !outbox.push(frame, 0, true) {
+                return Delivery::Dropped;
+            }
             return Delivery::Queued { bytes: frame_len };
         }
         outbox.write_now(self.fd, self.identity.kind, frame, true, reactor)
@@ -304,7 +308,11 @@ impl Outbox {
         }
         self.stream_written += written as u64;
         self.stream_queued += written as u64;
-        self.push(frame, written, counted);
+        if !self.push(frame, written, counted) {
+            // The frame is started and its rest cannot be kept: only eviction avoids a torn
+            // frame on a live stream.
+            return Delivery::Failed(libc::ENOMEM);
+        }
         if let Err(errno) = self.ensure_watched(fd, reactor) {
             return Delivery::Failed(errno);
         }
@@ -313,8 +321,18 @@ impl Outbox {
         }
     }
 
-    /// Queues `frame` from byte `skip` on (the part already written is skipped).
-    fn push(&mut self, frame: &Frame<'_>, skip: usize, counted: bool) {
+    /// Queues `frame` from byte `skip` on (the part already written is skipped). False, with
+    /// nothing queued, if a large frame's shared buffer cannot be allocated.
+    #[must_use]
+    fn push(&mut self, frame: &Frame<'_>, skip: usize, counted: bool) -> bool {
+        let shared = if frame.len() > INLINE_FRAME_MAX {
+            match frame.shared() {
+                Some(shared) => Some(shared),
+                None => return false,
+            }
+        } else {
+            None
+        };
         let remaining = frame.len() - skip;
         self.queued_bytes += remaining;
         self.stream_queued += remaining as u64;
@@ -322,12 +340,12 @@ impl Outbox {
             end: self.stream_queued,
             counted,
         });
-        if frame.len() > INLINE_FRAME_MAX {
+        if let Some(bytes) = shared {
             self.chunks.push_back(Chunk::Shared {
-                bytes: frame.shared(),
+                bytes,
                 written: skip,
             });
-            return;
+            return true;
         }
         let fits_last = matches!(
             self.chunks.back(),
@@ -343,6 +361,7 @@ impl Outbox {
             unreachable!("an inline chunk is last");
         };
         frame.copy_from(skip, bytes);
+        true
     }
 
     /// Advances past `written` bytes; returns how many counted frames were completed.

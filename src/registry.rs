@@ -270,7 +270,11 @@ impl Registry {
                 continue;
             }
             matched += 1;
-            let frame = frames.get(subscriber.mode);
+            let Some(frame) = frames.get(subscriber.mode) else {
+                // No memory to encode this mode's frame: dropped for its subscribers.
+                dropped += 1;
+                continue;
+            };
             match self.deliver(&subscriber.peer, frame, policy) {
                 Delivery::Written => delivered += 1,
                 Delivery::Queued { bytes } => queued += bytes as u64,
@@ -288,7 +292,9 @@ impl Registry {
                 Delivery::Failed(errno) => evictions.push(Eviction {
                     peer: Arc::clone(&subscriber.peer),
                     reason: errno,
-                    shut_down: false,
+                    // A started frame whose rest could not be kept: end the stream, so the
+                    // peer sees EOF rather than a frame that never completes.
+                    shut_down: errno == libc::ENOMEM,
                 }),
             }
         }
@@ -316,7 +322,7 @@ impl Registry {
             return Err(Error::InvalidUtf8);
         }
         let identity = identify(fd)?;
-        let frame = Frame::encode(mode, payload);
+        let frame = Frame::encode(mode, payload).ok_or(Error::NoMemory)?;
         let policy = self.write_policy();
         loop {
             let (peer, subscribed) = self.peer_for_send(fd, identity)?;
@@ -357,7 +363,7 @@ impl Registry {
                 Delivery::Failed(errno) => Eviction {
                     peer,
                     reason: errno,
-                    shut_down: false,
+                    shut_down: errno == libc::ENOMEM,
                 },
             };
             let error = match eviction.reason {
@@ -476,8 +482,8 @@ impl Registry {
                 entry.1 = mode;
             }
         });
-        let ping = Frame::encode(Mode::Raw, WEBSOCKET_PING);
-        let comment = Frame::encode(Mode::Raw, SSE_COMMENT);
+        let ping = Frame::encode(Mode::Raw, WEBSOCKET_PING).expect("RAW frames allocate nothing");
+        let comment = Frame::encode(Mode::Raw, SSE_COMMENT).expect("RAW frames allocate nothing");
         let mut sent = 0;
         for (peer, mode) in keepalive.into_values() {
             let frame = if mode == Mode::Sse { &comment } else { &ping };
