@@ -35,11 +35,10 @@ impl Mode {
     }
 }
 
-const WS_FIN: u8 = 0x80;
 const WS_OPCODE_TEXT: u8 = 0x1;
 const WS_OPCODE_BINARY: u8 = 0x2;
 /// The longest WebSocket header a server writes: 2 bytes + a 64-bit extended length.
-const MAX_HEADER_LEN: usize = 10;
+const MAX_HEADER_LEN: usize = crate::ws::MAX_SERVER_HEADER_LEN;
 
 /// A frame's leading bytes, held inline so building one allocates nothing.
 #[derive(Clone, Copy, Default)]
@@ -53,23 +52,10 @@ impl Header {
         &self.bytes[..usize::from(self.len)]
     }
 
-    /// RFC 6455 §5.2 base framing for an unmasked server frame: the 7-bit length, or 126 and a
-    /// 16-bit length, or 127 and a 64-bit length, always in network byte order.
+    /// RFC 6455 §5.2 base framing for an unmasked server frame.
     fn websocket(opcode: u8, payload_len: usize) -> Header {
         let mut header = Header::default();
-        header.bytes[0] = WS_FIN | opcode;
-        if payload_len < 126 {
-            header.bytes[1] = payload_len as u8;
-            header.len = 2;
-        } else if let Ok(len16) = u16::try_from(payload_len) {
-            header.bytes[1] = 126;
-            header.bytes[2..4].copy_from_slice(&len16.to_be_bytes());
-            header.len = 4;
-        } else {
-            header.bytes[1] = 127;
-            header.bytes[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
-            header.len = 10;
-        }
+        header.len = crate::ws::write_server_header(opcode, payload_len, &mut header.bytes) as u8;
         header
     }
 }

@@ -658,8 +658,18 @@ pub fn encode(opcode: Opcode, payload: &[u8], out: &mut [u8]) -> Result<usize, E
     if out.len() < needed {
         return Err(Error::BufferTooSmall { needed });
     }
-    out[0] = FIN | opcode as u8;
-    let body = match payload.len() {
+    let body = write_server_header(opcode as u8, payload.len(), out);
+    out[body..needed].copy_from_slice(payload);
+    Ok(needed)
+}
+
+/// Writes an unmasked server frame header (FIN set, `opcode`, and the 7-bit, 16-bit or 64-bit
+/// length of RFC 6455 §5.2) to the start of `out`, which holds at least
+/// [`MAX_SERVER_HEADER_LEN`] bytes or `encoded_len(payload_len) - payload_len`; returns its
+/// length. The broadcast encoder (frame.rs) and [`encode`] share it.
+pub(crate) fn write_server_header(opcode: u8, payload_len: usize, out: &mut [u8]) -> usize {
+    out[0] = FIN | opcode;
+    match payload_len {
         len @ 0..=125 => {
             out[1] = len as u8;
             2
@@ -674,9 +684,7 @@ pub fn encode(opcode: Opcode, payload: &[u8], out: &mut [u8]) -> Result<usize, E
             out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
             10
         }
-    };
-    out[body..needed].copy_from_slice(payload);
-    Ok(needed)
+    }
 }
 
 #[cfg(test)]
