@@ -72,6 +72,9 @@ pub(crate) enum Flush {
 /// frame: a 64-byte copy is cheaper than the reference count's two atomic operations, and a
 /// flush then writes many frames as one iovec. Larger frames are shared (API.md rule 8).
 const INLINE_FRAME_MAX: usize = 512;
+/// The largest drained buffer an fd keeps for reuse: enough for a corked burst of small
+/// frames, small enough that 10,000 idle fds do not hold 16 KiB each.
+const SPARE_MAX: usize = 4096;
 /// Inline chunks stop growing here, so a drained chunk frees its memory.
 const INLINE_CHUNK_MAX: usize = 16 * 1024;
 
@@ -377,7 +380,7 @@ impl Outbox {
             if written >= remaining {
                 written -= remaining;
                 if let Some(Chunk::Inline { mut bytes, .. }) = self.chunks.pop_front() {
-                    if bytes.capacity() > self.spare.capacity() {
+                    if bytes.capacity() > self.spare.capacity() && bytes.capacity() <= SPARE_MAX {
                         bytes.clear();
                         self.spare = bytes;
                     }
