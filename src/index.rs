@@ -49,7 +49,7 @@ impl<P> Clone for Subscriber<P> {
 
 /// The subscribers of one topic, as a publish sees them.
 pub(crate) struct SubscriberList<P> {
-    pub(crate) subscribers: Vec<Subscriber<P>>,
+    subscribers: Vec<Subscriber<P>>,
     /// How many subscribers use a mode that needs UTF-8, so a publish knows whether to
     /// validate without walking the list first.
     utf8_subscribers: usize,
@@ -65,6 +65,10 @@ impl<P> Clone for SubscriberList<P> {
 }
 
 impl<P> SubscriberList<P> {
+    pub(crate) fn subscribers(&self) -> &[Subscriber<P>] {
+        &self.subscribers
+    }
+
     pub(crate) fn utf8_subscribers(&self) -> usize {
         self.utf8_subscribers
     }
@@ -114,6 +118,15 @@ impl<P> Index<P> {
 
     pub(crate) fn peer(&self, fd: RawFd) -> Option<&Arc<P>> {
         self.peers.get(&fd).map(|entry| &entry.peer)
+    }
+
+    /// The topic and mode of `fd`'s subscription when it has exactly one.
+    #[allow(dead_code)] // used by the corked batches (in progress)
+    pub(crate) fn sole_subscription(&self, fd: RawFd) -> Option<(&[u8], Mode)> {
+        let [(_, topic)] = self.peers.get(&fd)?.subscriptions.as_slice() else {
+            return None;
+        };
+        Some((topic, self.mode_of(topic, fd)?))
     }
 
     pub(crate) fn subscriptions_of(&self, fd: RawFd) -> usize {
@@ -335,6 +348,10 @@ mod tests {
         assert_eq!(index.unsubscribe(a), None);
         assert_eq!(fds_of(&index, b"t"), vec![4]);
         assert_eq!(index.subscriptions_of(3), 0);
+        assert_eq!(index.sole_subscription(3), None);
+        assert_eq!(index.sole_subscription(4), Some((&b"t"[..], Mode::WsText)));
+        index.subscribe(b"u", 4, Mode::Raw);
+        assert_eq!(index.sole_subscription(4), None, "two subscriptions");
         index.unsubscribe(b);
         assert_eq!(index.topic_count(), 0);
         assert!(index.snapshot(b"t").is_none());

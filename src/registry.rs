@@ -265,7 +265,7 @@ impl Registry {
         let mut evictions = Vec::new();
         let mut deferred = Vec::new();
         let mut queued = 0;
-        for subscriber in &list.subscribers {
+        for subscriber in list.subscribers() {
             if Some(subscriber.fd) == except {
                 continue;
             }
