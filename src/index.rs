@@ -350,8 +350,9 @@ mod tests {
         assert_eq!(index.subscriptions_of(3), 0);
         assert_eq!(index.sole_subscription(3), None);
         assert_eq!(index.sole_subscription(4), Some((&b"t"[..], Mode::WsText)));
-        index.subscribe(b"u", 4, Mode::Raw);
+        let c = index.subscribe(b"u", 4, Mode::Raw);
         assert_eq!(index.sole_subscription(4), None, "two subscriptions");
+        index.unsubscribe(c);
         index.unsubscribe(b);
         assert_eq!(index.topic_count(), 0);
         assert!(index.snapshot(b"t").is_none());
