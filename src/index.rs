@@ -121,7 +121,6 @@ impl<P> Index<P> {
     }
 
     /// The topic and mode of `fd`'s subscription when it has exactly one.
-    #[allow(dead_code)] // used by the corked batches (in progress)
     pub(crate) fn sole_subscription(&self, fd: RawFd) -> Option<(&[u8], Mode)> {
         let [(_, topic)] = self.peers.get(&fd)?.subscriptions.as_slice() else {
             return None;

@@ -7,6 +7,7 @@
 //! readability and calling [`Registry::dispatch`] when it fires.
 
 mod backend;
+mod batch;
 mod error;
 mod ffi;
 mod frame;

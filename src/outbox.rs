@@ -52,6 +52,66 @@ pub(crate) enum Delivery {
     Failed(i32),
     /// The fd was forgotten or evicted meanwhile; nothing was done.
     Closed,
+    /// The fd takes part in a corked batch that holds frames older than this one; nothing was
+    /// done: the caller spills the batches into the outboxes and delivers again.
+    InBatch,
+}
+
+/// The outcome of handing an fd the frames a corked batch gathered for it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Attach {
+    /// Queued; `newly_awaiting` says the caller must put the peer on the flush list, and
+    /// `room` is how many more bytes the outbox takes under the limit rule.
+    Queued { newly_awaiting: bool, room: usize },
+    /// The fd was forgotten meanwhile: its `bytes` were never queued.
+    Closed { bytes: usize },
+}
+
+/// Whether an fd stays in its corked batch after the batch hands it its frames.
+#[derive(Clone, Copy)]
+pub(crate) enum Membership {
+    /// Stays, for the batch's next frames; `limit` is the outbox limit its room is
+    /// measured against, `heartbeat_tick` the period the frames count as activity in.
+    Stay {
+        limit: usize,
+        heartbeat_tick: u64,
+    },
+    Leave,
+}
+
+/// Whole frames back to back, with the offset where each ends: a corked batch's frames for
+/// one mode, queued as one chunk by every fd of the batch.
+pub(crate) struct FrameRun {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) ends: Vec<usize>,
+}
+
+impl FrameRun {
+    /// How many frames end in `(from, to]`. A run is mostly written whole, in one go, which
+    /// needs no search.
+    fn frames_ending_within(&self, from: usize, to: usize) -> usize {
+        let before = if from == 0 {
+            0
+        } else {
+            self.ends.partition_point(|&end| end <= from)
+        };
+        let through = if to == self.bytes.len() {
+            self.ends.len()
+        } else {
+            self.ends.partition_point(|&end| end <= to)
+        };
+        through - before
+    }
+}
+
+/// How many more bytes an outbox takes: API.md's limit rule lets an empty one take a frame of
+/// any size, and the limit's worth of frames.
+fn room(outbox: &Outbox, limit: usize) -> usize {
+    if outbox.chunks.is_empty() {
+        limit
+    } else {
+        limit.saturating_sub(outbox.queued_bytes)
+    }
 }
 
 /// The outcome of writing an fd's outbox.
@@ -81,8 +141,19 @@ const INLINE_CHUNK_MAX: usize = 16 * 1024;
 /// Queued bytes: small frames copied back to back, or one large frame shared with every fd
 /// that queued it.
 enum Chunk {
-    Inline { bytes: Vec<u8>, written: usize },
-    Shared { bytes: Arc<Vec<u8>>, written: usize },
+    Inline {
+        bytes: Vec<u8>,
+        written: usize,
+    },
+    Shared {
+        bytes: Arc<Vec<u8>>,
+        written: usize,
+    },
+    /// Frames whose ends the run itself records (not `Outbox::frame_ends`).
+    Run {
+        run: Arc<FrameRun>,
+        written: usize,
+    },
 }
 
 impl Chunk {
@@ -90,12 +161,15 @@ impl Chunk {
         match self {
             Chunk::Inline { bytes, written } => &bytes[*written..],
             Chunk::Shared { bytes, written } => &bytes[*written..],
+            Chunk::Run { run, written } => &run.bytes[*written..],
         }
     }
 
     fn advance(&mut self, by: usize) {
         match self {
-            Chunk::Inline { written, .. } | Chunk::Shared { written, .. } => *written += by,
+            Chunk::Inline { written, .. }
+            | Chunk::Shared { written, .. }
+            | Chunk::Run { written, .. } => *written += by,
         }
     }
 }
@@ -124,6 +198,9 @@ struct Outbox {
     watched: bool,
     /// Whether the peer is on the registry's flush list (frames queued while corked).
     awaiting_flush: bool,
+    /// Whether the fd is a member of a corked batch (see batch.rs): frames for it wait there,
+    /// so nothing may be written or queued here until the batch is attached.
+    in_batch: bool,
     /// The heartbeat period of the last frame handed to this fd.
     last_active_tick: u64,
     /// A drained inline chunk's buffer, kept for the next one: a corked fd fills and drains
@@ -167,6 +244,9 @@ impl Peer {
         if frame_len == 0 {
             return Delivery::Written;
         }
+        if outbox.in_batch {
+            return Delivery::InBatch;
+        }
         if !outbox.chunks.is_empty() && outbox.queued_bytes + frame_len > policy.outbox_limit {
             return match policy.overflow {
                 Overflow::DropMessage => Delivery::Dropped,
@@ -204,11 +284,73 @@ impl Peer {
         reactor: &Reactor,
     ) -> Option<Delivery> {
         let mut outbox = self.outbox.lock();
-        if outbox.closed || !outbox.chunks.is_empty() || outbox.last_active_tick > idle_since_tick {
+        if outbox.closed
+            || outbox.in_batch
+            || !outbox.chunks.is_empty()
+            || outbox.last_active_tick > idle_since_tick
+        {
             return None;
         }
         outbox.last_active_tick = current_tick;
         Some(outbox.write_now(self.fd, self.identity.kind, frame, false, reactor))
+    }
+
+    /// Makes the fd a member of a corked batch if its outbox can take `required` more bytes
+    /// under API.md's limit rule (an empty outbox takes up to `limit`); returns how many it
+    /// can take. Taking part in a batch counts as activity for the heartbeat.
+    pub(crate) fn join_batch(&self, required: usize, limit: usize, tick: u64) -> Option<usize> {
+        let mut outbox = self.outbox.lock();
+        if outbox.closed || outbox.in_batch {
+            return None;
+        }
+        let room = room(&outbox, limit);
+        if room < required {
+            return None;
+        }
+        outbox.in_batch = true;
+        outbox.last_active_tick = tick;
+        Some(room)
+    }
+
+    /// Queues the frames a corked batch gathered for the fd (`None`: it gathered none), as
+    /// one chunk, and keeps or ends the fd's membership. The bytes were already added to the
+    /// registry's gauge.
+    pub(crate) fn take_batch_frames(
+        &self,
+        run: Option<Arc<FrameRun>>,
+        membership: Membership,
+    ) -> Attach {
+        let mut outbox = self.outbox.lock();
+        let bytes = run.as_ref().map_or(0, |run| run.bytes.len());
+        if outbox.closed {
+            outbox.in_batch = false;
+            return Attach::Closed { bytes };
+        }
+        let mut newly_awaiting = false;
+        if let Some(run) = run.filter(|run| !run.bytes.is_empty()) {
+            outbox.queued_bytes += bytes;
+            outbox.stream_queued += bytes as u64;
+            outbox.chunks.push_back(Chunk::Run { run, written: 0 });
+            newly_awaiting = !outbox.awaiting_flush;
+            outbox.awaiting_flush = true;
+        }
+        let room = match membership {
+            Membership::Stay {
+                limit,
+                heartbeat_tick,
+            } => {
+                outbox.last_active_tick = heartbeat_tick;
+                room(&outbox, limit)
+            }
+            Membership::Leave => {
+                outbox.in_batch = false;
+                0
+            }
+        };
+        Attach::Queued {
+            newly_awaiting,
+            room,
+        }
     }
 
     /// Writes as much of the outbox as the fd takes, up to IOV_MAX frames per system call;
@@ -253,6 +395,7 @@ impl Peer {
     pub(crate) fn close(&self, reactor: &Reactor, queued_gauge: &AtomicU64) {
         let mut outbox = self.outbox.lock();
         outbox.closed = true;
+        outbox.in_batch = false;
         queued_gauge.fetch_sub(outbox.queued_bytes as u64, Ordering::Relaxed);
         outbox.queued_bytes = 0;
         outbox.chunks = VecDeque::new();
@@ -267,7 +410,7 @@ impl Peer {
     /// forgotten without losing bytes. Returns whether it closed.
     pub(crate) fn close_if_idle(&self, reactor: &Reactor) -> bool {
         let mut outbox = self.outbox.lock();
-        if !outbox.chunks.is_empty() {
+        if !outbox.chunks.is_empty() || outbox.in_batch {
             return false;
         }
         outbox.closed = true;
@@ -278,8 +421,10 @@ impl Peer {
         true
     }
 
-    pub(crate) fn queued_bytes(&self) -> usize {
-        self.outbox.lock().queued_bytes
+    /// The bytes queued here, and whether a corked batch holds more for the fd.
+    pub(crate) fn pending(&self) -> (usize, bool) {
+        let outbox = self.outbox.lock();
+        (outbox.queued_bytes, outbox.in_batch)
     }
 }
 
@@ -372,25 +517,26 @@ impl Outbox {
         self.queued_bytes -= written;
         queued_gauge.fetch_sub(written as u64, Ordering::Relaxed);
         self.stream_written += written as u64;
+        let mut completed = 0;
         while written > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 break;
             };
             let remaining = front.unwritten().len();
-            if written >= remaining {
-                written -= remaining;
-                if let Some(Chunk::Inline { mut bytes, .. }) = self.chunks.pop_front() {
-                    if bytes.capacity() > self.spare.capacity() && bytes.capacity() <= SPARE_MAX {
-                        bytes.clear();
-                        self.spare = bytes;
-                    }
+            let taken = remaining.min(written);
+            if let Chunk::Run { run, written: at } = front {
+                completed += run.frames_ending_within(*at, *at + taken);
+            }
+            written -= taken;
+            if taken < remaining {
+                front.advance(taken);
+            } else if let Some(Chunk::Inline { mut bytes, .. }) = self.chunks.pop_front() {
+                if bytes.capacity() > self.spare.capacity() && bytes.capacity() <= SPARE_MAX {
+                    bytes.clear();
+                    self.spare = bytes;
                 }
-            } else {
-                front.advance(written);
-                written = 0;
             }
         }
-        let mut completed = 0;
         while let Some(frame) = self.frame_ends.front() {
             if frame.end > self.stream_written {
                 break;

@@ -1,13 +1,16 @@
 //! The public `Registry`: subscriptions, the publish fan-out, eviction and dispatch.
 //!
 //! Locks, always taken in this order and never the other way round:
-//! 1. `index` (an `RwLock`): read briefly by publish to clone a topic's subscriber list,
-//!    written by subscribe, unsubscribe, eviction and the fd-reuse guard;
-//! 2. one peer's outbox mutex: held for the writes to that one fd.
+//! 1. `index` (an `RwLock`): read briefly by an immediate publish to clone a topic's
+//!    subscriber list, and for the whole of a corked publish (which writes nothing); written
+//!    by subscribe, unsubscribe, eviction and the fd-reuse guard;
+//! 2. `batches`, the corked batches (batch.rs): held by a corked publish to append its frames,
+//!    and to spill the batches into the outboxes, which every index write does first;
+//! 3. one peer's outbox mutex: held for the writes to that one fd.
 //!
-//! A publish holds no lock while it walks its subscriber list and at most one outbox lock at a
-//! time, so a publish to many fds never blocks changes on other topics, publishes to other
-//! topics run in parallel, and no cycle can form. The reactor's poll mutex is only held for
+//! An immediate publish holds no lock while it walks its subscriber list and at most one
+//! outbox lock at a time, so a publish to many fds never blocks changes on other topics,
+//! publishes to other topics run in parallel, and no cycle can form. The reactor's poll mutex is only held for
 //! the wait itself, and the hook slots are read-locked only to clone the callback out;
 //! callbacks run with no lock held.
 
@@ -17,13 +20,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use crate::backend::PgStats;
 #[cfg(feature = "pg")]
 use crate::backend::pg::PgBackend;
 #[cfg(feature = "pg")]
 use crate::backend::wire;
+use crate::batch::{Batch, Batches};
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::index::{Index, SubscriptionId};
@@ -90,6 +94,50 @@ struct Eviction {
     shut_down: bool,
 }
 
+/// What one publish's deliveries came to, settled once the publish holds no lock.
+#[derive(Default)]
+struct Outcomes {
+    delivered: u64,
+    dropped: u64,
+    queued: u64,
+    /// Peers that just got their first corked frame: they go on the flush list.
+    deferred: Vec<Arc<Peer>>,
+    evictions: Vec<Eviction>,
+}
+
+impl Outcomes {
+    fn record(&mut self, peer: &Arc<Peer>, delivery: Delivery) {
+        match delivery {
+            Delivery::Written => self.delivered += 1,
+            Delivery::Queued { bytes } => self.queued += bytes as u64,
+            Delivery::Closed => {}
+            Delivery::Deferred { bytes } => {
+                self.queued += bytes as u64;
+                self.deferred.push(Arc::clone(peer));
+            }
+            Delivery::Dropped => self.dropped += 1,
+            Delivery::Overflowed => self.evictions.push(Eviction {
+                peer: Arc::clone(peer),
+                reason: libc::ENOBUFS,
+                shut_down: true,
+            }),
+            Delivery::Failed(errno) => self.evictions.push(Eviction {
+                peer: Arc::clone(peer),
+                reason: errno,
+                // A started frame whose rest could not be kept: end the stream, so the peer
+                // sees EOF rather than a frame that never completes.
+                shut_down: errno == libc::ENOMEM,
+            }),
+            Delivery::InBatch => {
+                // Registry::deliver spills and retries; a corked publish only delivers
+                // directly to fds that belong to no batch.
+                debug_assert!(false, "InBatch reached a publish's outcomes");
+                self.dropped += 1;
+            }
+        }
+    }
+}
+
 /// A topic → fd fan-out registry. Every method may be called from any thread; `dispatch`
 /// from one thread at a time.
 pub struct Registry {
@@ -105,6 +153,8 @@ pub struct Registry {
     /// Peers with frames queued while corked, to be written by the next flush. A leaf lock:
     /// nothing else is locked while it is held.
     flush_list: Mutex<Vec<Arc<Peer>>>,
+    /// Corked publishes gathered per topic (batch.rs).
+    batches: Mutex<Batches>,
     /// The PostgreSQL backend, when enabled. A leaf lock like the flush list: held to hand it
     /// a notification or let it read its socket, never while delivering.
     #[cfg(feature = "pg")]
@@ -129,6 +179,7 @@ impl Registry {
             heartbeat: Mutex::new(Heartbeat::default()),
             heartbeat_tick: AtomicU64::new(1),
             flush_list: Mutex::new(Vec::new()),
+            batches: Mutex::new(Batches::default()),
             #[cfg(feature = "pg")]
             pg: Mutex::new(None),
             #[cfg(feature = "pg")]
@@ -150,7 +201,7 @@ impl Registry {
                 return Err(Error::Refused);
             }
         }
-        let mut index = self.index.write();
+        let mut index = self.write_index();
         let peer = self.known_peer(&mut index, fd, identity)?;
         peer.subscribed.store(true, Ordering::Relaxed);
         Ok(index.subscribe(topic, fd, mode))
@@ -158,7 +209,7 @@ impl Registry {
 
     /// Removes one subscription. Frames already queued for its fd stay queued.
     pub fn unsubscribe(&self, id: SubscriptionId) -> Result<(), Error> {
-        let mut index = self.index.write();
+        let mut index = self.write_index();
         let fd = index.unsubscribe(id).ok_or(Error::NotFound)?;
         self.forget_if_unused(&mut index, fd);
         Ok(())
@@ -170,13 +221,13 @@ impl Registry {
         if fd < 0 {
             return Err(Error::BadFd);
         }
-        let mut index = self.index.write();
+        let mut index = self.write_index();
         Ok(self.forget(&mut index, fd))
     }
 
     /// Drops every subscription and every queued byte.
     pub fn clear(&self) {
-        let mut index = self.index.write();
+        let mut index = self.write_index();
         for peer in index.take_all() {
             peer.close(&self.reactor, &self.counters.queued_bytes);
         }
@@ -235,13 +286,28 @@ impl Registry {
         Ok(matched)
     }
 
-    /// Writes `payload` to this registry's subscribers of `topic`, framed per subscriber;
-    /// returns how many matched.
+    /// Writes `payload` to this registry's subscribers of `topic`, framed per subscriber (or,
+    /// corked, queues it); returns how many matched.
     fn deliver_local(
         &self,
         topic: &[u8],
         payload: &[u8],
         except: Option<RawFd>,
+    ) -> Result<usize, Error> {
+        let policy = self.write_policy();
+        if policy.corked {
+            self.deliver_corked(topic, payload, except, policy)
+        } else {
+            self.deliver_immediate(topic, payload, except, policy)
+        }
+    }
+
+    fn deliver_immediate(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        policy: WritePolicy,
     ) -> Result<usize, Error> {
         let (list, except_mode) = {
             let index = self.index.read();
@@ -258,61 +324,120 @@ impl Registry {
         }
 
         let frames = FrameSet::new(payload);
-        let policy = self.write_policy();
         let mut matched = 0;
-        let mut delivered = 0;
-        let mut dropped = 0;
-        let mut evictions = Vec::new();
-        let mut deferred = Vec::new();
-        let mut queued = 0;
+        let mut outcomes = Outcomes::default();
         for subscriber in list.subscribers() {
             if Some(subscriber.fd) == except {
                 continue;
             }
             matched += 1;
-            let Some(frame) = frames.get(subscriber.mode) else {
+            match frames.get(subscriber.mode) {
+                Some(frame) => outcomes.record(
+                    &subscriber.peer,
+                    self.deliver(&subscriber.peer, frame, policy),
+                ),
                 // No memory to encode this mode's frame: dropped for its subscribers.
-                dropped += 1;
-                continue;
-            };
-            match self.deliver(&subscriber.peer, frame, policy) {
-                Delivery::Written => delivered += 1,
-                Delivery::Queued { bytes } => queued += bytes as u64,
-                Delivery::Closed => {}
-                Delivery::Deferred { bytes } => {
-                    queued += bytes as u64;
-                    deferred.push(Arc::clone(&subscriber.peer));
-                }
-                Delivery::Dropped => dropped += 1,
-                Delivery::Overflowed => evictions.push(Eviction {
-                    peer: Arc::clone(&subscriber.peer),
-                    reason: libc::ENOBUFS,
-                    shut_down: true,
-                }),
-                Delivery::Failed(errno) => evictions.push(Eviction {
-                    peer: Arc::clone(&subscriber.peer),
-                    reason: errno,
-                    // A started frame whose rest could not be kept: end the stream, so the
-                    // peer sees EOF rather than a frame that never completes.
-                    shut_down: errno == libc::ENOMEM,
-                }),
+                None => outcomes.dropped += 1,
             }
         }
         drop(list);
-        self.counters
-            .deliveries
-            .fetch_add(delivered, Ordering::Relaxed);
-        self.counters
-            .dropped_messages
-            .fetch_add(dropped, Ordering::Relaxed);
-        self.counters
-            .queued_bytes
-            .fetch_add(queued, Ordering::Relaxed);
-        self.await_flush(deferred);
-        for eviction in evictions {
-            self.evict(eviction);
+        self.settle(outcomes);
+        Ok(matched)
+    }
+
+    /// A corked publish: appends the frames to the topic's batch, and queues them for the
+    /// subscribers that cannot be members (see batch.rs). Holds the index's read lock
+    /// throughout, so that the batch's members stay what the index says.
+    fn deliver_corked(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        policy: WritePolicy,
+    ) -> Result<usize, Error> {
+        let index = self.index.read();
+        let frames = FrameSet::new(payload);
+        let mut outcomes = Outcomes::default();
+        let mut batches = self.batches.lock();
+        let was_empty = batches.is_empty();
+        let gauge = &self.counters.queued_bytes;
+        let batch = match batches.fitting(
+            topic,
+            &frames,
+            policy.outbox_limit,
+            gauge,
+            &mut outcomes.deferred,
+        ) {
+            Some(batch) => batch,
+            None => {
+                let Some(list) = index.snapshot(topic) else {
+                    return Ok(0);
+                };
+                let batch = Batch::new(
+                    list.subscribers(),
+                    |fd| index.subscriptions_of(fd) == 1,
+                    list.utf8_subscribers(),
+                    &frames,
+                    policy.outbox_limit,
+                    policy.heartbeat_tick,
+                );
+                batches.insert(topic, batch)
+            }
+        };
+        let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
+        let utf8_recipients =
+            batch.utf8_subscribers() - usize::from(except_mode.is_some_and(Mode::requires_utf8));
+        if utf8_recipients > 0 && std::str::from_utf8(payload).is_err() {
+            drop(batches);
+            drop(index);
+            // A batch the publish spilled still has to reach the flush list.
+            self.settle(outcomes);
+            return Err(Error::InvalidUtf8);
+        }
+        let matched = batch.subscriber_count() - usize::from(except_mode.is_some());
+        for direct in batch.direct() {
+            if Some(direct.fd) == except {
+                continue;
+            }
+            match frames.get(direct.mode) {
+                Some(frame) => outcomes.record(
+                    &direct.peer,
+                    direct.peer.deliver(frame, policy, &self.reactor),
+                ),
+                None => outcomes.dropped += 1,
+            }
+        }
+        let appended = batch.append(&frames, except);
+        drop(batches);
+        drop(index);
+        outcomes.queued += appended.queued;
+        outcomes.delivered += appended.delivered;
+        outcomes.dropped += appended.dropped;
+        self.settle(outcomes);
+        if was_empty {
+            // While corked, poll_fd turns readable as soon as frames wait (API.md).
+            self.reactor.wake();
         }
         Ok(matched)
+    }
+
+    /// Adds a publish's outcomes to the counters, lists its deferred peers for the next flush
+    /// and evicts what failed. Called with no lock held.
+    fn settle(&self, outcomes: Outcomes) {
+        let counters = &self.counters;
+        counters
+            .deliveries
+            .fetch_add(outcomes.delivered, Ordering::Relaxed);
+        counters
+            .dropped_messages
+            .fetch_add(outcomes.dropped, Ordering::Relaxed);
+        counters
+            .queued_bytes
+            .fetch_add(outcomes.queued, Ordering::Relaxed);
+        self.await_flush(outcomes.deferred);
+        for eviction in outcomes.evictions {
+            self.evict(eviction);
+        }
     }
 
     /// Writes one frame to one fd, subscribed or not, through its outbox, so it never
@@ -330,7 +455,7 @@ impl Registry {
                 Delivery::Written => {
                     self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
                     if !subscribed {
-                        self.forget_if_unused(&mut self.index.write(), fd);
+                        self.forget_if_unused(&mut self.write_index(), fd);
                     }
                     return Ok(());
                 }
@@ -347,8 +472,9 @@ impl Registry {
                     self.await_flush(vec![peer]);
                     return Ok(());
                 }
-                // Forgotten between lookup and write: look the fd up afresh.
-                Delivery::Closed => continue,
+                // Forgotten between lookup and write: look the fd up afresh. (`deliver` never
+                // returns InBatch: it spills and delivers again.)
+                Delivery::Closed | Delivery::InBatch => continue,
                 Delivery::Dropped => {
                     self.counters
                         .dropped_messages
@@ -386,7 +512,7 @@ impl Registry {
     /// many fds it served.
     pub fn dispatch(&self, timeout: Option<Duration>) -> Result<usize, Error> {
         let mut ready = Vec::new();
-        let timeout = if self.flush_list.lock().is_empty() {
+        let timeout = if self.flush_list.lock().is_empty() && self.batches.lock().is_empty() {
             timeout
         } else {
             Some(Duration::ZERO)
@@ -398,6 +524,10 @@ impl Registry {
             served += self.pg_service();
         }
         if wakeups.timer {
+            // Batch members are not idle and get no heartbeat: end the batches first, so
+            // that those whose topic went quiet get theirs.
+            let spilled = self.spill_batches();
+            self.await_flush(spilled);
             served += self.beat_if_due();
             self.arm_timer();
         }
@@ -422,14 +552,48 @@ impl Registry {
     /// wrote to.
     pub fn uncork(&self) -> usize {
         self.corked.store(false, Ordering::Relaxed);
-        self.flush()
+        let written = self.flush();
+        // The batches' members stay members past a flush; uncorked, nothing gathers.
+        let spilled = self.spill_batches();
+        self.await_flush(spilled);
+        written
     }
 
     /// Writes every frame queued while corked, at most one system call per fd per IOV_MAX
     /// frames, staying corked; returns how many fds it wrote to.
     pub fn flush(&self) -> usize {
-        let peers = std::mem::take(&mut *self.flush_list.lock());
+        let mut handed_over = Vec::new();
+        {
+            let mut batches = self.batches.lock();
+            if !batches.is_empty() {
+                let tick = self.heartbeat_tick.load(Ordering::Relaxed);
+                batches.hand_over_all(&self.counters.queued_bytes, tick, &mut handed_over);
+            }
+        }
+        let mut peers = std::mem::take(&mut *self.flush_list.lock());
+        peers.extend(handed_over);
         peers.iter().filter(|peer| self.flush_peer(peer)).count()
+    }
+
+    /// Moves every corked batch's frames into its members' outboxes; returns the peers that
+    /// now await a flush and are not on the flush list.
+    fn spill_batches(&self) -> Vec<Arc<Peer>> {
+        let mut awaiting = Vec::new();
+        let mut batches = self.batches.lock();
+        if !batches.is_empty() {
+            batches.spill_all(&self.counters.queued_bytes, &mut awaiting);
+        }
+        awaiting
+    }
+
+    /// The index's write lock, taken only after the corked batches are spilled into the
+    /// outboxes: a change of subscriptions must not change who a gathered frame is for, nor
+    /// which fds may take part in a batch (batch.rs).
+    fn write_index(&self) -> RwLockWriteGuard<'_, Index<Peer>> {
+        let index = self.index.write();
+        let spilled = self.spill_batches();
+        self.await_flush(spilled);
+        index
     }
 
     /// Makes a waiting (or the next) `dispatch` return, and `poll_fd` readable until it does.
@@ -531,8 +695,18 @@ impl Registry {
         if fd < 0 {
             return Err(Error::BadFd);
         }
-        let peer = self.index.read().peer(fd).cloned();
-        Ok(peer.map_or(0, |peer| peer.queued_bytes()))
+        let index = self.index.read();
+        let Some(peer) = index.peer(fd) else {
+            return Ok(0);
+        };
+        let (queued, in_batch) = peer.pending();
+        if !in_batch {
+            return Ok(queued);
+        }
+        let gathered = index.sole_subscription(fd).map_or(0, |(topic, mode)| {
+            self.batches.lock().pending_for(topic, fd, mode)
+        });
+        Ok(queued + gathered)
     }
 
     /// Sets the per-fd bound on queued bytes (0: queue nothing but the rest of a started
@@ -594,7 +768,7 @@ impl Registry {
                 // Only an fd without subscriptions is forgotten once drained; checking the
                 // flag first keeps the index lock out of every corked flush.
                 if drained && !peer.subscribed.load(Ordering::Relaxed) {
-                    let mut index = self.index.write();
+                    let mut index = self.write_index();
                     if index
                         .peer(peer.fd)
                         .is_some_and(|current| Arc::ptr_eq(current, peer))
@@ -645,8 +819,18 @@ impl Registry {
         }
     }
 
+    /// Hands one frame to one fd, spilling the corked batches first if the fd is in one, so
+    /// the frame stays behind the batch's. Must not be called with `batches` locked.
     fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
-        peer.deliver(frame, policy, &self.reactor)
+        loop {
+            match peer.deliver(frame, policy, &self.reactor) {
+                Delivery::InBatch => {
+                    let spilled = self.spill_batches();
+                    self.await_flush(spilled);
+                }
+                delivery => return delivery,
+            }
+        }
     }
 
     /// The peer for `fd`, created if the index does not know the fd, and replacing a stale one
@@ -683,7 +867,7 @@ impl Registry {
                 }
             }
         }
-        let mut index = self.index.write();
+        let mut index = self.write_index();
         let peer = self.known_peer(&mut index, fd, identity)?;
         Ok((peer, index.subscriptions_of(fd) > 0))
     }
@@ -726,7 +910,7 @@ impl Registry {
             shut_down,
         } = eviction;
         {
-            let mut index = self.index.write();
+            let mut index = self.write_index();
             if !index
                 .peer(peer.fd)
                 .is_some_and(|current| Arc::ptr_eq(current, &peer))

@@ -1,0 +1,406 @@
+//! Corked publishes gathered per topic instead of per fd.
+//!
+//! While corked, a publish appends its frame once to its topic's batch (one buffer per mode)
+//! instead of copying it into every subscriber's outbox; a flush then hands each subscriber
+//! the batch's frames as one shared chunk. A burst of K publishes to N fds thus costs K
+//! appends and N writes of K frames each, as a hand-written coalescing loop does, where
+//! queueing per fd cost N·K locks, copies and frame records. A batch, and who its members
+//! are, outlives the flush while its topic keeps being published to, so a host that stays
+//! corked pays for finding the members once, not once per loop iteration.
+//!
+//! What keeps this equivalent to queueing per fd (the registry's tests and model check it):
+//! - **Order.** Only an fd whose one subscription is this topic becomes a member; any other
+//!   subscriber gets the frames through its outbox at publish time, in publish order. A
+//!   member's outbox receives nothing while it is a member: a send or an immediate publish
+//!   to it gets `Delivery::InBatch` and spills the batches first, and every change to the
+//!   index spills them under the index's write lock, which corked publishes hold for reading,
+//!   so a batch's members are always what the index says.
+//! - **The outbox limit.** A member joins only when its outbox has room for a quarter of the
+//!   limit, and a batch is spilled before its frames for a mode would exceed the smallest
+//!   room of its members, so every frame a batch takes is one the member's outbox would
+//!   have taken. Drops and overflow evictions therefore only ever happen in the outboxes of
+//!   non-members, exactly where per-fd queueing has them, and a batch never holds more than
+//!   one outbox limit per mode.
+//! - **Accounting.** A frame's bytes join the registry's queued-bytes gauge when appended, once
+//!   per member; deliveries are counted when a member's write completes them.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::frame::{FrameSet, Mode};
+use crate::index::Subscriber;
+use crate::outbox::{Attach, FrameRun, Membership, Peer};
+
+/// The batches of the topics published to since the last flush.
+#[derive(Default)]
+pub(crate) struct Batches {
+    by_topic: HashMap<Box<[u8]>, Batch>,
+}
+
+/// A subscriber that gets the topic's frames through its outbox.
+pub(crate) struct Direct {
+    pub(crate) fd: RawFd,
+    pub(crate) mode: Mode,
+    pub(crate) peer: Arc<Peer>,
+}
+
+struct Member {
+    fd: RawFd,
+    peer: Arc<Peer>,
+    /// Indices of the frames published with this fd excepted (`publish_except`).
+    skipped: Vec<usize>,
+}
+
+#[derive(Default)]
+struct ModeBatch {
+    members: Vec<Member>,
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    /// Members with skipped frames, so the common case needs no scan.
+    members_with_skips: usize,
+}
+
+/// One topic's corked frames and the subscribers they are for.
+pub(crate) struct Batch {
+    /// The outbox limit the members' room was taken under.
+    limit: usize,
+    /// The smallest room of any member: the most bytes a mode's frames may reach.
+    room: usize,
+    utf8_subscribers: usize,
+    direct: Vec<Direct>,
+    modes: [ModeBatch; 4],
+    /// Whether a publish came since the last flush: a batch without one ends at the flush,
+    /// so that its members, idle, get heartbeats again.
+    published: bool,
+}
+
+/// What appending one publish's frames did, for the registry's counters.
+#[derive(Default)]
+pub(crate) struct Appended {
+    /// Bytes now waiting for members.
+    pub(crate) queued: u64,
+    /// Empty frames, complete at once.
+    pub(crate) delivered: u64,
+    /// Frames no memory could be found for.
+    pub(crate) dropped: u64,
+}
+
+impl Batches {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_topic.is_empty()
+    }
+
+    /// The topic's batch if it can take this publish's frames under `limit`; a batch that
+    /// cannot is spilled into its members' outboxes (peers newly awaiting a flush are pushed
+    /// to `awaiting`), and `None` returned so the caller starts a new one.
+    pub(crate) fn fitting(
+        &mut self,
+        topic: &[u8],
+        frames: &FrameSet<'_>,
+        limit: usize,
+        queued_gauge: &AtomicU64,
+        awaiting: &mut Vec<Arc<Peer>>,
+    ) -> Option<&mut Batch> {
+        let fits = self
+            .by_topic
+            .get(topic)
+            .is_some_and(|batch| batch.fits(frames, limit));
+        if fits {
+            return self.by_topic.get_mut(topic);
+        }
+        if let Some(batch) = self.by_topic.remove(topic) {
+            batch.spill(queued_gauge, awaiting);
+        }
+        None
+    }
+
+    pub(crate) fn insert(&mut self, topic: &[u8], batch: Batch) -> &mut Batch {
+        self.by_topic
+            .entry(Box::from(topic))
+            .insert_entry(batch)
+            .into_mut()
+    }
+
+    /// Spills every batch into its members' outboxes, ending them.
+    pub(crate) fn spill_all(&mut self, queued_gauge: &AtomicU64, awaiting: &mut Vec<Arc<Peer>>) {
+        for (_, batch) in self.by_topic.drain() {
+            batch.spill(queued_gauge, awaiting);
+        }
+    }
+
+    /// Hands every batch's frames to its members' outboxes for a flush. Batches published to
+    /// since the last flush keep their members; the others end.
+    pub(crate) fn hand_over_all(
+        &mut self,
+        queued_gauge: &AtomicU64,
+        heartbeat_tick: u64,
+        awaiting: &mut Vec<Arc<Peer>>,
+    ) {
+        self.by_topic.retain(|_, batch| {
+            if !batch.published {
+                std::mem::take(batch).spill(queued_gauge, awaiting);
+                return false;
+            }
+            batch.hand_over(queued_gauge, heartbeat_tick, awaiting);
+            true
+        });
+    }
+
+    /// Bytes the topic's batch holds for `fd`, a member in `mode`.
+    pub(crate) fn pending_for(&self, topic: &[u8], fd: RawFd, mode: Mode) -> usize {
+        self.by_topic
+            .get(topic)
+            .map_or(0, |batch| batch.modes[mode.index()].pending_for(fd))
+    }
+}
+
+impl Batch {
+    /// A batch for a topic's `subscribers`: those for which `sole_subscription` holds and
+    /// whose outbox has room join as members, the others are delivered to directly.
+    pub(crate) fn new(
+        subscribers: &[Subscriber<Peer>],
+        sole_subscription: impl Fn(RawFd) -> bool,
+        utf8_subscribers: usize,
+        frames: &FrameSet<'_>,
+        limit: usize,
+        heartbeat_tick: u64,
+    ) -> Batch {
+        let mut batch = Batch {
+            limit,
+            utf8_subscribers,
+            ..Batch::default()
+        };
+        for subscriber in subscribers {
+            let required = frames
+                .get(subscriber.mode)
+                .map(|frame| frame.len().max(limit / 4));
+            let room = required
+                .filter(|_| sole_subscription(subscriber.fd))
+                .and_then(|required| subscriber.peer.join_batch(required, limit, heartbeat_tick));
+            match room {
+                Some(room) => {
+                    batch.room = batch.room.min(room);
+                    batch.modes[subscriber.mode.index()].members.push(Member {
+                        fd: subscriber.fd,
+                        peer: Arc::clone(&subscriber.peer),
+                        skipped: Vec::new(),
+                    });
+                }
+                None => batch.direct.push(Direct {
+                    fd: subscriber.fd,
+                    mode: subscriber.mode,
+                    peer: Arc::clone(&subscriber.peer),
+                }),
+            }
+        }
+        batch
+    }
+
+    /// Whether the frames fit every mode's members, under the limit the batch was made for.
+    fn fits(&self, frames: &FrameSet<'_>, limit: usize) -> bool {
+        limit == self.limit
+            && Mode::ALL.iter().all(|&mode| {
+                let batch = &self.modes[mode.index()];
+                batch.members.is_empty()
+                    || frames
+                        .get(mode)
+                        .is_none_or(|frame| batch.bytes.len() + frame.len() <= self.room)
+            })
+    }
+
+    pub(crate) fn utf8_subscribers(&self) -> usize {
+        self.utf8_subscribers
+    }
+
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.direct.len()
+            + self
+                .modes
+                .iter()
+                .map(|mode| mode.members.len())
+                .sum::<usize>()
+    }
+
+    pub(crate) fn direct(&self) -> &[Direct] {
+        &self.direct
+    }
+
+    /// Appends this publish's frame to every mode that has members, skipping `except`.
+    pub(crate) fn append(&mut self, frames: &FrameSet<'_>, except: Option<RawFd>) -> Appended {
+        self.published = true;
+        let mut appended = Appended::default();
+        for mode in Mode::ALL {
+            let batch = &mut self.modes[mode.index()];
+            if batch.members.is_empty() {
+                continue;
+            }
+            let excepted = except.and_then(|fd| batch.members.iter().position(|m| m.fd == fd));
+            let recipients = (batch.members.len() - usize::from(excepted.is_some())) as u64;
+            let Some(frame) = frames.get(mode) else {
+                appended.dropped += recipients;
+                continue;
+            };
+            if frame.len() == 0 {
+                appended.delivered += recipients;
+                continue;
+            }
+            // The bytes are bounded by the members' room, at most one outbox limit, but that
+            // can be large: reserve fallibly, as for any payload-sized buffer.
+            if batch.bytes.try_reserve(frame.len()).is_err() || batch.ends.try_reserve(1).is_err() {
+                appended.dropped += recipients;
+                continue;
+            }
+            frame.copy_from(0, &mut batch.bytes);
+            batch.ends.push(batch.bytes.len());
+            if let Some(member) = excepted {
+                let skipped = &mut batch.members[member].skipped;
+                batch.members_with_skips += usize::from(skipped.is_empty());
+                skipped.push(batch.ends.len() - 1);
+            }
+            appended.queued += recipients * frame.len() as u64;
+        }
+        appended
+    }
+
+    /// Hands every member its frames as one outbox chunk and ends the batch.
+    fn spill(mut self, queued_gauge: &AtomicU64, awaiting: &mut Vec<Arc<Peer>>) {
+        for batch in &mut self.modes {
+            batch.hand_over(Membership::Leave, queued_gauge, awaiting);
+        }
+    }
+
+    /// Hands every member its frames as one outbox chunk; the members stay, with the room
+    /// their outboxes have left.
+    fn hand_over(
+        &mut self,
+        queued_gauge: &AtomicU64,
+        heartbeat_tick: u64,
+        awaiting: &mut Vec<Arc<Peer>>,
+    ) {
+        let membership = Membership::Stay {
+            limit: self.limit,
+            heartbeat_tick,
+        };
+        self.published = false;
+        self.room = usize::MAX;
+        for batch in &mut self.modes {
+            let room = batch.hand_over(membership, queued_gauge, awaiting);
+            self.room = self.room.min(room);
+        }
+    }
+}
+
+impl Default for Batch {
+    fn default() -> Batch {
+        Batch {
+            limit: 0,
+            room: usize::MAX,
+            utf8_subscribers: 0,
+            direct: Vec::new(),
+            modes: Default::default(),
+            published: false,
+        }
+    }
+}
+
+impl ModeBatch {
+    /// Queues the gathered frames in every member's outbox; returns the smallest room left.
+    fn hand_over(
+        &mut self,
+        membership: Membership,
+        queued_gauge: &AtomicU64,
+        awaiting: &mut Vec<Arc<Peer>>,
+    ) -> usize {
+        let run = (!self.bytes.is_empty()).then(|| {
+            Arc::new(FrameRun {
+                bytes: std::mem::take(&mut self.bytes),
+                ends: std::mem::take(&mut self.ends),
+            })
+        });
+        let mut smallest_room = usize::MAX;
+        for member in &mut self.members {
+            let own_run = match &run {
+                Some(run) if !member.skipped.is_empty() => {
+                    Some(Arc::new(without_frames(run, &member.skipped)))
+                }
+                run => run.clone(),
+            };
+            member.skipped.clear();
+            match member.peer.take_batch_frames(own_run, membership) {
+                Attach::Queued {
+                    newly_awaiting,
+                    room,
+                } => {
+                    smallest_room = smallest_room.min(room);
+                    if newly_awaiting {
+                        awaiting.push(Arc::clone(&member.peer));
+                    }
+                }
+                Attach::Closed { bytes } => {
+                    queued_gauge.fetch_sub(bytes as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        self.members_with_skips = 0;
+        smallest_room
+    }
+
+    fn pending_for(&self, fd: RawFd) -> usize {
+        if self.members_with_skips == 0 {
+            return self.bytes.len();
+        }
+        let Some(member) = self.members.iter().find(|member| member.fd == fd) else {
+            return 0;
+        };
+        let skipped: usize = member
+            .skipped
+            .iter()
+            .map(|&frame| frame_range(&self.ends, frame).len())
+            .sum();
+        self.bytes.len() - skipped
+    }
+}
+
+fn frame_range(ends: &[usize], frame: usize) -> std::ops::Range<usize> {
+    let start = if frame == 0 { 0 } else { ends[frame - 1] };
+    start..ends[frame]
+}
+
+/// A copy of `run` without the frames at the (ascending) indices `skipped`.
+fn without_frames(run: &FrameRun, skipped: &[usize]) -> FrameRun {
+    let mut kept = FrameRun {
+        bytes: Vec::with_capacity(run.bytes.len()),
+        ends: Vec::with_capacity(run.ends.len() - skipped.len()),
+    };
+    let mut skipped = skipped.iter().peekable();
+    for frame in 0..run.ends.len() {
+        if skipped.next_if_eq(&&frame).is_some() {
+            continue;
+        }
+        kept.bytes
+            .extend_from_slice(&run.bytes[frame_range(&run.ends, frame)]);
+        kept.ends.push(kept.bytes.len());
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_frames_drops_exactly_the_skipped_frames() {
+        let run = FrameRun {
+            bytes: b"aabbbcd".to_vec(),
+            ends: vec![2, 5, 6, 7],
+        };
+        let kept = without_frames(&run, &[1, 3]);
+        assert_eq!(kept.bytes, b"aac");
+        assert_eq!(kept.ends, vec![2, 3]);
+        let kept = without_frames(&run, &[0]);
+        assert_eq!(kept.bytes, b"bbbcd");
+        assert_eq!(kept.ends, vec![3, 4, 5]);
+    }
+}
