@@ -24,20 +24,35 @@
 //! - **Accounting.** A frame's bytes join the registry's queued-bytes gauge when appended, once
 //!   per member; deliveries are counted when a member's write completes them.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 use crate::frame::{FrameSet, Mode};
 use crate::index::Subscriber;
 use crate::outbox::{Attach, FrameRun, Membership, Peer};
 
-/// The batches of the topics published to since the last flush.
+/// The batches of the topics published to lately.
 #[derive(Default)]
 pub(crate) struct Batches {
-    by_topic: HashMap<Box<[u8]>, Batch>,
+    /// Found by a hash computed once per publish; keyed, as topics may come from clients.
+    by_topic: HashTable<(Box<[u8]>, Batch)>,
+    hasher: RandomState,
+    /// Whether any batch gathered a frame since the last hand-over: the first one makes
+    /// `poll_fd` readable.
+    gathering: bool,
+    /// The last topic looked up and its hash: a burst mostly publishes to one topic, and
+    /// comparing its bytes costs a fraction of hashing them.
+    last_topic: Vec<u8>,
+    last_hash: u64,
 }
+
+/// Where a topic without a fitting batch goes: its hash, for [`Batches::insert`].
+pub(crate) struct Vacant(u64);
 
 /// A subscriber that gets the topic's frames through its outbox.
 pub(crate) struct Direct {
@@ -92,9 +107,15 @@ impl Batches {
         self.by_topic.is_empty()
     }
 
+    /// Notes that a frame is about to be gathered; returns whether it is the first since the
+    /// last hand-over, which must make `poll_fd` readable.
+    pub(crate) fn start_gathering(&mut self) -> bool {
+        !std::mem::replace(&mut self.gathering, true)
+    }
+
     /// The topic's batch if it can take this publish's frames under `limit`; a batch that
     /// cannot is spilled into its members' outboxes (peers newly awaiting a flush are pushed
-    /// to `awaiting`), and `None` returned so the caller starts a new one.
+    /// to `awaiting`), and the caller starts a new one with [`Batches::insert`].
     pub(crate) fn fitting(
         &mut self,
         topic: &[u8],
@@ -102,29 +123,42 @@ impl Batches {
         limit: usize,
         queued_gauge: &AtomicU64,
         awaiting: &mut Vec<Arc<Peer>>,
-    ) -> Option<&mut Batch> {
-        let fits = self
-            .by_topic
-            .get(topic)
-            .is_some_and(|batch| batch.fits(frames, limit));
-        if fits {
-            return self.by_topic.get_mut(topic);
+    ) -> Result<&mut Batch, Vacant> {
+        let hash = self.hash_of(topic);
+        let Ok(entry) = self.by_topic.find_entry(hash, |(key, _)| **key == *topic) else {
+            return Err(Vacant(hash));
+        };
+        if entry.get().1.fits(frames, limit) {
+            return Ok(&mut entry.into_mut().1);
         }
-        if let Some(batch) = self.by_topic.remove(topic) {
-            batch.spill(queued_gauge, awaiting);
-        }
-        None
+        let ((_, batch), _) = entry.remove();
+        batch.spill(queued_gauge, awaiting);
+        Err(Vacant(hash))
     }
 
-    pub(crate) fn insert(&mut self, topic: &[u8], batch: Batch) -> &mut Batch {
-        self.by_topic
-            .entry(Box::from(topic))
-            .insert_entry(batch)
-            .into_mut()
+    fn hash_of(&mut self, topic: &[u8]) -> u64 {
+        if *topic != *self.last_topic {
+            self.last_hash = self.hasher.hash_one(topic);
+            self.last_topic.clear();
+            self.last_topic.extend_from_slice(topic);
+        }
+        self.last_hash
+    }
+
+    pub(crate) fn insert(&mut self, topic: &[u8], vacant: Vacant, batch: Batch) -> &mut Batch {
+        let hasher = &self.hasher;
+        let entry = self.by_topic.entry(
+            vacant.0,
+            |(key, _)| **key == *topic,
+            |(key, _)| hasher.hash_one(&**key),
+        );
+        debug_assert!(matches!(entry, Entry::Vacant(_)), "a topic has one batch");
+        &mut entry.insert((Box::from(topic), batch)).into_mut().1
     }
 
     /// Spills every batch into its members' outboxes, ending them.
     pub(crate) fn spill_all(&mut self, queued_gauge: &AtomicU64, awaiting: &mut Vec<Arc<Peer>>) {
+        self.gathering = false;
         for (_, batch) in self.by_topic.drain() {
             batch.spill(queued_gauge, awaiting);
         }
@@ -138,7 +172,8 @@ impl Batches {
         heartbeat_tick: u64,
         awaiting: &mut Vec<Arc<Peer>>,
     ) {
-        self.by_topic.retain(|_, batch| {
+        self.gathering = false;
+        self.by_topic.retain(|(_, batch)| {
             if !batch.published {
                 std::mem::take(batch).spill(queued_gauge, awaiting);
                 return false;
@@ -150,9 +185,10 @@ impl Batches {
 
     /// Bytes the topic's batch holds for `fd`, a member in `mode`.
     pub(crate) fn pending_for(&self, topic: &[u8], fd: RawFd, mode: Mode) -> usize {
+        let hash = self.hasher.hash_one(topic);
         self.by_topic
-            .get(topic)
-            .map_or(0, |batch| batch.modes[mode.index()].pending_for(fd))
+            .find(hash, |(key, _)| **key == *topic)
+            .map_or(0, |(_, batch)| batch.modes[mode.index()].pending_for(fd))
     }
 }
 
@@ -313,10 +349,13 @@ impl ModeBatch {
         queued_gauge: &AtomicU64,
         awaiting: &mut Vec<Arc<Peer>>,
     ) -> usize {
+        // The next round of a busy topic gathers about as much again: start it at this
+        // round's size rather than growing it from nothing.
         let run = (!self.bytes.is_empty()).then(|| {
+            let (bytes_len, frame_count) = (self.bytes.len(), self.ends.len());
             Arc::new(FrameRun {
-                bytes: std::mem::take(&mut self.bytes),
-                ends: std::mem::take(&mut self.ends),
+                bytes: std::mem::replace(&mut self.bytes, Vec::with_capacity(bytes_len)),
+                ends: std::mem::replace(&mut self.ends, Vec::with_capacity(frame_count)),
             })
         });
         let mut smallest_room = usize::MAX;

@@ -359,7 +359,6 @@ impl Registry {
         let frames = FrameSet::new(payload);
         let mut outcomes = Outcomes::default();
         let mut batches = self.batches.lock();
-        let was_empty = batches.is_empty();
         let gauge = &self.counters.queued_bytes;
         let batch = match batches.fitting(
             topic,
@@ -368,9 +367,12 @@ impl Registry {
             gauge,
             &mut outcomes.deferred,
         ) {
-            Some(batch) => batch,
-            None => {
+            Ok(batch) => batch,
+            Err(vacant) => {
                 let Some(list) = index.snapshot(topic) else {
+                    drop(batches);
+                    drop(index);
+                    self.settle(outcomes);
                     return Ok(0);
                 };
                 let batch = Batch::new(
@@ -381,7 +383,7 @@ impl Registry {
                     policy.outbox_limit,
                     policy.heartbeat_tick,
                 );
-                batches.insert(topic, batch)
+                batches.insert(topic, vacant, batch)
             }
         };
         let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
@@ -408,13 +410,14 @@ impl Registry {
             }
         }
         let appended = batch.append(&frames, except);
+        let first_gathered = appended.queued > 0 && batches.start_gathering();
         drop(batches);
         drop(index);
         outcomes.queued += appended.queued;
         outcomes.delivered += appended.delivered;
         outcomes.dropped += appended.dropped;
         self.settle(outcomes);
-        if was_empty {
+        if first_gathered {
             // While corked, poll_fd turns readable as soon as frames wait (API.md).
             self.reactor.wake();
         }
@@ -424,16 +427,17 @@ impl Registry {
     /// Adds a publish's outcomes to the counters, lists its deferred peers for the next flush
     /// and evicts what failed. Called with no lock held.
     fn settle(&self, outcomes: Outcomes) {
-        let counters = &self.counters;
-        counters
-            .deliveries
-            .fetch_add(outcomes.delivered, Ordering::Relaxed);
-        counters
-            .dropped_messages
-            .fetch_add(outcomes.dropped, Ordering::Relaxed);
-        counters
-            .queued_bytes
-            .fetch_add(outcomes.queued, Ordering::Relaxed);
+        // Each is an atomic add on a line that every publishing thread shares: skip the
+        // zeros, which a corked publish mostly has.
+        for (counter, value) in [
+            (&self.counters.deliveries, outcomes.delivered),
+            (&self.counters.dropped_messages, outcomes.dropped),
+            (&self.counters.queued_bytes, outcomes.queued),
+        ] {
+            if value > 0 {
+                counter.fetch_add(value, Ordering::Relaxed);
+            }
+        }
         self.await_flush(outcomes.deferred);
         for eviction in outcomes.evictions {
             self.evict(eviction);

@@ -235,7 +235,13 @@ fn dispatch_flushes_a_batch_and_an_uncorked_publish_is_written_at_once() {
         );
         reg.dispatch(Some(Duration::ZERO)).unwrap();
         assert_eq!(received(&theirs), tags(&["corked"]));
+        reg.dispatch(Some(Duration::ZERO)).unwrap();
+        assert!(!poll_readable(reg.poll_fd(), 0), "nothing waits");
         reg.publish(b"t", &frame("still-corked")).unwrap();
+        assert!(
+            poll_readable(reg.poll_fd(), 1000),
+            "readable again: frames wait"
+        );
         assert_eq!(reg.uncork(), 1);
         assert_eq!(received(&theirs), tags(&["still-corked"]));
         reg.publish(b"t", &frame("immediate")).unwrap();
