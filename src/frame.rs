@@ -39,6 +39,10 @@ const WS_OPCODE_TEXT: u8 = 0x1;
 const WS_OPCODE_BINARY: u8 = 0x2;
 /// The longest WebSocket header a server writes: 2 bytes + a 64-bit extended length.
 const MAX_HEADER_LEN: usize = crate::ws::MAX_SERVER_HEADER_LEN;
+/// WebSocket frames up to this size are joined into one buffer when encoded: one copy per
+/// publish, against a two-iovec `sendmsg` instead of a `send` for every subscriber (which
+/// measured 10% slower for 64-byte messages). Larger frames keep the payload borrowed.
+const WS_JOIN_MAX: usize = 16 * 1024;
 
 /// A frame's leading bytes, held inline so building one allocates nothing.
 #[derive(Clone, Copy, Default)]
@@ -79,14 +83,8 @@ impl<'a> Frame<'a> {
     pub(crate) fn encode(mode: Mode, payload: &'a [u8]) -> Option<Frame<'a>> {
         let (header, body) = match mode {
             Mode::Raw => (Header::default(), Body::Borrowed(payload)),
-            Mode::WsText => (
-                Header::websocket(WS_OPCODE_TEXT, payload.len()),
-                Body::Borrowed(payload),
-            ),
-            Mode::WsBinary => (
-                Header::websocket(WS_OPCODE_BINARY, payload.len()),
-                Body::Borrowed(payload),
-            ),
+            Mode::WsText => websocket(WS_OPCODE_TEXT, payload),
+            Mode::WsBinary => websocket(WS_OPCODE_BINARY, payload),
             Mode::Sse => (Header::default(), Body::Owned(sse_event(payload)?)),
         };
         Some(Frame {
@@ -96,6 +94,7 @@ impl<'a> Frame<'a> {
         })
     }
 
+    /// The frame's leading bytes when they are kept apart from the body (empty otherwise).
     pub(crate) fn header(&self) -> &[u8] {
         self.header.as_slice()
     }
@@ -135,6 +134,24 @@ impl<'a> Frame<'a> {
         bytes.extend_from_slice(self.body());
         Some(Arc::clone(self.shared.get_or_init(|| Arc::new(bytes))))
     }
+}
+
+/// A WebSocket frame's header and body: joined into one buffer when small (see
+/// [`WS_JOIN_MAX`]) and the memory is there, else the header apart and the payload borrowed.
+fn websocket(opcode: u8, payload: &[u8]) -> (Header, Body<'_>) {
+    let header = Header::websocket(opcode, payload.len());
+    if payload.len() <= WS_JOIN_MAX {
+        let mut joined = Vec::new();
+        if joined
+            .try_reserve_exact(header.as_slice().len() + payload.len())
+            .is_ok()
+        {
+            joined.extend_from_slice(header.as_slice());
+            joined.extend_from_slice(payload);
+            return (Header::default(), Body::Owned(joined));
+        }
+    }
+    (header, Body::Borrowed(payload))
 }
 
 /// The frames of one publish, one slot per mode, each encoded the first time a subscriber of
@@ -277,9 +294,18 @@ mod tests {
     #[test]
     fn frame_parts_join_to_the_shared_buffer() {
         let frame = Frame::encode(Mode::WsText, b"abc").unwrap();
-        assert_eq!(frame.header(), b"\x81\x03");
-        assert_eq!(frame.body(), b"abc");
+        assert_eq!(frame.header(), b"", "a small frame is one buffer");
+        assert_eq!(frame.body(), b"\x81\x03abc");
         assert_eq!(frame.len(), 5);
+        let large = vec![b'x'; WS_JOIN_MAX + 1];
+        let frame = Frame::encode(Mode::WsBinary, &large).unwrap();
+        assert_eq!(
+            frame.header(),
+            [0x82, 126, 0x40, 0x01],
+            "a large one borrows its payload"
+        );
+        assert_eq!(frame.body().as_ptr(), large.as_ptr());
+        assert_eq!(frame.len(), 4 + large.len());
         let first = frame.shared().unwrap();
         assert!(
             Arc::ptr_eq(&first, &frame.shared().unwrap()),

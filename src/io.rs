@@ -88,10 +88,32 @@ pub(crate) fn write_slices<'a>(
     // SAFETY: the first `count` elements were initialised just above, and MaybeUninit<T> has
     // the layout of T, so they form a valid `[IoSlice]`.
     let bufs = unsafe { std::slice::from_raw_parts(iovecs.as_ptr().cast::<IoSlice<'a>>(), count) };
+    write_iovecs(fd, kind, bufs)
+}
+
+/// [`write_slices`] for one frame, its header (possibly empty) then its body: the path of
+/// every immediate delivery, so it builds two iovecs on the stack instead of an IOV_MAX
+/// array, whose 16 KiB frame costs stack probes on every call.
+pub(crate) fn write_frame(
+    fd: RawFd,
+    kind: FileKind,
+    header: &[u8],
+    body: &[u8],
+) -> io::Result<usize> {
+    let slices = [IoSlice::new(header), IoSlice::new(body)];
+    let bufs = if header.is_empty() {
+        &slices[1..]
+    } else {
+        &slices[..]
+    };
+    write_iovecs(fd, kind, bufs)
+}
+
+fn write_iovecs(fd: RawFd, kind: FileKind, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     loop {
         let result = match kind {
             FileKind::Socket => send_nonblocking(fd, bufs),
-            FileKind::Fifo => with_sigpipe_blocked(|| writev(fd, bufs)),
+            FileKind::Fifo => write_fifo(fd, bufs),
             FileKind::Other => writev(fd, bufs),
         };
         match result {
@@ -133,6 +155,12 @@ fn send_nonblocking(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     } else {
         Ok(sent as usize)
     }
+}
+
+/// Kept out of line: the signal-mask dance would weigh down the socket path it sits beside.
+#[inline(never)]
+fn write_fifo(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    with_sigpipe_blocked(|| writev(fd, bufs))
 }
 
 fn writev(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {

@@ -439,13 +439,7 @@ impl Outbox {
         counted: bool,
         reactor: &Reactor,
     ) -> Delivery {
-        let parts = [frame.header(), frame.body()];
-        let parts = if frame.header().is_empty() {
-            &parts[1..]
-        } else {
-            &parts[..]
-        };
-        let written = match io::write_slices(fd, kind, parts.iter().copied()) {
+        let written = match io::write_frame(fd, kind, frame.header(), frame.body()) {
             Ok(written) => written,
             Err(err) => return Delivery::Failed(errno_of(&err)),
         };
