@@ -137,6 +137,8 @@ const INLINE_FRAME_MAX: usize = 512;
 const SPARE_MAX: usize = 4096;
 /// Inline chunks stop growing here, so a drained chunk frees its memory.
 const INLINE_CHUNK_MAX: usize = 16 * 1024;
+/// The most chunk or frame records a drained outbox keeps room for.
+const RETAINED_RECORDS_MAX: usize = 64;
 
 /// Queued bytes: small frames copied back to back, or one large frame shared with every fd
 /// that queued it.
@@ -383,6 +385,7 @@ impl Peer {
             reactor.unwatch(self.fd);
             outbox.watched = false;
         }
+        outbox.release_backlog_capacity();
         Flush::Progress {
             bytes,
             frames,
@@ -539,6 +542,18 @@ impl Outbox {
             self.frame_ends.pop_front();
         }
         completed
+    }
+
+    /// Frees the queues' memory once a backlog has drained: a reader that fell a limit's
+    /// worth of small frames behind left records for every one of them (16 bytes each, 256 KiB
+    /// for a 1 MiB limit of 64-byte frames), which an idle fd has no use for.
+    fn release_backlog_capacity(&mut self) {
+        if self.frame_ends.capacity() > RETAINED_RECORDS_MAX {
+            self.frame_ends = VecDeque::new();
+        }
+        if self.chunks.capacity() > RETAINED_RECORDS_MAX {
+            self.chunks = VecDeque::new();
+        }
     }
 
     fn ensure_watched(&mut self, fd: RawFd, reactor: &Reactor) -> Result<(), i32> {
