@@ -499,7 +499,8 @@ int fdcast_wake(struct fdcast *fc);
 int fdcast_set_heartbeat(struct fdcast *fc, uint32_t interval_ms);
 
 /**
- * Returns the number of bytes queued for `fd` (0 when none or the fd is unknown), or
+ * Returns the number of bytes queued for `fd`, frames gathered for it while corked included
+ * (0 when none or the fd is unknown), or
  * -EINVAL (NULL `fc`), -EBADF (negative `fd`).
  *
  * Thread: any.
@@ -543,6 +544,11 @@ void fdcast_get_stats(const struct fdcast *fc, struct fdcast_stats *out);
  * fdcast_dispatch() writes them, so a host that stays corked gets one write per fd per loop
  * iteration carrying every frame queued for it, as Redis does before it sleeps. Ordering per
  * fd is unchanged. Corking twice is the same as once.
+ *
+ * Corked publishes are gathered per topic: for subscribers whose only subscription is that
+ * topic, a publish appends its frame once to the topic's batch, and a flush hands each of
+ * them the whole batch as one chunk (README: Corking). Limits, drops, evictions, counters,
+ * fdcast_pending_bytes() and ordering are as if each frame were queued per fd.
  *
  * Returns 0 or -EINVAL (NULL `fc`).
  *

@@ -353,6 +353,11 @@ impl ModeBatch {
         // round's size rather than growing it from nothing.
         let run = (!self.bytes.is_empty()).then(|| {
             let (bytes_len, frame_count) = (self.bytes.len(), self.ends.len());
+            // A quieter round than the last leaves room a slow member would hold unseen: its
+            // queued bytes count the frames, not the buffer.
+            if self.bytes.capacity() > 2 * bytes_len + 4096 {
+                self.bytes.shrink_to_fit();
+            }
             Arc::new(FrameRun {
                 bytes: std::mem::replace(&mut self.bytes, Vec::with_capacity(bytes_len)),
                 ends: std::mem::replace(&mut self.ends, Vec::with_capacity(frame_count)),

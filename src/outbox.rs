@@ -132,9 +132,6 @@ pub(crate) enum Flush {
 /// frame: a 64-byte copy is cheaper than the reference count's two atomic operations, and a
 /// flush then writes many frames as one iovec. Larger frames are shared (API.md rule 8).
 const INLINE_FRAME_MAX: usize = 512;
-/// The largest drained buffer an fd keeps for reuse: enough for a corked burst of small
-/// frames, small enough that 10,000 idle fds do not hold 16 KiB each.
-const SPARE_MAX: usize = 4096;
 /// Inline chunks stop growing here, so a drained chunk frees its memory.
 const INLINE_CHUNK_MAX: usize = 16 * 1024;
 /// The most chunk or frame records a drained outbox keeps room for.
@@ -205,9 +202,6 @@ struct Outbox {
     in_batch: bool,
     /// The heartbeat period of the last frame handed to this fd.
     last_active_tick: u64,
-    /// A drained inline chunk's buffer, kept for the next one: a corked fd fills and drains
-    /// one per flush cycle, and growing a fresh Vec each time cost more than the copying.
-    spare: Vec<u8>,
 }
 
 pub(crate) struct Peer {
@@ -498,7 +492,7 @@ impl Outbox {
         );
         if !fits_last {
             self.chunks.push_back(Chunk::Inline {
-                bytes: std::mem::take(&mut self.spare),
+                bytes: Vec::new(),
                 written: 0,
             });
         }
@@ -527,11 +521,8 @@ impl Outbox {
             written -= taken;
             if taken < remaining {
                 front.advance(taken);
-            } else if let Some(Chunk::Inline { mut bytes, .. }) = self.chunks.pop_front() {
-                if bytes.capacity() > self.spare.capacity() && bytes.capacity() <= SPARE_MAX {
-                    bytes.clear();
-                    self.spare = bytes;
-                }
+            } else {
+                self.chunks.pop_front();
             }
         }
         while let Some(frame) = self.frame_ends.front() {

@@ -70,6 +70,8 @@ use fdcast::{Mode, Registry};
 
 const CONNECTIONS: usize = 2000;
 const TOPICS: usize = 16;
+/// The most read-buffer room a client keeps between reads.
+const CLIENT_BUFFER_KEPT: usize = 16 * 1024;
 const PUBLISHERS: usize = 2;
 
 fn main() {
@@ -468,6 +470,10 @@ impl Host {
             fig.frames_parsed += 1;
         }
         conn.buf.drain(..at);
+        // A stalled client reads its whole backlog at once when it resumes; keeping that room
+        // would make this process's memory depend on which clients happened to stall, and
+        // the RSS check is about fdcast's.
+        conn.buf.shrink_to(CLIENT_BUFFER_KEPT);
         if conn.buf.capacity() > 16 * 1024 && conn.buf.len() < 4096 {
             conn.buf.shrink_to(4096);
         }

@@ -12,6 +12,11 @@ use super::fdcast;
 /// iteration carrying every frame queued for it, as Redis does before it sleeps. Ordering per
 /// fd is unchanged. Corking twice is the same as once.
 ///
+/// Corked publishes are gathered per topic: for subscribers whose only subscription is that
+/// topic, a publish appends its frame once to the topic's batch, and a flush hands each of
+/// them the whole batch as one chunk (README: Corking). Limits, drops, evictions, counters,
+/// fdcast_pending_bytes() and ordering are as if each frame were queued per fd.
+///
 /// Returns 0 or -EINVAL (NULL `fc`).
 ///
 /// Thread: any; a publish running concurrently may still write at once.

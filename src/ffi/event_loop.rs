@@ -85,7 +85,8 @@ pub unsafe extern "C" fn fdcast_set_heartbeat(fc: *mut fdcast, interval_ms: u32)
     })
 }
 
-/// Returns the number of bytes queued for `fd` (0 when none or the fd is unknown), or
+/// Returns the number of bytes queued for `fd`, frames gathered for it while corked included
+/// (0 when none or the fd is unknown), or
 /// -EINVAL (NULL `fc`), -EBADF (negative `fd`).
 ///
 /// Thread: any.
