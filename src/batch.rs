@@ -193,11 +193,10 @@ impl Batches {
 }
 
 impl Batch {
-    /// A batch for a topic's `subscribers`: those for which `sole_subscription` holds and
-    /// whose outbox has room join as members, the others are delivered to directly.
+    /// A batch for a topic's `subscribers`: those with no other subscription and room in
+    /// their outbox join as members, the others are delivered to directly.
     pub(crate) fn new(
         subscribers: &[Subscriber<Peer>],
-        sole_subscription: impl Fn(RawFd) -> bool,
         utf8_subscribers: usize,
         frames: &FrameSet<'_>,
         limit: usize,
@@ -213,7 +212,7 @@ impl Batch {
                 .get(subscriber.mode)
                 .map(|frame| frame.len().max(limit / 4));
             let room = required
-                .filter(|_| sole_subscription(subscriber.fd))
+                .filter(|_| subscriber.peer.subscriptions() == 1)
                 .and_then(|required| subscriber.peer.join_batch(required, limit, heartbeat_tick));
             match room {
                 Some(room) => {

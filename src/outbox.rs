@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -124,8 +124,13 @@ pub(crate) enum Flush {
         frames: usize,
         drained: bool,
     },
-    /// The write failed with this errno: the caller evicts the fd.
-    Failed(i32),
+    /// A write failed with `errno` after `bytes` bytes completing `frames` frames were
+    /// written: the caller evicts the fd.
+    Failed {
+        errno: i32,
+        bytes: usize,
+        frames: usize,
+    },
 }
 
 /// Frames up to this size are copied into the fd's contiguous chunks instead of sharing the
@@ -207,9 +212,10 @@ struct Outbox {
 pub(crate) struct Peer {
     pub(crate) fd: RawFd,
     pub(crate) identity: FileIdentity,
-    /// Whether the fd has subscriptions, kept by the registry under its index lock, so that a
-    /// flush can tell without that lock whether a drained fd may have to be forgotten.
-    pub(crate) subscribed: AtomicBool,
+    /// How many subscriptions the fd has, kept by the registry under its index lock, so that
+    /// a flush can tell without that lock whether a drained fd may have to be forgotten, and
+    /// a corked batch whether the fd may be a member, without a lookup per fd.
+    subscriptions: AtomicUsize,
     outbox: Mutex<Outbox>,
 }
 
@@ -218,9 +224,18 @@ impl Peer {
         Peer {
             fd,
             identity,
-            subscribed: AtomicBool::new(false),
+            subscriptions: AtomicUsize::new(0),
             outbox: Mutex::new(Outbox::default()),
         }
+    }
+
+    pub(crate) fn subscriptions(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Called by the registry, under the index's write lock, whenever the count changes.
+    pub(crate) fn set_subscriptions(&self, count: usize) {
+        self.subscriptions.store(count, Ordering::Relaxed);
     }
 
     /// Writes `frame`, or queues it behind bytes already waiting, under API.md's write-path
@@ -350,21 +365,42 @@ impl Peer {
     }
 
     /// Writes as much of the outbox as the fd takes, up to IOV_MAX frames per system call;
-    /// what the fd refuses waits for writability.
-    pub(crate) fn flush(&self, reactor: &Reactor, queued_gauge: &AtomicU64) -> Flush {
+    /// what the fd refuses waits for writability. The bytes written leave this outbox's
+    /// count; the caller takes them off the registry's gauge.
+    pub(crate) fn flush(&self, reactor: &Reactor) -> Flush {
         let mut outbox = self.outbox.lock();
         outbox.awaiting_flush = false;
         let mut bytes = 0;
         let mut frames = 0;
         while !outbox.chunks.is_empty() && !outbox.closed {
-            let pending = outbox.chunks.iter().map(Chunk::unwritten);
-            let written = match io::write_slices(self.fd, self.identity.kind, pending) {
+            let written = match outbox.chunks.as_slices() {
+                // One chunk (a corked batch's run, mostly) needs no IOV_MAX array.
+                ([only], []) | ([], [only]) => {
+                    io::write_frame(self.fd, self.identity.kind, &[], only.unwritten())
+                }
+                _ => io::write_slices(
+                    self.fd,
+                    self.identity.kind,
+                    outbox.chunks.iter().map(Chunk::unwritten),
+                ),
+            };
+            let written = match written {
                 Ok(written) => written,
-                Err(err) => return Flush::Failed(errno_of(&err)),
+                Err(err) => {
+                    return Flush::Failed {
+                        errno: errno_of(&err),
+                        bytes,
+                        frames,
+                    };
+                }
             };
             if written == 0 {
                 if let Err(errno) = outbox.ensure_watched(self.fd, reactor) {
-                    return Flush::Failed(errno);
+                    return Flush::Failed {
+                        errno,
+                        bytes,
+                        frames,
+                    };
                 }
                 return Flush::Progress {
                     bytes,
@@ -373,7 +409,7 @@ impl Peer {
                 };
             }
             bytes += written;
-            frames += outbox.consume(written, queued_gauge);
+            frames += outbox.consume(written);
         }
         if outbox.watched {
             reactor.unwatch(self.fd);
@@ -504,9 +540,8 @@ impl Outbox {
     }
 
     /// Advances past `written` bytes; returns how many counted frames were completed.
-    fn consume(&mut self, mut written: usize, queued_gauge: &AtomicU64) -> usize {
+    fn consume(&mut self, mut written: usize) -> usize {
         self.queued_bytes -= written;
-        queued_gauge.fetch_sub(written as u64, Ordering::Relaxed);
         self.stream_written += written as u64;
         let mut completed = 0;
         while written > 0 {

@@ -94,6 +94,13 @@ struct Eviction {
     shut_down: bool,
 }
 
+/// What flushes wrote: bytes off the queued gauge, and frames completed.
+#[derive(Default)]
+struct Flushed {
+    bytes: u64,
+    frames: u64,
+}
+
 /// What one publish's deliveries came to, settled once the publish holds no lock.
 #[derive(Default)]
 struct Outcomes {
@@ -203,14 +210,18 @@ impl Registry {
         }
         let mut index = self.write_index();
         let peer = self.known_peer(&mut index, fd, identity)?;
-        peer.subscribed.store(true, Ordering::Relaxed);
-        Ok(index.subscribe(topic, fd, mode))
+        let id = index.subscribe(topic, fd, mode);
+        peer.set_subscriptions(index.subscriptions_of(fd));
+        Ok(id)
     }
 
     /// Removes one subscription. Frames already queued for its fd stay queued.
     pub fn unsubscribe(&self, id: SubscriptionId) -> Result<(), Error> {
         let mut index = self.write_index();
         let fd = index.unsubscribe(id).ok_or(Error::NotFound)?;
+        if let Some(peer) = index.peer(fd) {
+            peer.set_subscriptions(index.subscriptions_of(fd));
+        }
         self.forget_if_unused(&mut index, fd);
         Ok(())
     }
@@ -377,7 +388,6 @@ impl Registry {
                 };
                 let batch = Batch::new(
                     list.subscribers(),
-                    |fd| index.subscriptions_of(fd) == 1,
                     list.utf8_subscribers(),
                     &frames,
                     policy.outbox_limit,
@@ -535,13 +545,15 @@ impl Registry {
             served += self.beat_if_due();
             self.arm_timer();
         }
+        let mut flushed = Flushed::default();
         for fd in ready {
             let Some(peer) = self.index.read().peer(fd).cloned() else {
                 continue;
             };
             served += 1;
-            self.flush_peer(&peer);
+            self.flush_peer(&peer, &mut flushed);
         }
+        self.count_flushed(flushed);
         Ok(served + self.flush())
     }
 
@@ -576,7 +588,13 @@ impl Registry {
         }
         let mut peers = std::mem::take(&mut *self.flush_list.lock());
         peers.extend(handed_over);
-        peers.iter().filter(|peer| self.flush_peer(peer)).count()
+        let mut flushed = Flushed::default();
+        let written = peers
+            .iter()
+            .filter(|peer| self.flush_peer(peer, &mut flushed))
+            .count();
+        self.count_flushed(flushed);
+        written
     }
 
     /// Moves every corked batch's frames into its members' outboxes; returns the peers that
@@ -759,19 +777,20 @@ impl Registry {
 
     /// Writes what `peer` has queued and settles the outcome: deliveries counted, an fd left
     /// with nothing to do forgotten, a dead one evicted. Returns whether any byte was written.
-    fn flush_peer(&self, peer: &Arc<Peer>) -> bool {
-        match peer.flush(&self.reactor, &self.counters.queued_bytes) {
+    /// `totals` gathers the counters' share, for [`Registry::count_flushed`] to add once per
+    /// batch of flushes.
+    fn flush_peer(&self, peer: &Arc<Peer>, totals: &mut Flushed) -> bool {
+        match peer.flush(&self.reactor) {
             Flush::Progress {
                 bytes,
                 frames,
                 drained,
             } => {
-                self.counters
-                    .deliveries
-                    .fetch_add(frames as u64, Ordering::Relaxed);
+                totals.bytes += bytes as u64;
+                totals.frames += frames as u64;
                 // Only an fd without subscriptions is forgotten once drained; checking the
-                // flag first keeps the index lock out of every corked flush.
-                if drained && !peer.subscribed.load(Ordering::Relaxed) {
+                // count first keeps the index lock out of every corked flush.
+                if drained && peer.subscriptions() == 0 {
                     let mut index = self.write_index();
                     if index
                         .peer(peer.fd)
@@ -782,7 +801,13 @@ impl Registry {
                 }
                 bytes > 0
             }
-            Flush::Failed(errno) => {
+            Flush::Failed {
+                errno,
+                bytes,
+                frames,
+            } => {
+                totals.bytes += bytes as u64;
+                totals.frames += frames as u64;
                 self.evict(Eviction {
                     peer: Arc::clone(peer),
                     reason: errno,
@@ -790,6 +815,19 @@ impl Registry {
                 });
                 false
             }
+        }
+    }
+
+    fn count_flushed(&self, totals: Flushed) {
+        if totals.bytes > 0 {
+            self.counters
+                .queued_bytes
+                .fetch_sub(totals.bytes, Ordering::Relaxed);
+        }
+        if totals.frames > 0 {
+            self.counters
+                .deliveries
+                .fetch_add(totals.frames, Ordering::Relaxed);
         }
     }
 
@@ -892,9 +930,6 @@ impl Registry {
     fn forget_if_unused(&self, index: &mut Index<Peer>, fd: RawFd) {
         if index.subscriptions_of(fd) > 0 {
             return;
-        }
-        if let Some(peer) = index.peer(fd) {
-            peer.subscribed.store(false, Ordering::Relaxed);
         }
         if index
             .peer(fd)
