@@ -448,7 +448,9 @@ impl Registry {
                 counter.fetch_add(value, Ordering::Relaxed);
             }
         }
-        self.await_flush(outcomes.deferred);
+        if !outcomes.deferred.is_empty() {
+            self.await_flush(outcomes.deferred);
+        }
         for eviction in outcomes.evictions {
             self.evict(eviction);
         }
