@@ -94,6 +94,7 @@ pub(crate) fn write_slices<'a>(
 /// [`write_slices`] for one frame, its header (possibly empty) then its body: the path of
 /// every immediate delivery, so it builds two iovecs on the stack instead of an IOV_MAX
 /// array, whose 16 KiB frame costs stack probes on every call.
+#[inline(always)]
 pub(crate) fn write_frame(
     fd: RawFd,
     kind: FileKind,
@@ -109,6 +110,7 @@ pub(crate) fn write_frame(
     write_iovecs(fd, kind, bufs)
 }
 
+#[inline(always)]
 fn write_iovecs(fd: RawFd, kind: FileKind, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     loop {
         let result = match kind {
@@ -125,6 +127,7 @@ fn write_iovecs(fd: RawFd, kind: FileKind, bufs: &[IoSlice<'_>]) -> io::Result<u
     }
 }
 
+#[inline(always)]
 fn send_nonblocking(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     if let [only] = bufs {
         // One buffer: send(2) spares the kernel importing an iovec array.

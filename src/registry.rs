@@ -113,6 +113,8 @@ struct Outcomes {
 }
 
 impl Outcomes {
+    // The per-subscriber step of every publish: inlined, it costs a compare and an add.
+    #[inline(always)]
     fn record(&mut self, peer: &Arc<Peer>, delivery: Delivery) {
         match delivery {
             Delivery::Written => self.delivered += 1,
