@@ -73,7 +73,7 @@ else
       d=$([[ $t == unix ]] && echo 100000 || echo 40000)
       ((s > 64)) && d=$((d / 2))
       for n in 1 10 100 1000 10000; do
-        run $B/fanout transport=$t n=$n s=$s deliveries=$d reps=3
+        run $B/fanout transport=$t n=$n s=$s deliveries=$d reps=5
       done
     done
   done
