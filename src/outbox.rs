@@ -597,3 +597,27 @@ impl Outbox {
 fn errno_of(err: &std::io::Error) -> i32 {
     err.raw_os_error().unwrap_or(libc::EIO)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_counts_the_frames_that_end_in_each_written_span() {
+        let run = FrameRun {
+            bytes: vec![0; 10],
+            ends: vec![2, 5, 9, 10],
+        };
+        assert_eq!(run.frames_ending_within(0, 10), 4, "written whole");
+        assert_eq!(run.frames_ending_within(0, 4), 1);
+        assert_eq!(run.frames_ending_within(4, 5), 1, "ends exactly at a frame's end");
+        assert_eq!(run.frames_ending_within(5, 8), 0, "inside a frame");
+        assert_eq!(run.frames_ending_within(8, 10), 2, "the rest");
+        let parts = [(0, 3), (3, 6), (6, 7), (7, 10)];
+        let total: usize = parts
+            .iter()
+            .map(|&(from, to)| run.frames_ending_within(from, to))
+            .sum();
+        assert_eq!(total, 4, "however the writes split it, each frame counts once");
+    }
+}
