@@ -610,7 +610,11 @@ mod tests {
         };
         assert_eq!(run.frames_ending_within(0, 10), 4, "written whole");
         assert_eq!(run.frames_ending_within(0, 4), 1);
-        assert_eq!(run.frames_ending_within(4, 5), 1, "ends exactly at a frame's end");
+        assert_eq!(
+            run.frames_ending_within(4, 5),
+            1,
+            "ends exactly at a frame's end"
+        );
         assert_eq!(run.frames_ending_within(5, 8), 0, "inside a frame");
         assert_eq!(run.frames_ending_within(8, 10), 2, "the rest");
         let parts = [(0, 3), (3, 6), (6, 7), (7, 10)];
@@ -618,6 +622,9 @@ mod tests {
             .iter()
             .map(|&(from, to)| run.frames_ending_within(from, to))
             .sum();
-        assert_eq!(total, 4, "however the writes split it, each frame counts once");
+        assert_eq!(
+            total, 4,
+            "however the writes split it, each frame counts once"
+        );
     }
 }
