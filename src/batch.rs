@@ -107,6 +107,11 @@ impl Batches {
         self.by_topic.is_empty()
     }
 
+    /// Whether a frame was gathered since the last hand-over: there is something to flush.
+    pub(crate) fn has_frames(&self) -> bool {
+        self.gathering
+    }
+
     /// Notes that a frame is about to be gathered; returns whether it is the first since the
     /// last hand-over, which must make `poll_fd` readable.
     pub(crate) fn start_gathering(&mut self) -> bool {

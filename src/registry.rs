@@ -530,7 +530,7 @@ impl Registry {
     /// many fds it served.
     pub fn dispatch(&self, timeout: Option<Duration>) -> Result<usize, Error> {
         let mut ready = Vec::new();
-        let timeout = if self.flush_list.lock().is_empty() && self.batches.lock().is_empty() {
+        let timeout = if self.flush_list.lock().is_empty() && !self.batches.lock().has_frames() {
             timeout
         } else {
             Some(Duration::ZERO)
