@@ -1,9 +1,10 @@
 //! Encoders for the three wire framings. Pure functions: no I/O, no locks.
 //!
-//! A frame is a small header plus a body. RAW and WebSocket frames borrow the caller's
-//! payload as their body, so an immediate write costs no copy; only SSE, which rewrites line
-//! endings, builds a new body. The bytes are joined into one shared buffer only when some fd
-//! has to queue them (see [`Frame::shared`]).
+//! A frame is a small header plus a body. RAW frames and large WebSocket frames borrow the
+//! caller's payload as their body, so an immediate write costs no copy, and are joined into
+//! one shared buffer only when some fd has to queue them (see [`Frame::shared`]). SSE frames,
+//! which rewrite line endings, and small WebSocket frames, joined with their header for a
+//! one-buffer `send`, are built whole, straight into that shared buffer.
 
 use std::cell::OnceCell;
 use std::sync::Arc;
@@ -65,8 +66,11 @@ impl Header {
 }
 
 enum Body<'a> {
+    /// The caller's payload, behind the header.
     Borrowed(&'a [u8]),
-    Owned(Vec<u8>),
+    /// The whole frame, built by the encoder (no separate header), already in the buffer
+    /// that queued copies share: queueing it costs a reference, not a second copy.
+    Whole(Arc<Vec<u8>>),
 }
 
 /// One encoded frame, built once per publish per mode and written to every subscriber of
@@ -74,6 +78,8 @@ enum Body<'a> {
 pub(crate) struct Frame<'a> {
     header: Header,
     body: Body<'a>,
+    /// Header and body, taken once: every delivery asks, several times.
+    len: usize,
     shared: OnceCell<Arc<Vec<u8>>>,
 }
 
@@ -85,11 +91,20 @@ impl<'a> Frame<'a> {
             Mode::Raw => (Header::default(), Body::Borrowed(payload)),
             Mode::WsText => websocket(WS_OPCODE_TEXT, payload),
             Mode::WsBinary => websocket(WS_OPCODE_BINARY, payload),
-            Mode::Sse => (Header::default(), Body::Owned(sse_event(payload)?)),
+            Mode::Sse => (
+                Header::default(),
+                Body::Whole(Arc::new(sse_event(payload)?)),
+            ),
         };
+        let len = header.as_slice().len()
+            + match &body {
+                Body::Borrowed(bytes) => bytes.len(),
+                Body::Whole(bytes) => bytes.len(),
+            };
         Some(Frame {
             header,
             body,
+            len,
             shared: OnceCell::new(),
         })
     }
@@ -102,12 +117,12 @@ impl<'a> Frame<'a> {
     pub(crate) fn body(&self) -> &[u8] {
         match &self.body {
             Body::Borrowed(bytes) => bytes,
-            Body::Owned(bytes) => bytes,
+            Body::Whole(bytes) => bytes,
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.header().len() + self.body().len()
+        self.len
     }
 
     /// Appends the frame's bytes from offset `skip` on to `out`.
@@ -121,10 +136,14 @@ impl<'a> Frame<'a> {
         }
     }
 
-    /// The whole frame in one reference-counted buffer, built on first use, so every fd that
-    /// queues this frame shares one copy (API.md write-path rule 8). `None` if the memory
-    /// cannot be had: the buffer is the payload's size, so it is reserved fallibly.
+    /// The whole frame in one reference-counted buffer, so every fd that queues this frame
+    /// shares one copy (API.md write-path rule 8): the encoder's own for a frame built whole,
+    /// else built on first use. `None` if the memory cannot be had: the buffer is the
+    /// payload's size, so it is reserved fallibly.
     pub(crate) fn shared(&self) -> Option<Arc<Vec<u8>>> {
+        if let Body::Whole(bytes) = &self.body {
+            return Some(Arc::clone(bytes));
+        }
         if let Some(shared) = self.shared.get() {
             return Some(Arc::clone(shared));
         }
@@ -148,7 +167,7 @@ fn websocket(opcode: u8, payload: &[u8]) -> (Header, Body<'_>) {
         {
             joined.extend_from_slice(header.as_slice());
             joined.extend_from_slice(payload);
-            return (Header::default(), Body::Owned(joined));
+            return (Header::default(), Body::Whole(Arc::new(joined)));
         }
     }
     (header, Body::Borrowed(payload))
@@ -311,6 +330,16 @@ mod tests {
             Arc::ptr_eq(&first, &frame.shared().unwrap()),
             "built once, then shared"
         );
+        let sse = Frame::encode(Mode::Sse, b"x").unwrap();
+        assert_eq!(
+            sse.shared().unwrap().as_ptr(),
+            sse.body().as_ptr(),
+            "a frame built whole is queued without a second copy"
+        );
+        let raw = Frame::encode(Mode::Raw, b"abc").unwrap();
+        let shared = raw.shared().unwrap();
+        assert!(Arc::ptr_eq(&shared, &raw.shared().unwrap()));
+        assert_eq!(&shared[..], b"abc");
     }
 
     #[test]

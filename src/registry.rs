@@ -113,7 +113,22 @@ struct Outcomes {
 }
 
 impl Outcomes {
-    // The per-subscriber step of every publish: inlined, it costs a compare and an add.
+    /// The per-subscriber step of every publish: hands the mode's frame (`None`: no memory
+    /// could be had to encode it, a drop) to `deliver`, and records the outcome.
+    #[inline(always)]
+    fn deliver(
+        &mut self,
+        peer: &Arc<Peer>,
+        frame: Option<&Frame<'_>>,
+        deliver: impl FnOnce(&Frame<'_>) -> Delivery,
+    ) {
+        match frame {
+            Some(frame) => self.record(peer, deliver(frame)),
+            None => self.dropped += 1,
+        }
+    }
+
+    // Inlined, it costs a compare and an add.
     #[inline(always)]
     fn record(&mut self, peer: &Arc<Peer>, delivery: Delivery) {
         match delivery {
@@ -330,11 +345,7 @@ impl Registry {
         let Some(list) = list else {
             return Ok(0);
         };
-        let utf8_recipients =
-            list.utf8_subscribers() - usize::from(except_mode.is_some_and(Mode::requires_utf8));
-        if utf8_recipients > 0 && std::str::from_utf8(payload).is_err() {
-            return Err(Error::InvalidUtf8);
-        }
+        check_utf8(payload, list.utf8_subscribers(), except_mode)?;
 
         let frames = FrameSet::new(payload);
         let mut matched = 0;
@@ -344,14 +355,9 @@ impl Registry {
                 continue;
             }
             matched += 1;
-            match frames.get(subscriber.mode) {
-                Some(frame) => outcomes.record(
-                    &subscriber.peer,
-                    self.deliver(&subscriber.peer, frame, policy),
-                ),
-                // No memory to encode this mode's frame: dropped for its subscribers.
-                None => outcomes.dropped += 1,
-            }
+            outcomes.deliver(&subscriber.peer, frames.get(subscriber.mode), |frame| {
+                self.deliver(&subscriber.peer, frame, policy)
+            });
         }
         drop(list);
         self.settle(outcomes);
@@ -399,27 +405,21 @@ impl Registry {
             }
         };
         let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
-        let utf8_recipients =
-            batch.utf8_subscribers() - usize::from(except_mode.is_some_and(Mode::requires_utf8));
-        if utf8_recipients > 0 && std::str::from_utf8(payload).is_err() {
+        if let Err(refused) = check_utf8(payload, batch.utf8_subscribers(), except_mode) {
             drop(batches);
             drop(index);
             // A batch the publish spilled still has to reach the flush list.
             self.settle(outcomes);
-            return Err(Error::InvalidUtf8);
+            return Err(refused);
         }
         let matched = batch.subscriber_count() - usize::from(except_mode.is_some());
         for direct in batch.direct() {
             if Some(direct.fd) == except {
                 continue;
             }
-            match frames.get(direct.mode) {
-                Some(frame) => outcomes.record(
-                    &direct.peer,
-                    direct.peer.deliver(frame, policy, &self.reactor),
-                ),
-                None => outcomes.dropped += 1,
-            }
+            outcomes.deliver(&direct.peer, frames.get(direct.mode), |frame| {
+                direct.peer.deliver(frame, policy, &self.reactor)
+            });
         }
         let appended = batch.append(&frames, except);
         let first_gathered = appended.queued > 0 && batches.start_gathering();
@@ -544,8 +544,7 @@ impl Registry {
         if wakeups.timer {
             // Batch members are not idle and get no heartbeat: end the batches first, so
             // that those whose topic went quiet get theirs.
-            let spilled = self.spill_batches();
-            self.await_flush(spilled);
+            self.spill_batches();
             served += self.beat_if_due();
             self.arm_timer();
         }
@@ -574,8 +573,7 @@ impl Registry {
         self.corked.store(false, Ordering::Relaxed);
         let written = self.flush();
         // The batches' members stay members past a flush; uncorked, nothing gathers.
-        let spilled = self.spill_batches();
-        self.await_flush(spilled);
+        self.spill_batches();
         written
     }
 
@@ -601,15 +599,17 @@ impl Registry {
         written
     }
 
-    /// Moves every corked batch's frames into its members' outboxes; returns the peers that
-    /// now await a flush and are not on the flush list.
-    fn spill_batches(&self) -> Vec<Arc<Peer>> {
+    /// Moves every corked batch's frames into its members' outboxes and ends the batches;
+    /// the members join the flush list.
+    fn spill_batches(&self) {
         let mut awaiting = Vec::new();
-        let mut batches = self.batches.lock();
-        if !batches.is_empty() {
-            batches.spill_all(&self.counters.queued_bytes, &mut awaiting);
+        {
+            let mut batches = self.batches.lock();
+            if !batches.is_empty() {
+                batches.spill_all(&self.counters.queued_bytes, &mut awaiting);
+            }
         }
-        awaiting
+        self.await_flush(awaiting);
     }
 
     /// The index's write lock, taken only after the corked batches are spilled into the
@@ -617,8 +617,7 @@ impl Registry {
     /// which fds may take part in a batch (batch.rs).
     fn write_index(&self) -> RwLockWriteGuard<'_, Index<Peer>> {
         let index = self.index.write();
-        let spilled = self.spill_batches();
-        self.await_flush(spilled);
+        self.spill_batches();
         index
     }
 
@@ -870,10 +869,7 @@ impl Registry {
     fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
         loop {
             match peer.deliver(frame, policy, &self.reactor) {
-                Delivery::InBatch => {
-                    let spilled = self.spill_batches();
-                    self.await_flush(spilled);
-                }
+                Delivery::InBatch => self.spill_batches(),
                 delivery => return delivery,
             }
         }
@@ -1079,6 +1075,16 @@ impl Registry {
     pub fn pg_stats(&self) -> PgStats {
         PgStats::default()
     }
+}
+
+/// Refuses, before anything is written, a payload that is not UTF-8 when a recipient's mode
+/// needs it: `utf8_subscribers` of the topic's, less `except` (its mode, if it subscribes).
+fn check_utf8(payload: &[u8], utf8_subscribers: usize, except: Option<Mode>) -> Result<(), Error> {
+    let recipients = utf8_subscribers - usize::from(except.is_some_and(Mode::requires_utf8));
+    if recipients > 0 && std::str::from_utf8(payload).is_err() {
+        return Err(Error::InvalidUtf8);
+    }
+    Ok(())
 }
 
 fn check_topic(topic: &[u8]) -> Result<(), Error> {
