@@ -22,11 +22,18 @@ pub enum Error {
     NotText(&'static str),
     /// A PostgreSQL notification cannot carry this much. `EMSGSIZE`.
     TooLarge,
+    /// The broker's engine cannot carry a payload this large. `EMSGSIZE`.
+    PayloadTooLarge {
+        /// The engine: "Redis", "NATS".
+        engine: &'static str,
+        /// The largest payload it takes, in bytes.
+        limit: usize,
+    },
     /// The operation is already in effect (e.g. the backend is already enabled). `EALREADY`.
     Already(&'static str),
     /// This build lacks the feature (e.g. `pg`). `ENOTSUP`.
     NotSupported(&'static str),
-    /// The PostgreSQL backend is not enabled. `ENOTCONN`.
+    /// No broker (or PostgreSQL backend) is enabled. `ENOTCONN`.
     NotEnabled,
     /// libpq refused the connection string. `EINVAL`.
     InvalidConninfo(String),
@@ -55,7 +62,7 @@ impl Error {
             Error::NotFound => libc::ENOENT,
             Error::Refused => libc::EACCES,
             Error::InvalidUtf8 | Error::NotText(_) => libc::EILSEQ,
-            Error::TooLarge => libc::EMSGSIZE,
+            Error::TooLarge | Error::PayloadTooLarge { .. } => libc::EMSGSIZE,
             Error::Already(_) => libc::EALREADY,
             Error::Unreachable(_) => libc::ECONNREFUSED,
             Error::InvalidConninfo(_) => libc::EINVAL,
@@ -85,12 +92,15 @@ impl fmt::Display for Error {
             Error::TooLarge => f.write_str(
                 "the PostgreSQL notification would be 8000 bytes or more (length prefix and topic included)",
             ),
+            Error::PayloadTooLarge { engine, limit } => {
+                write!(f, "{engine} takes payloads of at most {limit} bytes")
+            }
             Error::Already(what) => f.write_str(what),
-            Error::NotEnabled => f.write_str("the PostgreSQL backend is not enabled"),
+            Error::NotEnabled => f.write_str("no broker is enabled"),
             Error::NotSupported(feature) => write!(f, "fdcast was built without the {feature} feature"),
             Error::InvalidConninfo(message) => write!(f, "invalid conninfo: {message}"),
-            Error::Unreachable(message) => write!(f, "cannot connect to PostgreSQL: {message}"),
-            Error::Backend(message) => write!(f, "PostgreSQL: {message}"),
+            Error::Unreachable(message) => write!(f, "cannot connect: {message}"),
+            Error::Backend(message) => write!(f, "broker: {message}"),
             Error::Dropped => f.write_str("the fd's outbox is full: the frame was dropped"),
             Error::PeerGone(errno) => write!(
                 f,

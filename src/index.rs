@@ -275,6 +275,9 @@ pub(crate) struct Index<P> {
     peers: HashMap<RawFd, PeerEntry<P>>,
     subscription_count: usize,
     last_serial: u32,
+    /// Topics that gained their first subscriber (`true`) or lost their last, in order, while
+    /// a broker routes by interest (`topic_events` is `Some`).
+    topic_events: Option<Vec<(Box<[u8]>, bool)>>,
 }
 
 impl<P> Default for Index<P> {
@@ -287,11 +290,31 @@ impl<P> Default for Index<P> {
             peers: HashMap::new(),
             subscription_count: 0,
             last_serial: 0,
+            topic_events: None,
         }
     }
 }
 
 impl<P> Index<P> {
+    /// Starts (or stops) recording topics that gain their first subscriber or lose their
+    /// last; returns every topic that has a subscriber now.
+    pub(crate) fn track_topics(&mut self, on: bool) -> Vec<Box<[u8]>> {
+        self.topic_events = on.then(Vec::new);
+        self.topics
+            .iter()
+            .flatten()
+            .map(|topic| topic.name.clone())
+            .collect()
+    }
+
+    /// The topic events recorded since the last call.
+    pub(crate) fn take_topic_events(&mut self) -> Vec<(Box<[u8]>, bool)> {
+        self.topic_events
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     pub(crate) fn snapshot(&self, topic: &[u8]) -> Option<Snapshot<P>> {
         Some(self.topic(topic)?.subscribers.snapshot())
     }
@@ -367,6 +390,9 @@ impl<P> Index<P> {
                 topic_id
             }
             None => {
+                if let Some(events) = &mut self.topic_events {
+                    events.push((Box::from(topic), true));
+                }
                 let new_topic = Topic {
                     name: Box::from(topic),
                     subscribers: Subscribers::One(subscriber),
@@ -424,6 +450,14 @@ impl<P> Index<P> {
 
     /// Empties the index; returns every peer it held.
     pub(crate) fn take_all(&mut self) -> Vec<Arc<P>> {
+        if let Some(events) = &mut self.topic_events {
+            events.extend(
+                self.topics
+                    .iter_mut()
+                    .flatten()
+                    .map(|topic| (topic.name.clone(), false)),
+            );
+        }
         self.topics.clear();
         self.free_topic_ids.clear();
         self.topic_ids.clear();
@@ -494,7 +528,11 @@ impl<P> Index<P> {
                 .find_entry(hash, |&id| id == topic_id)
                 .expect("a live topic is in the table")
                 .remove();
-            self.topics[topic_id as usize] = None;
+            if let Some(Some(gone)) = self.topics.get_mut(topic_id as usize).map(Option::take) {
+                if let Some(events) = &mut self.topic_events {
+                    events.push((gone.name, false));
+                }
+            }
             self.free_topic_ids.push(topic_id);
             return;
         }
@@ -521,6 +559,38 @@ mod tests {
         fds.truncate(count);
         fds.sort();
         fds
+    }
+
+    #[test]
+    fn topic_events_record_first_and_last_subscribers() {
+        let mut index = index_with_peers(&[3, 4]);
+        index.subscribe(b"before", 3, Mode::Raw);
+        assert_eq!(index.track_topics(true), vec![Box::from(&b"before"[..])]);
+        let a = index.subscribe(b"a", 3, Mode::Raw);
+        index.subscribe(b"a", 4, Mode::Raw);
+        index.subscribe(b"b", 4, Mode::Raw);
+        index.unsubscribe(a);
+        index.remove_peer(4);
+        let events = index.take_topic_events();
+        let events: Vec<(&[u8], bool)> = events.iter().map(|(t, on)| (&**t, *on)).collect();
+        assert_eq!(
+            events,
+            vec![
+                (&b"a"[..], true),
+                (&b"b"[..], true),
+                (&b"a"[..], false),
+                (&b"b"[..], false)
+            ]
+        );
+        index.take_all();
+        assert_eq!(
+            index.take_topic_events(),
+            vec![(Box::from(&b"before"[..]), false)]
+        );
+        index.track_topics(false);
+        index.insert_peer(5, Arc::new(()));
+        index.subscribe(b"c", 5, Mode::Raw);
+        assert!(index.take_topic_events().is_empty());
     }
 
     #[test]

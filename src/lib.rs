@@ -6,8 +6,8 @@
 //! (module `ffi`). Embed it in an event loop by polling [`Registry::poll_fd`] for
 //! readability and calling [`Registry::dispatch`] when it fires.
 
-mod backend;
 mod batch;
+mod broker;
 mod error;
 mod ffi;
 mod frame;
@@ -18,7 +18,7 @@ mod reactor;
 mod registry;
 pub mod ws;
 
-pub use backend::PgStats;
+pub use broker::{BrokerStats, PgStats};
 pub use error::Error;
 pub use frame::Mode;
 pub use index::SubscriptionId;
@@ -26,3 +26,8 @@ pub use outbox::Overflow;
 pub use registry::{
     Authorizer, DEFAULT_OUTBOX_LIMIT, EvictCallback, MAX_TOPIC_LEN, Registry, Stats,
 };
+
+/// The NATS protocol parser, for the fuzz target (fuzz/fuzz_targets/nats_parse.rs).
+#[cfg(feature = "nats")]
+#[doc(hidden)]
+pub use broker::nats::fuzz_read as fuzz_nats_read;

@@ -2,20 +2,36 @@
 //! `<decimal byte length of topic>:<topic><payload>`, the length in ASCII digits. Pure
 //! functions, so the format is tested without a server.
 
+use std::ops::Range;
+
 use crate::error::Error;
 use crate::registry::MAX_TOPIC_LEN;
 
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 pub(crate) const MAX_NOTIFY_PAYLOAD: usize = 7999;
 
-/// Builds the notification for a publish, refusing what NOTIFY cannot carry: NUL bytes and
-/// invalid UTF-8 anywhere (`EILSEQ`), and a payload that is too long (`EMSGSIZE`).
-pub(crate) fn encode(topic: &[u8], payload: &[u8]) -> Result<String, Error> {
-    let prefix = topic.len().to_string();
-    let total = prefix.len() + 1 + topic.len() + payload.len();
+/// Refuses what NOTIFY cannot carry: NUL bytes and invalid UTF-8 anywhere (`EILSEQ`), and a
+/// notification that is too long (`EMSGSIZE`).
+pub(crate) fn check(topic: &[u8], payload: &[u8]) -> Result<(), Error> {
+    encoded_len(topic, payload)?;
+    text_without_nul(topic)?;
+    text_without_nul(payload)?;
+    Ok(())
+}
+
+fn encoded_len(topic: &[u8], payload: &[u8]) -> Result<usize, Error> {
+    let digits = topic.len().checked_ilog10().unwrap_or(0) as usize + 1;
+    let total = digits + 1 + topic.len() + payload.len();
     if total > MAX_NOTIFY_PAYLOAD {
         return Err(Error::TooLarge);
     }
+    Ok(total)
+}
+
+/// Builds the notification for a publish, refusing what [`check`] refuses.
+pub(crate) fn encode(topic: &[u8], payload: &[u8]) -> Result<String, Error> {
+    let total = encoded_len(topic, payload)?;
+    let prefix = topic.len().to_string();
     let topic = text_without_nul(topic)?;
     let payload = text_without_nul(payload)?;
     let mut notification = String::with_capacity(total);
@@ -34,6 +50,16 @@ fn text_without_nul(bytes: &[u8]) -> Result<&str, Error> {
     }
     std::str::from_utf8(bytes)
         .map_err(|_| Error::NotText("a PostgreSQL notification must be valid UTF-8"))
+}
+
+/// Where a notification's topic and payload are; `None` if it is not in the format.
+pub(crate) fn decode_ranges(notification: &[u8]) -> Option<(Range<usize>, Range<usize>)> {
+    let (topic, payload) = decode(notification)?;
+    let topic_start = notification.len() - payload.len() - topic.len();
+    Some((
+        topic_start..topic_start + topic.len(),
+        topic_start + topic.len()..notification.len(),
+    ))
 }
 
 /// Splits a notification into topic and payload; `None` if it is not in the format.
@@ -86,6 +112,13 @@ mod tests {
         assert_eq!(encode(b"t", &fits).unwrap().len(), MAX_NOTIFY_PAYLOAD);
         let too_long = vec![b'x'; MAX_NOTIFY_PAYLOAD - 2];
         assert_eq!(encode(b"t", &too_long).unwrap_err().errno(), libc::EMSGSIZE);
+        assert_eq!(check(b"t", &too_long).unwrap_err().errno(), libc::EMSGSIZE);
+        assert!(check(b"t", &fits).is_ok());
+        let ten = [b'x'; 10];
+        let fits_ten = vec![b'x'; MAX_NOTIFY_PAYLOAD - 13];
+        assert!(check(&ten, &fits_ten).is_ok());
+        assert!(check(&ten, &[fits_ten.as_slice(), b"x"].concat()).is_err());
+        assert_eq!(check(b"t", b"\xff").unwrap_err().errno(), libc::EILSEQ);
     }
 
     #[test]
@@ -106,5 +139,6 @@ mod tests {
         }
         assert_eq!(decode(b"3:abc"), Some((&b"abc"[..], &b""[..])));
         assert_eq!(decode(b"03:abcd"), Some((&b"abc"[..], &b"d"[..])));
+        assert_eq!(decode_ranges(b"03:abcd"), Some((3..6, 6..7)));
     }
 }

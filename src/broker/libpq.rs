@@ -176,8 +176,20 @@ impl Connection {
 
     /// Queues one statement with text parameters, then a pipeline sync, so the statement
     /// runs in a transaction of its own. False (see `error_message`) if libpq refused.
+    /// Queues a statement and a pipeline sync, so it runs in a transaction of its own.
     pub(crate) fn send_statement(&mut self, sql: &CStr, params: &[&CStr]) -> bool {
-        let values: Vec<*const c_char> = params.iter().map(|param| param.as_ptr()).collect();
+        self.send_query(sql, params) && self.send_sync()
+    }
+
+    /// Queues a statement in the pipeline; the next sync ends its transaction.
+    pub(crate) fn send_query(&mut self, sql: &CStr, params: &[&CStr]) -> bool {
+        let mut values = [ptr::null::<c_char>(); 2];
+        if params.len() > values.len() {
+            return false;
+        }
+        for (value, param) in values.iter_mut().zip(params) {
+            *value = param.as_ptr();
+        }
         // SAFETY: `sql` and every parameter are NUL-terminated strings that outlive the call
         // (libpq copies them into its output buffer); NULL types, lengths and formats mean
         // "text, infer the type".
@@ -185,15 +197,20 @@ impl Connection {
             PQsendQueryParams(
                 self.raw.as_ptr(),
                 sql.as_ptr(),
-                values.len() as c_int,
+                params.len() as c_int,
                 ptr::null(),
                 values.as_ptr(),
                 ptr::null(),
                 ptr::null(),
                 0,
             ) == 1
-                && PQsendPipelineSync(self.raw.as_ptr()) == 1
         }
+    }
+
+    /// Queues a pipeline sync: the statements since the last one commit together.
+    pub(crate) fn send_sync(&mut self) -> bool {
+        // SAFETY: `raw` is a live PGconn in pipeline mode.
+        unsafe { PQsendPipelineSync(self.raw.as_ptr()) == 1 }
     }
 
     pub(crate) fn flush(&mut self) -> FlushProgress {

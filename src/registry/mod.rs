@@ -14,6 +14,8 @@
 //! the wait itself, and the hook slots are read-locked only to clone the callback out;
 //! callbacks run with no lock held.
 
+mod broker;
+
 use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -22,12 +24,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
-use crate::backend::PgStats;
-#[cfg(feature = "pg")]
-use crate::backend::pg::PgBackend;
-#[cfg(feature = "pg")]
-use crate::backend::wire;
 use crate::batch::{Batch, Batches};
+use crate::broker::Broker;
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::index::{Index, SubscriptionId};
@@ -86,6 +84,50 @@ struct Heartbeat {
 /// EventSource ignores.
 const WEBSOCKET_PING: &[u8] = &[0x89, 0x00];
 const SSE_COMMENT: &[u8] = b":\n\n";
+
+/// The index's write guard. On release it hands the topics that gained their first
+/// subscriber or lost their last to the broker (which subscribes per topic), in the order they
+/// happened, and then lets the broker write them out with no lock held.
+struct IndexWriter<'a> {
+    index: Option<RwLockWriteGuard<'a, Index<Peer>>>,
+    registry: &'a Registry,
+}
+
+impl std::ops::Deref for IndexWriter<'_> {
+    type Target = Index<Peer>;
+
+    fn deref(&self) -> &Index<Peer> {
+        self.index.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for IndexWriter<'_> {
+    fn deref_mut(&mut self) -> &mut Index<Peer> {
+        self.index.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for IndexWriter<'_> {
+    fn drop(&mut self) {
+        let Some(mut index) = self.index.take() else {
+            return;
+        };
+        let events = index.take_topic_events();
+        if events.is_empty() {
+            return;
+        }
+        let broker = self.registry.broker.read().clone();
+        if let Some(broker) = &broker {
+            for (topic, subscribe) in &events {
+                broker.interest(topic, *subscribe);
+            }
+        }
+        drop(index);
+        if let Some(broker) = broker {
+            broker.kick(&self.registry.reactor);
+        }
+    }
+}
 
 /// Why a peer is being evicted.
 struct Eviction {
@@ -179,13 +221,13 @@ pub struct Registry {
     flush_list: Mutex<Vec<Arc<Peer>>>,
     /// Corked publishes gathered per topic (batch.rs).
     batches: Mutex<Batches>,
-    /// The PostgreSQL backend, when enabled. A leaf lock like the flush list: held to hand it
-    /// a notification or let it read its socket, never while delivering.
-    #[cfg(feature = "pg")]
-    pg: Mutex<Option<PgBackend>>,
-    /// Whether `pg` is `Some`, so a publish checks it without the lock.
-    #[cfg(feature = "pg")]
-    pg_enabled: AtomicBool,
+    /// The cross-process broker, when enabled (broker.rs). Read-locked only to clone the
+    /// `Arc` out: the broker's own locks are never held while delivering.
+    broker: RwLock<Option<Arc<Broker>>>,
+    /// Whether `broker` is `Some`, so a publish checks it without the lock.
+    broker_enabled: AtomicBool,
+    /// An enable is connecting (with no lock held), so a second one is refused.
+    broker_enabling: AtomicBool,
     authorizer: RwLock<Option<Arc<Authorizer>>>,
     on_evict: RwLock<Option<Arc<EvictCallback>>>,
     counters: Counters,
@@ -204,10 +246,9 @@ impl Registry {
             heartbeat_tick: AtomicU64::new(1),
             flush_list: Mutex::new(Vec::new()),
             batches: Mutex::new(Batches::default()),
-            #[cfg(feature = "pg")]
-            pg: Mutex::new(None),
-            #[cfg(feature = "pg")]
-            pg_enabled: AtomicBool::new(false),
+            broker: RwLock::new(None),
+            broker_enabled: AtomicBool::new(false),
+            broker_enabling: AtomicBool::new(false),
             authorizer: RwLock::new(None),
             on_evict: RwLock::new(None),
             counters: Counters::default(),
@@ -287,9 +328,9 @@ impl Registry {
         self.publish_except(topic, payload, None)
     }
 
-    /// [`Registry::publish`], skipping `except` (the sender), which is not counted. With the
-    /// PostgreSQL backend enabled, the publish is also notified to other registries, and a
-    /// payload that a notification cannot carry is refused before anything is written.
+    /// [`Registry::publish`], skipping `except` (the sender), which is not counted. With a
+    /// broker enabled, the publish is also forwarded to other registries, and a payload that
+    /// the engine cannot carry is refused before anything is written.
     pub fn publish_except(
         &self,
         topic: &[u8],
@@ -297,19 +338,18 @@ impl Registry {
         except: Option<RawFd>,
     ) -> Result<usize, Error> {
         check_topic(topic)?;
-        #[cfg(feature = "pg")]
-        let notification = if self.pg_enabled.load(Ordering::Acquire) {
-            Some(wire::encode(topic, payload)?)
+        let broker = if self.broker_enabled.load(Ordering::Acquire) {
+            self.broker.read().clone()
         } else {
             None
         };
+        if let Some(broker) = &broker {
+            broker.check(topic, payload)?;
+        }
         let matched = self.deliver_local(topic, payload, except)?;
         self.counters.publishes.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "pg")]
-        if let Some(notification) = notification {
-            if let Some(backend) = self.pg.lock().as_mut() {
-                backend.notify(notification, &self.reactor);
-            }
+        if let Some(broker) = broker {
+            broker.publish(topic, payload, &self.reactor);
         }
         Ok(matched)
     }
@@ -537,9 +577,8 @@ impl Registry {
         };
         let wakeups = self.reactor.wait(timeout, &mut ready)?;
         let mut served = 0;
-        #[cfg(feature = "pg")]
         if wakeups.backend || wakeups.timer {
-            served += self.pg_service();
+            served += self.broker_service();
         }
         if wakeups.timer {
             // Batch members are not idle and get no heartbeat: end the batches first, so
@@ -615,10 +654,13 @@ impl Registry {
     /// The index's write lock, taken only after the corked batches are spilled into the
     /// outboxes: a change of subscriptions must not change who a gathered frame is for, nor
     /// which fds may take part in a batch (batch.rs).
-    fn write_index(&self) -> RwLockWriteGuard<'_, Index<Peer>> {
+    fn write_index(&self) -> IndexWriter<'_> {
         let index = self.index.write();
         self.spill_batches();
-        index
+        IndexWriter {
+            index: Some(index),
+            registry: self,
+        }
     }
 
     /// Makes a waiting (or the next) `dispatch` return, and `poll_fd` readable until it does.
@@ -699,14 +741,8 @@ impl Registry {
     /// backend's next reconnect.
     fn arm_timer(&self) {
         let heartbeat = self.heartbeat.lock().next_due;
-        #[cfg(feature = "pg")]
-        let reconnect = self
-            .pg
-            .lock()
-            .as_ref()
-            .and_then(|backend| backend.wait().deadline);
-        #[cfg(not(feature = "pg"))]
-        let reconnect = None;
+        let broker = self.broker.read().clone();
+        let reconnect = broker.and_then(|broker| broker.deadline());
         let deadline = match (heartbeat, reconnect) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -966,114 +1002,6 @@ impl Registry {
         if let Some(on_evict) = callback {
             on_evict(peer.fd, reason);
         }
-    }
-}
-
-#[cfg(feature = "pg")]
-impl Registry {
-    /// Connects to PostgreSQL (a libpq conninfo string or `postgresql://` URI; TLS per
-    /// `sslmode`) and LISTENs on `channel`, returning once the LISTEN is in effect. From then
-    /// on every publish is also notified on the channel, and other registries' notifications
-    /// are delivered to local subscribers by `dispatch` (or [`Registry::pg_poll_once`]).
-    pub fn pg_enable(&self, conninfo: &str, channel: &str) -> Result<(), Error> {
-        let mut slot = self.pg.lock();
-        if slot.is_some() {
-            return Err(Error::Already(
-                "the PostgreSQL backend is already enabled: disable it first",
-            ));
-        }
-        *slot = Some(PgBackend::enable(conninfo, channel, &self.reactor)?);
-        self.pg_enabled.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    /// UNLISTENs and disconnects; the registry is local-only again. A no-op when disabled.
-    pub fn pg_disable(&self) {
-        let mut slot = self.pg.lock();
-        self.pg_enabled.store(false, Ordering::Release);
-        if let Some(mut backend) = slot.take() {
-            backend.shut_down(&self.reactor);
-        }
-        drop(slot);
-        self.arm_timer();
-    }
-
-    /// Waits up to `timeout` (`None`: forever) for notifications from other registries and
-    /// delivers them; returns how many it delivered. For hosts that drive the backend
-    /// themselves; `dispatch` does the same as part of its work.
-    pub fn pg_poll_once(&self, timeout: Option<Duration>) -> Result<usize, Error> {
-        let deadline = timeout.map(|timeout| Instant::now() + timeout);
-        loop {
-            let wait = {
-                let mut slot = self.pg.lock();
-                slot.as_mut().ok_or(Error::NotEnabled)?.wait()
-            };
-            let delivered = self.pg_service();
-            let now = Instant::now();
-            if delivered > 0 || deadline.is_some_and(|deadline| now >= deadline) {
-                return Ok(delivered);
-            }
-            let until = match (deadline, wait.deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let wait_for = until.map(|until| until.saturating_duration_since(now));
-            match wait.socket {
-                Some((socket, for_write)) => {
-                    io::wait_fd(socket, for_write, wait_for)?;
-                }
-                None => std::thread::sleep(wait_for.unwrap_or(Duration::from_millis(100))),
-            }
-        }
-    }
-
-    /// The PostgreSQL backend's counters (all zero when it was never enabled).
-    pub fn pg_stats(&self) -> PgStats {
-        self.pg
-            .lock()
-            .as_ref()
-            .map(PgBackend::stats)
-            .unwrap_or_default()
-    }
-
-    /// Lets the backend do its pending work, then delivers what it received, with no lock
-    /// held. Returns how many notifications were delivered.
-    fn pg_service(&self) -> usize {
-        let mut received = Vec::new();
-        {
-            let mut slot = self.pg.lock();
-            let Some(backend) = slot.as_mut() else {
-                return 0;
-            };
-            backend.advance(&self.reactor, &mut received);
-        }
-        self.arm_timer();
-        for notification in &received {
-            if let Some((topic, payload)) = wire::decode(notification) {
-                // A payload a local subscriber cannot take (invalid UTF-8 from a server
-                // whose encoding is not UTF8) reaches nobody; there is no caller to tell.
-                let _ = self.deliver_local(topic, payload, None);
-            }
-        }
-        received.len()
-    }
-}
-
-/// Without the `pg` feature the backend's entry points exist, and say so.
-#[cfg(not(feature = "pg"))]
-impl Registry {
-    pub fn pg_enable(&self, _conninfo: &str, _channel: &str) -> Result<(), Error> {
-        Err(Error::NotSupported("pg"))
-    }
-
-    pub fn pg_disable(&self) {}
-
-    pub fn pg_poll_once(&self, _timeout: Option<Duration>) -> Result<usize, Error> {
-        Err(Error::NotSupported("pg"))
-    }
-
-    pub fn pg_stats(&self) -> PgStats {
-        PgStats::default()
     }
 }
 

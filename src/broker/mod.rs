@@ -1,0 +1,493 @@
+//! Cross-process fan-out through a message engine: PostgreSQL LISTEN/NOTIFY, Redis pub/sub
+//! and NATS, each behind the [`Engine`] seam, chosen by the URL's scheme.
+//!
+//! The contract every engine keeps:
+//! - it is a non-blocking state machine: `advance` does every piece of work that needs no
+//!   waiting (connection steps, due reconnects, reading, writing) and returns; its socket sits
+//!   in the registry's reactor under the backend token, its deadlines in the reactor's timer;
+//! - it takes its work from [`Outbound`]: changes of interest always (it keeps the set of
+//!   topics it should be subscribed to, and re-issues them after a reconnect), publishes only
+//!   when it can send them, so that publishes made while it is down wait in the bounded queue;
+//! - what it receives from other publishers it appends to `received`, and the registry
+//!   delivers them with no broker lock held.
+//!
+//! Locks: `Outbound`'s queue is a leaf, held only to queue or take. `engine` is held while
+//! the engine does non-blocking I/O, by `dispatch` or by a publisher that finds it free
+//! (`try_lock`): a publisher never waits for another thread's I/O. Whoever releases the
+//! engine looks at the queue again, so nothing queued meanwhile is stranded.
+
+#[cfg(feature = "pg")]
+mod libpq;
+#[cfg(feature = "nats")]
+pub(crate) mod nats;
+mod outbound;
+#[cfg(feature = "pg")]
+mod pg;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(any(feature = "redis", feature = "nats"))]
+mod stream;
+pub(crate) mod topic;
+mod url;
+#[cfg(feature = "pg")]
+pub(crate) mod wire;
+
+use std::ops::Range;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::error::Error;
+use crate::io;
+use crate::reactor::Reactor;
+pub(crate) use outbound::Outbound;
+use outbound::{InterestChange, Publishes};
+
+/// Counters of a broker, whichever its engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    /// Publishes the engine took: confirmed by the server (PostgreSQL, Redis), or written to
+    /// the socket (NATS, which confirms nothing).
+    pub published: u64,
+    /// Messages from other publishers delivered to local subscribers.
+    pub received: u64,
+    /// This registry's own publishes, come back and ignored.
+    pub ignored: u64,
+    /// Messages the engine delivered that are not in the expected format, ignored.
+    pub malformed: u64,
+    /// Times the connection was re-established after a loss.
+    pub reconnects: u64,
+    /// Publishes waiting to be sent or confirmed now.
+    pub queued: u64,
+    /// Publishes not forwarded: the queue was full, the server refused them, or they were in
+    /// flight when the connection broke.
+    pub dropped: u64,
+    /// 1 while the session is up and subscribed, 0 while connecting or reconnecting.
+    pub connected: u64,
+    /// Topics the engine is subscribed to now (PostgreSQL: 0, it listens on one channel).
+    pub topics: u64,
+}
+
+/// Counters of the PostgreSQL backend, as `fdcast_pg_get_stats` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PgStats {
+    /// Notifications the server confirmed.
+    pub sent: u64,
+    /// Notifications from other registries delivered to local subscribers.
+    pub received: u64,
+    /// This registry's own notifications, come back and ignored.
+    pub ignored_self: u64,
+    /// Notifications on the channel not in the `<len>:<topic><payload>` format, ignored.
+    pub malformed: u64,
+    /// Times the connection was re-established after a loss.
+    pub reconnects: u64,
+    /// Notifications waiting to be sent or confirmed now.
+    pub queued: u64,
+    /// 1 while the LISTEN is in effect, 0 while connecting or reconnecting.
+    pub connected: u64,
+    /// Notifications not forwarded: the queue was full, or the server refused them.
+    pub dropped: u64,
+}
+
+impl From<BrokerStats> for PgStats {
+    fn from(stats: BrokerStats) -> PgStats {
+        PgStats {
+            sent: stats.published,
+            received: stats.received,
+            ignored_self: stats.ignored,
+            malformed: stats.malformed,
+            reconnects: stats.reconnects,
+            queued: stats.queued,
+            connected: stats.connected,
+            dropped: stats.dropped,
+        }
+    }
+}
+
+/// One message from another publisher: a buffer holding its topic and payload.
+pub(crate) struct Received {
+    pub(crate) buffer: Vec<u8>,
+    pub(crate) topic: Range<usize>,
+    pub(crate) payload: Range<usize>,
+}
+
+impl Received {
+    pub(crate) fn new(topic: &[u8], payload: &[u8]) -> Received {
+        let mut buffer = Vec::with_capacity(topic.len() + payload.len());
+        buffer.extend_from_slice(topic);
+        buffer.extend_from_slice(payload);
+        Received {
+            buffer,
+            topic: 0..topic.len(),
+            payload: topic.len()..topic.len() + payload.len(),
+        }
+    }
+
+    pub(crate) fn topic(&self) -> &[u8] {
+        &self.buffer[self.topic.clone()]
+    }
+
+    pub(crate) fn payload(&self) -> &[u8] {
+        &self.buffer[self.payload.clone()]
+    }
+}
+
+/// What an engine works with during one turn.
+pub(crate) struct Context<'a> {
+    pub(crate) reactor: &'a Reactor,
+    pub(crate) outbound: &'a Outbound,
+    pub(crate) received: &'a mut Vec<Received>,
+}
+
+impl Context<'_> {
+    /// Takes the queued changes of interest, and the publishes too when `publishes` is given.
+    pub(crate) fn take(
+        &self,
+        interest: &mut Vec<InterestChange>,
+        publishes: Option<&mut Publishes>,
+    ) {
+        self.outbound.take(interest, publishes);
+    }
+}
+
+/// Where an engine waits next: a socket (and whether for writing too), and a deadline.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Wait {
+    pub(crate) socket: Option<(RawFd, bool)>,
+    pub(crate) deadline: Option<Instant>,
+}
+
+/// One engine's connection and protocol (see the module's contract).
+pub(crate) trait Engine: Send {
+    /// Does every piece of work that needs no waiting.
+    fn advance(&mut self, cx: &mut Context<'_>);
+    /// A publisher's turn: takes what is queued and writes what the socket takes now, without
+    /// reading (received messages are for `dispatch` to deliver).
+    fn write(&mut self, cx: &mut Context<'_>);
+    /// What `advance` waits for now.
+    fn wait(&self) -> Wait;
+    /// Connected, with every topic of interest (or the channel) subscribed and confirmed.
+    fn is_ready(&self) -> bool;
+    /// Why the last connection attempt failed, once.
+    fn take_failure(&mut self) -> Option<Error>;
+    /// The engine's own counters (the queue's are added by the broker).
+    fn stats(&self) -> BrokerStats;
+    /// Unsubscribes, pushes out what is still buffered (for up to a second), disconnects.
+    fn shut_down(&mut self, reactor: &Reactor);
+}
+
+/// What an engine can carry, checked before a publish writes anything.
+pub(crate) enum Limits {
+    /// PostgreSQL NOTIFY: the Tep::Broadcast notification (wire.rs) under 8000 bytes, UTF-8
+    /// without NUL.
+    #[cfg(feature = "pg")]
+    Notify,
+    /// A payload of at most this many bytes; engines that learn it from the server update it.
+    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
+    Payload(std::sync::Arc<std::sync::atomic::AtomicUsize>),
+}
+
+/// A connected engine with its queue.
+pub(crate) struct Broker {
+    outbound: Outbound,
+    engine: Mutex<Box<dyn Engine>>,
+    limits: Limits,
+    /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
+    routes_interest: bool,
+    /// The engine's name, for messages: "PostgreSQL", "Redis", "NATS".
+    kind: &'static str,
+}
+
+/// How long `enable` waits for the connection and the subscriptions, unless the URL says.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The engine a URL names, before connecting.
+pub(crate) enum Scheme {
+    Postgres,
+    Redis,
+    RedisCluster,
+    Nats,
+}
+
+impl Scheme {
+    /// The engine for `url`: by its scheme, or PostgreSQL for a libpq `key=value` conninfo.
+    pub(crate) fn of(url: &str) -> Result<Scheme, Error> {
+        let Some((scheme, _)) = url.split_once("://") else {
+            if url.contains('=') {
+                return Ok(Scheme::Postgres);
+            }
+            return Err(Error::InvalidArgument(
+                "the broker URL has no scheme (postgresql://, redis://, redis+cluster://, nats://)",
+            ));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "postgresql" | "postgres" => Ok(Scheme::Postgres),
+            "redis" | "rediss" => Ok(Scheme::Redis),
+            "redis+cluster" | "rediss+cluster" => Ok(Scheme::RedisCluster),
+            "nats" | "tls" => Ok(Scheme::Nats),
+            _ => Err(Error::InvalidArgument(
+                "unknown broker scheme (postgresql://, redis://, redis+cluster://, nats://)",
+            )),
+        }
+    }
+}
+
+impl Broker {
+    /// Connects to the engine `scheme` names at `url` and completes the session handshake,
+    /// blocking the caller (not any registry lock) up to the connect timeout; `name` is the
+    /// PostgreSQL channel, or the Redis channel / NATS subject prefix. Returns the broker and
+    /// the deadline by which `settle` should finish the subscriptions.
+    pub(crate) fn connect(
+        scheme: Scheme,
+        url: &str,
+        name: &str,
+        reactor: &Reactor,
+    ) -> Result<(Broker, Instant), Error> {
+        let mut timeout = DEFAULT_CONNECT_TIMEOUT;
+        let (engine, limits, routes_interest, kind): (Box<dyn Engine>, Limits, bool, &str) =
+            match scheme {
+                #[cfg(feature = "pg")]
+                Scheme::Postgres => {
+                    let engine = pg::PgEngine::new(url, name)?;
+                    timeout = engine.connect_timeout();
+                    (Box::new(engine), Limits::Notify, false, "PostgreSQL")
+                }
+                #[cfg(feature = "redis")]
+                Scheme::Redis => {
+                    let (engine, limit) = redis::engine(url, name)?;
+                    (engine, Limits::Payload(limit), true, "Redis")
+                }
+                #[cfg(feature = "nats")]
+                Scheme::Nats => {
+                    let (engine, limit) = nats::engine(url, name)?;
+                    (engine, Limits::Payload(limit), true, "NATS")
+                }
+                #[cfg(not(feature = "pg"))]
+                Scheme::Postgres => return Err(Error::NotSupported("pg")),
+                #[cfg(not(feature = "redis"))]
+                Scheme::Redis => return Err(Error::NotSupported("redis")),
+                #[cfg(not(feature = "nats"))]
+                Scheme::Nats => return Err(Error::NotSupported("nats")),
+                Scheme::RedisCluster => return Err(Error::NotSupported("redis-cluster")),
+            };
+        let deadline = Instant::now() + timeout;
+        let broker = Broker {
+            outbound: Outbound::default(),
+            engine: Mutex::new(engine),
+            limits,
+            routes_interest,
+            kind,
+        };
+        let mut ignored = Vec::new();
+        if let Err(err) = broker.settle(reactor, deadline, &mut ignored) {
+            broker.engine.lock().shut_down(reactor);
+            return Err(err);
+        }
+        Ok((broker, deadline))
+    }
+
+    /// Drives the engine, blocking the caller, until it is ready (connected, and every topic
+    /// of interest subscribed) or `deadline` passes. Messages received meanwhile are appended
+    /// to `received`.
+    pub(crate) fn settle(
+        &self,
+        reactor: &Reactor,
+        deadline: Instant,
+        received: &mut Vec<Received>,
+    ) -> Result<(), Error> {
+        loop {
+            let wait = {
+                let mut engine = self.engine.lock();
+                engine.advance(&mut Context {
+                    reactor,
+                    outbound: &self.outbound,
+                    received,
+                });
+                if engine.is_ready() && !self.outbound.is_dirty() {
+                    return Ok(());
+                }
+                if let Some(failure) = engine.take_failure() {
+                    return Err(failure);
+                }
+                engine.wait()
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Unreachable(format!(
+                    "{}: no session within the connect timeout",
+                    self.kind
+                )));
+            }
+            let until = wait.deadline.map_or(deadline, |due| due.min(deadline));
+            match wait.socket {
+                Some((socket, for_write)) => {
+                    io::wait_fd(socket, for_write, Some(until - now))?;
+                }
+                None => std::thread::sleep((until - now).min(Duration::from_millis(50))),
+            }
+        }
+    }
+
+    pub(crate) fn routes_interest(&self) -> bool {
+        self.routes_interest
+    }
+
+    pub(crate) fn is_postgres(&self) -> bool {
+        self.kind == "PostgreSQL"
+    }
+
+    /// Refuses, before anything is written anywhere, a publish the engine cannot carry.
+    pub(crate) fn check(&self, topic: &[u8], payload: &[u8]) -> Result<(), Error> {
+        match &self.limits {
+            #[cfg(feature = "pg")]
+            Limits::Notify => wire::check(topic, payload),
+            Limits::Payload(limit) => {
+                let limit = limit.load(std::sync::atomic::Ordering::Relaxed);
+                if payload.len() > limit {
+                    return Err(Error::PayloadTooLarge {
+                        engine: self.kind,
+                        limit,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a publish (already checked) and, if no other thread is driving the engine,
+    /// writes what is queued. Never waits for the server or for another thread's I/O.
+    pub(crate) fn publish(&self, topic: &[u8], payload: &[u8], reactor: &Reactor) {
+        if self.outbound.push_publish(topic, payload) {
+            self.drive(reactor, false, &mut Vec::new());
+        }
+    }
+
+    /// Records that `topic` gained its first local subscriber or lost its last. Called under
+    /// the registry's index lock, so it only queues; [`Broker::kick`] writes it out.
+    pub(crate) fn interest(&self, topic: &[u8], subscribe: bool) {
+        if self.routes_interest {
+            self.outbound.push_interest(topic, subscribe);
+        }
+    }
+
+    /// Writes what is queued if no other thread is driving the engine.
+    pub(crate) fn kick(&self, reactor: &Reactor) {
+        if self.outbound.is_dirty() {
+            self.drive(reactor, false, &mut Vec::new());
+        }
+    }
+
+    /// `dispatch`'s turn: every piece of work that needs no waiting; returns what arrived.
+    pub(crate) fn service(&self, reactor: &Reactor, received: &mut Vec<Received>) {
+        self.drive(reactor, true, received);
+    }
+
+    /// Runs the engine: waiting for the lock when `full` (dispatch), else only if it is free;
+    /// then again, if free, for as long as something was queued meanwhile.
+    fn drive(&self, reactor: &Reactor, full: bool, received: &mut Vec<Received>) {
+        let mut engine = if full {
+            self.engine.lock()
+        } else {
+            match self.engine.try_lock() {
+                Some(engine) => engine,
+                None => return,
+            }
+        };
+        loop {
+            let mut cx = Context {
+                reactor,
+                outbound: &self.outbound,
+                received,
+            };
+            if full {
+                engine.advance(&mut cx);
+            } else {
+                engine.write(&mut cx);
+            }
+            drop(engine);
+            // A push that found the engine busy relies on this look.
+            if !self.outbound.is_dirty() {
+                return;
+            }
+            engine = match self.engine.try_lock() {
+                Some(engine) => engine,
+                None => return,
+            };
+        }
+    }
+
+    /// What the engine waits for; for hosts that drive the broker themselves.
+    pub(crate) fn wait(&self) -> Wait {
+        self.engine.lock().wait()
+    }
+
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.engine.lock().wait().deadline
+    }
+
+    pub(crate) fn stats(&self) -> BrokerStats {
+        let engine = self.engine.lock().stats();
+        let (queued, dropped) = self.outbound.counts();
+        BrokerStats {
+            queued: engine.queued + queued,
+            dropped: engine.dropped + dropped,
+            ..engine
+        }
+    }
+
+    pub(crate) fn shut_down(&self, reactor: &Reactor) {
+        let mut engine = self.engine.lock();
+        // What is still queued goes out first, as far as the engine can send it now.
+        engine.write(&mut Context {
+            reactor,
+            outbound: &self.outbound,
+            received: &mut Vec::new(),
+        });
+        engine.shut_down(reactor);
+    }
+}
+
+/// Doubles a reconnect delay, up to `MAX_RETRY`.
+pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(100);
+pub(crate) const MAX_RETRY: Duration = Duration::from_secs(5);
+
+pub(crate) fn next_retry(delay: Duration) -> Duration {
+    (delay * 2).min(MAX_RETRY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_picks_the_engine() {
+        assert!(matches!(
+            Scheme::of("postgresql://h/db"),
+            Ok(Scheme::Postgres)
+        ));
+        assert!(matches!(
+            Scheme::of("postgres://h/db"),
+            Ok(Scheme::Postgres)
+        ));
+        assert!(matches!(
+            Scheme::of("host=h dbname=test"),
+            Ok(Scheme::Postgres)
+        ));
+        assert!(matches!(Scheme::of("redis://h:1/0"), Ok(Scheme::Redis)));
+        assert!(matches!(Scheme::of("REDISS://h"), Ok(Scheme::Redis)));
+        assert!(matches!(
+            Scheme::of("redis+cluster://a:1,b:2"),
+            Ok(Scheme::RedisCluster)
+        ));
+        assert!(matches!(Scheme::of("nats://h"), Ok(Scheme::Nats)));
+        assert!(matches!(Scheme::of("tls://h"), Ok(Scheme::Nats)));
+        for bad in ["", "h:1", "http://h", "kafka://h"] {
+            assert_eq!(
+                Scheme::of(bad).err().map(|e| e.errno()),
+                Some(libc::EINVAL),
+                "{bad}"
+            );
+        }
+    }
+}

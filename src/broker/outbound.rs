@@ -1,0 +1,217 @@
+//! What the registry hands a broker: publishes to forward and changes of interest, queued
+//! under a short lock by any thread and taken in bulk by whichever thread drives the engine.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+/// Publishes waiting for the engine, at most; beyond, they are dropped and counted (the local
+/// delivery still happens).
+pub(crate) const MAX_QUEUED_PUBLISHES: usize = 65_536;
+/// Bytes of publishes waiting for the engine, at most (topics and payloads).
+pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Publishes in order, in one buffer: per publish the topic's and the payload's length (u32,
+/// native order), then their bytes. One allocation however many publishes.
+#[derive(Default)]
+pub(crate) struct Publishes {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+const HEADER: usize = 8;
+
+impl Publishes {
+    pub(crate) fn push(&mut self, topic: &[u8], payload: &[u8]) {
+        self.bytes.reserve(HEADER + topic.len() + payload.len());
+        self.bytes
+            .extend_from_slice(&(topic.len() as u32).to_ne_bytes());
+        self.bytes
+            .extend_from_slice(&(payload.len() as u32).to_ne_bytes());
+        self.bytes.extend_from_slice(topic);
+        self.bytes.extend_from_slice(payload);
+        self.count += 1;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.count
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub(crate) fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Empties the queue, keeping its buffer for reuse.
+    pub(crate) fn clear(&mut self) {
+        self.bytes.clear();
+        self.count = 0;
+    }
+
+    /// The publishes in order, as (topic, payload).
+    pub(crate) fn iter(&self) -> PublishIter<'_> {
+        PublishIter { rest: &self.bytes }
+    }
+
+    /// Appends every publish of `other`, in order, and empties it.
+    pub(crate) fn append(&mut self, other: &mut Publishes) {
+        if self.is_empty() {
+            std::mem::swap(self, other);
+            return;
+        }
+        self.bytes.extend_from_slice(&other.bytes);
+        self.count += other.count;
+        other.clear();
+    }
+
+    /// Drops the first `n` publishes.
+    pub(crate) fn drop_front(&mut self, n: usize) {
+        let mut cut = 0;
+        let mut iter = self.iter();
+        for _ in 0..n.min(self.count) {
+            let before = iter.rest.len();
+            iter.next();
+            cut += before - iter.rest.len();
+        }
+        self.bytes.drain(..cut);
+        self.count -= n.min(self.count);
+    }
+}
+
+pub(crate) struct PublishIter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for PublishIter<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.len() < HEADER {
+            return None;
+        }
+        let (header, rest) = self.rest.split_at(HEADER);
+        let topic_len = u32::from_ne_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+        let payload_len = u32::from_ne_bytes(header[4..].try_into().expect("4 bytes")) as usize;
+        let (topic, rest) = rest.split_at(topic_len);
+        let (payload, rest) = rest.split_at(payload_len);
+        self.rest = rest;
+        Some((topic, payload))
+    }
+}
+
+/// A topic gained its first local subscriber (`subscribe: true`) or lost its last.
+pub(crate) struct InterestChange {
+    pub(crate) topic: Box<[u8]>,
+    pub(crate) subscribe: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    publishes: Publishes,
+    interest: Vec<InterestChange>,
+    dropped: u64,
+}
+
+/// The queue between the registry and the engine.
+#[derive(Default)]
+pub(crate) struct Outbound {
+    queue: Mutex<Queue>,
+    /// Set by every push, cleared when the engine takes: whether the engine has something to
+    /// look at that it has not seen.
+    dirty: AtomicBool,
+}
+
+impl Outbound {
+    /// Queues a publish; false (and counted as dropped) when the queue is full.
+    pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
+        let mut queue = self.queue.lock();
+        if queue.publishes.len() >= MAX_QUEUED_PUBLISHES
+            || queue.publishes.byte_len() + topic.len() + payload.len() > MAX_QUEUED_BYTES
+        {
+            queue.dropped += 1;
+            return false;
+        }
+        queue.publishes.push(topic, payload);
+        self.dirty.store(true, Ordering::Release);
+        true
+    }
+
+    pub(crate) fn push_interest(&self, topic: &[u8], subscribe: bool) {
+        self.queue.lock().interest.push(InterestChange {
+            topic: Box::from(topic),
+            subscribe,
+        });
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// Takes the interest changes, and the publishes too if `with_publishes` (an engine that
+    /// cannot send them now leaves them queued).
+    pub(crate) fn take(
+        &self,
+        interest: &mut Vec<InterestChange>,
+        publishes: Option<&mut Publishes>,
+    ) {
+        let mut queue = self.queue.lock();
+        self.dirty.store(false, Ordering::Release);
+        interest.append(&mut queue.interest);
+        if let Some(publishes) = publishes {
+            publishes.append(&mut queue.publishes);
+        }
+    }
+
+    /// Publishes waiting, and publishes dropped because the queue was full.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        let queue = self.queue.lock();
+        (queue.publishes.len() as u64, queue.dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishes_come_out_in_order_with_their_bytes() {
+        let mut publishes = Publishes::default();
+        publishes.push(b"a", b"");
+        publishes.push(b"topic\0x", b"payload");
+        publishes.push(&[0xff; 3], &[1, 2, 3, 4]);
+        let seen: Vec<_> = publishes.iter().collect();
+        assert_eq!(
+            seen,
+            vec![
+                (&b"a"[..], &b""[..]),
+                (&b"topic\0x"[..], &b"payload"[..]),
+                (&[0xff; 3][..], &[1, 2, 3, 4][..]),
+            ]
+        );
+        publishes.drop_front(2);
+        assert_eq!(publishes.len(), 1);
+        assert_eq!(
+            publishes.iter().next(),
+            Some((&[0xff; 3][..], &[1, 2, 3, 4][..]))
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        let outbound = Outbound::default();
+        for _ in 0..MAX_QUEUED_PUBLISHES {
+            assert!(outbound.push_publish(b"t", b"x"));
+        }
+        assert!(!outbound.push_publish(b"t", b"x"));
+        assert_eq!(outbound.counts(), (MAX_QUEUED_PUBLISHES as u64, 1));
+        let mut taken = Publishes::default();
+        outbound.take(&mut Vec::new(), Some(&mut taken));
+        assert_eq!(taken.len(), MAX_QUEUED_PUBLISHES);
+        assert!(!outbound.is_dirty());
+        assert!(outbound.push_publish(b"t", b"x"));
+    }
+}

@@ -1,0 +1,494 @@
+//! Cross-process fan-out through PostgreSQL LISTEN/NOTIFY, wire-compatible with
+//! Tep::Broadcast workers (see `wire`).
+//!
+//! One connection per registry, in libpq's non-blocking pipeline mode. Publishes go out in
+//! batches: each publish is one `SELECT pg_notify($1, $2)`, and one pipeline sync ends a batch,
+//! so a batch commits as one transaction and many publishes share a round trip. PostgreSQL
+//! folds identical notifications (same channel and payload) within one transaction, so a
+//! batch is cut before a notification that would repeat one already in it: every publish
+//! still reaches every listener once. A publish never waits for a round trip. The
+//! connection's socket sits in the registry's poller; a lost connection is re-established
+//! with capped exponential backoff, driven by the reactor's timer, and LISTEN re-issued.
+//! While the connection is down, publishes wait in the broker's bounded queue and go out
+//! after the reconnect. Batches handed to the server when the connection broke may or may
+//! not have been delivered: LISTEN/NOTIFY is at-most-once across an outage.
+
+use std::collections::{HashSet, VecDeque};
+use std::ffi::CString;
+use std::hash::{BuildHasher, RandomState};
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use mio::Interest;
+
+use super::libpq::{self, ConnectProgress, Connection, FlushProgress, ResultKind};
+use super::outbound::{InterestChange, Publishes};
+use super::{
+    BrokerStats, Context, Engine, FIRST_RETRY, MAX_RETRY, Received, Wait, next_retry, wire,
+};
+use crate::error::Error;
+use crate::io;
+use crate::reactor::Reactor;
+
+/// How long `enable` waits for the connection and the LISTEN, unless the conninfo sets
+/// `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Notifications handed to libpq whose batch the server has not confirmed, at most; beyond,
+/// publishes wait in the broker's queue.
+const MAX_UNCONFIRMED: usize = 65_536;
+/// Notifications per batch (one transaction), at most.
+const MAX_BATCH: usize = 1024;
+/// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
+const MAX_CHANNEL_LEN: usize = 63;
+
+const NOTIFY_SQL: &std::ffi::CStr = c"SELECT pg_notify($1, $2)";
+
+enum Phase {
+    /// No connection; the next attempt is due at `retry_at`.
+    Down { retry_at: Instant },
+    /// PQconnectPoll in progress.
+    Connecting(Connection),
+    /// Connected; LISTEN sent, its confirmation awaited.
+    Subscribing(Connection),
+    /// Listening; notifications flow both ways.
+    Ready(Connection),
+}
+
+pub(crate) struct PgEngine {
+    conninfo: CString,
+    channel: CString,
+    connect_timeout: Duration,
+    phase: Phase,
+    /// Per batch handed to libpq whose sync has not come back: how many notifications it
+    /// holds (the LISTEN counts as a batch of 0).
+    unconfirmed: VecDeque<usize>,
+    /// Notifications in `unconfirmed`.
+    unconfirmed_notifications: usize,
+    /// The batch being written: its notifications' hashes, to cut it before a repeat.
+    open_batch: HashSet<u64>,
+    hasher: RandomState,
+    publishes: Publishes,
+    interest: Vec<InterestChange>,
+    /// The backend pid of the current connection, to recognise our own notifications.
+    own_pid: i32,
+    /// The socket registered with the reactor, and whether for writing too.
+    watched: Option<(RawFd, bool)>,
+    /// Whether a statement of the batch whose results are being read failed.
+    batch_failed: bool,
+    retry_delay: Duration,
+    /// Why the last connection attempt failed, for `enable` to report.
+    last_failure: Option<Error>,
+    connected_before: bool,
+    stats: BrokerStats,
+}
+
+impl PgEngine {
+    /// Validates the conninfo and the channel; connecting is `advance`'s job.
+    pub(crate) fn new(conninfo: &str, channel: &str) -> Result<PgEngine, Error> {
+        let conninfo = libpq::c_string(conninfo)
+            .ok_or(Error::InvalidArgument("conninfo contains a NUL byte"))?;
+        let settings = libpq::parse_conninfo(&conninfo).map_err(Error::InvalidConninfo)?;
+        if channel.is_empty() || channel.len() > MAX_CHANNEL_LEN {
+            return Err(Error::InvalidArgument("a channel name is 1 to 63 bytes"));
+        }
+        let channel = libpq::c_string(channel).ok_or(Error::InvalidArgument(
+            "the channel name contains a NUL byte",
+        ))?;
+        let connect_timeout = settings
+            .connect_timeout_secs
+            .filter(|&secs| secs > 0)
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |secs| {
+                Duration::from_secs(secs.max(2))
+            });
+        Ok(PgEngine {
+            conninfo,
+            channel,
+            connect_timeout,
+            phase: Phase::Down {
+                retry_at: Instant::now(),
+            },
+            unconfirmed: VecDeque::new(),
+            unconfirmed_notifications: 0,
+            open_batch: HashSet::new(),
+            hasher: RandomState::new(),
+            publishes: Publishes::default(),
+            interest: Vec::new(),
+            own_pid: 0,
+            watched: None,
+            batch_failed: false,
+            retry_delay: FIRST_RETRY,
+            last_failure: None,
+            connected_before: false,
+            stats: BrokerStats::default(),
+        })
+    }
+
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    fn phase_name(&self) -> u8 {
+        match self.phase {
+            Phase::Down { .. } => 0,
+            Phase::Connecting(_) => 1,
+            Phase::Subscribing(_) => 2,
+            Phase::Ready(_) => 3,
+        }
+    }
+
+    fn start_connecting(&mut self, reactor: &Reactor) {
+        match Connection::start(&self.conninfo) {
+            Ok(connection) => {
+                self.phase = Phase::Connecting(connection);
+                self.watch(reactor, true);
+            }
+            Err(message) => self.fail(reactor, Error::Unreachable(message)),
+        }
+    }
+
+    /// Connected: enter pipeline mode and LISTEN.
+    fn subscribe(&mut self, reactor: &Reactor) {
+        let Phase::Connecting(connection) = &mut self.phase else {
+            return;
+        };
+        if !connection.enter_nonblocking_pipeline() {
+            let message = connection.error_message();
+            return self.fail(reactor, Error::Backend(message));
+        }
+        let channel = self.channel.to_string_lossy().into_owned();
+        let Some(listen) = connection
+            .quote_identifier(&channel)
+            .and_then(|quoted| libpq::c_string(&format!("LISTEN {quoted}")))
+        else {
+            let message = connection.error_message();
+            return self.fail(reactor, Error::Backend(message));
+        };
+        if !connection.send_statement(&listen, &[]) {
+            let message = connection.error_message();
+            return self.fail(reactor, Error::Backend(message));
+        }
+        self.own_pid = connection.backend_pid();
+        let Phase::Connecting(connection) = std::mem::replace(
+            &mut self.phase,
+            Phase::Down {
+                retry_at: Instant::now(),
+            },
+        ) else {
+            unreachable!("matched above");
+        };
+        self.phase = Phase::Subscribing(connection);
+        self.unconfirmed.clear();
+        self.unconfirmed.push_back(0);
+        self.unconfirmed_notifications = 0;
+        self.flush_output(reactor);
+    }
+
+    /// Reads results and notifications, and writes what is queued.
+    fn exchange(&mut self, cx: &mut Context<'_>) {
+        let reactor = cx.reactor;
+        let (Phase::Subscribing(connection) | Phase::Ready(connection)) = &mut self.phase else {
+            return;
+        };
+        // The socket is edge-triggered: read until it has nothing more.
+        loop {
+            if !connection.consume_input() {
+                let message = connection.error_message();
+                return self.fail(reactor, Error::Backend(message));
+            }
+            match io::wait_fd(connection.socket(), false, Some(Duration::ZERO)) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        let mut listening = matches!(self.phase, Phase::Ready(_));
+        let mut failure = None;
+        let (Phase::Subscribing(connection) | Phase::Ready(connection)) = &mut self.phase else {
+            return;
+        };
+        let mut ends_in_a_row = 0;
+        while !self.unconfirmed.is_empty() && !connection.is_busy() && ends_in_a_row < 2 {
+            match connection.next_result() {
+                None => ends_in_a_row += 1,
+                Some(kind) => {
+                    ends_in_a_row = 0;
+                    match kind {
+                        ResultKind::Ok => {}
+                        ResultKind::Error(message) => {
+                            self.batch_failed = true;
+                            if !listening {
+                                failure = Some(Error::Backend(format!("LISTEN failed: {message}")));
+                            }
+                        }
+                        ResultKind::PipelineAborted => self.batch_failed = true,
+                        ResultKind::PipelineSync => {
+                            let notifications = self.unconfirmed.pop_front().unwrap_or(0);
+                            self.unconfirmed_notifications -= notifications;
+                            if !listening {
+                                listening = true;
+                            } else if self.batch_failed {
+                                // The batch's transaction rolled back: none of it was sent.
+                                self.stats.dropped += notifications as u64;
+                            } else {
+                                self.stats.published += notifications as u64;
+                            }
+                            self.batch_failed = false;
+                        }
+                    }
+                }
+            }
+        }
+        while let Some(notification) = connection.next_notification() {
+            if notification.sender_pid == self.own_pid {
+                self.stats.ignored += 1;
+            } else if let Some((topic, payload)) = wire::decode_ranges(&notification.payload) {
+                self.stats.received += 1;
+                cx.received.push(Received {
+                    buffer: notification.payload,
+                    topic,
+                    payload,
+                });
+            } else {
+                self.stats.malformed += 1;
+            }
+        }
+        if connection.is_bad() {
+            let message = connection.error_message();
+            return self.fail(reactor, Error::Backend(message));
+        }
+        if let Some(failure) = failure {
+            return self.fail(reactor, failure);
+        }
+        if listening && matches!(self.phase, Phase::Subscribing(_)) {
+            self.become_ready();
+        }
+    }
+
+    fn become_ready(&mut self) {
+        let phase = std::mem::replace(
+            &mut self.phase,
+            Phase::Down {
+                retry_at: Instant::now(),
+            },
+        );
+        if let Phase::Subscribing(connection) = phase {
+            self.phase = Phase::Ready(connection);
+            self.retry_delay = FIRST_RETRY;
+            if self.connected_before {
+                self.stats.reconnects += 1;
+            }
+            self.connected_before = true;
+        }
+    }
+
+    /// Takes the broker's queue while the LISTEN is in effect and there is room, and hands
+    /// the publishes to libpq in batches.
+    fn send_queued(&mut self, cx: &Context<'_>) {
+        let room = matches!(self.phase, Phase::Ready(_))
+            && self.unconfirmed_notifications + self.publishes.len() < MAX_UNCONFIRMED;
+        cx.take(&mut self.interest, room.then_some(&mut self.publishes));
+        // One channel carries every topic: interest changes need nothing from PostgreSQL.
+        self.interest.clear();
+        let Phase::Ready(connection) = &mut self.phase else {
+            return;
+        };
+        let mut sent = 0;
+        let mut batch = 0;
+        let mut failed = false;
+        self.open_batch.clear();
+        for (topic, payload) in self.publishes.iter() {
+            // Checked by the broker before the publish was queued.
+            let Ok(notification) = wire::encode(topic, payload) else {
+                self.stats.dropped += 1;
+                sent += 1;
+                continue;
+            };
+            let hash = self.hasher.hash_one(notification.as_bytes());
+            if batch == MAX_BATCH || !self.open_batch.insert(hash) {
+                if !connection.send_sync() {
+                    failed = true;
+                    break;
+                }
+                self.unconfirmed.push_back(batch);
+                self.open_batch.clear();
+                self.open_batch.insert(hash);
+                batch = 0;
+            }
+            let notification = CString::new(notification).expect("wire::encode refuses NUL bytes");
+            if !connection.send_query(NOTIFY_SQL, &[&self.channel, &notification]) {
+                failed = true;
+                break;
+            }
+            batch += 1;
+            self.unconfirmed_notifications += 1;
+            sent += 1;
+        }
+        if batch > 0 && !failed {
+            if connection.send_sync() {
+                self.unconfirmed.push_back(batch);
+            } else {
+                failed = true;
+            }
+        }
+        if failed {
+            let message = connection.error_message();
+            self.publishes.drop_front(sent);
+            return self.fail(cx.reactor, Error::Backend(message));
+        }
+        self.publishes.clear();
+    }
+
+    /// Pushes libpq's output buffer to the socket; watches for writability if it is not all
+    /// gone.
+    fn flush_output(&mut self, reactor: &Reactor) {
+        let (Phase::Subscribing(connection) | Phase::Ready(connection)) = &mut self.phase else {
+            return;
+        };
+        match connection.flush() {
+            FlushProgress::Done => self.watch(reactor, false),
+            FlushProgress::Pending => self.watch(reactor, true),
+            FlushProgress::Failed => {
+                let message = connection.error_message();
+                self.fail(reactor, Error::Backend(message));
+            }
+        }
+    }
+
+    /// Watches the connection's current socket, for reading, and for writing too if asked.
+    fn watch(&mut self, reactor: &Reactor, for_write: bool) {
+        let socket = match &self.phase {
+            Phase::Connecting(connection)
+            | Phase::Subscribing(connection)
+            | Phase::Ready(connection) => connection.socket(),
+            Phase::Down { .. } => return,
+        };
+        let connecting = matches!(self.phase, Phase::Connecting(_));
+        // Re-register at every connection step: libpq may have replaced the socket with a new
+        // one under the same number, which epoll would not know.
+        if !connecting && self.watched == Some((socket, for_write)) {
+            return;
+        }
+        let interest = if for_write {
+            Interest::READABLE.add(Interest::WRITABLE)
+        } else {
+            Interest::READABLE
+        };
+        let previous = self.watched.map(|(previous, _)| previous);
+        if let Err(err) = reactor.watch_backend(previous, socket, interest) {
+            return self.fail(reactor, Error::Io(err));
+        }
+        self.watched = Some((socket, for_write));
+    }
+
+    /// Drops the connection and schedules the next attempt.
+    fn fail(&mut self, reactor: &Reactor, error: Error) {
+        if let Some((socket, _)) = self.watched.take() {
+            reactor.unwatch(socket);
+        }
+        // Batches in flight are lost with the session: at-most-once across an outage.
+        self.stats.dropped += self.unconfirmed_notifications as u64;
+        self.unconfirmed.clear();
+        self.unconfirmed_notifications = 0;
+        self.batch_failed = false;
+        self.phase = Phase::Down {
+            retry_at: Instant::now() + self.retry_delay,
+        };
+        self.retry_delay = next_retry(self.retry_delay);
+        self.last_failure = Some(error);
+    }
+}
+
+impl Engine for PgEngine {
+    fn advance(&mut self, cx: &mut Context<'_>) {
+        loop {
+            let before = self.phase_name();
+            match &mut self.phase {
+                Phase::Down { retry_at } => {
+                    if Instant::now() < *retry_at {
+                        break;
+                    }
+                    self.start_connecting(cx.reactor);
+                }
+                Phase::Connecting(connection) => match connection.poll_connect() {
+                    ConnectProgress::WantRead => self.watch(cx.reactor, false),
+                    ConnectProgress::WantWrite => self.watch(cx.reactor, true),
+                    ConnectProgress::Connected => self.subscribe(cx.reactor),
+                    ConnectProgress::Failed => {
+                        let message = connection.error_message();
+                        self.fail(cx.reactor, Error::Unreachable(message));
+                    }
+                },
+                Phase::Subscribing(_) | Phase::Ready(_) => self.exchange(cx),
+            }
+            if self.phase_name() == before {
+                break;
+            }
+        }
+        self.send_queued(cx);
+        self.flush_output(cx.reactor);
+    }
+
+    fn write(&mut self, cx: &mut Context<'_>) {
+        self.send_queued(cx);
+        self.flush_output(cx.reactor);
+    }
+
+    fn wait(&self) -> Wait {
+        match &self.phase {
+            Phase::Down { retry_at } => Wait {
+                socket: None,
+                deadline: Some(*retry_at),
+            },
+            _ => Wait {
+                socket: self.watched,
+                deadline: None,
+            },
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready(_))
+    }
+
+    fn take_failure(&mut self) -> Option<Error> {
+        self.last_failure.take()
+    }
+
+    fn stats(&self) -> BrokerStats {
+        BrokerStats {
+            queued: (self.publishes.len() + self.unconfirmed_notifications) as u64,
+            connected: u64::from(matches!(self.phase, Phase::Ready(_))),
+            ..self.stats
+        }
+    }
+
+    /// UNLISTENs, pushes out what libpq still buffers (for up to a second), and disconnects.
+    fn shut_down(&mut self, reactor: &Reactor) {
+        if let Some((socket, _)) = self.watched.take() {
+            reactor.unwatch(socket);
+        }
+        if let Phase::Ready(connection) = &mut self.phase {
+            let channel = self.channel.to_string_lossy().into_owned();
+            if let Some(unlisten) = connection
+                .quote_identifier(&channel)
+                .and_then(|quoted| libpq::c_string(&format!("UNLISTEN {quoted}")))
+            {
+                connection.send_statement(&unlisten, &[]);
+            }
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while connection.flush() == FlushProgress::Pending {
+                let now = Instant::now();
+                if now >= deadline
+                    || !matches!(
+                        io::wait_fd(connection.socket(), true, Some(deadline - now)),
+                        Ok(true)
+                    )
+                {
+                    break;
+                }
+            }
+        }
+        self.phase = Phase::Down {
+            retry_at: Instant::now() + MAX_RETRY,
+        };
+    }
+}
