@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 for tool in make g++ valgrind curl chromium psql:postgresql-client socat pkg-config \
-  node:nodejs npm redis-server:redis-server; do
+  node:nodejs npm redis-server:redis-server nats-server:nats-server; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
 # log-fanout-test's clients need OpenBSD nc (for -U); uv_embed needs libuv through pkg-config.
@@ -25,6 +25,22 @@ python3 -c 'import websockets.asyncio.client' 2>/dev/null ||
   python3 -m pip install -q --disable-pip-version-check 'websockets>=14,<18'
 [ -d tests/browser/node_modules/playwright-core ] ||
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+
+# The Redis and NATS brokers' tests need their servers (FDCAST_REDIS_URL, FDCAST_NATS_URL);
+# a missing server fails them, so start any that is down.
+if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+fi
+if ! (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+  mkdir -p /var/lib/nats-server
+  start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+fi
+for port in 6379 4222; do
+  for _ in $(seq 30); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.5; done
+done
 
 # The PostgreSQL backend's tests need the server (FDCAST_PG_URL, default
 # postgresql://127.0.0.1:5432/test); a missing server fails them, so start it if it is down.
