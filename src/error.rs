@@ -97,7 +97,7 @@ impl fmt::Display for Error {
             }
             Error::Already(what) => f.write_str(what),
             Error::NotEnabled => f.write_str("no broker is enabled"),
-            Error::NotSupported(feature) => write!(f, "fdcast was built without the {feature} feature"),
+            Error::NotSupported(what) => write!(f, "not supported by this build of fdcast: {what}"),
             Error::InvalidConninfo(message) => write!(f, "invalid conninfo: {message}"),
             Error::Unreachable(message) => write!(f, "cannot connect: {message}"),
             Error::Backend(message) => write!(f, "broker: {message}"),

@@ -19,7 +19,10 @@ the functions it calls, and checks over socketpairs:
   - a payload larger than the socket buffer waits in the outbox
     (fdcast_pending_bytes > 0) and fdcast_dispatch() completes it as the peer
     reads; fdcast_get_stats fills a ctypes Structure;
-  - fdcast_version() equals the header's FDCAST_VERSION_STRING; fdcast_free.
+  - fdcast_version() equals the header's FDCAST_VERSION_STRING; fdcast_free;
+  - fdcast_broker_*: two handles through the Redis server at $FDCAST_REDIS_URL
+    (default redis://127.0.0.1:6379; a missing server fails the test), the
+    receiver driven by fdcast_broker_poll_once, the counters in a Structure.
 
 Python 3 standard library only. Usage: ctypes_test.py [path/to/libfdcast.so]
 """
@@ -58,6 +61,12 @@ class Stats(ctypes.Structure):
         "subscriptions", "topics", "fds")]
 
 
+class BrokerStats(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "published", "received", "ignored", "malformed", "reconnects", "queued", "dropped",
+        "connected", "topics")]
+
+
 AUTHORIZE_FN = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                 ctypes.c_int, ctypes.c_int)
 EVICT_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
@@ -84,6 +93,10 @@ def load(path):
         "fdcast_get_stats": ([h, ctypes.POINTER(Stats)], None),
         "fdcast_set_authorizer": ([h, AUTHORIZE_FN, h], None),
         "fdcast_set_evict_callback": ([h, EVICT_FN, h], None),
+        "fdcast_broker_enable": ([h, ctypes.c_char_p, ctypes.c_char_p], cint),
+        "fdcast_broker_disable": ([h], None),
+        "fdcast_broker_poll_once": ([h, cint], i64),
+        "fdcast_broker_get_stats": ([h, ctypes.POINTER(BrokerStats)], None),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -295,6 +308,47 @@ def run_with(lib, fc, pairs):
     check(lib.fdcast_subscriber_count(fc) == 0, "subscriptions left after unsubscribe_fd")
 
 
+def run_broker(lib):
+    """Two handles fan out through Redis: the host drives the broker with poll_once."""
+    url = os.environ.get("FDCAST_REDIS_URL", "redis://127.0.0.1:6379").encode()
+    prefix = f"fdcast_ctypes_{os.getpid()}:".encode()
+    expect_error(lib, lib.fdcast_broker_enable(None, url, prefix), errno.EINVAL,
+                 "broker_enable(NULL)")
+    sender, receiver = lib.fdcast_new(), lib.fdcast_new()
+    ours, peer = socket.socketpair()
+    try:
+        expect_error(lib, lib.fdcast_broker_enable(sender, b"gopher://x", prefix), errno.EINVAL,
+                     "broker_enable(unknown scheme)")
+        check(lib.fdcast_subscribe(receiver, b"news", 4, ours.fileno(), SSE) > 0, "subscribe")
+        for fc in (receiver, sender):
+            rc = lib.fdcast_broker_enable(fc, url, prefix)
+            check(rc == 0, f"broker_enable: {rc} {last_error(lib)}")
+        check(lib.fdcast_publish(sender, b"news", 4, b"hello", 5) == 0, "publish")
+        peer.setblocking(False)
+        got = b""
+        deadline = time.monotonic() + 20
+        while len(got) < 13:
+            check(time.monotonic() < deadline, f"only {got!r} arrived")
+            check(lib.fdcast_broker_poll_once(receiver, 50) >= 0, "poll_once")
+            try:
+                got += peer.recv(64)
+            except BlockingIOError:
+                pass
+        check(got == b"data: hello\n\n", f"received {got!r}")
+        stats = BrokerStats()
+        lib.fdcast_broker_get_stats(receiver, ctypes.byref(stats))
+        check(stats.received == 1 and stats.connected == 1 and stats.topics == 1,
+              f"broker stats {[(f, getattr(stats, f)) for f, _ in BrokerStats._fields_]}")
+        lib.fdcast_broker_disable(receiver)
+        check(lib.fdcast_broker_poll_once(receiver, 0) == -errno.ENOTCONN, "poll after disable")
+    finally:
+        lib.fdcast_free(sender)
+        lib.fdcast_free(receiver)
+        ours.close()
+        peer.close()
+    ok("fdcast_broker_*: two handles through Redis, SSE-framed, stats in a ctypes Structure")
+
+
 def main():
     if not os.path.exists(LIB):
         print(f"FAIL: {LIB} does not exist (run `make lib` first)", file=sys.stderr)
@@ -306,7 +360,9 @@ def main():
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(60)
     try:
-        run(load(LIB))
+        lib = load(LIB)
+        run(lib)
+        run_broker(lib)
     except TestFailure as e:
         print(f"FAIL: {e}", file=sys.stderr)
         return 1

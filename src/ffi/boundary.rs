@@ -2,7 +2,7 @@
 //! message, and the one place where pointers from C become Rust references and slices.
 
 use std::cell::RefCell;
-use std::ffi::{CString, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::fdcast;
@@ -120,4 +120,18 @@ pub(crate) unsafe fn int_array<'a>(ptr: *mut c_int, cap: usize) -> Result<&'a mu
     // SAFETY: `ptr` is non-NULL, the byte size fits `isize`, and the caller guarantees `cap`
     // writable, unaliased ints for the duration of the call.
     Ok(unsafe { std::slice::from_raw_parts_mut(ptr, cap) })
+}
+
+/// A NUL-terminated UTF-8 string from C.
+///
+/// # Safety
+/// A non-NULL `ptr` points to a NUL-terminated string readable for the call.
+pub(crate) unsafe fn c_str<'a>(ptr: *const c_char, what: &'static str) -> Result<&'a str, Error> {
+    if ptr.is_null() {
+        return Err(Error::InvalidArgument(what));
+    }
+    // SAFETY: non-NULL and NUL-terminated, per this function's contract.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_str()
+        .map_err(|_| Error::InvalidArgument(what))
 }

@@ -12,7 +12,7 @@
 //!   `fdcast_free` (no call may be in flight) and `fdcast_dispatch` (one thread at a time).
 
 // In the order the header presents them: a registry, publishing, the event loop, batching,
-// hooks, PostgreSQL, WebSocket helpers.
+// hooks, brokers, PostgreSQL, WebSocket helpers.
 mod registry;
 
 mod publish;
@@ -22,6 +22,8 @@ mod event_loop;
 mod batching;
 
 mod hooks;
+
+mod broker;
 
 mod pg;
 

@@ -1,11 +1,10 @@
 //! Cross-process fan-out through PostgreSQL LISTEN/NOTIFY.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{c_char, c_int};
 use std::time::Duration;
 
-use super::boundary::{boundary, registry, returning_i64, returning_status};
+use super::boundary::{boundary, c_str, registry, returning_i64, returning_status};
 use super::fdcast;
-use crate::error::Error;
 
 /// Counters of the PostgreSQL backend, filled by fdcast_pg_get_stats().
 #[allow(non_camel_case_types)]
@@ -28,20 +27,6 @@ pub struct fdcast_pg_stats {
     /// Notifications not forwarded: the queue was full (65536), the server refused them, or
     /// they were in flight when the connection broke.
     pub dropped: u64,
-}
-
-/// A NUL-terminated UTF-8 string from C.
-///
-/// # Safety
-/// A non-NULL `ptr` points to a NUL-terminated string readable for the call.
-unsafe fn c_str<'a>(ptr: *const c_char, what: &'static str) -> Result<&'a str, Error> {
-    if ptr.is_null() {
-        return Err(Error::InvalidArgument(what));
-    }
-    // SAFETY: non-NULL and NUL-terminated, per this function's contract.
-    unsafe { CStr::from_ptr(ptr) }
-        .to_str()
-        .map_err(|_| Error::InvalidArgument("conninfo and channel must be UTF-8"))
 }
 
 /// Connects to PostgreSQL and LISTENs on `channel`, returning once the LISTEN is in effect
@@ -77,8 +62,8 @@ pub unsafe extern "C" fn fdcast_pg_enable(
         let (registry, conninfo, channel) = unsafe {
             (
                 registry(fc)?,
-                c_str(conninfo, "conninfo is NULL")?,
-                c_str(channel, "channel is NULL")?,
+                c_str(conninfo, "conninfo is NULL or not UTF-8")?,
+                c_str(channel, "channel is NULL or not UTF-8")?,
             )
         };
         registry.pg_enable(conninfo, channel)

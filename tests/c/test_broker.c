@@ -1,0 +1,188 @@
+/*
+ * test_broker.c: the Brokers section of the C API, from C.
+ *
+ * Every error path of fdcast_broker_*, then, for each engine, a live round trip between two
+ * registries: a message crosses in the subscriber's framing, the publisher's own subscriber
+ * gets it once (the engine's echo is filtered), the counters say so, and interest routing
+ * follows the receiver's subscriptions. Servers: $FDCAST_REDIS_URL (default
+ * redis://127.0.0.1:6379), $FDCAST_NATS_URL (nats://127.0.0.1:4222), $FDCAST_PG_URL
+ * (postgresql://127.0.0.1:5432/test, TLS off so valgrind sees only fdcast and libpq). A
+ * missing server fails the test. Run by `make c-test` under ASan+UBSan and valgrind.
+ */
+#define _GNU_SOURCE
+#include "check.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *env_or(const char *name, const char *fallback) {
+    const char *value = getenv(name);
+    return value && *value ? value : fallback;
+}
+
+static void test_errors(const char *redis_url) {
+    CHECK_EQ(fdcast_broker_enable(NULL, redis_url, "p"), -EINVAL);
+    CHECK(fdcast_last_error()[0] != '\0');
+    CHECK_EQ(fdcast_broker_poll_once(NULL, 0), -EINVAL);
+    fdcast_broker_disable(NULL);
+    fdcast_broker_get_stats(NULL, NULL);
+    fdcast_broker_stats zeroed;
+    memset(&zeroed, 0xff, sizeof zeroed);
+    fdcast_broker_get_stats(NULL, &zeroed);
+    CHECK_EQ(zeroed.published, 0);
+    CHECK_EQ(zeroed.connected, 0);
+    CHECK_EQ(zeroed.topics, 0);
+
+    fdcast *fc = fdcast_new();
+    CHECK(fc != NULL);
+    CHECK_EQ(fdcast_broker_enable(fc, NULL, "p"), -EINVAL);
+    CHECK_EQ(fdcast_broker_enable(fc, redis_url, NULL), -EINVAL);
+    CHECK_EQ(fdcast_broker_enable(fc, "\xff", "p"), -EINVAL);
+    CHECK_EQ(fdcast_broker_enable(fc, "gopher://127.0.0.1", "p"), -EINVAL);
+    CHECK(strstr(fdcast_last_error(), "scheme") != NULL);
+    CHECK_EQ(fdcast_broker_enable(fc, "redis://127.0.0.1:notaport", "p"), -EINVAL);
+    CHECK_EQ(fdcast_broker_enable(fc, "nats://127.0.0.1:4222", "bad subject"), -EINVAL);
+    CHECK_EQ(fdcast_broker_enable(fc, "rediss://127.0.0.1:6379", "p"), -ENOTSUP);
+    CHECK(strstr(fdcast_last_error(), "TLS") != NULL);
+    /* Port 1: nothing listens, the connection is refused at once. */
+    CHECK_EQ(fdcast_broker_enable(fc, "redis://127.0.0.1:1", "p"), -ECONNREFUSED);
+    CHECK(fdcast_last_error()[0] != '\0');
+    CHECK_EQ(fdcast_broker_enable(fc, "nats://127.0.0.1:1", "p"), -ECONNREFUSED);
+    CHECK_EQ(fdcast_broker_poll_once(fc, 0), -ENOTCONN);
+    fdcast_broker_disable(fc); /* after failed enables: a no-op */
+    fdcast_broker_stats stats;
+    fdcast_broker_get_stats(fc, &stats);
+    CHECK_EQ(stats.connected, 0);
+    /* Nothing was left half-enabled: publishing is local-only and never refused. */
+    CHECK_EQ(fdcast_publish(fc, T("t"), "a\0b", 3), 0);
+    fdcast_free(fc);
+}
+
+/* Polls `fc` until `fd` has `want` (exactly, and nothing more after a few more polls). */
+static void expect_bytes(fdcast *fc, int fd, const char *want, size_t want_len) {
+    char got[256];
+    size_t have = 0;
+    double deadline = now_seconds() + 20;
+    while (have < want_len) {
+        CHECK(now_seconds() < deadline);
+        CHECK(fdcast_broker_poll_once(fc, 50) >= 0);
+        have += read_now(fd, got + have, sizeof got - have);
+    }
+    for (int i = 0; i < 3; i++) {
+        CHECK(fdcast_broker_poll_once(fc, 20) >= 0);
+        have += read_now(fd, got + have, sizeof got - have);
+    }
+    CHECK_EQ(have, want_len);
+    CHECK(memcmp(got, want, want_len) == 0);
+}
+
+/* Polls `fc` until its broker reports `topics` subscribed topics. */
+static void expect_topics(fdcast *fc, uint64_t topics) {
+    fdcast_broker_stats stats;
+    double deadline = now_seconds() + 20;
+    for (;;) {
+        CHECK(fdcast_broker_poll_once(fc, 20) >= 0);
+        fdcast_broker_get_stats(fc, &stats);
+        if (stats.topics == topics) return;
+        CHECK(now_seconds() < deadline);
+    }
+}
+
+static void test_round_trip(const char *engine, const char *url, int routes_interest) {
+    char name[64];
+    snprintf(name, sizeof name, "fdcast_c_%s_%ld", engine, (long)getpid());
+    fdcast *sender = fdcast_new();
+    fdcast *receiver = fdcast_new();
+    CHECK(sender != NULL && receiver != NULL);
+
+    int at_receiver[2], at_sender[2];
+    make_pair(at_receiver);
+    make_pair(at_sender);
+    /* Subscribed before enable: the enable subscribes the engine to it. */
+    CHECK(fdcast_subscribe(receiver, T("room:1"), at_receiver[0], FDCAST_WS_TEXT) > 0);
+    CHECK(fdcast_subscribe(sender, T("room:1"), at_sender[0], FDCAST_RAW) > 0);
+    CHECK_EQ(fdcast_broker_enable(receiver, url, name), 0);
+    CHECK_EQ(fdcast_broker_enable(sender, url, name), 0);
+    CHECK_EQ(fdcast_broker_enable(sender, url, name), -EALREADY);
+
+    fdcast_broker_stats stats;
+    fdcast_broker_get_stats(receiver, &stats);
+    CHECK_EQ(stats.connected, 1);
+    CHECK_EQ(stats.topics, routes_interest ? 1 : 0);
+
+    CHECK_EQ(fdcast_publish(sender, T("room:1"), "hi", 2), 1);
+    expect_bytes(receiver, at_receiver[1], "\x81\x02hi", 4);
+    /* Once locally, at publish time, and not again when the engine echoes it. */
+    expect_bytes(sender, at_sender[1], "hi", 2);
+
+    fdcast_broker_get_stats(receiver, &stats);
+    CHECK_EQ(stats.received, 1);
+    CHECK_EQ(stats.malformed, 0);
+    CHECK_EQ(stats.dropped, 0);
+    fdcast_broker_get_stats(sender, &stats);
+    CHECK_EQ(stats.published, 1);
+    CHECK_EQ(stats.received, 0);
+    CHECK_EQ(stats.queued, 0);
+
+    if (routes_interest) {
+        /* The receiver's last subscriber leaves: the engine stops sending it room:1. */
+        CHECK_EQ(fdcast_unsubscribe_fd(receiver, at_receiver[0]), 1);
+        expect_topics(receiver, 0);
+        CHECK_EQ(fdcast_publish(sender, T("room:1"), "gone", 4), 1);
+        expect_bytes(sender, at_sender[1], "gone", 4);
+        for (int i = 0; i < 5; i++) CHECK(fdcast_broker_poll_once(receiver, 20) >= 0);
+        fdcast_broker_get_stats(receiver, &stats);
+        CHECK_EQ(stats.received, 1);
+    }
+
+    fdcast_broker_disable(sender);
+    fdcast_broker_get_stats(sender, &stats);
+    CHECK_EQ(stats.connected, 0);
+    CHECK_EQ(fdcast_broker_poll_once(sender, 0), -ENOTCONN);
+    fdcast_broker_disable(sender); /* twice: a no-op */
+
+    fdcast_free(sender);
+    fdcast_free(receiver); /* frees a live connection too */
+    for (int i = 0; i < 2; i++) {
+        close(at_receiver[i]);
+        close(at_sender[i]);
+    }
+}
+
+/* NATS refuses a payload over the server's max_payload (1 MiB by default) before anything
+ * is written, and counts nothing. */
+static void test_nats_payload_limit(const char *url) {
+    fdcast *fc = fdcast_new();
+    CHECK(fc != NULL);
+    CHECK_EQ(fdcast_broker_enable(fc, url, "fdcast_c_limit"), 0);
+    size_t size = ((size_t)64 << 20) + 1; /* over NATS's hard cap: refused whatever the server's setting */
+    char *big = calloc(size, 1);
+    CHECK(big != NULL);
+    CHECK_EQ(fdcast_publish(fc, T("t"), big, size), -EMSGSIZE);
+    CHECK(strstr(fdcast_last_error(), "NATS") != NULL);
+    free(big);
+    fdcast_broker_stats stats;
+    fdcast_broker_get_stats(fc, &stats);
+    CHECK_EQ(stats.queued, 0);
+    CHECK_EQ(stats.dropped, 0);
+    fdcast_free(fc);
+}
+
+int main(void) {
+    const char *redis_url = env_or("FDCAST_REDIS_URL", "redis://127.0.0.1:6379");
+    const char *nats_url = env_or("FDCAST_NATS_URL", "nats://127.0.0.1:4222");
+    const char *pg_env = env_or("FDCAST_PG_URL", "postgresql://127.0.0.1:5432/test");
+    char pg_url[512];
+    snprintf(pg_url, sizeof pg_url, "%s%ssslmode=disable", pg_env,
+             strchr(pg_env, '?') ? "&" : "?");
+
+    test_errors(redis_url);
+    test_round_trip("redis", redis_url, 1);
+    test_round_trip("nats", nats_url, 1);
+    test_round_trip("pg", pg_url, 0);
+    test_nats_payload_limit(nats_url);
+    printf("test_broker: %lu checks passed\n", checks_run);
+    return 0;
+}
