@@ -11,6 +11,12 @@
  *   curl -N localhost:8080/events/news
  *   curl -d hello localhost:8080/publish/news      -> the first shows "data: hello"
  *
+ * Scaled out: with $FDCAST_BROKER set to a broker URL (redis://127.0.0.1:6379,
+ * nats://127.0.0.1:4222, postgresql://127.0.0.1/test), every sse_fanout
+ * process on that broker with the same $FDCAST_BROKER_NAME (default
+ * "sse_fanout") serves one set of topics: a POST to any of them reaches the
+ * event streams of all of them. The 200's count is the local subscribers.
+ *
  * fdcast owns framing and slow readers; this file is only HTTP and the loop.
  * Every byte to a client goes through fdcast_send(), so a response or the
  * SSE headers can never overtake or split frames fdcast has queued.
@@ -432,6 +438,19 @@ int main(int argc, char **argv) {
     if (fdcast_set_overflow(fc, FDCAST_EVICT) < 0) {
         fprintf(stderr, "sse_fanout: fdcast_set_overflow failed\n");
         return 1;
+    }
+    const char *broker = getenv("FDCAST_BROKER");
+    if (broker != NULL && *broker != '\0') {
+        const char *name = getenv("FDCAST_BROKER_NAME");
+        if (name == NULL || *name == '\0') name = "sse_fanout";
+        /* Other processes' publishes arrive through fdcast_fd() and
+         * fdcast_dispatch(), like everything else fdcast does: the loop below
+         * does not change. */
+        int rc = fdcast_broker_enable(fc, broker, name);
+        if (rc < 0) {
+            fprintf(stderr, "sse_fanout: broker %s: %s\n", broker, fdcast_last_error());
+            return 1;
+        }
     }
     int fcfd = fdcast_fd(fc);
     if (fcfd < 0) {

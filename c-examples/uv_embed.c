@@ -10,6 +10,7 @@
  *                                free port, printed on stdout)
  *   curl -N localhost:8080/events/news
  *   curl -d hello localhost:8080/publish/news      -> the first shows "data: hello"
+ * $FDCAST_BROKER and $FDCAST_BROKER_NAME scale it out as for sse_fanout.c.
  *
  * Build: cc ... uv_embed.c -lfdcast $(pkg-config --cflags --libs libuv)
  *
@@ -466,6 +467,15 @@ int main(int argc, char **argv) {
     if (fdcast_set_overflow(fc, FDCAST_EVICT) < 0) {
         fprintf(stderr, "uv_embed: fdcast_set_overflow: %s\n", fdcast_last_error());
         return 1;
+    }
+    const char *broker = getenv("FDCAST_BROKER");
+    if (broker != NULL && *broker != '\0') {
+        const char *name = getenv("FDCAST_BROKER_NAME");
+        /* The broker's socket is inside fdcast_fd(): the poll below covers it. */
+        if (fdcast_broker_enable(fc, broker, name && *name ? name : "sse_fanout") < 0) {
+            fprintf(stderr, "uv_embed: broker %s: %s\n", broker, fdcast_last_error());
+            return 1;
+        }
     }
     int fcfd = fdcast_fd(fc);
     if (fcfd < 0) {

@@ -16,7 +16,10 @@ a hand-written request whose body arrives in pieces, and checks that:
     read from /proc/net/tcp and FIONREAD), and once it reads again, the rest
     arrives whole and in order: the server's loop watches fdcast_fd() and
     calls fdcast_dispatch();
-  - SIGTERM makes the server exit 0 (under ASan this includes no leaks).
+  - SIGTERM makes the server exit 0 (under ASan this includes no leaks);
+  - scaled out: two server processes with $FDCAST_BROKER on Redis, then on NATS
+    ($FDCAST_REDIS_URL, $FDCAST_NATS_URL; a missing server fails the test)
+    deliver each other's publishes, in order per publisher, once each.
 
 Python 3 standard library and the curl binary only. Every wait has a timeout.
 The same test drives c-examples/uv_embed.c (the same server in a libuv loop).
@@ -365,8 +368,8 @@ def check_slow_reader(port):
 # --------------------------------------------------------------------------
 
 
-def start_server(out, err):
-    proc = subprocess.Popen([BIN, "0"], stdout=out, stderr=err)
+def start_server(out, err, env=None):
+    proc = subprocess.Popen([BIN, "0"], stdout=out, stderr=err, env=env)
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         with open(out.name) as f:
@@ -503,6 +506,75 @@ def run(out, err):
             server.wait()
 
 
+def run_scaled_out(engine, url, err):
+    """Two sse_fanout processes on one broker serve one set of topics."""
+    env = dict(os.environ, FDCAST_BROKER=url, FDCAST_BROKER_NAME=f"sse_test_{os.getpid()}")
+    servers, clients = [], []
+    try:
+        ports = []
+        for _ in range(2):
+            out = tempfile.NamedTemporaryFile("w+")
+            server, port = start_server(out, err, env)
+            servers.append((server, out))
+            ports.append(port)
+        a_port, b_port = ports
+        a_news = SocketClient(a_port, "news", f"{engine} A socket(news)")
+        b_news = SocketClient(b_port, "news", f"{engine} B socket(news)")
+        b_sports = SocketClient(b_port, "sports", f"{engine} B socket(sports)")
+        clients = [a_news, b_news, b_sports]
+
+        # B subscribes on the broker without waiting for it (fdcast pipelines the
+        # subscribe): probe from A until B's subscriber sees one, then expect exactly the
+        # probes from that one on, in order.
+        probes = []
+        deadline = time.monotonic() + TIMEOUT
+        while not b_news.stream.events():
+            check(time.monotonic() < deadline, f"{engine}: nothing crossed from A to B")
+            probes.append(f"probe {len(probes)}")
+            check(publish(a_port, "news", probes[-1].encode()) == 1, "A has 1 news subscriber")
+            time.sleep(0.05)
+        a_news.stream.expected += probes
+        a_news.stream.wait_events()
+        b_news.stream.expected = [probes[-1]]
+        while b_news.stream.events()[-1:] != [probes[-1]]:
+            check(time.monotonic() < deadline, f"{engine}: probes stopped crossing")
+            time.sleep(0.02)
+        got = b_news.stream.events()
+        check(got == probes[len(probes) - len(got):], f"{engine}: B got probes {got!r}")
+        b_news.stream.expected = got
+
+        # Order holds per publisher: wait for B's message at A before A publishes.
+        check(publish(b_port, "news", b"from B") == 1, "B has 1 news subscriber")
+        for stream in (a_news.stream, b_news.stream):
+            stream.expected.append("from B")
+        a_news.stream.wait_events()
+        check(publish(a_port, "news", b"from A\nline 2") == 1, "A has 1 news subscriber")
+        check(publish(a_port, "sports", b"1-0") == 0, "A has no sports subscriber")
+        for stream in (a_news.stream, b_news.stream):
+            stream.expected.append("from A\nline 2")
+        b_sports.stream.expected.append("1-0")
+        for c in clients:
+            c.stream.wait_events()
+        ok(f"{engine}: two sse_fanout processes on {url} share topics both ways, in order, "
+           "once each")
+    finally:
+        for c in clients:
+            try:
+                c.close()
+            except OSError:
+                pass
+        for server, out in servers:
+            server.send_signal(signal.SIGTERM)
+            try:
+                rc = server.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+                rc = "killed"
+            out.close()
+            check(rc == 0, f"{engine}: server exit status {rc} after SIGTERM")
+
+
 def main():
     if not os.access(BIN, os.X_OK):
         print(f"FAIL: {BIN} is not an executable (run `make examples` first)", file=sys.stderr)
@@ -516,6 +588,10 @@ def main():
     with tempfile.NamedTemporaryFile("w+") as out, tempfile.NamedTemporaryFile("w+") as err:
         try:
             run(out, err)
+            run_scaled_out("redis", os.environ.get("FDCAST_REDIS_URL", "redis://127.0.0.1:6379"),
+                           err)
+            run_scaled_out("nats", os.environ.get("FDCAST_NATS_URL", "nats://127.0.0.1:4222"),
+                           err)
         except TestFailure as e:
             print(f"FAIL: {e}", file=sys.stderr)
             err.seek(0)
