@@ -448,12 +448,29 @@ impl Broker {
     }
 }
 
-/// Doubles a reconnect delay, up to `MAX_RETRY`.
+/// The first reconnect delay, and the longest.
 pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(100);
 pub(crate) const MAX_RETRY: Duration = Duration::from_secs(5);
 
+/// Doubles a reconnect delay, up to `MAX_RETRY`.
 pub(crate) fn next_retry(delay: Duration) -> Duration {
     (delay * 2).min(MAX_RETRY)
+}
+
+/// How long a disable keeps pushing out what the engine still buffers: long enough for a
+/// healthy server to take it, short enough that a dead one does not hang the host's shutdown.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+
+/// Calls `flush` (which answers whether bytes are left) until it is done, waiting for
+/// `socket` to be writable in between, for at most `SHUTDOWN_FLUSH`.
+pub(crate) fn flush_before_shutdown(socket: RawFd, mut flush: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while flush() {
+        let now = Instant::now();
+        if now >= deadline || !matches!(io::wait_fd(socket, true, Some(deadline - now)), Ok(true)) {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

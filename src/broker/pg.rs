@@ -474,18 +474,9 @@ impl Engine for PgEngine {
             {
                 connection.send_statement(&unlisten, &[]);
             }
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while connection.flush() == FlushProgress::Pending {
-                let now = Instant::now();
-                if now >= deadline
-                    || !matches!(
-                        io::wait_fd(connection.socket(), true, Some(deadline - now)),
-                        Ok(true)
-                    )
-                {
-                    break;
-                }
-            }
+            super::flush_before_shutdown(connection.socket(), || {
+                connection.flush() == FlushProgress::Pending
+            });
         }
         self.phase = Phase::Down {
             retry_at: Instant::now() + MAX_RETRY,

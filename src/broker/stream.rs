@@ -451,21 +451,12 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     }
 
     fn shut_down(&mut self, reactor: &Reactor) {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while matches!(self.phase, Phase::Open { .. }) && self.written < self.output.len() {
-            self.flush(reactor);
-            let Phase::Open { stream } = &self.phase else {
-                break;
-            };
-            let now = Instant::now();
-            if now >= deadline
-                || !matches!(
-                    crate::io::wait_fd(stream.as_raw_fd(), true, Some(deadline - now)),
-                    Ok(true)
-                )
-            {
-                break;
-            }
+        if let Phase::Open { stream } = &self.phase {
+            let socket = stream.as_raw_fd();
+            super::flush_before_shutdown(socket, || {
+                self.flush(reactor);
+                matches!(self.phase, Phase::Open { .. }) && self.written < self.output.len()
+            });
         }
         if let Some(socket) = self.watched.take() {
             reactor.unwatch(socket);
