@@ -27,6 +27,8 @@ mod pg;
 mod redis;
 #[cfg(any(feature = "redis", feature = "nats"))]
 mod stream;
+#[cfg(any(feature = "redis", feature = "nats"))]
+mod tls;
 pub(crate) mod topic;
 mod url;
 #[cfg(feature = "pg")]

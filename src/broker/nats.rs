@@ -35,7 +35,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::stream::{Protocol, Sink, StreamEngine};
+use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
 use super::{BrokerStats, Engine, Received, topic};
 use crate::error::Error;
@@ -53,10 +53,13 @@ const MAX_INFO_LINE: usize = 64 << 10;
 /// The engine for a `nats://[user:password@|token@]host[:port][,host[:port]…]` URL; `name`
 /// is the subject prefix. The limit it returns follows the server's `max_payload`.
 pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
-    let url = BrokerUrl::parse(url, 4222)?;
+    let mut url = BrokerUrl::parse(url, 4222)?;
     let limit = Arc::new(AtomicUsize::new(DEFAULT_MAX_PAYLOAD));
     let protocol = NatsProtocol::new(&url, name, Arc::clone(&limit))?;
-    let engine = StreamEngine::new(protocol, &url.hosts)?;
+    // The server's INFO comes in the clear; TLS starts after it.
+    let secure = url.scheme == "tls";
+    let tls = Tls::from_url(&mut url, secure, TlsStart::AfterGreeting)?;
+    let engine = StreamEngine::new(protocol, &url.hosts, tls)?;
     Ok((Box::new(engine), limit))
 }
 
@@ -83,6 +86,8 @@ pub(crate) struct NatsProtocol {
     credentials: String,
     /// The broker's payload limit, shared with the publishers' check.
     limit: Arc<AtomicUsize>,
+    /// The connection switches to TLS after the INFO (a `tls://` URL).
+    tls: bool,
     /// Publishes written and not yet added to the stats.
     published: u64,
     /// Publishes not written because they exceed the server's `max_payload` (it would close
@@ -108,14 +113,18 @@ pub(crate) struct NatsProtocol {
 
 impl NatsProtocol {
     fn new(url: &BrokerUrl, name: &str, limit: Arc<AtomicUsize>) -> Result<NatsProtocol, Error> {
-        match url.scheme.as_str() {
-            "nats" => {}
-            "tls" => return Err(Error::NotSupported("TLS (tls://)")),
-            _ => return Err(Error::InvalidArgument("a NATS URL starts with nats://")),
-        }
+        let tls = match url.scheme.as_str() {
+            "nats" => false,
+            "tls" => true,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a NATS URL starts with nats:// or tls://",
+                ));
+            }
+        };
         if !url.path.is_empty() {
             return Err(Error::InvalidArgument(
-                "a NATS URL has no path or options (nats://host:port)",
+                "a NATS URL has no path (nats://host:port)",
             ));
         }
         topic::check_nats_prefix(name)?;
@@ -123,6 +132,7 @@ impl NatsProtocol {
             prefix: Box::from(name.as_bytes()),
             credentials: credentials(url.user.as_deref(), url.password.as_deref()),
             limit,
+            tls,
             published: 0,
             refused: 0,
             session: Session::AwaitingInfo,
@@ -149,9 +159,9 @@ impl NatsProtocol {
         if self.session != Session::AwaitingInfo {
             return Ok(());
         }
-        if json_field(json, b"tls_required") == Some(b"true") {
+        if !self.tls && json_field(json, b"tls_required") == Some(b"true") {
             return Err(Error::Unreachable(
-                "NATS: the server requires TLS, which fdcast does not speak".into(),
+                "NATS: the server requires TLS: use a tls:// URL".into(),
             ));
         }
         // `"echo":false` is the echo filter (see the module's doc).
@@ -321,6 +331,10 @@ impl Protocol for NatsProtocol {
 
     fn is_open(&self) -> bool {
         self.session == Session::Open
+    }
+
+    fn greeted(&self) -> bool {
+        self.session != Session::AwaitingInfo
     }
 
     fn subscribe(&mut self, topic: &[u8], out: &mut Vec<u8>) {
@@ -672,6 +686,7 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
         password: Some("p".into()),
         hosts: vec![("127.0.0.1".into(), 4222)],
         path: String::new(),
+        query: Vec::new(),
     };
     let limit = Arc::new(AtomicUsize::new(DEFAULT_MAX_PAYLOAD));
     let mut nats = NatsProtocol::new(&url, "app", limit).expect("a valid URL and prefix");
@@ -1391,7 +1406,15 @@ mod tests {
             errno("NATS://u:p@127.0.0.1:4223,127.0.0.1:4224", "a.b"),
             None
         );
-        assert_eq!(errno("tls://127.0.0.1", "app"), Some(libc::ENOTSUP));
+        assert_eq!(errno("tls://127.0.0.1", "app"), None);
+        assert_eq!(
+            errno("tls://127.0.0.1?ca=/nonexistent.pem", "app"),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(
+            errno("nats://127.0.0.1?ca=ca.pem", "app"),
+            Some(libc::EINVAL)
+        );
         assert_eq!(errno("redis://127.0.0.1", "app"), Some(libc::EINVAL));
         assert_eq!(errno("nats://127.0.0.1/x", "app"), Some(libc::EINVAL));
         assert_eq!(

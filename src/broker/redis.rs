@@ -53,7 +53,7 @@ use std::sync::atomic::AtomicUsize;
 use redis_protocol::resp3::decode::complete::decode_range;
 use redis_protocol::resp3::types::RangeFrame;
 
-use super::stream::{Protocol, Sink, StreamEngine};
+use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
 use super::{Engine, Received, topic};
 use crate::error::Error;
@@ -65,12 +65,15 @@ const MAX_BULK_LEN: usize = 512 << 20;
 /// maps holding arrays: 3 or 4 levels).
 const MAX_DEPTH: usize = 32;
 
-/// The engine for a `redis://[user[:password]@]host[:port][/db]` URL; `name` is the channel
-/// prefix. The limit it returns is the server's default bulk limit.
+/// The engine for a `redis://[user[:password]@]host[:port][/db]` URL, or `rediss://` for
+/// TLS from the first byte (options `ca=`, `cert=`, `key=`, see `tls`); `name` is the
+/// channel prefix. The limit it returns is the server's default bulk limit.
 pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
-    let url = BrokerUrl::parse(url, 6379)?;
+    let mut url = BrokerUrl::parse(url, 6379)?;
     let protocol = RedisProtocol::new(&url, name)?;
-    let engine = StreamEngine::new(protocol, &url.hosts)?;
+    let secure = url.scheme == "rediss";
+    let tls = Tls::from_url(&mut url, secure, TlsStart::AtConnect)?;
+    let engine = StreamEngine::new(protocol, &url.hosts, tls)?;
     Ok((Box::new(engine), Arc::new(AtomicUsize::new(MAX_BULK_LEN))))
 }
 
@@ -124,9 +127,12 @@ pub(crate) struct RedisProtocol {
 impl RedisProtocol {
     fn new(url: &BrokerUrl, name: &str) -> Result<RedisProtocol, Error> {
         match url.scheme.as_str() {
-            "redis" => {}
-            "rediss" => return Err(Error::NotSupported("TLS (rediss://)")),
-            _ => return Err(Error::InvalidArgument("a Redis URL starts with redis://")),
+            "redis" | "rediss" => {}
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a Redis URL starts with redis:// or rediss://",
+                ));
+            }
         }
         if url.hosts.len() != 1 {
             return Err(Error::InvalidArgument(
@@ -1096,7 +1102,15 @@ mod tests {
         let errno = |url: &str, name: &str| engine(url, name).err().map(|err| err.errno());
         assert_eq!(errno("redis://127.0.0.1", "app:"), None);
         assert_eq!(errno("redis://127.0.0.1:6380/15", ""), None);
-        assert_eq!(errno("rediss://127.0.0.1", "app:"), Some(libc::ENOTSUP));
+        assert_eq!(errno("rediss://127.0.0.1", "app:"), None);
+        for bad in [
+            "rediss://127.0.0.1?ca=/nonexistent.pem",
+            "rediss://127.0.0.1?cert=c.pem",
+            "redis://127.0.0.1?ca=ca.pem",
+            "rediss://127.0.0.1?verify=none",
+        ] {
+            assert_eq!(errno(bad, "app:"), Some(libc::EINVAL), "{bad}");
+        }
         assert_eq!(
             errno("redis://127.0.0.1,127.0.0.2", "app:"),
             Some(libc::EINVAL)

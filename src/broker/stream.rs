@@ -1,5 +1,5 @@
-//! The connection half of the socket engines (Redis, NATS): a non-blocking TCP connection
-//! with reconnects and capped exponential backoff, read and write buffers, the set of topics
+//! The connection half of the socket engines (Redis, NATS): a non-blocking TCP connection,
+//! TLS on it when the URL asks (see `tls`), reconnects with capped exponential backoff, read and write buffers, the set of topics
 //! the registry is interested in (re-subscribed after every reconnect), and the queue taken
 //! from [`Outbound`](super::Outbound). What is said on the connection is a [`Protocol`]'s job.
 
@@ -13,11 +13,15 @@ use mio::Interest;
 use mio::net::TcpStream;
 
 use super::outbound::{InterestChange, Publishes};
+use super::tls::{TlsOptions, TlsSettings, Transport};
+use super::url::BrokerUrl;
 use super::{BrokerStats, Context, Engine, FIRST_RETRY, Received, Wait, next_retry};
 use crate::error::Error;
 use crate::reactor::Reactor;
 
-/// A TCP connect that has not completed in this long is abandoned and retried.
+/// A TCP connect that has not completed in this long is abandoned and retried; so is a
+/// connection whose session (TLS handshake, greeting, authentication) is not open this long
+/// after the connect: a server that accepts and then says nothing is as good as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes are taken from the queue only while less than this is waiting to be written, so
 /// a slow server leaves them in the bounded queue rather than in an unbounded buffer.
@@ -63,6 +67,47 @@ pub(crate) trait Protocol: Send {
     fn subscribed(&self) -> usize;
     /// Adds what the protocol counted while writing (`publish` has no sink) to `stats`.
     fn report(&mut self, _stats: &mut BrokerStats) {}
+    /// The server's greeting has been read. With `TlsStart::AfterGreeting`, TLS starts then,
+    /// before anything else is read or written.
+    fn greeted(&self) -> bool {
+        true
+    }
+}
+
+/// When a TLS connection starts its handshake.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsStart {
+    /// As soon as TCP is connected (Redis).
+    AtConnect,
+    /// After the server's greeting, which comes in the clear (NATS's INFO).
+    AfterGreeting,
+}
+
+/// A TLS connection's settings, and when it starts.
+pub(crate) struct Tls {
+    settings: TlsSettings,
+    start: TlsStart,
+}
+
+impl Tls {
+    /// The TLS of a connection to `url` (`secure`: its scheme asks for TLS), built from its
+    /// options; refuses any option left over.
+    pub(crate) fn from_url(
+        url: &mut BrokerUrl,
+        secure: bool,
+        start: TlsStart,
+    ) -> Result<Option<Tls>, Error> {
+        let options = TlsOptions::take(&mut url.query, secure)?;
+        url.no_options_left()?;
+        options
+            .map(|options| {
+                Ok(Tls {
+                    settings: TlsSettings::new(&options)?,
+                    start,
+                })
+            })
+            .transpose()
+    }
 }
 
 enum Phase {
@@ -74,14 +119,24 @@ enum Phase {
         deadline: Instant,
     },
     Open {
-        stream: TcpStream,
+        stream: Transport,
+        /// Where the connection went: the name its certificate must carry.
+        host: Box<str>,
+        /// When a session not open yet is given up.
+        session_deadline: Instant,
     },
 }
 
 pub(crate) struct StreamEngine<P: Protocol> {
     protocol: P,
-    addresses: Vec<SocketAddr>,
+    /// Every address of every host, with the host's name.
+    addresses: Vec<(SocketAddr, Box<str>)>,
+    tls: Option<Tls>,
     next_address: usize,
+    /// Addresses still to try, one right after the other, before backing off: one that
+    /// refuses (the `::1` of a `localhost` served on IPv4 only, a cluster node that is down)
+    /// must not fail an enable that the next one would serve.
+    untried: usize,
     phase: Phase,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -103,11 +158,17 @@ pub(crate) struct StreamEngine<P: Protocol> {
 impl<P: Protocol> StreamEngine<P> {
     /// Resolves the hosts (once: reconnects go to the same addresses) and schedules the first
     /// connection attempt for now.
-    pub(crate) fn new(protocol: P, hosts: &[(String, u16)]) -> Result<StreamEngine<P>, Error> {
+    pub(crate) fn new(
+        protocol: P,
+        hosts: &[(String, u16)],
+        tls: Option<Tls>,
+    ) -> Result<StreamEngine<P>, Error> {
         let mut addresses = Vec::new();
         for (host, port) in hosts {
             match (host.as_str(), *port).to_socket_addrs() {
-                Ok(found) => addresses.extend(found),
+                Ok(found) => {
+                    addresses.extend(found.map(|address| (address, Box::from(host.as_str()))))
+                }
                 Err(err) => {
                     return Err(Error::Unreachable(format!(
                         "{}: cannot resolve {host}: {err}",
@@ -125,7 +186,9 @@ impl<P: Protocol> StreamEngine<P> {
         Ok(StreamEngine {
             protocol,
             addresses,
+            tls,
             next_address: 0,
+            untried: 0,
             phase: Phase::Down {
                 retry_at: Instant::now(),
             },
@@ -145,8 +208,12 @@ impl<P: Protocol> StreamEngine<P> {
     }
 
     fn start_connecting(&mut self, reactor: &Reactor) {
-        let address = self.addresses[self.next_address % self.addresses.len()];
+        let (address, _) = self.addresses[self.next_address % self.addresses.len()];
         self.next_address = self.next_address.wrapping_add(1);
+        if self.untried == 0 {
+            self.untried = self.addresses.len();
+        }
+        self.untried -= 1;
         let stream = match TcpStream::connect(address) {
             Ok(stream) => stream,
             Err(err) => {
@@ -178,7 +245,7 @@ impl<P: Protocol> StreamEngine<P> {
             return;
         };
         if let Ok(Some(err)) | Err(err) = stream.take_error() {
-            let address = self.addresses
+            let (address, _) = &self.addresses
                 [(self.next_address + self.addresses.len() - 1) % self.addresses.len()];
             return self.fail(
                 reactor,
@@ -208,7 +275,26 @@ impl<P: Protocol> StreamEngine<P> {
         ) else {
             unreachable!("matched above");
         };
-        self.phase = Phase::Open { stream };
+        let host = self.addresses
+            [(self.next_address + self.addresses.len() - 1) % self.addresses.len()]
+        .1
+        .clone();
+        let mut stream = Transport::Plain(stream);
+        if let Some(tls) = self
+            .tls
+            .as_ref()
+            .filter(|tls| tls.start == TlsStart::AtConnect)
+        {
+            stream = match stream.start_tls(&tls.settings, &host) {
+                Ok(stream) => stream,
+                Err(err) => return self.fail(reactor, err),
+            };
+        }
+        self.phase = Phase::Open {
+            stream,
+            host,
+            session_deadline: Instant::now() + CONNECT_TIMEOUT,
+        };
         self.input.clear();
         self.output.clear();
         self.written = 0;
@@ -216,12 +302,39 @@ impl<P: Protocol> StreamEngine<P> {
         self.protocol.start(&mut self.output);
     }
 
+    /// Moves a TLS handshake along; after the greeting, starts the one that waited for it.
+    fn advance_tls(&mut self, reactor: &Reactor) {
+        let Some(tls) = &self.tls else {
+            return;
+        };
+        let Phase::Open { stream, host, .. } = &mut self.phase else {
+            return;
+        };
+        let starts_now = tls.start == TlsStart::AfterGreeting
+            && matches!(stream, Transport::Plain(_))
+            && self.protocol.greeted();
+        if stream.is_ready() && !starts_now {
+            return;
+        }
+        let plain = std::mem::replace(stream, Transport::Closed);
+        let advanced = if starts_now {
+            plain.start_tls(&tls.settings, host)
+        } else {
+            plain.advance()
+        };
+        match advanced {
+            Ok(advanced) => *stream = advanced,
+            Err(err) => self.fail(reactor, err),
+        }
+    }
+
     /// Reads until the socket has nothing more (or the turn's budget is spent), handing
     /// complete frames to the protocol.
     fn read(&mut self, reactor: &Reactor, received: &mut Vec<Received>) {
         let mut budget = READ_PER_TURN;
         loop {
-            let Phase::Open { stream } = &mut self.phase else {
+            self.advance_tls(reactor);
+            let Phase::Open { stream, .. } = &mut self.phase else {
                 return;
             };
             let filled = self.input.len();
@@ -322,7 +435,8 @@ impl<P: Protocol> StreamEngine<P> {
     }
 
     fn flush(&mut self, reactor: &Reactor) {
-        let Phase::Open { stream } = &mut self.phase else {
+        self.advance_tls(reactor);
+        let Phase::Open { stream, .. } = &mut self.phase else {
             return;
         };
         while self.written < self.output.len() {
@@ -353,17 +467,33 @@ impl<P: Protocol> StreamEngine<P> {
         if let Some(socket) = self.watched.take() {
             reactor.unwatch(socket);
         }
+        let was_open = matches!(self.phase, Phase::Open { .. }) && self.protocol.is_open();
         if matches!(self.phase, Phase::Open { .. }) {
             self.stats.dropped += self.protocol.in_flight() as u64;
+        }
+        self.subscribed = false;
+        self.input.clear();
+        self.output.clear();
+        self.written = 0;
+        // Before the session is open, whatever ends the connection means "cannot connect"
+        // (a TLS 1.3 server refuses a client certificate only after the handshake, say).
+        let error = match error {
+            Error::Backend(message) if !was_open => Error::Unreachable(message),
+            error => error,
+        };
+        if was_open {
+            // A lost session: the next round tries every address again.
+            self.untried = 0;
+        } else if self.untried > 0 {
+            self.phase = Phase::Down {
+                retry_at: Instant::now(),
+            };
+            return;
         }
         self.phase = Phase::Down {
             retry_at: Instant::now() + self.retry_delay,
         };
         self.retry_delay = next_retry(self.retry_delay);
-        self.subscribed = false;
-        self.input.clear();
-        self.output.clear();
-        self.written = 0;
         self.failure = Some(error);
     }
 
@@ -387,7 +517,25 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                     }
                 }
                 Phase::Connecting { .. } => self.check_connected(cx.reactor),
-                Phase::Open { .. } => {
+                Phase::Open {
+                    stream,
+                    session_deadline,
+                    ..
+                } => {
+                    if !self.protocol.is_open() && Instant::now() >= *session_deadline {
+                        let what = if stream.is_ready() {
+                            "the server did not open a session"
+                        } else {
+                            "the TLS handshake did not complete (does the server speak TLS?)"
+                        };
+                        let error = Error::Unreachable(format!(
+                            "{}: {what} within {} s",
+                            P::NAME,
+                            CONNECT_TIMEOUT.as_secs()
+                        ));
+                        self.fail(cx.reactor, error);
+                        continue;
+                    }
                     self.read(cx.reactor, cx.received);
                     self.subscribe_all();
                 }
@@ -415,9 +563,16 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                 socket: Some((stream.as_raw_fd(), true)),
                 deadline: Some(*deadline),
             },
-            Phase::Open { stream } => Wait {
-                socket: Some((stream.as_raw_fd(), self.written < self.output.len())),
-                deadline: None,
+            Phase::Open {
+                stream,
+                session_deadline,
+                ..
+            } => Wait {
+                socket: Some((
+                    stream.as_raw_fd(),
+                    stream.is_ready() && self.written < self.output.len(),
+                )),
+                deadline: (!self.protocol.is_open()).then_some(*session_deadline),
             },
         }
     }
@@ -451,7 +606,7 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     }
 
     fn shut_down(&mut self, reactor: &Reactor) {
-        if let Phase::Open { stream } = &self.phase {
+        if let Phase::Open { stream, .. } = &self.phase {
             let socket = stream.as_raw_fd();
             super::flush_before_shutdown(socket, || {
                 self.flush(reactor);

@@ -1,5 +1,6 @@
-//! Broker URLs of the socket engines: `scheme://[user[:password]@]host[:port][,host[:port]…][/path]`,
-//! with percent-escapes in the user and password. (PostgreSQL URLs go to libpq as they are.)
+//! Broker URLs of the socket engines:
+//! `scheme://[user[:password]@]host[:port][,host[:port]…][/path][?key=value[&key=value…]]`,
+//! with percent-escapes in the user, the password and the option values. (PostgreSQL URLs go to libpq as they are.)
 
 use crate::error::Error;
 
@@ -11,8 +12,10 @@ pub(crate) struct BrokerUrl {
     pub(crate) password: Option<String>,
     /// One or more `(host, port)`; IPv6 literals without their brackets.
     pub(crate) hosts: Vec<(String, u16)>,
-    /// What follows the first `/` after the hosts, without it ("" when none).
+    /// What follows the first `/` after the hosts, without it, up to the `?` ("" when none).
     pub(crate) path: String,
+    /// The `key=value` options after the `?`, in order, values percent-decoded.
+    pub(crate) query: Vec<(String, String)>,
 }
 
 impl BrokerUrl {
@@ -20,7 +23,11 @@ impl BrokerUrl {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or(Error::InvalidArgument("the broker URL has no scheme"))?;
-        let (authority, path) = match rest.find(['/', '?']) {
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, options(query)?),
+            None => (rest, Vec::new()),
+        };
+        let (authority, path) = match rest.find('/') {
             Some(at) => (&rest[..at], rest[at..].trim_start_matches('/')),
             None => (rest, ""),
         };
@@ -48,8 +55,32 @@ impl BrokerUrl {
             password,
             hosts,
             path: path.to_string(),
+            query,
         })
     }
+
+    /// Refuses options no one took: a misspelt option must not be silently ignored.
+    pub(crate) fn no_options_left(&self) -> Result<(), Error> {
+        match self.query.first() {
+            None => Ok(()),
+            Some(_) => Err(Error::InvalidArgument(
+                "a broker URL has an unknown option (known: ca=, cert=, key= with TLS)",
+            )),
+        }
+    }
+}
+
+fn options(query: &str) -> Result<Vec<(String, String)>, Error> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').ok_or(Error::InvalidArgument(
+                "a broker URL option is not key=value",
+            ))?;
+            Ok((key.to_string(), percent_decode(value)?))
+        })
+        .collect()
 }
 
 fn host_and_port(text: &str, default_port: u16) -> Result<(String, u16), Error> {
@@ -87,8 +118,7 @@ fn host_and_port(text: &str, default_port: u16) -> Result<(String, u16), Error> 
 }
 
 fn percent_decode(text: &str) -> Result<String, Error> {
-    let bad =
-        || Error::InvalidArgument("a broker URL has a bad percent-escape in its user or password");
+    let bad = || Error::InvalidArgument("a broker URL has a bad percent-escape");
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut at = 0;
@@ -107,7 +137,7 @@ fn percent_decode(text: &str) -> Result<String, Error> {
         }
     }
     String::from_utf8(out)
-        .map_err(|_| Error::InvalidArgument("a broker URL's user and password must be UTF-8"))
+        .map_err(|_| Error::InvalidArgument("a broker URL's escaped parts must be UTF-8"))
 }
 
 #[cfg(test)]
@@ -122,6 +152,20 @@ mod tests {
         assert_eq!(url.password.as_deref(), Some("p:ss"));
         assert_eq!(url.hosts, vec![("cache.local".to_string(), 6380)]);
         assert_eq!(url.path, "2");
+        assert!(url.query.is_empty());
+
+        let url = BrokerUrl::parse("rediss://h/3?ca=/etc/my%20ca.pem&&cert=c.pem", 6379).unwrap();
+        assert_eq!(url.path, "3");
+        assert_eq!(
+            url.query,
+            vec![
+                ("ca".to_string(), "/etc/my ca.pem".to_string()),
+                ("cert".to_string(), "c.pem".to_string())
+            ]
+        );
+        let url = BrokerUrl::parse("tls://u:p@h:1?ca=x", 4222).unwrap();
+        assert_eq!((url.path.as_str(), url.query.len()), ("", 1));
+        assert_eq!(url.password.as_deref(), Some("p"));
 
         let url = BrokerUrl::parse("NATS://127.0.0.1", 4222).unwrap();
         assert_eq!(url.scheme, "nats");
@@ -153,6 +197,8 @@ mod tests {
             "redis://u%zz@h",
             "redis://u%4@h",
             "redis://h1,,h2",
+            "redis://h?ca",
+            "redis://h?ca=%zz",
         ] {
             assert_eq!(
                 BrokerUrl::parse(bad, 1).err().map(|e| e.errno()),

@@ -47,6 +47,13 @@ pub struct fdcast_broker_stats {
 /// | `redis://[user:pass@]host[:port][/db]`            | Redis pub/sub                | the channel prefix         |
 /// | `nats://[user:pass@]host[:port][,host:port…]`     | NATS core                    | the subject prefix         |
 ///
+/// `rediss://` and NATS `tls://` are the same over TLS (1.2 or later). The server's
+/// certificate is always verified, chain and name, against the system's trust store or the
+/// PEM file of the `ca=` option; `cert=` and `key=` name a client certificate and its key
+/// (PEM): `rediss://cache:6380?ca=/etc/ssl/my-ca.pem&cert=/etc/app.pem&key=/etc/app.key`.
+/// An option fdcast does not know is refused (-EINVAL), never ignored. PostgreSQL takes
+/// libpq's own options (`sslmode=verify-full`, ...).
+///
 /// PostgreSQL listens on one channel and receives every topic, in the Tep::Broadcast
 /// format (see fdcast_pg_enable()). Redis and NATS route by interest: the registry
 /// subscribes on the engine to a topic while it has a local subscriber of it, so a registry
@@ -70,11 +77,13 @@ pub struct fdcast_broker_stats {
 /// wait in a bounded queue (65536 publishes or 64 MiB, then counted drops).
 ///
 /// Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
-/// parse or an unknown scheme; a bad name), -ENOTSUP (the engine is compiled out, or TLS:
-/// `rediss://`, NATS `tls://`, Redis Cluster are not supported yet), -EALREADY (a broker is
-/// already enabled: one per registry), -ECONNREFUSED (the server could not be reached,
-/// refused the connection or the authentication, or did not answer in time), -EIO (the
-/// server refused a command of the session); fdcast_last_error() says why.
+/// parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad
+/// name), -ENOTSUP (the engine or TLS is compiled out; Redis Cluster is not supported yet),
+/// -EALREADY (a broker is already enabled: one per registry), -ECONNREFUSED (no address of
+/// the server could be reached, or it refused the connection, the TLS handshake, the
+/// certificate or the authentication, or did not answer in time), -EIO (the server refused
+/// a command of the session); fdcast_last_error() says why. With several hosts, each is
+/// tried in turn before the enable fails.
 ///
 /// Thread: any; blocks the calling thread while connecting, and no other.
 #[unsafe(no_mangle)]

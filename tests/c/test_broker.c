@@ -44,7 +44,12 @@ static void test_errors(const char *redis_url) {
     CHECK(strstr(fdcast_last_error(), "scheme") != NULL);
     CHECK_EQ(fdcast_broker_enable(fc, "redis://127.0.0.1:notaport", "p"), -EINVAL);
     CHECK_EQ(fdcast_broker_enable(fc, "nats://127.0.0.1:4222", "bad subject"), -EINVAL);
-    CHECK_EQ(fdcast_broker_enable(fc, "rediss://127.0.0.1:6379", "p"), -ENOTSUP);
+    CHECK_EQ(fdcast_broker_enable(fc, "redis://127.0.0.1:6379?ca=ca.pem", "p"), -EINVAL);
+    CHECK(strstr(fdcast_last_error(), "TLS") != NULL);
+    CHECK_EQ(fdcast_broker_enable(fc, "redis://127.0.0.1:6379?bogus=1", "p"), -EINVAL);
+    /* TLS to a server that does not speak it (NATS greets in the clear): the handshake
+     * fails. */
+    CHECK_EQ(fdcast_broker_enable(fc, "rediss://127.0.0.1:4222", "p"), -ECONNREFUSED);
     CHECK(strstr(fdcast_last_error(), "TLS") != NULL);
     /* Port 1: nothing listens, the connection is refused at once. */
     CHECK_EQ(fdcast_broker_enable(fc, "redis://127.0.0.1:1", "p"), -ECONNREFUSED);
@@ -52,10 +57,13 @@ static void test_errors(const char *redis_url) {
     CHECK_EQ(fdcast_broker_enable(fc, "nats://127.0.0.1:1", "p"), -ECONNREFUSED);
     CHECK_EQ(fdcast_broker_poll_once(fc, 0), -ENOTCONN);
     fdcast_broker_disable(fc); /* after failed enables: a no-op */
+    /* The first address refuses: the enable goes on to the next at once. */
+    CHECK_EQ(fdcast_broker_enable(fc, "nats://127.0.0.1:1,127.0.0.1:4222", "p"), 0);
+    fdcast_broker_disable(fc);
     fdcast_broker_stats stats;
     fdcast_broker_get_stats(fc, &stats);
     CHECK_EQ(stats.connected, 0);
-    /* Nothing was left half-enabled: publishing is local-only and never refused. */
+    /* Nothing is left enabled: publishing is local-only and never refused. */
     CHECK_EQ(fdcast_publish(fc, T("t"), "a\0b", 3), 0);
     fdcast_free(fc);
 }
