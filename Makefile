@@ -5,6 +5,7 @@
 #   make demo          run target/c/sse_fanout on 127.0.0.1:8080
 #   make c-test        C tests: static lib + ASan/UBSan, shared lib + valgrind, header check
 #   make example-test  end-to-end test of the sse_fanout example
+#   make demo-test     make demo and make examples as on a machine without libuv
 #   make ws-chat-test  ws_chat against Python websockets/SSE clients and headless Chromium
 #   make log-fanout-test  log_fanout with 100 nc/socat/Python clients
 #   make uv-embed-test the libuv example, driven by the sse_fanout test
@@ -57,7 +58,10 @@ EXAMPLES  := $(patsubst c-examples/%.c,%,$(wildcard c-examples/*.c))
 DEMO_PORT ?= 8080
 
 # Libraries an example needs besides fdcast: EXAMPLE_LIBS_<name>.
-EXAMPLE_LIBS_uv_embed = $(shell pkg-config --cflags --libs libuv)
+EXAMPLE_LIBS_uv_embed = $(shell pkg-config --cflags --libs libuv 2>/dev/null)
+# uv_embed needs libuv: without it `make examples` skips it, saying so, and builds the rest.
+HAVE_LIBUV := $(shell pkg-config --exists libuv 2>/dev/null && echo yes)
+BUILDABLE_EXAMPLES := $(if $(HAVE_LIBUV),$(EXAMPLES),$(filter-out uv_embed,$(EXAMPLES)))
 
 # $(call build_example,NAME,OUTPUT,EXTRA_CFLAGS): c-examples/NAME.c, statically linked.
 build_example = $(CC) $(CFLAGS) $(3) -o $(2) c-examples/$(1).c $(STATIC_LIB) $(NATIVE_LIBS) \
@@ -98,10 +102,19 @@ lib:
 
 examples: lib
 	mkdir -p $(OUT)
-	$(foreach ex,$(EXAMPLES),$(call build_example,$(ex),$(OUT)/$(ex),-O2)$(newline))
+	$(if $(HAVE_LIBUV),,@echo "examples: skipping uv_embed: pkg-config finds no libuv (apt-get install libuv1-dev)")
+	$(foreach ex,$(BUILDABLE_EXAMPLES),$(call build_example,$(ex),$(OUT)/$(ex),-O2)$(newline))
 
-demo: examples
+# The demo builds what it runs, and nothing that needs an optional library.
+demo: lib
+	mkdir -p $(OUT)
+	$(call build_example,sse_fanout,$(OUT)/sse_fanout,-O2)
 	$(OUT)/sse_fanout $(DEMO_PORT)
+
+# `make demo` and `make examples` as a new user on a machine without libuv (pkg-config's
+# search path pointed at nothing): the demo serves, the examples build but uv_embed.
+demo-test: lib
+	tests/demo_test.sh
 
 # --- C tests -----------------------------------------------------------------
 
@@ -243,7 +256,7 @@ fuzz-smoke:
 deps:
 	bash scripts/test-deps.sh
 
-test: deps rust-test c-test example-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
+test: deps rust-test c-test example-test demo-test ws-chat-test log-fanout-test uv-embed-test ctypes-test \
       install-test c-test-threads deadlock-test
 
 clean:
