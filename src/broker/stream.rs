@@ -261,8 +261,8 @@ impl<P: Protocol> StreamEngine<P> {
             }
             budget = budget.saturating_sub(count);
             if budget == 0 {
-                // Edge-triggered: come back for the rest in the next dispatch.
-                reactor.wake();
+                // Edge-triggered: no new edge comes for what is already in the socket.
+                reactor.wake_backend();
                 return;
             }
         }
@@ -365,6 +365,9 @@ impl<P: Protocol> StreamEngine<P> {
         self.output.clear();
         self.written = 0;
         self.failure = Some(error);
+        // Found by a publisher's write, the failure leaves no socket to watch and no timer
+        // armed for `retry_at`: only dispatch's service of the backend arms it.
+        reactor.wake_backend();
     }
 
     fn phase_number(&self) -> u8 {
