@@ -20,8 +20,9 @@ use crate::reactor::Reactor;
 /// A TCP connect that has not completed in this long is abandoned and retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes are taken from the queue only while less than this is waiting to be written, so
-/// a slow server leaves them in the bounded queue rather than in an unbounded buffer.
-const OUTPUT_HIGH_WATER: usize = 1 << 20;
+/// a slow server leaves them in the bounded queue rather than in an unbounded buffer. (Small
+/// in unit tests, so that a socket takes a whole high water in one write.)
+const OUTPUT_HIGH_WATER: usize = if cfg!(test) { 8 << 10 } else { 1 << 20 };
 /// Bytes read in one turn at most; the rest waits for the next turn (the reactor is woken).
 const READ_PER_TURN: usize = 8 << 20;
 const READ_CHUNK: usize = 64 << 10;
@@ -268,9 +269,23 @@ impl<P: Protocol> StreamEngine<P> {
         }
     }
 
+    /// Takes the queue's work and writes it out, taking again while publishes were left
+    /// queued for a backed-up output that the socket then took whole: no writable edge would
+    /// come back for them, and no server reply either (NATS confirms nothing).
+    fn take_and_flush(&mut self, cx: &Context<'_>) {
+        loop {
+            let deferred = self.take(cx);
+            self.flush(cx.reactor);
+            if !deferred || self.output.len() - self.written >= OUTPUT_HIGH_WATER {
+                return;
+            }
+        }
+    }
+
     /// Takes the queue's work: interest always, publishes once the session is subscribed and
-    /// the output is not backed up; writes the commands for them.
-    fn take(&mut self, cx: &Context<'_>) {
+    /// the output is not backed up; writes the commands for them. Returns whether publishes
+    /// were left queued because the output was backed up.
+    fn take(&mut self, cx: &Context<'_>) -> bool {
         let sending = matches!(self.phase, Phase::Open { .. }) && self.subscribed;
         let take_publishes = sending && self.output.len() - self.written < OUTPUT_HIGH_WATER;
         cx.take(
@@ -301,6 +316,7 @@ impl<P: Protocol> StreamEngine<P> {
         }
         self.publishes.clear();
         self.protocol.report(&mut self.stats);
+        sending && !take_publishes
     }
 
     /// Once the session is up, subscribes the connection to every topic of interest.
@@ -399,13 +415,11 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                 break;
             }
         }
-        self.take(cx);
-        self.flush(cx.reactor);
+        self.take_and_flush(cx);
     }
 
     fn write(&mut self, cx: &mut Context<'_>) {
-        self.take(cx);
-        self.flush(cx.reactor);
+        self.take_and_flush(cx);
     }
 
     fn wait(&self) -> Wait {
@@ -476,5 +490,90 @@ impl<P: Protocol> Engine for StreamEngine<P> {
         self.phase = Phase::Down {
             retry_at: Instant::now() + super::MAX_RETRY,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::broker::Outbound;
+
+    /// Says nothing but the publishes' payloads; open at once, confirms nothing (as NATS).
+    struct Bare;
+
+    impl Protocol for Bare {
+        const NAME: &'static str = "bare";
+        fn start(&mut self, _out: &mut Vec<u8>) {}
+        fn read(
+            &mut self,
+            input: &[u8],
+            _out: &mut Vec<u8>,
+            _sink: &mut Sink<'_>,
+        ) -> Result<usize, Error> {
+            Ok(input.len())
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+        fn subscribe(&mut self, _topic: &[u8], _out: &mut Vec<u8>) {}
+        fn unsubscribe(&mut self, _topic: &[u8], _out: &mut Vec<u8>) {}
+        fn publish(&mut self, _topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+            out.extend_from_slice(payload);
+        }
+        fn unconfirmed(&self) -> usize {
+            0
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn subscribed(&self) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn publishes_left_for_a_backed_up_output_go_out_when_the_socket_takes_it_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let mut received = Vec::new();
+        let mut engine = StreamEngine::new(Bare, &[("127.0.0.1".to_string(), port)]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !engine.is_ready() {
+            assert!(Instant::now() < deadline, "no connection");
+            engine.advance(&mut Context {
+                reactor: &reactor,
+                outbound: &outbound,
+                received: &mut received,
+            });
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (mut server, _) = listener.accept().unwrap();
+
+        // A backed-up output, which the socket (with room for it) takes in one write, and a
+        // publish queued meanwhile.
+        engine.output = vec![b'o'; OUTPUT_HIGH_WATER];
+        engine.written = 0;
+        assert!(outbound.push_publish(b"t", b"queued"));
+        engine.write(&mut Context {
+            reactor: &reactor,
+            outbound: &outbound,
+            received: &mut received,
+        });
+        assert_eq!(outbound.counts(), (0, 0), "the publish was taken");
+        assert_eq!(engine.output.len(), engine.written, "and written");
+
+        let mut want = vec![b'o'; OUTPUT_HIGH_WATER];
+        want.extend_from_slice(b"queued");
+        let mut got = vec![0; want.len()];
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
     }
 }
