@@ -86,6 +86,14 @@ fn scenarios() {
         run(&format!("interest routing, {k}"), &|| {
             interest_routing(kind)
         });
+        run(
+            &format!("identical payloads from two processes, {k}"),
+            &|| identical_payloads(kind),
+        );
+        run(&format!("a 12 MiB backlog, {k}"), &|| large_backlog(kind));
+        run(&format!("publishing through kill -9, {k}"), &|| {
+            publishing_through_kill(kind)
+        });
     }
     run("interop with plain Redis clients", &redis_interop);
     run("interop with a plain NATS client", &nats_interop);
@@ -156,6 +164,13 @@ fn seq_payload(n: usize) -> Vec<u8> {
 
 fn seq_bytes(range: std::ops::Range<usize>) -> Vec<u8> {
     range.flat_map(seq_payload).collect()
+}
+
+/// A recognisable payload of `size` bytes, numbered `n`.
+fn big_payload(n: usize, size: usize) -> Vec<u8> {
+    let mut payload = format!("{n:08}").into_bytes();
+    payload.resize(size, b'a' + (n % 26) as u8);
+    payload
 }
 
 /// What a subscriber of `mode` reads for `payload`.
@@ -288,6 +303,22 @@ fn agent_main() {
                 }
                 "ok".to_string()
             }
+            ["rep", topic, payload, count] => {
+                let (topic, payload) = (unhex(topic), unhex(payload));
+                for _ in 0..count.parse::<usize>().unwrap() {
+                    registry.publish(&topic, &payload).unwrap();
+                }
+                "ok".to_string()
+            }
+            ["big", topic, count, size] => {
+                let topic = unhex(topic);
+                for n in 0..count.parse().unwrap() {
+                    registry
+                        .publish(&topic, &big_payload(n, size.parse().unwrap()))
+                        .unwrap();
+                }
+                "ok".to_string()
+            }
             ["read", id] => {
                 agent_turn(&registry, paused, &mut subs);
                 let sub = subs.get_mut(*id).expect("a known sub");
@@ -306,6 +337,9 @@ fn agent_main() {
                     s.published >= n && s.queued == 0
                 })
             }
+            ["wait_idle"] => agent_wait(&registry, &mut subs, "idle", |s| {
+                s.connected == 1 && s.queued == 0
+            }),
             ["wait_down"] => agent_wait(&registry, &mut subs, "down", |s| s.connected == 0),
             ["wait_up"] => agent_wait(&registry, &mut subs, "up", |s| s.connected == 1),
             ["pause"] => {
@@ -392,9 +426,18 @@ impl Agent {
     }
 
     fn send(&mut self, command: &str) -> String {
+        self.start(command);
+        self.reply(command)
+    }
+
+    /// Sends a command without waiting for its reply (`reply` reads it).
+    fn start(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().unwrap();
         writeln!(stdin, "{command}").expect("the agent takes a command");
         stdin.flush().unwrap();
+    }
+
+    fn reply(&mut self, command: &str) -> String {
         let mut line = String::new();
         let n = self.stdout.read_line(&mut line).unwrap();
         if n == 0 {
@@ -1223,8 +1266,7 @@ fn interest_routing(kind: Kind) {
     let url = kind.shared_url();
     let name = kind.name("interest");
     let (t, u) = (b"T".as_slice(), b"U".as_slice());
-    let local = Local::new(&url, &name);
-    let mut local = local;
+    let mut local = Local::new(&url, &name);
     let mut agent = Agent::spawn();
     agent.enable(&url, &name);
     agent.sub(0, u, Mode::Raw);
@@ -1474,7 +1516,12 @@ fn outage(kind: Kind, url: &str, while_down: usize, down: &mut dyn FnMut(), up: 
     let topics = u64::from(kind != Kind::Pg);
     let mut local = Local::new(url, &name);
     let sub = local.sub(topic, Mode::Raw);
-    local.wait_stats("subscribed", |s| s.connected == 1 && s.topics == topics);
+    let (gone, gone_peer) = socketpair_nonblocking();
+    local
+        .reg
+        .subscribe(b"gone", gone.as_raw_fd(), Mode::Raw)
+        .unwrap();
+    local.wait_stats("subscribed", |s| s.connected == 1 && s.topics == 2 * topics);
     let mut agent = Agent::spawn();
     agent.enable(url, &name);
 
@@ -1494,9 +1541,10 @@ fn outage(kind: Kind, url: &str, while_down: usize, down: &mut dyn FnMut(), up: 
         "the agent while down: {stats:?}"
     );
     // A topic that gains its first subscriber while the server is gone is subscribed on the
-    // new connection.
+    // new connection; one that loses its last is not (`topics` below counts both).
     local.wait_stats("the parent down", |s| s.connected == 0);
     let late = local.sub(b"late", Mode::Raw);
+    assert_eq!(local.reg.unsubscribe_fd(gone.as_raw_fd()).unwrap(), 1);
     // The agent stays down until the parent has re-subscribed: pub/sub keeps nothing for a
     // subscriber that is not there yet.
     agent.ok("pause");
@@ -1517,13 +1565,11 @@ fn outage(kind: Kind, url: &str, while_down: usize, down: &mut dyn FnMut(), up: 
     local.expect(sub, &want, "after the outage");
     assert_eq!(agent.publish(b"late", b"late;"), 0);
     local.expect(late, b"late;", "a topic subscribed during the outage");
-    let after = after + 1;
-    let stats = agent.wait(&format!("wait_published {}", before + kept + after));
-    assert_eq!(
-        stats.published,
-        (before + kept + after) as u64,
-        "agent {stats:?}"
-    );
+    assert_eq!(agent.publish(b"gone", b"gone;"), 0);
+    // The numbered ones, "late" and "gone".
+    let published = (before + kept + after + 2) as u64;
+    let stats = agent.wait(&format!("wait_published {published}"));
+    assert_eq!(stats.published, published, "agent {stats:?}");
     assert_eq!(
         (stats.dropped, stats.queued, stats.connected),
         ((while_down - kept) as u64, 0, 1),
@@ -1531,10 +1577,16 @@ fn outage(kind: Kind, url: &str, while_down: usize, down: &mut dyn FnMut(), up: 
     );
     assert!(stats.reconnects >= 1, "agent {stats:?}");
     local.expect_quiet("nothing twice");
+    assert!(
+        read_now(gone_peer.as_raw_fd()).0.is_empty(),
+        "a topic unsubscribed during the outage"
+    );
+    // PostgreSQL's one channel carries "gone" too; Redis and NATS route by topic.
+    let received = published - u64::from(kind != Kind::Pg);
     let stats = local.stats();
     assert_eq!(
         (stats.received, stats.malformed, stats.connected),
-        ((before + kept + after) as u64, 0, 1),
+        (received, 0, 1),
         "parent {stats:?}"
     );
     agent.finish();
@@ -1587,4 +1639,177 @@ fn pg_outage() {
             PG_STOPPED.store(false, Ordering::SeqCst);
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// more: the echo filter against identical messages, and publishing straight through a crash
+// ---------------------------------------------------------------------------------------------
+
+/// Both processes publish the same payload on the same topic at the same time: Redis's echo
+/// filter must drop exactly our own copies (it cannot tell them apart by content), NATS's
+/// `echo:false` none; every subscriber gets every copy once.
+fn identical_payloads(kind: Kind) {
+    let url = kind.shared_url();
+    let name = kind.name("identical");
+    let (topic, payload, count) = (b"dup".as_slice(), b"same;".as_slice(), 2000);
+    let mut local = Local::new(&url, &name);
+    let sub = local.sub(topic, Mode::Raw);
+    local.wait_topics(1);
+    let mut agent = Agent::spawn();
+    agent.enable(&url, &name);
+    agent.sub(0, topic, Mode::Raw);
+    agent.wait("wait_topics 1");
+
+    let command = format!("rep {} {} {count}", hex(topic), hex(payload));
+    agent.start(&command);
+    for i in 0..count {
+        local.reg.publish(topic, payload).unwrap();
+        if i % 100 == 0 {
+            local.pump();
+        }
+    }
+    assert_eq!(agent.reply(&command), "ok");
+    let all = payload.repeat(2 * count);
+    local.expect(sub, &all, "parent: every copy once");
+    expect_agent(&mut agent, &mut local, 0, &all, "agent: every copy once");
+    let echoes = if kind == Kind::Redis { count as u64 } else { 0 };
+    let stats = local.wait_stats("parent confirmed", |s| {
+        s.published == count as u64 && s.ignored == echoes
+    });
+    assert_eq!(
+        (stats.received, stats.dropped),
+        (count as u64, 0),
+        "{stats:?}"
+    );
+    let stats = agent.wait(&format!("wait_published {count}"));
+    assert_eq!(
+        (stats.received, stats.ignored, stats.dropped),
+        (count as u64, echoes, 0),
+        "agent {stats:?}"
+    );
+    local.expect_quiet("nothing more");
+    assert!(agent.read(0).is_empty(), "agent: nothing more");
+    agent.finish();
+}
+
+/// The server is killed while the agent is in the middle of a burst of publishes, and it
+/// keeps publishing while it is down. What arrives is in order and never twice; every publish
+/// is accounted for as published or dropped (Redis drops those unconfirmed when the connection
+/// broke); once all is back, delivery is complete again.
+fn publishing_through_kill(kind: Kind) {
+    let mut server = OwnServer::start(kind);
+    let url = server.url();
+    let name = kind.name("through");
+    let topic = b"seq";
+    let mut local = Local::new(&url, &name);
+    let sub = local.sub(topic, Mode::Raw);
+    local.wait_topics(1);
+    let mut agent = Agent::spawn();
+    agent.enable(&url, &name);
+
+    let first = 2000;
+    agent.seq(topic, 0..first);
+    local.expect(sub, &seq_bytes(0..first), "before the kill");
+    let burst = first..first + 20_000;
+    let command = format!("seq {} {} {}", hex(topic), burst.start, burst.end);
+    agent.start(&command);
+    thread::sleep(Duration::from_millis(3));
+    server.kill9();
+    assert_eq!(agent.reply(&command), "ok");
+    let while_down = burst.end..burst.end + 2000;
+    agent.seq(topic, while_down.clone());
+    server.up();
+    local.wait_stats("the parent back", |s| {
+        s.connected == 1 && s.topics == 1 && s.reconnects >= 1
+    });
+    let stats = agent.wait("wait_idle");
+    assert!(stats.reconnects >= 1, "agent {stats:?}");
+    let last = while_down.end..while_down.end + 200;
+    agent.seq(topic, last.clone());
+    let total = last.end;
+    let want_tail = seq_bytes(last);
+    let start = Instant::now();
+    while !local.subs[sub].got.ends_with(&want_tail) {
+        assert!(
+            start.elapsed() < T,
+            "the last chunk did not arrive: {:?}",
+            local.stats()
+        );
+        local.pump();
+    }
+    let stats = agent.wait("wait_idle");
+    assert_eq!(
+        stats.published + stats.dropped,
+        total as u64,
+        "every publish is published or dropped: {stats:?}"
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(300) {
+        local.pump();
+    }
+    assert!(
+        local.subs[sub].got.ends_with(&want_tail),
+        "nothing after the last chunk"
+    );
+    let got = String::from_utf8(std::mem::take(&mut local.subs[sub].got)).unwrap();
+    let numbers: Vec<usize> = got
+        .split_terminator(';')
+        .map(|n| n.strip_prefix("n=").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "in order, none twice"
+    );
+    assert!(numbers.first().is_none_or(|&n| n >= first), "none twice");
+    let received = local.stats().received;
+    assert_eq!(
+        received,
+        (first + numbers.len()) as u64,
+        "{:?}",
+        local.stats()
+    );
+    agent.finish();
+}
+
+/// A 12 MiB backlog (more than the stream engine reads in one turn, 8 MiB) piles up for the
+/// parent while it is not dispatching: it must all arrive, intact and in order, without a
+/// reconnect (Redis's pub/sub output buffer limit is 32 MiB, NATS's pending limit 64 MiB).
+fn large_backlog(kind: Kind) {
+    let url = kind.shared_url();
+    let name = kind.name("backlog");
+    let topic = b"big";
+    let (count, size) = (96, 128 << 10);
+    let mut local = Local::new(&url, &name);
+    let sub = local.sub(topic, Mode::Raw);
+    local.wait_topics(1);
+    let mut agent = Agent::spawn();
+    agent.enable(&url, &name);
+    let command = format!("big {} {count} {size}", hex(topic));
+    let started = Instant::now();
+    agent.start(&command);
+    // The parent reads nothing meanwhile (NATS slows a publisher down while a subscriber lags,
+    // so the agent's reply is read only after the parent caught up).
+    thread::sleep(Duration::from_millis(300));
+    let want: Vec<u8> = (0..count).flat_map(|n| big_payload(n, size)).collect();
+    local.expect(
+        sub,
+        &want,
+        "12 MiB sent while the parent was not dispatching",
+    );
+    // About 0.4 s. Publishes left in the agent's queue behind a backed-up output once waited
+    // for the NATS server's first PING, about 2 s after connecting, to be written.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the backlog took {took:?}: publishes stranded in the publisher's queue?"
+    );
+    assert_eq!(agent.reply(&command), "ok");
+    agent.wait(&format!("wait_published {count}"));
+    let stats = local.stats();
+    assert_eq!(
+        (stats.received, stats.reconnects),
+        (count as u64, 0),
+        "{stats:?}"
+    );
+    agent.finish();
 }
