@@ -24,8 +24,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// in unit tests, so that a socket takes a whole high water in one write.)
 const OUTPUT_HIGH_WATER: usize = if cfg!(test) { 8 << 10 } else { 1 << 20 };
 /// Bytes read in one turn at most; the rest waits for the next turn (the reactor is woken).
-const READ_PER_TURN: usize = 8 << 20;
-const READ_CHUNK: usize = 64 << 10;
+/// (Small in unit tests, so that a turn ends with bytes still in the socket.)
+const READ_PER_TURN: usize = if cfg!(test) { 16 << 10 } else { 8 << 20 };
+const READ_CHUNK: usize = if cfg!(test) { 4 << 10 } else { 64 << 10 };
 
 /// What arrives on the connection, as a protocol reports it.
 pub(crate) struct Sink<'a> {
@@ -495,14 +496,17 @@ impl<P: Protocol> Engine for StreamEngine<P> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Read;
-    use std::net::TcpListener;
+    use std::io::{Read, Write};
 
     use super::*;
     use crate::broker::Outbound;
 
-    /// Says nothing but the publishes' payloads; open at once, confirms nothing (as NATS).
-    struct Bare;
+    /// Says nothing but the publishes' payloads; open at once, confirms nothing (as NATS);
+    /// counts the bytes it reads.
+    #[derive(Default)]
+    struct Bare {
+        read: usize,
+    }
 
     impl Protocol for Bare {
         const NAME: &'static str = "bare";
@@ -513,6 +517,7 @@ mod tests {
             _out: &mut Vec<u8>,
             _sink: &mut Sink<'_>,
         ) -> Result<usize, Error> {
+            self.read += input.len();
             Ok(input.len())
         }
         fn is_open(&self) -> bool {
@@ -534,25 +539,78 @@ mod tests {
         }
     }
 
-    #[test]
-    fn publishes_left_for_a_backed_up_output_go_out_when_the_socket_takes_it_whole() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// An engine connected to a (blocking) server socket of the test's.
+    fn connected(
+        reactor: &Reactor,
+        outbound: &Outbound,
+    ) -> (StreamEngine<Bare>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let reactor = Reactor::new().unwrap();
-        let outbound = Outbound::default();
-        let mut received = Vec::new();
-        let mut engine = StreamEngine::new(Bare, &[("127.0.0.1".to_string(), port)]).unwrap();
+        let mut engine =
+            StreamEngine::new(Bare::default(), &[("127.0.0.1".to_string(), port)]).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while !engine.is_ready() {
             assert!(Instant::now() < deadline, "no connection");
             engine.advance(&mut Context {
-                reactor: &reactor,
-                outbound: &outbound,
-                received: &mut received,
+                reactor,
+                outbound,
+                received: &mut Vec::new(),
             });
             std::thread::sleep(Duration::from_millis(1));
         }
-        let (mut server, _) = listener.accept().unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (engine, server)
+    }
+
+    fn turn(engine: &mut StreamEngine<Bare>, reactor: &Reactor, outbound: &Outbound) {
+        engine.advance(&mut Context {
+            reactor,
+            outbound,
+            received: &mut Vec::new(),
+        });
+    }
+
+    #[test]
+    fn a_read_cut_short_by_its_budget_has_dispatch_come_back_for_the_rest() {
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let (mut engine, mut server) = connected(&reactor, &outbound);
+        // Twice a turn's budget, all in the engine's socket before it reads.
+        server.write_all(&[b'i'; 2 * READ_PER_TURN]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut ready = Vec::new();
+        while !reactor
+            .wait(Some(Duration::from_millis(100)), &mut ready)
+            .unwrap()
+            .backend
+        {
+            assert!(Instant::now() < deadline, "the bytes never arrived");
+        }
+        // Every edge the bytes caused is consumed.
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = reactor.wait(Some(Duration::ZERO), &mut ready).unwrap();
+
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(engine.protocol.read, READ_PER_TURN, "one turn's budget");
+        // No new byte arrives to make an edge: the engine itself asks for the next turn.
+        let wakeups = reactor.wait(Some(Duration::ZERO), &mut ready).unwrap();
+        assert!(
+            wakeups.backend,
+            "dispatch is told to service the engine again"
+        );
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(engine.protocol.read, 2 * READ_PER_TURN);
+    }
+
+    #[test]
+    fn publishes_left_for_a_backed_up_output_go_out_when_the_socket_takes_it_whole() {
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let mut received = Vec::new();
+        let (mut engine, mut server) = connected(&reactor, &outbound);
 
         // A backed-up output, which the socket (with room for it) takes in one write, and a
         // publish queued meanwhile.
@@ -570,9 +628,6 @@ mod tests {
         let mut want = vec![b'o'; OUTPUT_HIGH_WATER];
         want.extend_from_slice(b"queued");
         let mut got = vec![0; want.len()];
-        server
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
         server.read_exact(&mut got).unwrap();
         assert_eq!(got, want);
     }
