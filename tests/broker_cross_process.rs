@@ -108,6 +108,10 @@ fn scenarios() {
         own_server_outage(Kind::Redis, QUEUE + 1000)
     });
     run("PostgreSQL stop and start", &pg_outage);
+    run(
+        "PostgreSQL backend terminated during a burst",
+        &pg_terminated_during_burst,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1810,6 +1814,88 @@ fn large_backlog(kind: Kind) {
         (stats.received, stats.reconnects),
         (count as u64, 0),
         "{stats:?}"
+    );
+    agent.finish();
+}
+
+/// The agent's PostgreSQL backend is terminated (`pg_terminate_backend`) as it starts a long
+/// burst of publishes, so that the broken connection is found by a publisher's write rather
+/// than by dispatch (the engine then stayed down for good, its queue full, before 50fdc23):
+/// the agent reconnects, every publish is published or dropped, what arrives is in order and
+/// never twice, and delivery is complete again afterwards. Only the agent's own session is
+/// touched, found by its application_name.
+fn pg_terminated_during_burst() {
+    let base = Kind::Pg.shared_url();
+    let name = Kind::Pg.name("burst");
+    let application = format!("fdcast_xproc_{}_agent", std::process::id());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let agent_url = format!("{base}{separator}application_name={application}");
+    let topic = b"seq";
+    let mut local = Local::new(&base, &name);
+    let sub = local.sub(topic, Mode::Raw);
+    let mut agent = Agent::spawn();
+    agent.enable(&agent_url, &name);
+
+    let first = 1000;
+    agent.seq(topic, 0..first);
+    local.expect(sub, &seq_bytes(0..first), "before the termination");
+    let burst = first..first + 200_000;
+    let command = format!("seq {} {} {}", hex(topic), burst.start, burst.end);
+    agent.start(&command);
+    let output = Command::new("psql")
+        .args([&base, "-qtAc"])
+        .arg(format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = '{application}'"
+        ))
+        .output()
+        .expect("psql runs");
+    assert!(output.status.success(), "psql: {output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "1");
+    assert_eq!(agent.reply(&command), "ok");
+    let stats = agent.wait("wait_idle");
+    assert!(stats.reconnects >= 1, "agent {stats:?}");
+    let last = burst.end..burst.end + 200;
+    agent.seq(topic, last.clone());
+    let total = last.end;
+    let want_tail = seq_bytes(last);
+    let start = Instant::now();
+    while !local.subs[sub].got.ends_with(&want_tail) {
+        assert!(
+            start.elapsed() < T,
+            "the last chunk did not arrive: {:?}",
+            local.stats()
+        );
+        local.pump();
+    }
+    let stats = agent.wait("wait_idle");
+    assert_eq!(
+        stats.published + stats.dropped,
+        total as u64,
+        "every publish is published or dropped: {stats:?}"
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(300) {
+        local.pump();
+    }
+    assert!(
+        local.subs[sub].got.ends_with(&want_tail),
+        "nothing after the last chunk"
+    );
+    let got = String::from_utf8(std::mem::take(&mut local.subs[sub].got)).unwrap();
+    let numbers: Vec<usize> = got
+        .split_terminator(';')
+        .map(|n| n.strip_prefix("n=").unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]) && numbers.first().is_none_or(|&n| n >= first),
+        "in order, none twice"
+    );
+    assert_eq!(
+        local.stats().received,
+        (first + numbers.len()) as u64,
+        "{:?}",
+        local.stats()
     );
     agent.finish();
 }
