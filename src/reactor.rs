@@ -3,6 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -25,6 +26,8 @@ pub(crate) struct Reactor {
     waker: Waker,
     /// A timerfd for deadlines (a backend's reconnect), so the host needs no timer of its own.
     timer: OwnedFd,
+    /// Set by `wake_backend`: the next `wait` reports the backend as ready.
+    backend_due: AtomicBool,
     poll_fd: RawFd,
 }
 
@@ -54,6 +57,7 @@ impl Reactor {
             registry,
             waker,
             timer,
+            backend_due: AtomicBool::new(false),
             poll_fd,
         })
     }
@@ -115,6 +119,15 @@ impl Reactor {
         let _ = self.waker.wake();
     }
 
+    /// Makes a concurrent or the next `wait` return and report the backend as ready, for work
+    /// its socket will not report: the rest of an edge-triggered read cut short, or a
+    /// connection lost on a publisher's thread, whose reconnect only a service of the backend
+    /// schedules (a plain `wake` reports neither).
+    pub(crate) fn wake_backend(&self) {
+        self.backend_due.store(true, Ordering::Release);
+        self.wake();
+    }
+
     /// Waits up to `timeout` (`None`: forever) and appends to `ready` each fd found
     /// writable. The poll is locked only for the wait itself, so the caller handles the fds
     /// (and runs callbacks) with no lock held. Only one thread may wait at a time: a second
@@ -143,6 +156,33 @@ impl Reactor {
                 Token(fd) => ready.push(fd as RawFd),
             }
         }
+        if self.backend_due.swap(false, Ordering::AcqRel) {
+            wakeups.backend = true;
+        }
         Ok(wakeups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_backend_wake_reports_the_backend() {
+        let reactor = Reactor::new().unwrap();
+        let mut ready = Vec::new();
+        reactor.wake();
+        let wakeups = reactor
+            .wait(Some(Duration::from_secs(1)), &mut ready)
+            .unwrap();
+        assert!(!wakeups.backend && !wakeups.timer);
+        reactor.wake_backend();
+        let wakeups = reactor
+            .wait(Some(Duration::from_secs(1)), &mut ready)
+            .unwrap();
+        assert!(wakeups.backend);
+        let wakeups = reactor.wait(Some(Duration::ZERO), &mut ready).unwrap();
+        assert!(!wakeups.backend, "reported once");
+        assert!(ready.is_empty());
     }
 }

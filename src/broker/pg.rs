@@ -394,6 +394,9 @@ impl PgEngine {
         };
         self.retry_delay = next_retry(self.retry_delay);
         self.last_failure = Some(error);
+        // Found by a publisher's write, the failure leaves no socket to watch and no timer
+        // armed for `retry_at`: only dispatch's service of the backend arms it.
+        reactor.wake_backend();
     }
 }
 

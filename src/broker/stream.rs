@@ -24,11 +24,13 @@ use crate::reactor::Reactor;
 /// after the connect: a server that accepts and then says nothing is as good as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes are taken from the queue only while less than this is waiting to be written, so
-/// a slow server leaves them in the bounded queue rather than in an unbounded buffer.
-const OUTPUT_HIGH_WATER: usize = 1 << 20;
+/// a slow server leaves them in the bounded queue rather than in an unbounded buffer. (Small
+/// in unit tests, so that a socket takes a whole high water in one write.)
+const OUTPUT_HIGH_WATER: usize = if cfg!(test) { 8 << 10 } else { 1 << 20 };
 /// Bytes read in one turn at most; the rest waits for the next turn (the reactor is woken).
-const READ_PER_TURN: usize = 8 << 20;
-const READ_CHUNK: usize = 64 << 10;
+/// (Small in unit tests, so that a turn ends with bytes still in the socket.)
+const READ_PER_TURN: usize = if cfg!(test) { 16 << 10 } else { 8 << 20 };
+const READ_CHUNK: usize = if cfg!(test) { 4 << 10 } else { 64 << 10 };
 
 /// What arrives on the connection, as a protocol reports it.
 pub(crate) struct Sink<'a> {
@@ -374,16 +376,30 @@ impl<P: Protocol> StreamEngine<P> {
             }
             budget = budget.saturating_sub(count);
             if budget == 0 {
-                // Edge-triggered: come back for the rest in the next dispatch.
-                reactor.wake();
+                // Edge-triggered: no new edge comes for what is already in the socket.
+                reactor.wake_backend();
+                return;
+            }
+        }
+    }
+
+    /// Takes the queue's work and writes it out, taking again while publishes were left
+    /// queued for a backed-up output that the socket then took whole: no writable edge would
+    /// come back for them, and no server reply either (NATS confirms nothing).
+    fn take_and_flush(&mut self, cx: &Context<'_>) {
+        loop {
+            let deferred = self.take(cx);
+            self.flush(cx.reactor);
+            if !deferred || self.output.len() - self.written >= OUTPUT_HIGH_WATER {
                 return;
             }
         }
     }
 
     /// Takes the queue's work: interest always, publishes once the session is subscribed and
-    /// the output is not backed up; writes the commands for them.
-    fn take(&mut self, cx: &Context<'_>) {
+    /// the output is not backed up; writes the commands for them. Returns whether publishes
+    /// were left queued because the output was backed up.
+    fn take(&mut self, cx: &Context<'_>) -> bool {
         let sending = matches!(self.phase, Phase::Open { .. }) && self.subscribed;
         let take_publishes = sending && self.output.len() - self.written < OUTPUT_HIGH_WATER;
         cx.take(
@@ -414,6 +430,7 @@ impl<P: Protocol> StreamEngine<P> {
         }
         self.publishes.clear();
         self.protocol.report(&mut self.stats);
+        sending && !take_publishes
     }
 
     /// Once the session is up, subscribes the connection to every topic of interest.
@@ -488,6 +505,7 @@ impl<P: Protocol> StreamEngine<P> {
             self.phase = Phase::Down {
                 retry_at: Instant::now(),
             };
+            reactor.wake_backend();
             return;
         }
         self.phase = Phase::Down {
@@ -495,6 +513,9 @@ impl<P: Protocol> StreamEngine<P> {
         };
         self.retry_delay = next_retry(self.retry_delay);
         self.failure = Some(error);
+        // Found by a publisher's write, the failure leaves no socket to watch and no timer
+        // armed for `retry_at`: only dispatch's service of the backend arms it.
+        reactor.wake_backend();
     }
 
     fn phase_number(&self) -> u8 {
@@ -544,13 +565,11 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                 break;
             }
         }
-        self.take(cx);
-        self.flush(cx.reactor);
+        self.take_and_flush(cx);
     }
 
     fn write(&mut self, cx: &mut Context<'_>) {
-        self.take(cx);
-        self.flush(cx.reactor);
+        self.take_and_flush(cx);
     }
 
     fn wait(&self) -> Wait {
@@ -619,5 +638,144 @@ impl<P: Protocol> Engine for StreamEngine<P> {
         self.phase = Phase::Down {
             retry_at: Instant::now() + super::MAX_RETRY,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+    use crate::broker::Outbound;
+
+    /// Says nothing but the publishes' payloads; open at once, confirms nothing (as NATS);
+    /// counts the bytes it reads.
+    #[derive(Default)]
+    struct Bare {
+        read: usize,
+    }
+
+    impl Protocol for Bare {
+        const NAME: &'static str = "bare";
+        fn start(&mut self, _out: &mut Vec<u8>) {}
+        fn read(
+            &mut self,
+            input: &[u8],
+            _out: &mut Vec<u8>,
+            _sink: &mut Sink<'_>,
+        ) -> Result<usize, Error> {
+            self.read += input.len();
+            Ok(input.len())
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+        fn subscribe(&mut self, _topic: &[u8], _out: &mut Vec<u8>) {}
+        fn unsubscribe(&mut self, _topic: &[u8], _out: &mut Vec<u8>) {}
+        fn publish(&mut self, _topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+            out.extend_from_slice(payload);
+        }
+        fn unconfirmed(&self) -> usize {
+            0
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+        fn subscribed(&self) -> usize {
+            0
+        }
+    }
+
+    /// An engine connected to a (blocking) server socket of the test's.
+    fn connected(
+        reactor: &Reactor,
+        outbound: &Outbound,
+    ) -> (StreamEngine<Bare>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut engine =
+            StreamEngine::new(Bare::default(), &[("127.0.0.1".to_string(), port)], None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !engine.is_ready() {
+            assert!(Instant::now() < deadline, "no connection");
+            engine.advance(&mut Context {
+                reactor,
+                outbound,
+                received: &mut Vec::new(),
+            });
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (engine, server)
+    }
+
+    fn turn(engine: &mut StreamEngine<Bare>, reactor: &Reactor, outbound: &Outbound) {
+        engine.advance(&mut Context {
+            reactor,
+            outbound,
+            received: &mut Vec::new(),
+        });
+    }
+
+    #[test]
+    fn a_read_cut_short_by_its_budget_has_dispatch_come_back_for_the_rest() {
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let (mut engine, mut server) = connected(&reactor, &outbound);
+        // Twice a turn's budget, all in the engine's socket before it reads.
+        server.write_all(&[b'i'; 2 * READ_PER_TURN]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut ready = Vec::new();
+        while !reactor
+            .wait(Some(Duration::from_millis(100)), &mut ready)
+            .unwrap()
+            .backend
+        {
+            assert!(Instant::now() < deadline, "the bytes never arrived");
+        }
+        // Every edge the bytes caused is consumed.
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = reactor.wait(Some(Duration::ZERO), &mut ready).unwrap();
+
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(engine.protocol.read, READ_PER_TURN, "one turn's budget");
+        // No new byte arrives to make an edge: the engine itself asks for the next turn.
+        let wakeups = reactor.wait(Some(Duration::ZERO), &mut ready).unwrap();
+        assert!(
+            wakeups.backend,
+            "dispatch is told to service the engine again"
+        );
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(engine.protocol.read, 2 * READ_PER_TURN);
+    }
+
+    #[test]
+    fn publishes_left_for_a_backed_up_output_go_out_when_the_socket_takes_it_whole() {
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let mut received = Vec::new();
+        let (mut engine, mut server) = connected(&reactor, &outbound);
+
+        // A backed-up output, which the socket (with room for it) takes in one write, and a
+        // publish queued meanwhile.
+        engine.output = vec![b'o'; OUTPUT_HIGH_WATER];
+        engine.written = 0;
+        assert!(outbound.push_publish(b"t", b"queued"));
+        engine.write(&mut Context {
+            reactor: &reactor,
+            outbound: &outbound,
+            received: &mut received,
+        });
+        assert_eq!(outbound.counts(), (0, 0), "the publish was taken");
+        assert_eq!(engine.output.len(), engine.written, "and written");
+
+        let mut want = vec![b'o'; OUTPUT_HIGH_WATER];
+        want.extend_from_slice(b"queued");
+        let mut got = vec![0; want.len()];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
     }
 }
