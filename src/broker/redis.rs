@@ -448,6 +448,10 @@ impl Protocol for RedisProtocol {
         self.publishes
     }
 
+    fn holding_publishes(&self) -> bool {
+        self.publishes >= super::stream::HOLD_AFTER
+    }
+
     fn subscribed(&self) -> usize {
         self.subscribed
     }

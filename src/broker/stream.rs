@@ -22,6 +22,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Publishes are taken from the queue only while less than this is waiting to be written, so
 /// a slow server leaves them in the bounded queue rather than in an unbounded buffer.
 const OUTPUT_HIGH_WATER: usize = 1 << 20;
+/// Publishes written and not yet answered (Redis: PUBLISH replies; NATS: the PONG of a PING
+/// written after them) beyond which new publishes wait in the queue for the answer, which
+/// `dispatch` reads, and then go out together in one write. Without this, a publisher that
+/// finds the engine free writes every publish in a `write(2)` of its own (a TCP segment and
+/// a wake-up of the server each): one publishing thread never got more than one per write.
+/// A lone publish or a burst of up to this many still goes out at once, with no dispatch.
+pub(crate) const HOLD_AFTER: usize = 64;
 /// Bytes read in one turn at most; the rest waits for the next turn (the reactor is woken).
 const READ_PER_TURN: usize = 8 << 20;
 const READ_CHUNK: usize = 64 << 10;
@@ -59,6 +66,11 @@ pub(crate) trait Protocol: Send {
     /// Publishes written whose fate is unknown until the server answers (lost with the
     /// connection).
     fn in_flight(&self) -> usize;
+    /// Whether enough publishes are written and not yet answered that new ones should wait
+    /// for the answer (see `HOLD_AFTER`).
+    fn holding_publishes(&self) -> bool;
+    /// After a run of `publish` calls (NATS asks for a PONG once enough are unanswered).
+    fn end_of_publishes(&mut self, _out: &mut Vec<u8>) {}
     /// Topics subscribed and confirmed on this connection.
     fn subscribed(&self) -> usize;
     /// Adds what the protocol counted while writing (`publish` has no sink) to `stats`.
@@ -272,7 +284,9 @@ impl<P: Protocol> StreamEngine<P> {
     /// the output is not backed up; writes the commands for them.
     fn take(&mut self, cx: &Context<'_>) {
         let sending = matches!(self.phase, Phase::Open { .. }) && self.subscribed;
-        let take_publishes = sending && self.output.len() - self.written < OUTPUT_HIGH_WATER;
+        let take_publishes = sending
+            && self.output.len() - self.written < OUTPUT_HIGH_WATER
+            && !self.protocol.holding_publishes();
         cx.take(
             &mut self.changes,
             take_publishes.then_some(&mut self.publishes),
@@ -298,6 +312,9 @@ impl<P: Protocol> StreamEngine<P> {
         }
         for (topic, payload) in self.publishes.iter() {
             self.protocol.publish(topic, payload, &mut self.output);
+        }
+        if !self.publishes.is_empty() {
+            self.protocol.end_of_publishes(&mut self.output);
         }
         self.publishes.clear();
         self.protocol.report(&mut self.stats);
