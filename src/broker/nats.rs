@@ -1279,6 +1279,30 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_publishes_ends_in_a_ping_and_later_ones_wait_for_its_pong() {
+        use crate::broker::stream::HOLD_AFTER;
+        let mut nats = open();
+        let mut out = Vec::new();
+        // A short run: no PING, nothing held.
+        for _ in 0..HOLD_AFTER - 1 {
+            nats.publish(b"news", b"x", &mut out);
+        }
+        nats.end_of_publishes(&mut out);
+        assert!(!out.ends_with(b"PING\r\n"));
+        assert!(!nats.holding_publishes());
+        // The run that reaches HOLD_AFTER: a PING, and publishes wait for its PONG.
+        nats.publish(b"news", b"x", &mut out);
+        nats.end_of_publishes(&mut out);
+        assert!(out.ends_with(b"PUB app.news 1\r\nx\r\nPING\r\n"));
+        assert!(nats.holding_publishes());
+        assert_eq!(nats.in_flight(), 0);
+        let mut feed = Feed::default();
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        assert!(!nats.holding_publishes());
+        assert_eq!(feed.stats.published, HOLD_AFTER as u64);
+    }
+
+    #[test]
     fn publishes_are_written_as_pub_and_counted_on_the_next_read() {
         let mut nats = open();
         let mut out = Vec::new();

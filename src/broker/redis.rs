@@ -769,6 +769,22 @@ mod tests {
     }
 
     #[test]
+    fn publishes_are_held_once_hold_after_are_unanswered() {
+        use crate::broker::stream::HOLD_AFTER;
+        let mut redis = open();
+        let mut out = Vec::new();
+        for _ in 0..HOLD_AFTER - 1 {
+            redis.publish(b"news", b"x", &mut out);
+        }
+        assert!(!redis.holding_publishes());
+        redis.publish(b"news", b"x", &mut out);
+        assert!(redis.holding_publishes());
+        let mut feed = Feed::default();
+        feed.all(&mut redis, b":0\r\n").unwrap();
+        assert!(!redis.holding_publishes());
+    }
+
+    #[test]
     fn own_echo_before_the_reply_is_ignored() {
         // Redis up to 7.0: the push, then PUBLISH's reply.
         let mut redis = open();
