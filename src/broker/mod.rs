@@ -165,6 +165,11 @@ pub(crate) trait Engine: Send {
     /// A publisher's turn: takes what is queued and writes what the socket takes now, without
     /// reading (received messages are for `dispatch` to deliver).
     fn write(&mut self, cx: &mut Context<'_>);
+    /// `write` for the last time, before `shut_down`: everything queued goes out, whatever
+    /// the engine would otherwise hold back for a batch.
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        self.write(cx);
+    }
     /// What `advance` waits for now.
     fn wait(&self) -> Wait;
     /// Connected, with every topic of interest (or the channel) subscribed and confirmed.
@@ -439,7 +444,7 @@ impl Broker {
     pub(crate) fn shut_down(&self, reactor: &Reactor) {
         let mut engine = self.engine.lock();
         // What is still queued goes out first, as far as the engine can send it now.
-        engine.write(&mut Context {
+        engine.drain(&mut Context {
             reactor,
             outbound: &self.outbound,
             received: &mut Vec::new(),

@@ -401,8 +401,10 @@ impl Protocol for NatsProtocol {
 
     /// Once HOLD_AFTER publishes are written since the last PING, a PING: until its PONG,
     /// new publishes wait (`holding_publishes`) and then go out together.
-    fn end_of_publishes(&mut self, out: &mut Vec<u8>) {
-        if self.unpinged_publishes < super::stream::HOLD_AFTER {
+    fn end_of_publishes(&mut self, out: &mut Vec<u8>, always: bool) {
+        if self.unpinged_publishes == 0
+            || (!always && self.unpinged_publishes < super::stream::HOLD_AFTER)
+        {
             return;
         }
         out.extend_from_slice(b"PING\r\n");
@@ -416,6 +418,10 @@ impl Protocol for NatsProtocol {
 
     fn holding_publishes(&self) -> bool {
         self.pinged_publishes > 0
+    }
+
+    fn awaiting_answers(&self) -> bool {
+        !self.pings.is_empty()
     }
 
     fn unconfirmed(&self) -> usize {
@@ -1287,12 +1293,12 @@ mod tests {
         for _ in 0..HOLD_AFTER - 1 {
             nats.publish(b"news", b"x", &mut out);
         }
-        nats.end_of_publishes(&mut out);
+        nats.end_of_publishes(&mut out, false);
         assert!(!out.ends_with(b"PING\r\n"));
         assert!(!nats.holding_publishes());
         // The run that reaches HOLD_AFTER: a PING, and publishes wait for its PONG.
         nats.publish(b"news", b"x", &mut out);
-        nats.end_of_publishes(&mut out);
+        nats.end_of_publishes(&mut out, false);
         assert!(out.ends_with(b"PUB app.news 1\r\nx\r\nPING\r\n"));
         assert!(nats.holding_publishes());
         assert_eq!(nats.in_flight(), 0);

@@ -500,7 +500,8 @@ impl Engine for PgEngine {
         }
     }
 
-    /// UNLISTENs, pushes out what libpq still buffers (for up to a second), and disconnects.
+    /// UNLISTENs, pushes out what libpq still buffers and waits for the server to confirm it
+    /// (for up to a second), and disconnects.
     fn shut_down(&mut self, reactor: &Reactor) {
         // What `write` took and the in-flight limit held back goes out too.
         self.send_batches(reactor, usize::MAX);
@@ -515,15 +516,50 @@ impl Engine for PgEngine {
             {
                 connection.send_statement(&unlisten, &[]);
             }
+            // Until the server has confirmed every batch (for up to a second): closing with
+            // its answers unread would reset the connection, and the server would discard
+            // what it had not executed yet.
             let deadline = Instant::now() + Duration::from_secs(1);
-            while connection.flush() == FlushProgress::Pending {
+            loop {
+                let flushed = connection.flush();
+                if flushed == FlushProgress::Failed || !connection.consume_input() {
+                    break;
+                }
+                let mut ends_in_a_row = 0;
+                while !self.unconfirmed.is_empty() && !connection.is_busy() && ends_in_a_row < 2 {
+                    match connection.next_result() {
+                        None => ends_in_a_row += 1,
+                        Some(kind) => {
+                            ends_in_a_row = 0;
+                            match kind {
+                                ResultKind::Ok => {}
+                                ResultKind::Error(_) | ResultKind::PipelineAborted => {
+                                    self.batch_failed = true;
+                                }
+                                ResultKind::PipelineSync => {
+                                    let notifications = self.unconfirmed.pop_front().unwrap_or(0);
+                                    self.unconfirmed_notifications -= notifications;
+                                    if self.batch_failed {
+                                        self.stats.dropped += notifications as u64;
+                                    } else {
+                                        self.stats.published += notifications as u64;
+                                    }
+                                    self.batch_failed = false;
+                                }
+                            }
+                        }
+                    }
+                }
+                // Notifications arriving now reach nobody: the broker is going away.
+                while connection.next_notification().is_some() {}
                 let now = Instant::now();
-                if now >= deadline
-                    || !matches!(
-                        io::wait_fd(connection.socket(), true, Some(deadline - now)),
-                        Ok(true)
-                    )
+                if (flushed == FlushProgress::Done && self.unconfirmed.is_empty())
+                    || now >= deadline
                 {
+                    break;
+                }
+                let for_write = flushed == FlushProgress::Pending;
+                if io::wait_fd(connection.socket(), for_write, Some(deadline - now)).is_err() {
                     break;
                 }
             }

@@ -452,6 +452,10 @@ impl Protocol for RedisProtocol {
         self.publishes >= super::stream::HOLD_AFTER
     }
 
+    fn awaiting_answers(&self) -> bool {
+        !self.expected.is_empty()
+    }
+
     fn subscribed(&self) -> usize {
         self.subscribed
     }

@@ -69,8 +69,11 @@ pub(crate) trait Protocol: Send {
     /// Whether enough publishes are written and not yet answered that new ones should wait
     /// for the answer (see `HOLD_AFTER`).
     fn holding_publishes(&self) -> bool;
-    /// After a run of `publish` calls (NATS asks for a PONG once enough are unanswered).
-    fn end_of_publishes(&mut self, _out: &mut Vec<u8>) {}
+    /// After a run of `publish` calls (NATS asks for a PONG once enough are unanswered, or
+    /// for any unanswered at all when `always`).
+    fn end_of_publishes(&mut self, _out: &mut Vec<u8>, _always: bool) {}
+    /// Whether a command written is still waiting for the server's answer.
+    fn awaiting_answers(&self) -> bool;
     /// Topics subscribed and confirmed on this connection.
     fn subscribed(&self) -> usize;
     /// Adds what the protocol counted while writing (`publish` has no sink) to `stats`.
@@ -110,6 +113,8 @@ pub(crate) struct StreamEngine<P: Protocol> {
     connected_before: bool,
     watched: Option<RawFd>,
     stats: BrokerStats,
+    /// Shutting down: publishes are no longer held for a batch.
+    draining: bool,
 }
 
 impl<P: Protocol> StreamEngine<P> {
@@ -153,6 +158,7 @@ impl<P: Protocol> StreamEngine<P> {
             connected_before: false,
             watched: None,
             stats: BrokerStats::default(),
+            draining: false,
         })
     }
 
@@ -286,7 +292,7 @@ impl<P: Protocol> StreamEngine<P> {
         let sending = matches!(self.phase, Phase::Open { .. }) && self.subscribed;
         let take_publishes = sending
             && self.output.len() - self.written < OUTPUT_HIGH_WATER
-            && !self.protocol.holding_publishes();
+            && (self.draining || !self.protocol.holding_publishes());
         cx.take(
             &mut self.changes,
             take_publishes.then_some(&mut self.publishes),
@@ -314,7 +320,7 @@ impl<P: Protocol> StreamEngine<P> {
             self.protocol.publish(topic, payload, &mut self.output);
         }
         if !self.publishes.is_empty() {
-            self.protocol.end_of_publishes(&mut self.output);
+            self.protocol.end_of_publishes(&mut self.output, false);
         }
         self.publishes.clear();
         self.protocol.report(&mut self.stats);
@@ -422,6 +428,11 @@ impl<P: Protocol> Engine for StreamEngine<P> {
         self.flush(cx.reactor);
     }
 
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        self.draining = true;
+        self.write(cx);
+    }
+
     fn wait(&self) -> Wait {
         match &self.phase {
             Phase::Down { retry_at } => Wait {
@@ -468,22 +479,32 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     }
 
     fn shut_down(&mut self, reactor: &Reactor) {
+        // Until the server has answered every publish (for up to a second): closing with its
+        // answers unread would reset the connection, and the server would discard the
+        // commands it had not read yet.
+        if matches!(self.phase, Phase::Open { .. }) {
+            self.protocol.end_of_publishes(&mut self.output, true);
+        }
         let deadline = Instant::now() + Duration::from_secs(1);
-        while matches!(self.phase, Phase::Open { .. }) && self.written < self.output.len() {
+        let mut ignored = Vec::new();
+        while matches!(self.phase, Phase::Open { .. }) {
             self.flush(reactor);
+            // Messages arriving now reach nobody: the broker is going away.
+            self.read(reactor, &mut ignored);
+            ignored.clear();
             let Phase::Open { stream } = &self.phase else {
                 break;
             };
+            let unwritten = self.written < self.output.len();
             let now = Instant::now();
-            if now >= deadline
-                || !matches!(
-                    crate::io::wait_fd(stream.as_raw_fd(), true, Some(deadline - now)),
-                    Ok(true)
-                )
-            {
+            if (!unwritten && !self.protocol.awaiting_answers()) || now >= deadline {
+                break;
+            }
+            if crate::io::wait_fd(stream.as_raw_fd(), unwritten, Some(deadline - now)).is_err() {
                 break;
             }
         }
+        self.protocol.report(&mut self.stats);
         if let Some(socket) = self.watched.take() {
             reactor.unwatch(socket);
         }
