@@ -944,11 +944,10 @@ fn main() {
     ];
     // BROKER_BENCH_ENGINES=pg,redis: only those.
     let only = std::env::var("BROKER_BENCH_ENGINES").unwrap_or_default();
-    let engines: Vec<&Engine> = engines
+    let (engines, skipped): (Vec<&Engine>, Vec<&Engine>) = engines
         .iter()
         .filter(|e| only.is_empty() || only.split(',').any(|k| k == e.key))
-        .filter(|e| reachable(e))
-        .collect();
+        .partition(|e| reachable(e));
     let reps = if quick { 1 } else { 3 };
     let sizes = [64usize, 1024];
     // Messages per run: under a second for each contender on a quiet 2-core machine.
@@ -973,6 +972,12 @@ fn main() {
          connection; PostgreSQL — the old design (one `SELECT pg_notify` transaction per \
          publish, libpq pipeline) into the same fdcast receiver.\n"
     ));
+    for engine in &skipped {
+        say(&format!(
+            "**{} skipped**: its server did not answer (see stderr).\n",
+            engine.label
+        ));
+    }
     say("### 7.1 Publish throughput\n");
     say(
         "| engine | payload | messages | fdcast → fdcast msgs/s | plain pub → fdcast sub msgs/s \

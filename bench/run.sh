@@ -124,7 +124,7 @@ if ((quick)); then broker_args=(--quick); fi
 echo >>"$md"
 printf '+ broker_bench %s\n' "${broker_args[*]}" >&2
 t0=$SECONDS
-if ! $B/broker_bench "${broker_args[@]}" >>"$md"; then
+if ! $B/broker_bench ${broker_args[@]+"${broker_args[@]}"} >>"$md"; then
   echo "bench: FAILED: broker_bench ${broker_args[*]}" >&2
   failed=1
 fi
