@@ -209,7 +209,7 @@ install-test: lib
 	MAKE='$(MAKE)' TEST_CC='$(CC)' sh tests/install_test.sh
 
 # --- benchmarks (issue 5) ------------------------------------------------------
-# bench-build: the C bench programs (target/bench/) and the registry bench example.
+# bench-build: the C bench programs (target/bench/), the registry and broker bench examples.
 # bench: bench/run.sh (BENCH_ARGS=--quick for the one-minute smoke run).
 BENCH_C := fanout pubsub fdcast_server slow
 .PHONY: bench bench-build
@@ -219,7 +219,7 @@ bench-build: lib
 	  $(CC) $(WARN) -O2 -g -Iinclude -pthread -o target/bench/$$b bench/$$b.c bench/common.c \
 	    $(STATIC_LIB) $(NATIVE_LIBS) || exit 1; \
 	done
-	$(CARGO) build --release --example registry_bench
+	$(CARGO) build --release --example registry_bench --example broker_bench
 
 bench:
 	bench/run.sh $(BENCH_ARGS)

@@ -8,10 +8,14 @@
 #
 # Programs (see the comment at the top of each): bench/fanout.c (part 1, physical limit),
 # bench/pubsub.c + bench/fdcast_server.c (part 2, Redis), bench/registry.rs (parts 3 and 4,
-# registry costs and contention), bench/slow.c (part 5, slow consumers). Each runs its
-# contenders alternating, reps times, and reports medians; bench/report.py makes the tables.
-# Needs redis-server (installed with apt-get when missing) and, for the plot, matplotlib
-# (installed with pip when missing; the quick run makes no plot).
+# registry costs and contention), bench/slow.c (part 5, slow consumers),
+# bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis and NATS
+# across processes against plain clients of each). Each runs its contenders alternating, reps
+# times, and reports medians; bench/report.py makes the tables of parts 1-5.
+# Needs redis-server (installed with apt-get when missing), PostgreSQL and NATS for parts 6-7
+# (FDCAST_PG_URL, FDCAST_REDIS_URL, FDCAST_NATS_URL; broker_bench skips, with a note, an
+# engine whose server does not answer) and, for the plot, matplotlib (installed with pip when
+# missing; the quick run makes no plot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +41,8 @@ make -s bench-build >&2
 B=$(mktemp -d target/bench/run.XXXXXX)
 trap 'rm -rf "$B"' EXIT
 cargo build --release -q --example pg_crossprocess
-cp target/bench/{fanout,pubsub,fdcast_server,slow} target/release/examples/{registry_bench,pg_crossprocess} "$B"/
+cp target/bench/{fanout,pubsub,fdcast_server,slow} \
+  target/release/examples/{registry_bench,pg_crossprocess,broker_bench} "$B"/
 raw=$B/results.txt
 if ((quick)); then
   md=target/bench/quick-results.md png=
@@ -111,6 +116,19 @@ for r in "${pg_runs[@]}"; do
     failed=1
   fi
 done
+
+# Cross-process through PostgreSQL, Redis and NATS against plain clients of each (bench/brokers.rs):
+# throughput, latency, interest routing. Every receiver checks every message (once, in order).
+broker_args=()
+if ((quick)); then broker_args=(--quick); fi
+echo >>"$md"
+printf '+ broker_bench %s\n' "${broker_args[*]}" >&2
+t0=$SECONDS
+if ! $B/broker_bench ${broker_args[@]+"${broker_args[@]}"} >>"$md"; then
+  echo "bench: FAILED: broker_bench ${broker_args[*]}" >&2
+  failed=1
+fi
+printf '  (%d s)\n' $((SECONDS - t0)) >&2
 echo >&2
 echo "bench: $((SECONDS - start)) s; tables in $md${png:+, plot in $png}" >&2
 if ((failed)); then

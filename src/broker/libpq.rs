@@ -11,8 +11,8 @@ use pq_sys::{
     ConnStatusType, ExecStatusType, PGconn, PQbackendPID, PQclear, PQconnectPoll, PQconnectStart,
     PQconninfoFree, PQconninfoParse, PQconsumeInput, PQenterPipelineMode, PQerrorMessage,
     PQescapeIdentifier, PQfinish, PQflush, PQfreemem, PQgetResult, PQisBusy, PQnotifies,
-    PQresultErrorMessage, PQresultStatus, PQsendPipelineSync, PQsendQueryParams, PQsetnonblocking,
-    PQsocket, PQstatus, PostgresPollingStatusType,
+    PQresultErrorMessage, PQresultStatus, PQsendPipelineSync, PQsendPrepare, PQsendQueryParams,
+    PQsendQueryPrepared, PQsetnonblocking, PQsocket, PQstatus, PostgresPollingStatusType,
 };
 
 /// One libpq connection. libpq connections are not thread-safe: the owner keeps this behind
@@ -199,6 +199,47 @@ impl Connection {
                 sql.as_ptr(),
                 params.len() as c_int,
                 ptr::null(),
+                values.as_ptr(),
+                ptr::null(),
+                ptr::null(),
+                0,
+            ) == 1
+        }
+    }
+
+    /// Queues the preparation of `sql` as the statement `name`, with `params` text
+    /// parameters of inferred types.
+    pub(crate) fn send_prepare(&mut self, name: &CStr, sql: &CStr, params: c_int) -> bool {
+        // SAFETY: `name` and `sql` are NUL-terminated strings that outlive the call (libpq
+        // copies them into its output buffer); NULL types mean "infer".
+        unsafe {
+            PQsendPrepare(
+                self.raw.as_ptr(),
+                name.as_ptr(),
+                sql.as_ptr(),
+                params,
+                ptr::null(),
+            ) == 1
+        }
+    }
+
+    /// Queues the prepared statement `name` in the pipeline with text parameters; the next
+    /// sync ends its transaction.
+    pub(crate) fn send_prepared(&mut self, name: &CStr, params: &[&CStr]) -> bool {
+        let mut values = [ptr::null::<c_char>(); 2];
+        if params.len() > values.len() {
+            return false;
+        }
+        for (value, param) in values.iter_mut().zip(params) {
+            *value = param.as_ptr();
+        }
+        // SAFETY: `name` and every parameter are NUL-terminated strings that outlive the call
+        // (libpq copies them into its output buffer); NULL lengths and formats mean "text".
+        unsafe {
+            PQsendQueryPrepared(
+                self.raw.as_ptr(),
+                name.as_ptr(),
+                params.len() as c_int,
                 values.as_ptr(),
                 ptr::null(),
                 ptr::null(),

@@ -167,6 +167,11 @@ pub(crate) trait Engine: Send {
     /// A publisher's turn: takes what is queued and writes what the socket takes now, without
     /// reading (received messages are for `dispatch` to deliver).
     fn write(&mut self, cx: &mut Context<'_>);
+    /// `write` for the last time, before `shut_down`: everything queued goes out, whatever
+    /// the engine would otherwise hold back for a batch.
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        self.write(cx);
+    }
     /// What `advance` waits for now.
     fn wait(&self) -> Wait;
     /// Connected, with every topic of interest (or the channel) subscribed and confirmed.
@@ -441,7 +446,7 @@ impl Broker {
     pub(crate) fn shut_down(&self, reactor: &Reactor) {
         let mut engine = self.engine.lock();
         // What is still queued goes out first, as far as the engine can send it now.
-        engine.write(&mut Context {
+        engine.drain(&mut Context {
             reactor,
             outbound: &self.outbound,
             received: &mut Vec::new(),
@@ -459,21 +464,10 @@ pub(crate) fn next_retry(delay: Duration) -> Duration {
     (delay * 2).min(MAX_RETRY)
 }
 
-/// How long a disable keeps pushing out what the engine still buffers: long enough for a
-/// healthy server to take it, short enough that a dead one does not hang the host's shutdown.
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
-
-/// Calls `flush` (which answers whether bytes are left) until it is done, waiting for
-/// `socket` to be writable in between, for at most `SHUTDOWN_FLUSH`.
-pub(crate) fn flush_before_shutdown(socket: RawFd, mut flush: impl FnMut() -> bool) {
-    let deadline = Instant::now() + SHUTDOWN_FLUSH;
-    while flush() {
-        let now = Instant::now();
-        if now >= deadline || !matches!(io::wait_fd(socket, true, Some(deadline - now)), Ok(true)) {
-            return;
-        }
-    }
-}
+/// How long a disable keeps pushing out what the engine still buffers and reading the
+/// server's answers to it: long enough for a healthy server, short enough that a dead one does
+/// not hang the host's shutdown.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

@@ -78,6 +78,9 @@ struct Ping {
     changes: usize,
     /// Subscriptions live when it was written: in effect once its PONG arrives.
     live: usize,
+    /// Publishes written before it, and after the previous PING: taken by the server once its
+    /// PONG arrives.
+    publishes: usize,
 }
 
 pub(crate) struct NatsProtocol {
@@ -101,6 +104,10 @@ pub(crate) struct NatsProtocol {
     pings: VecDeque<Ping>,
     /// Subscription changes written since the last PING.
     unpinged: usize,
+    /// Publishes written since the last PING.
+    unpinged_publishes: usize,
+    /// Publishes written before a PING whose PONG has not arrived.
+    pinged_publishes: usize,
     /// Subscription changes written and not yet confirmed by a PONG.
     unconfirmed: usize,
     /// Subscriptions in effect, as the last PONG confirmed them.
@@ -141,6 +148,8 @@ impl NatsProtocol {
             sids: HashMap::new(),
             pings: VecDeque::new(),
             unpinged: 0,
+            unpinged_publishes: 0,
+            pinged_publishes: 0,
             unconfirmed: 0,
             subscribed: 0,
             max_payload: DEFAULT_MAX_PAYLOAD,
@@ -176,6 +185,7 @@ impl NatsProtocol {
         self.pings.push_back(Ping {
             changes: 0,
             live: 0,
+            publishes: 0,
         });
         self.session = Session::AwaitingPong;
         Ok(())
@@ -187,6 +197,7 @@ impl NatsProtocol {
             return;
         };
         self.unconfirmed = self.unconfirmed.saturating_sub(ping.changes);
+        self.pinged_publishes = self.pinged_publishes.saturating_sub(ping.publishes);
         self.subscribed = ping.live;
         if self.session == Session::AwaitingPong {
             self.session = Session::Open;
@@ -272,6 +283,8 @@ impl Protocol for NatsProtocol {
         self.sids.clear();
         self.pings.clear();
         self.unpinged = 0;
+        self.unpinged_publishes = 0;
+        self.pinged_publishes = 0;
         self.unconfirmed = 0;
         self.subscribed = 0;
         self.max_payload = DEFAULT_MAX_PAYLOAD;
@@ -376,7 +389,9 @@ impl Protocol for NatsProtocol {
         self.pings.push_back(Ping {
             changes: std::mem::take(&mut self.unpinged),
             live: self.sids.len(),
+            publishes: std::mem::take(&mut self.unpinged_publishes),
         });
+        self.pinged_publishes += self.pings.back().map_or(0, |ping| ping.publishes);
     }
 
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
@@ -395,6 +410,32 @@ impl Protocol for NatsProtocol {
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
         self.published += 1;
+        self.unpinged_publishes += 1;
+    }
+
+    /// Once HOLD_AFTER publishes are written since the last PING, a PING: until its PONG,
+    /// new publishes wait (`holding_publishes`) and then go out together.
+    fn end_of_publishes(&mut self, out: &mut Vec<u8>, always: bool) {
+        if self.unpinged_publishes == 0
+            || (!always && self.unpinged_publishes < super::stream::HOLD_AFTER)
+        {
+            return;
+        }
+        out.extend_from_slice(b"PING\r\n");
+        self.pings.push_back(Ping {
+            changes: std::mem::take(&mut self.unpinged),
+            live: self.sids.len(),
+            publishes: std::mem::take(&mut self.unpinged_publishes),
+        });
+        self.pinged_publishes += self.pings.back().map_or(0, |ping| ping.publishes);
+    }
+
+    fn holding_publishes(&self) -> bool {
+        self.pinged_publishes > 0
+    }
+
+    fn awaiting_answers(&self) -> bool {
+        !self.pings.is_empty()
     }
 
     fn unconfirmed(&self) -> usize {
@@ -1256,6 +1297,30 @@ mod tests {
             let err = Feed::default().bytes(&mut nats, fatal).unwrap_err();
             assert_eq!(err.errno(), libc::EIO);
         }
+    }
+
+    #[test]
+    fn a_run_of_publishes_ends_in_a_ping_and_later_ones_wait_for_its_pong() {
+        use crate::broker::stream::HOLD_AFTER;
+        let mut nats = open();
+        let mut out = Vec::new();
+        // A short run: no PING, nothing held.
+        for _ in 0..HOLD_AFTER - 1 {
+            nats.publish(b"news", b"x", &mut out);
+        }
+        nats.end_of_publishes(&mut out, false);
+        assert!(!out.ends_with(b"PING\r\n"));
+        assert!(!nats.holding_publishes());
+        // The run that reaches HOLD_AFTER: a PING, and publishes wait for its PONG.
+        nats.publish(b"news", b"x", &mut out);
+        nats.end_of_publishes(&mut out, false);
+        assert!(out.ends_with(b"PUB app.news 1\r\nx\r\nPING\r\n"));
+        assert!(nats.holding_publishes());
+        assert_eq!(nats.in_flight(), 0);
+        let mut feed = Feed::default();
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        assert!(!nats.holding_publishes());
+        assert_eq!(feed.stats.published, HOLD_AFTER as u64);
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! so a batch commits as one transaction and many publishes share a round trip. PostgreSQL
 //! folds identical notifications (same channel and payload) within one transaction, so a
 //! batch is cut before a notification that would repeat one already in it: every publish
-//! still reaches every listener once. A publish never waits for a round trip. The
+//! still reaches every listener once. Once 64 notifications are unconfirmed, at most two
+//! batches are in flight: publishes made meanwhile wait in the engine and go out as one
+//! batch when a sync comes back (`dispatch` reads it), so batches grow with the publish rate
+//! while a lone publish or a short burst goes out at once. A publish call never waits for a
+//! round trip. The
 //! connection's socket sits in the registry's poller; a lost connection is re-established
 //! with capped exponential backoff, driven by the reactor's timer, and LISTEN re-issued.
 //! While the connection is down, publishes wait in the broker's bounded queue and go out
@@ -38,10 +42,23 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_UNCONFIRMED: usize = 65_536;
 /// Notifications per batch (one transaction), at most.
 const MAX_BATCH: usize = 1024;
+/// Batches handed to the server whose sync has not come back, at most, once `HOLD_AFTER`
+/// notifications are unconfirmed. Publishes made meanwhile wait in `publishes` and go out as
+/// one batch when a sync returns (`dispatch` reads it). Without this, a publisher that finds
+/// the engine free sends every publish as a batch of one, a transaction each: the old
+/// design's cost (one signal to every listening backend per transaction, which then wakes
+/// and reads the queue). Two keep the server busy: one batch runs while the next waits.
+const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// Below this many unconfirmed notifications, publishes go out at once whatever is in
+/// flight: a short burst needs no `dispatch` to leave, and a lone publish waits for nothing.
+const HOLD_AFTER: usize = 64;
 /// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
 const MAX_CHANNEL_LEN: usize = 63;
 
 const NOTIFY_SQL: &std::ffi::CStr = c"SELECT pg_notify($1, $2)";
+/// NOTIFY_SQL prepared once per connection (with the LISTEN): a publish then costs the
+/// server no parse and no plan, which were most of its time per `pg_notify`.
+const NOTIFY_STATEMENT: &std::ffi::CStr = c"fdcast_notify";
 
 enum Phase {
     /// No connection; the next attempt is due at `retry_at`.
@@ -163,7 +180,10 @@ impl PgEngine {
             let message = connection.error_message();
             return self.fail(reactor, Error::Backend(message));
         };
-        if !connection.send_statement(&listen, &[]) {
+        if !(connection.send_query(&listen, &[])
+            && connection.send_prepare(NOTIFY_STATEMENT, NOTIFY_SQL, 2)
+            && connection.send_sync())
+        {
             let message = connection.error_message();
             return self.fail(reactor, Error::Backend(message));
         }
@@ -288,6 +308,15 @@ impl PgEngine {
         cx.take(&mut self.interest, room.then_some(&mut self.publishes));
         // One channel carries every topic: interest changes need nothing from PostgreSQL.
         self.interest.clear();
+        self.send_batches(cx.reactor, MAX_BATCHES_IN_FLIGHT);
+    }
+
+    /// Hands the taken publishes to libpq in batches while fewer than `max_in_flight`
+    /// batches are unconfirmed; the rest stays in `publishes`.
+    fn send_batches(&mut self, reactor: &Reactor, max_in_flight: usize) {
+        if self.unconfirmed.len() >= max_in_flight && self.unconfirmed_notifications >= HOLD_AFTER {
+            return;
+        }
         let Phase::Ready(connection) = &mut self.phase else {
             return;
         };
@@ -310,11 +339,17 @@ impl PgEngine {
                 }
                 self.unconfirmed.push_back(batch);
                 self.open_batch.clear();
-                self.open_batch.insert(hash);
                 batch = 0;
+                if self.unconfirmed.len() >= max_in_flight
+                    && self.unconfirmed_notifications >= HOLD_AFTER
+                {
+                    // The rest waits for a sync to come back.
+                    break;
+                }
+                self.open_batch.insert(hash);
             }
             let notification = CString::new(notification).expect("wire::encode refuses NUL bytes");
-            if !connection.send_query(NOTIFY_SQL, &[&self.channel, &notification]) {
+            if !connection.send_prepared(NOTIFY_STATEMENT, &[&self.channel, &notification]) {
                 failed = true;
                 break;
             }
@@ -332,9 +367,13 @@ impl PgEngine {
         if failed {
             let message = connection.error_message();
             self.publishes.drop_front(sent);
-            return self.fail(cx.reactor, Error::Backend(message));
+            return self.fail(reactor, Error::Backend(message));
         }
-        self.publishes.clear();
+        if sent == self.publishes.len() {
+            self.publishes.clear();
+        } else {
+            self.publishes.drop_front(sent);
+        }
     }
 
     /// Pushes libpq's output buffer to the socket; watches for writability if it is not all
@@ -464,8 +503,11 @@ impl Engine for PgEngine {
         }
     }
 
-    /// UNLISTENs, pushes out what libpq still buffers (for up to a second), and disconnects.
+    /// UNLISTENs, pushes out what libpq still buffers and waits for the server to confirm it
+    /// (for up to a second), and disconnects.
     fn shut_down(&mut self, reactor: &Reactor) {
+        // What `write` took and the in-flight limit held back goes out too.
+        self.send_batches(reactor, usize::MAX);
         if let Some((socket, _)) = self.watched.take() {
             reactor.unwatch(socket);
         }
@@ -477,9 +519,53 @@ impl Engine for PgEngine {
             {
                 connection.send_statement(&unlisten, &[]);
             }
-            super::flush_before_shutdown(connection.socket(), || {
-                connection.flush() == FlushProgress::Pending
-            });
+            // Until the server has confirmed every batch (for up to a second): closing with
+            // its answers unread would reset the connection, and the server would discard
+            // what it had not executed yet.
+            let deadline = Instant::now() + super::SHUTDOWN_GRACE;
+            loop {
+                let flushed = connection.flush();
+                if flushed == FlushProgress::Failed || !connection.consume_input() {
+                    break;
+                }
+                let mut ends_in_a_row = 0;
+                while !self.unconfirmed.is_empty() && !connection.is_busy() && ends_in_a_row < 2 {
+                    match connection.next_result() {
+                        None => ends_in_a_row += 1,
+                        Some(kind) => {
+                            ends_in_a_row = 0;
+                            match kind {
+                                ResultKind::Ok => {}
+                                ResultKind::Error(_) | ResultKind::PipelineAborted => {
+                                    self.batch_failed = true;
+                                }
+                                ResultKind::PipelineSync => {
+                                    let notifications = self.unconfirmed.pop_front().unwrap_or(0);
+                                    self.unconfirmed_notifications -= notifications;
+                                    if self.batch_failed {
+                                        self.stats.dropped += notifications as u64;
+                                    } else {
+                                        self.stats.published += notifications as u64;
+                                    }
+                                    self.batch_failed = false;
+                                }
+                            }
+                        }
+                    }
+                }
+                // Notifications arriving now reach nobody: the broker is going away.
+                while connection.next_notification().is_some() {}
+                let now = Instant::now();
+                if (flushed == FlushProgress::Done && self.unconfirmed.is_empty())
+                    || now >= deadline
+                {
+                    break;
+                }
+                let for_write = flushed == FlushProgress::Pending;
+                if io::wait_fd(connection.socket(), for_write, Some(deadline - now)).is_err() {
+                    break;
+                }
+            }
         }
         self.phase = Phase::Down {
             retry_at: Instant::now() + MAX_RETRY,

@@ -454,6 +454,14 @@ impl Protocol for RedisProtocol {
         self.publishes
     }
 
+    fn holding_publishes(&self) -> bool {
+        self.publishes >= super::stream::HOLD_AFTER
+    }
+
+    fn awaiting_answers(&self) -> bool {
+        !self.expected.is_empty()
+    }
+
     fn subscribed(&self) -> usize {
         self.subscribed
     }
@@ -768,6 +776,22 @@ mod tests {
         assert_eq!((feed.stats.published, feed.stats.dropped), (2, 1));
         assert_eq!(redis.in_flight(), 0);
         assert!(feed.received.is_empty());
+    }
+
+    #[test]
+    fn publishes_are_held_once_hold_after_are_unanswered() {
+        use crate::broker::stream::HOLD_AFTER;
+        let mut redis = open();
+        let mut out = Vec::new();
+        for _ in 0..HOLD_AFTER - 1 {
+            redis.publish(b"news", b"x", &mut out);
+        }
+        assert!(!redis.holding_publishes());
+        redis.publish(b"news", b"x", &mut out);
+        assert!(redis.holding_publishes());
+        let mut feed = Feed::default();
+        feed.all(&mut redis, b":0\r\n").unwrap();
+        assert!(!redis.holding_publishes());
     }
 
     #[test]

@@ -27,6 +27,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// a slow server leaves them in the bounded queue rather than in an unbounded buffer. (Small
 /// in unit tests, so that a socket takes a whole high water in one write.)
 const OUTPUT_HIGH_WATER: usize = if cfg!(test) { 8 << 10 } else { 1 << 20 };
+/// Publishes written and not yet answered (Redis: PUBLISH replies; NATS: the PONG of a PING
+/// written after them) beyond which new publishes wait in the queue for the answer, which
+/// `dispatch` reads, and then go out together in one write. Without this, a publisher that
+/// finds the engine free writes every publish in a `write(2)` of its own (a TCP segment and
+/// a wake-up of the server each): one publishing thread never got more than one per write.
+/// A lone publish or a burst of up to this many still goes out at once, with no dispatch.
+pub(crate) const HOLD_AFTER: usize = 64;
 /// Bytes read in one turn at most; the rest waits for the next turn (the reactor is woken).
 /// (Small in unit tests, so that a turn ends with bytes still in the socket.)
 const READ_PER_TURN: usize = if cfg!(test) { 16 << 10 } else { 8 << 20 };
@@ -65,6 +72,14 @@ pub(crate) trait Protocol: Send {
     /// Publishes written whose fate is unknown until the server answers (lost with the
     /// connection).
     fn in_flight(&self) -> usize;
+    /// Whether enough publishes are written and not yet answered that new ones should wait
+    /// for the answer (see `HOLD_AFTER`).
+    fn holding_publishes(&self) -> bool;
+    /// After a run of `publish` calls (NATS asks for a PONG once enough are unanswered, or
+    /// for any unanswered at all when `always`).
+    fn end_of_publishes(&mut self, _out: &mut Vec<u8>, _always: bool) {}
+    /// Whether a command written is still waiting for the server's answer.
+    fn awaiting_answers(&self) -> bool;
     /// Topics subscribed and confirmed on this connection.
     fn subscribed(&self) -> usize;
     /// Adds what the protocol counted while writing (`publish` has no sink) to `stats`.
@@ -155,6 +170,8 @@ pub(crate) struct StreamEngine<P: Protocol> {
     connected_before: bool,
     watched: Option<RawFd>,
     stats: BrokerStats,
+    /// Shutting down: publishes are no longer held for a batch.
+    draining: bool,
 }
 
 impl<P: Protocol> StreamEngine<P> {
@@ -206,6 +223,7 @@ impl<P: Protocol> StreamEngine<P> {
             connected_before: false,
             watched: None,
             stats: BrokerStats::default(),
+            draining: false,
         })
     }
 
@@ -401,7 +419,11 @@ impl<P: Protocol> StreamEngine<P> {
     /// were left queued because the output was backed up.
     fn take(&mut self, cx: &Context<'_>) -> bool {
         let sending = matches!(self.phase, Phase::Open { .. }) && self.subscribed;
-        let take_publishes = sending && self.output.len() - self.written < OUTPUT_HIGH_WATER;
+        let backed_up = self.output.len() - self.written >= OUTPUT_HIGH_WATER;
+        // Publishes held for the server's answers are not "left behind a backed-up output":
+        // the answers, read by dispatch, release them.
+        let take_publishes =
+            sending && !backed_up && (self.draining || !self.protocol.holding_publishes());
         cx.take(
             &mut self.changes,
             take_publishes.then_some(&mut self.publishes),
@@ -428,9 +450,12 @@ impl<P: Protocol> StreamEngine<P> {
         for (topic, payload) in self.publishes.iter() {
             self.protocol.publish(topic, payload, &mut self.output);
         }
+        if !self.publishes.is_empty() {
+            self.protocol.end_of_publishes(&mut self.output, false);
+        }
         self.publishes.clear();
         self.protocol.report(&mut self.stats);
-        sending && !take_publishes
+        sending && backed_up
     }
 
     /// Once the session is up, subscribes the connection to every topic of interest.
@@ -572,6 +597,11 @@ impl<P: Protocol> Engine for StreamEngine<P> {
         self.take_and_flush(cx);
     }
 
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        self.draining = true;
+        self.write(cx);
+    }
+
     fn wait(&self) -> Wait {
         match &self.phase {
             Phase::Down { retry_at } => Wait {
@@ -625,13 +655,32 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     }
 
     fn shut_down(&mut self, reactor: &Reactor) {
-        if let Phase::Open { stream, .. } = &self.phase {
-            let socket = stream.as_raw_fd();
-            super::flush_before_shutdown(socket, || {
-                self.flush(reactor);
-                matches!(self.phase, Phase::Open { .. }) && self.written < self.output.len()
-            });
+        // Until the server has answered every publish (for up to a second): closing with its
+        // answers unread would reset the connection, and the server would discard the
+        // commands it had not read yet.
+        if matches!(self.phase, Phase::Open { .. }) {
+            self.protocol.end_of_publishes(&mut self.output, true);
         }
+        let deadline = Instant::now() + super::SHUTDOWN_GRACE;
+        let mut ignored = Vec::new();
+        while matches!(self.phase, Phase::Open { .. }) {
+            self.flush(reactor);
+            // Messages arriving now reach nobody: the broker is going away.
+            self.read(reactor, &mut ignored);
+            ignored.clear();
+            let Phase::Open { stream, .. } = &self.phase else {
+                break;
+            };
+            let unwritten = self.written < self.output.len();
+            let now = Instant::now();
+            if (!unwritten && !self.protocol.awaiting_answers()) || now >= deadline {
+                break;
+            }
+            if crate::io::wait_fd(stream.as_raw_fd(), unwritten, Some(deadline - now)).is_err() {
+                break;
+            }
+        }
+        self.protocol.report(&mut self.stats);
         if let Some(socket) = self.watched.take() {
             reactor.unwatch(socket);
         }
@@ -683,6 +732,12 @@ mod tests {
         }
         fn subscribed(&self) -> usize {
             0
+        }
+        fn holding_publishes(&self) -> bool {
+            false
+        }
+        fn awaiting_answers(&self) -> bool {
+            false
         }
     }
 
