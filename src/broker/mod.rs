@@ -25,6 +25,8 @@ mod outbound;
 mod pg;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redis")]
+mod redis_cluster;
 #[cfg(any(feature = "redis", feature = "nats"))]
 mod stream;
 pub(crate) mod topic;
@@ -258,6 +260,11 @@ impl Broker {
                     let (engine, limit) = redis::engine(url, name)?;
                     (engine, Limits::Payload(limit), true, "Redis")
                 }
+                #[cfg(feature = "redis")]
+                Scheme::RedisCluster => {
+                    let (engine, limit) = redis_cluster::engine(url, name)?;
+                    (engine, Limits::Payload(limit), true, "Redis Cluster")
+                }
                 #[cfg(feature = "nats")]
                 Scheme::Nats => {
                     let (engine, limit) = nats::engine(url, name)?;
@@ -269,6 +276,7 @@ impl Broker {
                 Scheme::Redis => return Err(Error::NotSupported("redis")),
                 #[cfg(not(feature = "nats"))]
                 Scheme::Nats => return Err(Error::NotSupported("nats")),
+                #[cfg(not(feature = "redis"))]
                 Scheme::RedisCluster => return Err(Error::NotSupported("redis-cluster")),
             };
         let deadline = Instant::now() + timeout;
