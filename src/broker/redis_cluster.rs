@@ -470,6 +470,8 @@ impl ClusterEngine {
             .collect();
         for topic in moved {
             if self.slot_of(&topic) == redirect.slot {
+                // Subscribed afresh on the new owner: what displaced it is answered.
+                self.displaced.remove(&topic);
                 self.place(&topic, false);
             }
         }
@@ -1070,5 +1072,383 @@ mod tests {
             limit.load(std::sync::atomic::Ordering::Relaxed),
             MAX_BULK_LEN
         );
+    }
+
+    /// Three `redis-server` processes in cluster mode, in a temporary directory; killed when
+    /// dropped.
+    struct LocalCluster {
+        dir: std::path::PathBuf,
+        servers: Vec<std::process::Child>,
+        ports: Vec<u16>,
+    }
+
+    impl Drop for LocalCluster {
+        fn drop(&mut self) {
+            for server in &mut self.servers {
+                let _ = server.kill();
+                let _ = server.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A port free now whose cluster bus port (+10000) is free too.
+    fn free_port() -> u16 {
+        loop {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                return port;
+            }
+        }
+    }
+
+    fn cli(port: u16, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli is required");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    impl LocalCluster {
+        fn start() -> LocalCluster {
+            let dir = std::env::temp_dir().join(format!(
+                "fdcast-cluster-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut cluster = LocalCluster {
+                dir,
+                servers: Vec::new(),
+                ports: Vec::new(),
+            };
+            for _ in 0..3 {
+                let port = free_port();
+                let server = std::process::Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                    .args(["--save", "", "--appendonly", "no", "--dir"])
+                    .arg(&cluster.dir)
+                    .args(["--logfile"])
+                    .arg(cluster.dir.join(format!("{port}.log")))
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("redis-server (Redis 7) is required for the cluster test");
+                cluster.servers.push(server);
+                cluster.ports.push(port);
+            }
+            for &port in &cluster.ports {
+                wait_until("redis-server answers PING", 10, || {
+                    cli(port, &["PING"]) == "PONG"
+                });
+            }
+            let nodes: Vec<String> = cluster
+                .ports
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect();
+            let created = std::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("redis-cli is required");
+            assert!(
+                created.status.success(),
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&created.stdout)
+            );
+            for &port in &cluster.ports {
+                wait_until("cluster_state:ok", 30, || {
+                    cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                });
+            }
+            cluster
+        }
+
+        /// The port of the node owning `slot`, as that node's own map says.
+        fn owner(&self, slot: u16) -> u16 {
+            let reply = cli(self.ports[0], &["CLUSTER", "SLOTS"]);
+            // redis-cli prints one value per line: start, end, host, port, id, ...
+            let lines: Vec<&str> = reply.lines().map(str::trim).collect();
+            for window in lines.windows(4) {
+                if let (Ok(start), Ok(end), Ok(port)) = (
+                    window[0].parse::<u16>(),
+                    window[1].parse::<u16>(),
+                    window[3].parse::<u16>(),
+                ) {
+                    if start <= slot && slot <= end && self.ports.contains(&port) {
+                        return port;
+                    }
+                }
+            }
+            panic!("no owner of slot {slot} in {reply}");
+        }
+    }
+
+    struct Side {
+        broker: crate::broker::Broker,
+        reactor: Reactor,
+        received: Vec<(Vec<u8>, Vec<u8>)>,
+    }
+
+    impl Side {
+        fn connect(url: &str, prefix: &str) -> Side {
+            let reactor = Reactor::new().unwrap();
+            let (broker, _) = crate::broker::Broker::connect(
+                crate::broker::Scheme::RedisCluster,
+                url,
+                prefix,
+                &reactor,
+            )
+            .unwrap();
+            Side {
+                broker,
+                reactor,
+                received: Vec::new(),
+            }
+        }
+
+        fn pump(&mut self) {
+            let mut received = Vec::new();
+            self.broker.service(&self.reactor, &mut received);
+            self.received.extend(
+                received
+                    .iter()
+                    .map(|m| (m.topic().to_vec(), m.payload().to_vec())),
+            );
+        }
+
+        fn subscribe(&mut self, topics: &[Vec<u8>]) {
+            for topic in topics {
+                self.broker.interest(topic, true);
+            }
+            self.broker.kick(&self.reactor);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut received = Vec::new();
+            self.broker
+                .settle(&self.reactor, deadline, &mut received)
+                .unwrap();
+            assert!(received.is_empty());
+        }
+
+        fn publish(&self, topic: &[u8], payload: &[u8]) {
+            self.broker.check(topic, payload).unwrap();
+            self.broker.publish(topic, payload, &self.reactor);
+        }
+
+        fn of(&self, topic: &[u8]) -> Vec<Vec<u8>> {
+            self.received
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, payload)| payload.clone())
+                .collect()
+        }
+    }
+
+    fn pump_until(sides: &mut [&mut Side], what: &str, done: impl Fn(&[&mut Side]) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !done(sides) {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            for side in sides.iter_mut() {
+                side.pump();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A real three-node Redis 7 cluster: topics on every shard delivered across two brokers
+    /// in order, without duplicates, our own echo filtered; then a slot moves to another
+    /// node and delivery continues (the subscriber re-subscribes on the new owner, the
+    /// publisher follows MOVED). Fails when redis-server is missing.
+    #[test]
+    fn real_cluster_delivers_across_shards_and_follows_a_slot_move() {
+        let cluster = LocalCluster::start();
+        let url = format!(
+            "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+            cluster.ports[0], cluster.ports[1]
+        );
+        let prefix = format!("fdcast-test-{}:", std::process::id());
+        let channel = |topic: &[u8]| [prefix.as_bytes(), topic].concat();
+
+        // Topics until every node owns at least one; our slot agrees with the server's.
+        let mut topics: Vec<Vec<u8>> = Vec::new();
+        let mut owners = std::collections::HashSet::new();
+        for n in 0.. {
+            let topic = format!("topic-{n}").into_bytes();
+            let slot = key_slot(&channel(&topic));
+            let channel_text = String::from_utf8(channel(&topic)).unwrap();
+            assert_eq!(
+                cli(cluster.ports[0], &["CLUSTER", "KEYSLOT", &channel_text]),
+                slot.to_string()
+            );
+            if owners.insert(cluster.owner(slot)) || topics.len() < 4 {
+                topics.push(topic);
+            }
+            if owners.len() == 3 && topics.len() >= 4 {
+                break;
+            }
+        }
+        // Two topics in one slot by a hash tag: both move together below.
+        let tagged = [b"{moving}a".to_vec(), b"{moving}b".to_vec()];
+        let mut all = topics.clone();
+        all.extend(tagged.iter().cloned());
+
+        let mut a = Side::connect(&url, &prefix);
+        let mut b = Side::connect(&url, &prefix);
+        a.subscribe(&all[..all.len() - 1]); // A: not `{moving}b`
+        b.subscribe(&all);
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        assert_eq!(a.broker.stats().topics, all.len() as u64 - 1);
+        assert_eq!(b.broker.stats().connected, 1);
+
+        const EACH: usize = 40;
+        for i in 0..EACH {
+            for topic in &topics {
+                a.publish(topic, format!("a{i}").as_bytes());
+            }
+        }
+        for topic in &topics {
+            b.publish(topic, b"from-b");
+        }
+        let expected: Vec<Vec<u8>> = (0..EACH).map(|i| format!("a{i}").into_bytes()).collect();
+        let count = topics.len() * EACH;
+        pump_until(&mut [&mut a, &mut b], "delivery across shards", |sides| {
+            sides[1].received.len() >= count
+                && sides[0].received.len() >= topics.len()
+                && sides[0].broker.stats().ignored >= count as u64
+                && sides[1].broker.stats().ignored >= topics.len() as u64
+        });
+        // Nothing more is coming: whatever was in flight has been looked at.
+        for _ in 0..50 {
+            a.pump();
+            b.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for topic in &topics {
+            assert_eq!(b.of(topic), expected, "in order, once each");
+            assert_eq!(a.of(topic), vec![b"from-b".to_vec()], "our echo filtered");
+        }
+        assert_eq!(b.received.len(), count);
+        let stats = a.broker.stats();
+        assert_eq!(
+            (stats.published, stats.ignored),
+            (count as u64, count as u64)
+        );
+        assert_eq!((stats.dropped, stats.malformed, stats.queued), (0, 0, 0));
+
+        // Move the tagged slot to another node, the way `redis-cli --cluster reshard` does
+        // for a slot without keys.
+        let slot = key_slot(&channel(&tagged[0]));
+        let source = cluster.owner(slot);
+        let target = *cluster.ports.iter().find(|&&p| p != source).unwrap();
+        let id = |port| cli(port, &["CLUSTER", "MYID"]);
+        let (source_id, target_id) = (id(source), id(target));
+        let slot_text = slot.to_string();
+        assert_eq!(
+            cli(
+                target,
+                &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &source_id]
+            ),
+            "OK"
+        );
+        assert_eq!(
+            cli(
+                source,
+                &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &target_id]
+            ),
+            "OK"
+        );
+        for port in [target, source] {
+            assert_eq!(
+                cli(
+                    port,
+                    &["CLUSTER", "SETSLOT", &slot_text, "NODE", &target_id]
+                ),
+                "OK"
+            );
+        }
+        // B follows the source's sunsubscribe pushes to the new owner.
+        let on_target = |topic: &[u8]| {
+            let channel_text = String::from_utf8(channel(topic)).unwrap();
+            cli(target, &["PUBSUB", "SHARDNUMSUB", &channel_text])
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        };
+        pump_until(&mut [&mut b], "B re-subscribed on the new owner", |_| {
+            on_target(&tagged[1]) == "1" && on_target(&tagged[0]) != "0"
+        });
+        // A has not looked at its connections since the move: its map is stale, so these
+        // go to the old owner, come back MOVED and are sent to the new one.
+        for i in 0..EACH {
+            for topic in &tagged {
+                a.publish(topic, format!("a{i}").as_bytes());
+            }
+        }
+        pump_until(&mut [&mut a, &mut b], "delivery after the move", |sides| {
+            tagged.iter().all(|topic| sides[1].of(topic).len() >= EACH)
+        });
+        // Both follow the move for good: a second round, after A has read the new map.
+        pump_until(
+            &mut [&mut a, &mut b],
+            "both settled after the move",
+            |sides| sides.iter().all(|side| side.broker.stats().connected == 1),
+        );
+        for i in EACH..2 * EACH {
+            for topic in &tagged {
+                a.publish(topic, format!("a{i}").as_bytes());
+            }
+        }
+        pump_until(
+            &mut [&mut a, &mut b],
+            "delivery after the map refresh",
+            |sides| {
+                tagged
+                    .iter()
+                    .all(|topic| sides[1].of(topic).len() >= 2 * EACH)
+            },
+        );
+        for _ in 0..50 {
+            a.pump();
+            b.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let expected: Vec<Vec<u8>> = (0..2 * EACH)
+            .map(|i| format!("a{i}").into_bytes())
+            .collect();
+        for topic in &tagged {
+            assert_eq!(
+                b.of(topic),
+                expected,
+                "in order, once each, across the move"
+            );
+        }
+        assert!(
+            a.of(&tagged[0]).is_empty(),
+            "our echo filtered after the move"
+        );
+        assert_eq!(a.broker.stats().dropped, 0);
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        a.broker.shut_down(&a.reactor);
+        b.broker.shut_down(&b.reactor);
+        drop(cluster);
     }
 }
