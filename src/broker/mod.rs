@@ -197,7 +197,7 @@ pub(crate) struct Broker {
     limits: Limits,
     /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
     routes_interest: bool,
-    /// The engine's name, for messages: "PostgreSQL", "Redis", "NATS".
+    /// The engine's name, for messages: "PostgreSQL", "Redis", "Redis Cluster", "NATS".
     kind: &'static str,
 }
 
@@ -238,7 +238,7 @@ impl Scheme {
 impl Broker {
     /// Connects to the engine `scheme` names at `url` and completes the session handshake,
     /// blocking the caller (not any registry lock) up to the connect timeout; `name` is the
-    /// PostgreSQL channel, or the Redis channel / NATS subject prefix. Returns the broker and
+    /// PostgreSQL channel, or the Redis (Cluster) channel / NATS subject prefix. Returns the broker and
     /// the deadline by which `settle` should finish the subscriptions.
     pub(crate) fn connect(
         scheme: Scheme,

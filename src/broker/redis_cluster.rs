@@ -228,6 +228,8 @@ pub(crate) struct ClusterEngine {
     control: StreamEngine<RedisProtocol>,
     /// Always empty: the control connection takes nothing from the registry.
     control_outbound: Outbound,
+    /// Control connection attempts failed since the last map was read.
+    control_failures: usize,
     shards: Vec<Shard>,
     /// Per slot, the index in `shards` of its owner, or [`UNOWNED`].
     owners: Vec<u16>,
@@ -256,6 +258,7 @@ impl ClusterEngine {
             watching: false,
             control,
             control_outbound: Outbound::default(),
+            control_failures: 0,
             shards: Vec::new(),
             owners: vec![UNOWNED; SLOTS],
             topology_known: false,
@@ -509,7 +512,12 @@ impl ClusterEngine {
             received,
         });
         if let Some(err) = self.control.take_failure() {
-            self.failure = Some(err);
+            // The next seed is tried next: only when every seed failed in a row is it a
+            // failure worth reporting (to `enable`).
+            self.control_failures += 1;
+            if self.control_failures >= self.url.hosts.len() {
+                self.failure = Some(err);
+            }
             // The question, if asked, went down with the connection.
             self.refresh.asked = false;
         }
@@ -523,6 +531,7 @@ impl ClusterEngine {
                 .unwrap_or_default();
             match parse_slots(&reply, &asked) {
                 Ok(ranges) => {
+                    self.control_failures = 0;
                     self.apply_topology(&ranges);
                     // A map that leaves a topic homeless is no answer yet.
                     if self.interest.values().any(Option::is_none) {
@@ -665,7 +674,8 @@ impl Engine for ClusterEngine {
                 (a, b) => a.or(b),
             };
         }
-        if self.refresh.wanted && !self.refresh.asked {
+        // Only an open control connection can ask; until then its own deadline is the one.
+        if self.refresh.wanted && !self.refresh.asked && self.control.is_open() {
             let due = self.refresh.not_before;
             deadline = Some(deadline.map_or(due, |other| other.min(due)));
         }
