@@ -987,6 +987,51 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_owns_nothing_any_more_hands_its_queue_to_the_new_owner() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let whole = |port| SlotRange {
+            start: 0,
+            end: 16383,
+            node: ("127.0.0.1".into(), port),
+        };
+        engine.apply_topology(&[whole(7000)]);
+        engine.interest.insert(Box::from(&b"t"[..]), None);
+        engine.place_all();
+        // Not connected yet: the publishes wait in the shard's queue.
+        engine.route(b"t", b"1");
+        engine.route(b"u", b"2");
+        assert_eq!(engine.shards[0].outbound.counts(), (2, 0));
+        // A failover: another node owns every slot now.
+        engine.apply_topology(&[whole(7100)]);
+        assert!(
+            engine.shards[0].stream.is_none(),
+            "the old node's connection is closed"
+        );
+        assert_eq!(engine.shards[0].outbound.counts(), (0, 0));
+        assert_eq!(engine.shards[1].outbound.counts(), (2, 0));
+        let mut changes = Vec::new();
+        let mut publishes = Publishes::default();
+        engine.shards[1]
+            .outbound
+            .take(&mut changes, Some(&mut publishes));
+        let order: Vec<_> = publishes
+            .iter()
+            .map(|(_, payload)| payload.to_vec())
+            .collect();
+        assert_eq!(order, vec![b"1".to_vec(), b"2".to_vec()], "in order");
+        assert!(changes.iter().any(|c| &*c.topic == b"t" && c.subscribe));
+        assert_eq!(engine.interest[&b"t"[..]], Some(1));
+        // A slot no node owns: the publish is dropped and counted, the map read again.
+        engine.apply_topology(&[]);
+        engine.refresh.wanted = false;
+        engine.route(b"t", b"3");
+        assert_eq!(engine.stats().dropped, 1);
+        assert!(engine.refresh.wanted);
+        assert_eq!(engine.interest[&b"t"[..]], None);
+        assert!(!engine.is_ready());
+    }
+
+    #[test]
     fn the_echo_filter_drops_our_own_smessage_on_either_side_of_the_reply() {
         let mut session = open_session();
         session.publish(b"t", b"mine", &mut Vec::new());
@@ -1457,6 +1502,41 @@ mod tests {
         );
         assert_eq!(a.broker.stats().dropped, 0);
         assert_eq!(b.broker.stats().topics, all.len() as u64);
+
+        // Every client of the new owner is disconnected: both brokers reconnect to it and
+        // subscribe again, and delivery goes on.
+        let reconnects = |side: &Side| side.broker.stats().reconnects;
+        let before = (reconnects(&a), reconnects(&b));
+        cli(target, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        cli(
+            target,
+            &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+        );
+        pump_until(
+            &mut [&mut a, &mut b],
+            "reconnected and subscribed again",
+            |sides| {
+                reconnects(sides[0]) > before.0
+                    && reconnects(sides[1]) > before.1
+                    && sides.iter().all(|side| side.broker.stats().connected == 1)
+            },
+        );
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        for topic in &tagged {
+            a.publish(topic, b"after-reconnect");
+        }
+        pump_until(
+            &mut [&mut a, &mut b],
+            "delivery after the reconnect",
+            |sides| {
+                tagged
+                    .iter()
+                    .all(|topic| sides[1].of(topic).len() > 2 * EACH)
+            },
+        );
+        for topic in &tagged {
+            assert_eq!(b.of(topic).last().unwrap(), b"after-reconnect");
+        }
         a.broker.shut_down(&a.reactor);
         b.broker.shut_down(&b.reactor);
         drop(cluster);
