@@ -61,6 +61,9 @@ use crate::reactor::Reactor;
 pub(crate) const SLOTS: usize = 16384;
 /// A slot no known primary owns.
 const UNOWNED: u16 = u16::MAX;
+/// Primaries a map may name at most (Redis Cluster's documented ceiling is 1000 nodes);
+/// beyond, the map is counted malformed. Keeps shard indices below [`UNOWNED`].
+const MAX_SHARDS: usize = 4096;
 /// Shard turns in one `advance` at most: a turn's redirects fill other shards' queues.
 const PASSES: usize = 3;
 
@@ -288,17 +291,54 @@ impl ClusterEngine {
         self.refresh.wanted = true;
     }
 
-    /// The index of the shard at `node`, added (without a connection) if new.
-    fn shard_index(&mut self, node: &(String, u16)) -> usize {
-        if let Some(index) = self.shards.iter().position(|shard| &shard.node == node) {
-            return index;
+    /// The index of the shard at `node`, added (without a connection) if new; `None` when
+    /// the servers named more nodes than a cluster has.
+    fn shard_index(&mut self, node: &(String, u16)) -> Option<u16> {
+        let index = match self.shards.iter().position(|shard| &shard.node == node) {
+            Some(index) => index,
+            None if self.shards.len() < MAX_SHARDS => {
+                self.shards.push(Shard {
+                    node: node.clone(),
+                    outbound: Outbound::default(),
+                    stream: None,
+                });
+                self.shards.len() - 1
+            }
+            None => return None,
+        };
+        u16::try_from(index).ok()
+    }
+
+    /// Forgets the shards that have no connection, no queued work and no topic (nodes gone
+    /// from the map), so that the list does not grow with every failover. Indices change:
+    /// only before a new map is built.
+    fn forget_vacant_shards(&mut self) {
+        let keep: Vec<bool> = (0..self.shards.len())
+            .map(|index| {
+                let shard = &self.shards[index];
+                shard.stream.is_some()
+                    || shard.outbound.is_dirty()
+                    || shard.outbound.counts().0 > 0
+                    || self.interest.values().any(|placed| *placed == Some(index))
+            })
+            .collect();
+        if keep.iter().all(|&kept| kept) {
+            return;
         }
-        self.shards.push(Shard {
-            node: node.clone(),
-            outbound: Outbound::default(),
-            stream: None,
+        let mut renumbered = Vec::with_capacity(keep.len());
+        let mut next = 0;
+        for &kept in &keep {
+            renumbered.push(kept.then_some(next));
+            next += usize::from(kept);
+        }
+        let mut index = 0;
+        self.shards.retain(|_| {
+            index += 1;
+            keep[index - 1]
         });
-        self.shards.len() - 1
+        for placed in self.interest.values_mut() {
+            *placed = placed.and_then(|old| renumbered[old]);
+        }
     }
 
     /// Opens the shard's connection if it has none (the first attempt is made by the next
@@ -408,10 +448,11 @@ impl ClusterEngine {
     /// A new slot map: owners replaced, topics placed on their owners, shards that own
     /// nothing now closed (what they still queued is routed again).
     fn apply_topology(&mut self, ranges: &[SlotRange]) {
+        self.forget_vacant_shards();
         let mut owners = vec![UNOWNED; SLOTS];
         for range in ranges {
-            let index = self.shard_index(&range.node);
-            let Ok(index) = u16::try_from(index) else {
+            let Some(index) = self.shard_index(&range.node) else {
+                self.retired.malformed += 1;
                 continue;
             };
             owners[usize::from(range.start)..=usize::from(range.end)].fill(index);
@@ -419,8 +460,13 @@ impl ClusterEngine {
         self.owners = owners;
         self.topology_known = true;
         self.place_all();
-        for index in 0..self.shards.len() {
-            let owns = self.owners.iter().any(|&owner| usize::from(owner) == index);
+        let mut owns = vec![false; self.shards.len()];
+        for &owner in &self.owners {
+            if let Some(owns) = owns.get_mut(usize::from(owner)) {
+                *owns = true;
+            }
+        }
+        for (index, owns) in owns.into_iter().enumerate() {
             if !owns && self.shards[index].stream.is_some() {
                 self.retire(index);
             }
@@ -454,11 +500,11 @@ impl ClusterEngine {
         } else {
             redirect.node
         };
-        let index = self.shard_index(&node);
-        let Ok(owner) = u16::try_from(index) else {
+        let Some(owner) = self.shard_index(&node) else {
             self.retired.dropped += 1;
             return;
         };
+        let index = usize::from(owner);
         self.owners[usize::from(redirect.slot)] = owner;
         self.ensure_stream(index);
         let publish = redirect.publish;
@@ -982,8 +1028,14 @@ mod tests {
             }
         }
         engine.apply_topology(&split);
-        assert_eq!(usize::from(engine.owners[usize::from(slot)]), moved_to);
-        assert_eq!(engine.interest[t], Some(moved_to));
+        // Shards with nothing to do were forgotten: indices changed, nodes did not.
+        let owner = usize::from(engine.owners[usize::from(slot)]);
+        assert_eq!(engine.shards[owner].node, ("127.0.0.1".into(), 7009));
+        assert_eq!(engine.interest[t], Some(owner));
+        // Three primaries own slots; only the two that got work are connected (lazily).
+        assert_eq!(engine.shards.len(), 3);
+        let connected = engine.shards.iter().filter(|shard| shard.stream.is_some());
+        assert_eq!(connected.count(), 2);
     }
 
     #[test]
