@@ -505,12 +505,18 @@ impl ClusterEngine {
             return;
         };
         let index = usize::from(owner);
-        self.owners[usize::from(redirect.slot)] = owner;
+        let previous = std::mem::replace(&mut self.owners[usize::from(redirect.slot)], owner);
         self.ensure_stream(index);
         let publish = redirect.publish;
         self.shards[index]
             .outbound
             .push_publish(publish.topic(), publish.payload());
+        self.want_refresh();
+        // The slot's topics moved with the first publish that met MOVED; the ones behind it
+        // only follow.
+        if previous == owner {
+            return;
+        }
         let moved: Vec<Box<[u8]>> = self
             .interest
             .iter()
@@ -524,7 +530,6 @@ impl ClusterEngine {
                 self.place(&topic, false);
             }
         }
-        self.want_refresh();
     }
 
     /// Acts on what a shard's session noted during its turn.
