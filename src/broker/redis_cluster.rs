@@ -1186,8 +1186,8 @@ mod tests {
         );
     }
 
-    /// Three `redis-server` processes in cluster mode, in a temporary directory; killed when
-    /// dropped.
+    /// Six `redis-server` processes in cluster mode (three primaries, a replica each), in a
+    /// temporary directory; killed when dropped.
     struct LocalCluster {
         dir: std::path::PathBuf,
         servers: Vec<std::process::Child>,
@@ -1249,7 +1249,7 @@ mod tests {
                 servers: Vec::new(),
                 ports: Vec::new(),
             };
-            for _ in 0..3 {
+            for _ in 0..6 {
                 let port = free_port();
                 let server = std::process::Command::new("redis-server")
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -1257,6 +1257,8 @@ mod tests {
                     .arg(cluster.dir.join(format!("nodes-{port}.conf")))
                     .args(["--save", "", "--appendonly", "no", "--dir"])
                     .arg(&cluster.dir)
+                    // Failures detected in a second, for the failover below.
+                    .args(["--cluster-node-timeout", "1000"])
                     .args(["--logfile"])
                     .arg(cluster.dir.join(format!("{port}.log")))
                     .stdout(std::process::Stdio::null())
@@ -1278,7 +1280,7 @@ mod tests {
             let created = std::process::Command::new("redis-cli")
                 .args(["--cluster", "create"])
                 .args(&nodes)
-                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
                 .output()
                 .expect("redis-cli is required");
             assert!(
@@ -1290,13 +1292,29 @@ mod tests {
                 wait_until("cluster_state:ok", 30, || {
                     cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
                 });
+                wait_until("every replica linked to its primary", 30, || {
+                    let replication = cli(port, &["INFO", "replication"]);
+                    replication.contains("role:master")
+                        || replication.contains("master_link_status:up")
+                });
             }
             cluster
         }
 
+        fn is_primary(&self, port: u16) -> bool {
+            cli(port, &["ROLE"]).lines().next() == Some("master")
+        }
+
+        fn kill(&mut self, port: u16) {
+            let index = self.ports.iter().position(|&p| p == port).unwrap();
+            let _ = self.servers[index].kill();
+            let _ = self.servers[index].wait();
+        }
+
         /// The port of the node owning `slot`, as that node's own map says.
-        fn owner(&self, slot: u16) -> u16 {
-            let reply = cli(self.ports[0], &["CLUSTER", "SLOTS"]);
+        /// The port of the primary owning `slot`, as the node at `asked` maps it.
+        fn owner_for(&self, asked: u16, slot: u16) -> u16 {
+            let reply = cli(asked, &["CLUSTER", "SLOTS"]);
             // redis-cli prints one value per line: start, end, host, port, id, ...
             let lines: Vec<&str> = reply.lines().map(str::trim).collect();
             for window in lines.windows(4) {
@@ -1311,6 +1329,10 @@ mod tests {
                 }
             }
             panic!("no owner of slot {slot} in {reply}");
+        }
+
+        fn owner(&self, slot: u16) -> u16 {
+            self.owner_for(self.ports[0], slot)
         }
     }
 
@@ -1385,13 +1407,16 @@ mod tests {
         }
     }
 
-    /// A real three-node Redis 7 cluster: topics on every shard delivered across two brokers
-    /// in order, without duplicates, our own echo filtered; then a slot moves to another
-    /// node and delivery continues (the subscriber re-subscribes on the new owner, the
-    /// publisher follows MOVED). Fails when redis-server is missing.
+    /// A real Redis 7 cluster (three primaries, a replica each): topics on every shard
+    /// delivered across two brokers in order, without duplicates, our own echo filtered;
+    /// then a slot moves to another node and delivery continues (the subscriber re-subscribes
+    /// on the new owner, the publisher follows MOVED); then that node's clients are killed
+    /// (reconnect, re-subscribe); then the node itself (its replica is promoted, both
+    /// brokers move there). One function: the cluster costs seconds to set up. Fails when
+    /// redis-server is missing.
     #[test]
     fn real_cluster_delivers_across_shards_and_follows_a_slot_move() {
-        let cluster = LocalCluster::start();
+        let mut cluster = LocalCluster::start();
         let url = format!(
             "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
             cluster.ports[0], cluster.ports[1]
@@ -1469,7 +1494,11 @@ mod tests {
         // for a slot without keys.
         let slot = key_slot(&channel(&tagged[0]));
         let source = cluster.owner(slot);
-        let target = *cluster.ports.iter().find(|&&p| p != source).unwrap();
+        let target = *cluster
+            .ports
+            .iter()
+            .find(|&&p| p != source && cluster.is_primary(p))
+            .unwrap();
         let id = |port| cli(port, &["CLUSTER", "MYID"]);
         let (source_id, target_id) = (id(source), id(target));
         let slot_text = slot.to_string();
@@ -1594,6 +1623,62 @@ mod tests {
         for topic in &tagged {
             assert_eq!(b.of(topic).last().unwrap(), b"after-reconnect");
         }
+
+        // The slot's owner dies and its replica takes over: both brokers find the new
+        // primary in the map, subscribe there, and deliver again.
+        let survivor = *cluster
+            .ports
+            .iter()
+            .find(|&&p| p != target && cluster.is_primary(p))
+            .unwrap();
+        cluster.kill(target);
+        let promoted = || {
+            let owner = cluster.owner_for(survivor, slot);
+            (owner != target).then_some(owner)
+        };
+        pump_until(
+            &mut [&mut a, &mut b],
+            "a replica took the slot over",
+            |_| promoted().is_some(),
+        );
+        let promoted = promoted().unwrap();
+        let subscribers = |topic: &[u8]| {
+            let channel_text = String::from_utf8(channel(topic)).unwrap();
+            cli(promoted, &["PUBSUB", "SHARDNUMSUB", &channel_text])
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        };
+        pump_until(
+            &mut [&mut a, &mut b],
+            "subscribed on the promoted replica",
+            |sides| {
+                subscribers(&tagged[1]) == "1"
+                    && subscribers(&tagged[0]) == "2"
+                    && sides.iter().all(|side| side.broker.stats().connected == 1)
+            },
+        );
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        for topic in &tagged {
+            a.publish(topic, b"after-failover");
+        }
+        pump_until(
+            &mut [&mut a, &mut b],
+            "delivery after the failover",
+            |sides| {
+                tagged.iter().all(|topic| {
+                    sides[1].of(topic).last().map(Vec::as_slice) == Some(b"after-failover")
+                })
+            },
+        );
+        for topic in &tagged {
+            assert_eq!(b.of(topic).len(), 2 * EACH + 2, "nothing duplicated");
+        }
+        assert!(
+            a.of(&tagged[0]).is_empty(),
+            "our echo filtered after the failover"
+        );
         a.broker.shut_down(&a.reactor);
         b.broker.shut_down(&b.reactor);
         drop(cluster);
