@@ -64,6 +64,8 @@ const UNOWNED: u16 = u16::MAX;
 /// Primaries a map may name at most (Redis Cluster's documented ceiling is 1000 nodes);
 /// beyond, the map is counted malformed. Keeps shard indices below [`UNOWNED`].
 const MAX_SHARDS: usize = 4096;
+/// A `CLUSTER SLOTS` unanswered this long is given up, with its connection.
+const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shard turns in one `advance` at most: a turn's redirects fill other shards' queues.
 const PASSES: usize = 3;
 
@@ -557,6 +559,22 @@ impl ClusterEngine {
     }
 
     fn drive_control(&mut self, received: &mut Vec<Received>) {
+        if let Some(due) = self.topology_overdue_at()
+            && Instant::now() >= due
+        {
+            // A node that takes our question and never answers would freeze the map: start
+            // over on a new connection.
+            self.control.shut_down(&self.inner);
+            self.retired.malformed += self.control.stats().malformed;
+            let control = RedisProtocol::sharded(&self.url, &self.name)
+                .and_then(|protocol| StreamEngine::new(protocol, &self.url.hosts));
+            match control {
+                Ok(control) => self.control = control,
+                Err(err) => self.failure = Some(err),
+            }
+            self.refresh.asked = false;
+            self.refresh.wanted = true;
+        }
         self.control.advance(&mut Context {
             reactor: &self.inner,
             outbound: &self.control_outbound,
@@ -623,6 +641,12 @@ impl ClusterEngine {
                 received,
             });
         }
+    }
+
+    /// When an unanswered `CLUSTER SLOTS` is given up.
+    fn topology_overdue_at(&self) -> Option<Instant> {
+        let asked_at = self.refresh.last_asked.filter(|_| self.refresh.asked)?;
+        Some(asked_at + TOPOLOGY_TIMEOUT)
     }
 
     /// Takes the registry's queue: interest always, publishes once the map is known.
@@ -724,6 +748,9 @@ impl Engine for ClusterEngine {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+        }
+        if let Some(due) = self.topology_overdue_at() {
+            deadline = Some(deadline.map_or(due, |other| other.min(due)));
         }
         // Only an open control connection can ask; until then its own deadline is the one.
         if self.refresh.wanted && !self.refresh.asked && self.control.is_open() {
@@ -1086,6 +1113,27 @@ mod tests {
         assert!(engine.refresh.wanted);
         assert_eq!(engine.interest[&b"t"[..]], None);
         assert!(!engine.is_ready());
+    }
+
+    #[test]
+    fn an_unanswered_map_question_is_given_up_with_its_connection() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let long_ago = Instant::now() - TOPOLOGY_TIMEOUT - Duration::from_secs(1);
+        engine.refresh.wanted = false;
+        engine.refresh.asked = true;
+        engine.refresh.last_asked = Some(long_ago);
+        assert!(
+            engine
+                .wait()
+                .deadline
+                .is_some_and(|due| due <= Instant::now())
+        );
+        engine.drive_control(&mut Vec::new());
+        assert!(!engine.refresh.asked);
+        assert!(
+            engine.refresh.wanted,
+            "asked again once a connection is open"
+        );
     }
 
     #[test]
