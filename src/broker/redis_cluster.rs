@@ -1444,7 +1444,7 @@ mod tests {
         }
     }
 
-    fn pump_until(sides: &mut [&mut Side], what: &str, done: impl Fn(&[&mut Side]) -> bool) {
+    fn pump_until(sides: &mut [&mut Side], what: &str, mut done: impl FnMut(&[&mut Side]) -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while !done(sides) {
             assert!(std::time::Instant::now() < deadline, "timed out: {what}");
@@ -1537,6 +1537,35 @@ mod tests {
             (count as u64, count as u64)
         );
         assert_eq!((stats.dropped, stats.malformed, stats.queued), (0, 0, 0));
+
+        // A registry driven by its own dispatch: the engine's epoll fd wakes the reactor.
+        {
+            use std::io::Read;
+            use std::os::fd::AsRawFd;
+            let registry = crate::Registry::new().unwrap();
+            let (mut reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+            reader.set_nonblocking(true).unwrap();
+            registry
+                .subscribe(&topics[0], writer.as_raw_fd(), crate::Mode::Raw)
+                .unwrap();
+            registry.broker_enable(&url, &prefix).unwrap();
+            assert_eq!(registry.broker_stats().connected, 1);
+            a.publish(&topics[0], b"to-registry");
+            registry.publish(&topics[1], b"from-registry").unwrap();
+            let mut seen = Vec::new();
+            pump_until(&mut [&mut a], "dispatch delivers", |sides| {
+                registry.dispatch(Some(Duration::from_millis(20))).unwrap();
+                let mut chunk = [0u8; 256];
+                if let Ok(n) = (&reader).read(&mut chunk) {
+                    seen.extend_from_slice(&chunk[..n]);
+                }
+                seen.windows(11).any(|w| w == b"to-registry")
+                    && sides[0].of(&topics[1]).last().map(Vec::as_slice) == Some(b"from-registry")
+            });
+            registry.broker_disable();
+            let _ = reader.read(&mut [0u8; 16]);
+        }
+        b.pump();
 
         // Move the tagged slot to another node, the way `redis-cli --cluster reshard` does
         // for a slot without keys.
