@@ -48,7 +48,10 @@
 //! away, or a refused SSUBSCRIBE), `CLUSTER SLOTS` replies, and conditions (`CLUSTERDOWN`,
 //! `TRYAGAIN`, `ASK`) after which the topology should be read again. Because a node may
 //! unsubscribe us on its own, a sharded session pairs a `sunsubscribe` push with its
-//! command by the channel it names, not only by its place.
+//! command by the channel it names, not only by its place. When that push and our own
+//! SUNSUBSCRIBE of the same channel cross, the push is taken as the confirmation and the
+//! node's later `MOVED` for our command answers nothing: a `MOVED` that does not name the
+//! slot of the command waiting is skipped.
 //!
 //! Frames are decoded by `redis-protocol`'s RESP3 decoder, which recurses once per nesting
 //! level (about 1 KiB of stack each: a few KiB of `*1\r\n` would overflow a thread's stack),
@@ -64,6 +67,7 @@ use std::sync::atomic::AtomicUsize;
 use redis_protocol::resp3::decode::complete::decode_range;
 use redis_protocol::resp3::types::RangeFrame;
 
+use super::redis_cluster::key_slot;
 use super::stream::{Protocol, Sink, StreamEngine};
 use super::url::BrokerUrl;
 use super::{Engine, Received, topic};
@@ -334,6 +338,17 @@ impl RedisProtocol {
         self.changes += 1;
     }
 
+    /// Whether the command at the head of the FIFO is about a channel in `slot`.
+    fn head_is_in_slot(&mut self, slot: u16) -> bool {
+        let topic = match self.expected.front() {
+            Some(Expected::Subscribe(topic) | Expected::Unsubscribe(topic)) => &**topic,
+            Some(Expected::Publish(_, Some(retained))) => retained.topic(),
+            _ => return false,
+        };
+        topic::redis_channel(&self.prefix, topic, &mut self.channel);
+        key_slot(&self.channel) == slot
+    }
+
     /// Asks for the cluster's slot map; the reply lands in `notes.topology`.
     pub(crate) fn request_topology(&mut self, out: &mut Vec<u8>) {
         write_command(out, &[b"CLUSTER", b"SLOTS"]);
@@ -457,6 +472,15 @@ impl RedisProtocol {
             }
             _ => None,
         };
+        if let Some((slot, _)) = error.as_deref().and_then(moved_to)
+            && self.flavor == Flavor::Sharded
+            && !self.head_is_in_slot(slot)
+        {
+            // The late refusal of a SUNSUBSCRIBE whose confirmation was taken from the
+            // node's own push for the same channel (the slot moved away in between): it
+            // answers nothing still waiting. A genuine answer names its command's slot.
+            return Ok(());
+        }
         let Some(expected) = self.expected.pop_front() else {
             return Err(protocol_error(match error {
                 Some(message) => format!("an error nothing was waiting for: {message}"),
