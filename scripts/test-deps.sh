@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 for tool in make g++ valgrind curl chromium psql:postgresql-client socat pkg-config \
-  node:nodejs npm redis-server:redis-server nats-server:nats-server; do
+  node:nodejs npm redis-server:redis-server redis-cli:redis-tools nats-server:nats-server; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
 # log-fanout-test's clients need OpenBSD nc (for -U); uv_embed needs libuv through pkg-config.
@@ -27,6 +27,7 @@ python3 -c 'import websockets.asyncio.client' 2>/dev/null ||
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 
 # The Redis and NATS brokers' tests need their servers (FDCAST_REDIS_URL, FDCAST_NATS_URL);
+# (the Redis Cluster test starts three redis-server of its own, and needs redis-cli);
 # a missing server fails them, so start any that is down.
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   mkdir -p /var/lib/redis /var/log/redis

@@ -25,6 +25,8 @@ mod outbound;
 mod pg;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redis")]
+mod redis_cluster;
 #[cfg(any(feature = "redis", feature = "nats"))]
 mod stream;
 #[cfg(any(feature = "redis", feature = "nats"))]
@@ -202,7 +204,7 @@ pub(crate) struct Broker {
     limits: Limits,
     /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
     routes_interest: bool,
-    /// The engine's name, for messages: "PostgreSQL", "Redis", "NATS".
+    /// The engine's name, for messages: "PostgreSQL", "Redis", "Redis Cluster", "NATS".
     kind: &'static str,
 }
 
@@ -243,7 +245,7 @@ impl Scheme {
 impl Broker {
     /// Connects to the engine `scheme` names at `url` and completes the session handshake,
     /// blocking the caller (not any registry lock) up to the connect timeout; `name` is the
-    /// PostgreSQL channel, or the Redis channel / NATS subject prefix. Returns the broker and
+    /// PostgreSQL channel, or the Redis (Cluster) channel / NATS subject prefix. Returns the broker and
     /// the deadline by which `settle` should finish the subscriptions.
     pub(crate) fn connect(
         scheme: Scheme,
@@ -265,6 +267,11 @@ impl Broker {
                     let (engine, limit) = redis::engine(url, name)?;
                     (engine, Limits::Payload(limit), true, "Redis")
                 }
+                #[cfg(feature = "redis")]
+                Scheme::RedisCluster => {
+                    let (engine, limit) = redis_cluster::engine(url, name)?;
+                    (engine, Limits::Payload(limit), true, "Redis Cluster")
+                }
                 #[cfg(feature = "nats")]
                 Scheme::Nats => {
                     let (engine, limit) = nats::engine(url, name)?;
@@ -276,6 +283,7 @@ impl Broker {
                 Scheme::Redis => return Err(Error::NotSupported("redis")),
                 #[cfg(not(feature = "nats"))]
                 Scheme::Nats => return Err(Error::NotSupported("nats")),
+                #[cfg(not(feature = "redis"))]
                 Scheme::RedisCluster => return Err(Error::NotSupported("redis-cluster")),
             };
         let deadline = Instant::now() + timeout;

@@ -39,6 +39,20 @@
 //! so when the frame that decides it has not arrived yet, the push is read again, whole,
 //! with it: nothing is copied, and nothing of it has been acted on.
 //!
+//! # Sharded pub/sub (Redis Cluster)
+//! The same session speaks `SSUBSCRIBE`/`SUNSUBSCRIBE`/`SPUBLISH` for the cluster engine
+//! ([`Flavor::Sharded`]): messages come as `smessage` pushes and go through the same echo
+//! filter. What a cluster adds is recorded in [`ClusterNotes`] for the engine to act on:
+//! a publish refused with `MOVED` (kept whole in the FIFO, so it can be sent to the new
+//! owner), a subscription the node gave up (its own `sunsubscribe` push when the slot moved
+//! away, or a refused SSUBSCRIBE), `CLUSTER SLOTS` replies, and conditions (`CLUSTERDOWN`,
+//! `TRYAGAIN`, `ASK`) after which the topology should be read again. Because a node may
+//! unsubscribe us on its own, a sharded session pairs a `sunsubscribe` push with its
+//! command by the channel it names, not only by its place. When that push and our own
+//! SUNSUBSCRIBE of the same channel cross, the push is taken as the confirmation and the
+//! node's later `MOVED` for our command answers nothing: a `MOVED` that does not name the
+//! slot of the command waiting is skipped.
+//!
 //! Frames are decoded by `redis-protocol`'s RESP3 decoder, which recurses once per nesting
 //! level (about 1 KiB of stack each: a few KiB of `*1\r\n` would overflow a thread's stack),
 //! so [`frame_len`] first finds where a frame ends, iteratively, and refuses nesting deeper
@@ -53,6 +67,7 @@ use std::sync::atomic::AtomicUsize;
 use redis_protocol::resp3::decode::complete::decode_range;
 use redis_protocol::resp3::types::RangeFrame;
 
+use super::redis_cluster::key_slot;
 use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
 use super::{Engine, Received, topic};
@@ -60,7 +75,7 @@ use crate::error::Error;
 use crate::registry::MAX_TOPIC_LEN;
 
 /// Redis's default `proto-max-bulk-len`: the largest payload a PUBLISH can carry.
-const MAX_BULK_LEN: usize = 512 << 20;
+pub(crate) const MAX_BULK_LEN: usize = 512 << 20;
 /// Nesting accepted in a frame. The deepest Redis sends us is HELLO's reply (a map of module
 /// maps holding arrays: 3 or 4 levels).
 const MAX_DEPTH: usize = 32;
@@ -81,9 +96,100 @@ pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<Atom
 enum Expected {
     Hello,
     Select,
-    Subscribe,
-    Unsubscribe,
-    Publish(Fingerprint),
+    /// The topic: a sharded session tells its confirmation from a node's own `sunsubscribe`
+    /// by it, and names it when the node refuses.
+    Subscribe(Box<[u8]>),
+    Unsubscribe(Box<[u8]>),
+    /// A sharded session keeps the message, to send it again where `MOVED` points.
+    Publish(Fingerprint, Option<Retained>),
+    /// `CLUSTER SLOTS`.
+    Topology,
+}
+
+/// Which pub/sub a session speaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Flavor {
+    /// `SUBSCRIBE`/`PUBLISH`: one server (in a cluster, every node would carry every message).
+    Classic,
+    /// `SSUBSCRIBE`/`SPUBLISH` (Redis 7+): the channel lives on the shard owning its slot.
+    Sharded,
+}
+
+impl Flavor {
+    fn subscribe_command(self) -> &'static [u8] {
+        match self {
+            Flavor::Classic => b"SUBSCRIBE",
+            Flavor::Sharded => b"SSUBSCRIBE",
+        }
+    }
+
+    fn unsubscribe_command(self) -> &'static [u8] {
+        match self {
+            Flavor::Classic => b"UNSUBSCRIBE",
+            Flavor::Sharded => b"SUNSUBSCRIBE",
+        }
+    }
+
+    fn publish_command(self) -> &'static [u8] {
+        match self {
+            Flavor::Classic => b"PUBLISH",
+            Flavor::Sharded => b"SPUBLISH",
+        }
+    }
+
+    /// The push kinds of a message, a subscribe and an unsubscribe.
+    fn push_kinds(self) -> [&'static [u8]; 3] {
+        match self {
+            Flavor::Classic => [b"message", b"subscribe", b"unsubscribe"],
+            Flavor::Sharded => [b"smessage", b"ssubscribe", b"sunsubscribe"],
+        }
+    }
+}
+
+/// A publish kept whole: topic then payload in one allocation.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Retained {
+    bytes: Box<[u8]>,
+    topic_len: usize,
+}
+
+impl Retained {
+    pub(crate) fn new(topic: &[u8], payload: &[u8]) -> Retained {
+        Retained {
+            bytes: [topic, payload].concat().into_boxed_slice(),
+            topic_len: topic.len(),
+        }
+    }
+
+    pub(crate) fn topic(&self) -> &[u8] {
+        &self.bytes[..self.topic_len]
+    }
+
+    pub(crate) fn payload(&self) -> &[u8] {
+        &self.bytes[self.topic_len..]
+    }
+}
+
+/// A publish a node refused with `MOVED slot host:port`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Redirect {
+    pub(crate) publish: Retained,
+    pub(crate) slot: u16,
+    /// The new owner; an empty host means the host this connection reached.
+    pub(crate) node: (String, u16),
+}
+
+/// What a sharded session saw that only the cluster engine can act on; it drains these
+/// after every turn.
+#[derive(Default)]
+pub(crate) struct ClusterNotes {
+    pub(crate) redirected: Vec<Redirect>,
+    /// Topics whose subscription the node dropped or refused: to be placed again.
+    pub(crate) displaced: Vec<Box<[u8]>>,
+    /// Whole `CLUSTER SLOTS` reply frames (or error frames), in order.
+    pub(crate) topology: Vec<Vec<u8>>,
+    /// The node answered as if the slot map had changed or the cluster were down.
+    pub(crate) refresh: bool,
 }
 
 /// A published message as the echo filter compares it (see the module's doc).
@@ -104,6 +210,7 @@ struct Held {
 
 pub(crate) struct RedisProtocol {
     prefix: Box<[u8]>,
+    flavor: Flavor,
     /// `(user, password)` for HELLO's AUTH.
     auth: Option<(String, String)>,
     db: u32,
@@ -122,6 +229,8 @@ pub(crate) struct RedisProtocol {
     hasher: RandomState,
     /// Scratch for a channel name.
     channel: Vec<u8>,
+    /// Filled by sharded sessions only.
+    pub(crate) notes: ClusterNotes,
 }
 
 impl RedisProtocol {
@@ -150,6 +259,16 @@ impl RedisProtocol {
                 "a Redis URL's path is a database number (redis://host/2)",
             ));
         };
+        RedisProtocol::with(Flavor::Classic, url, db, name)
+    }
+
+    /// A sharded session for a cluster node: the URL's credentials, database 0 (the only one
+    /// a cluster has).
+    pub(crate) fn sharded(url: &BrokerUrl, name: &str) -> Result<RedisProtocol, Error> {
+        RedisProtocol::with(Flavor::Sharded, url, 0, name)
+    }
+
+    fn with(flavor: Flavor, url: &BrokerUrl, db: u32, name: &str) -> Result<RedisProtocol, Error> {
         topic::check_redis_prefix(name)?;
         let auth = url.password.as_ref().map(|password| {
             let user = url.user.clone().unwrap_or_else(|| "default".to_string());
@@ -157,6 +276,7 @@ impl RedisProtocol {
         });
         Ok(RedisProtocol {
             prefix: Box::from(name.as_bytes()),
+            flavor,
             auth,
             db,
             expected: VecDeque::new(),
@@ -168,6 +288,7 @@ impl RedisProtocol {
             echo_after: None,
             hasher: RandomState::new(),
             channel: Vec::new(),
+            notes: ClusterNotes::default(),
         })
     }
 
@@ -188,7 +309,7 @@ impl RedisProtocol {
 
     fn head_publish(&self) -> Option<Fingerprint> {
         match self.expected.front() {
-            Some(Expected::Publish(fingerprint)) => Some(*fingerprint),
+            Some(Expected::Publish(fingerprint, _)) => Some(*fingerprint),
             _ => None,
         }
     }
@@ -213,14 +334,42 @@ impl RedisProtocol {
     fn subscription(
         &mut self,
         command: &[u8],
-        expected: Expected,
+        expected: fn(Box<[u8]>) -> Expected,
         topic: &[u8],
         out: &mut Vec<u8>,
     ) {
         topic::redis_channel(&self.prefix, topic, &mut self.channel);
         write_command(out, &[command, &self.channel]);
-        self.expected.push_back(expected);
+        self.expected.push_back(expected(Box::from(topic)));
         self.changes += 1;
+    }
+
+    /// Whether the command at the head of the FIFO is about a channel in `slot`.
+    fn head_is_in_slot(&mut self, slot: u16) -> bool {
+        let topic = match self.expected.front() {
+            Some(Expected::Subscribe(topic) | Expected::Unsubscribe(topic)) => &**topic,
+            Some(Expected::Publish(_, Some(retained))) => retained.topic(),
+            _ => return false,
+        };
+        topic::redis_channel(&self.prefix, topic, &mut self.channel);
+        key_slot(&self.channel) == slot
+    }
+
+    /// Asks for the cluster's slot map; the reply lands in `notes.topology`.
+    pub(crate) fn request_topology(&mut self, out: &mut Vec<u8>) {
+        write_command(out, &[b"CLUSTER", b"SLOTS"]);
+        self.expected.push_back(Expected::Topology);
+    }
+
+    /// Whether a subscription push names `topic`'s channel. A classic session needs not
+    /// look: Redis sends no unsubscribe of its own for plain channels, so pushes come in the
+    /// order of the commands.
+    fn names(&self, channel: Option<&RangeFrame>, base: usize, input: &[u8], topic: &[u8]) -> bool {
+        self.flavor == Flavor::Classic
+            || channel
+                .and_then(|channel| bytes(channel, base, input))
+                .and_then(|channel| channel.strip_prefix(&*self.prefix))
+                == Some(topic)
     }
 
     /// A push: a message, or the confirmation of a SUBSCRIBE or UNSUBSCRIBE.
@@ -240,54 +389,75 @@ impl RedisProtocol {
         let Some(kind) = items.first().and_then(|item| bytes(item, base, input)) else {
             return;
         };
-        match kind {
-            b"message" => {
-                let (Some(channel), Some(payload)) = (
-                    items.get(1).and_then(|item| range(item, base)),
-                    items.get(2).and_then(|item| range(item, base)),
-                ) else {
-                    sink.stats.malformed += 1;
-                    return;
-                };
-                let (Some(channel_bytes), Some(payload_bytes)) =
-                    (input.get(channel.clone()), input.get(payload.clone()))
-                else {
-                    sink.stats.malformed += 1;
-                    return;
-                };
-                if echo_after.is_some_and(|ours| self.matches(ours, channel_bytes, payload_bytes)) {
-                    sink.stats.ignored += 1;
-                } else if self
-                    .head_publish()
-                    .is_some_and(|ours| self.matches(ours, channel_bytes, payload_bytes))
-                {
-                    *held = Some(Held {
-                        start: base,
-                        channel,
-                        payload,
-                    });
-                } else {
-                    self.deliver(channel_bytes, payload_bytes, sink);
-                }
+        let [message_kind, subscribe_kind, unsubscribe_kind] = self.flavor.push_kinds();
+        if kind == message_kind {
+            let (Some(channel), Some(payload)) = (
+                items.get(1).and_then(|item| range(item, base)),
+                items.get(2).and_then(|item| range(item, base)),
+            ) else {
+                sink.stats.malformed += 1;
+                return;
+            };
+            let (Some(channel_bytes), Some(payload_bytes)) =
+                (input.get(channel.clone()), input.get(payload.clone()))
+            else {
+                sink.stats.malformed += 1;
+                return;
+            };
+            if echo_after.is_some_and(|ours| self.matches(ours, channel_bytes, payload_bytes)) {
+                sink.stats.ignored += 1;
+            } else if self
+                .head_publish()
+                .is_some_and(|ours| self.matches(ours, channel_bytes, payload_bytes))
+            {
+                *held = Some(Held {
+                    start: base,
+                    channel,
+                    payload,
+                });
+            } else {
+                self.deliver(channel_bytes, payload_bytes, sink);
             }
-            b"subscribe" | b"unsubscribe" => {
-                let confirms = matches!(
-                    (kind, self.expected.front()),
-                    (b"subscribe", Some(Expected::Subscribe))
-                        | (b"unsubscribe", Some(Expected::Unsubscribe))
-                );
-                // Anything else is unsolicited (Redis sends none for plain channels): ignored.
-                if confirms {
-                    self.expected.pop_front();
-                    self.changes -= 1;
-                    if let Some(RangeFrame::Number { data, .. }) = items.get(2) {
-                        self.subscribed = usize::try_from(*data).unwrap_or(0);
+        } else if kind == subscribe_kind || kind == unsubscribe_kind {
+            let confirms = match self.expected.front() {
+                Some(Expected::Subscribe(topic)) if kind == subscribe_kind => {
+                    self.names(items.get(1), base, input, topic)
+                }
+                Some(Expected::Unsubscribe(topic)) if kind == unsubscribe_kind => {
+                    self.names(items.get(1), base, input, topic)
+                }
+                _ => false,
+            };
+            let count = match items.get(2) {
+                Some(RangeFrame::Number { data, .. }) => Some(usize::try_from(*data).unwrap_or(0)),
+                _ => None,
+            };
+            if confirms {
+                self.expected.pop_front();
+                self.changes -= 1;
+                if let Some(count) = count {
+                    self.subscribed = count;
+                }
+            } else if self.flavor == Flavor::Sharded && kind == unsubscribe_kind {
+                // The node gave the channel's slot away and unsubscribed us itself.
+                let topic = items
+                    .get(1)
+                    .and_then(|channel| bytes(channel, base, input))
+                    .and_then(|channel| channel.strip_prefix(&*self.prefix));
+                match topic {
+                    Some(topic) => {
+                        self.notes.displaced.push(Box::from(topic));
+                        self.notes.refresh = true;
                     }
+                    None => sink.stats.malformed += 1,
+                }
+                if let Some(count) = count {
+                    self.subscribed = count;
                 }
             }
-            // pong, invalidate, ...: nothing we asked for.
-            _ => {}
+            // Anything else is unsolicited (Redis sends none for plain channels): ignored.
         }
+        // pong, invalidate, ...: nothing we asked for.
     }
 
     /// Any frame but a push: the answer to the command at the head of the FIFO.
@@ -295,6 +465,7 @@ impl RedisProtocol {
         &mut self,
         frame: &RangeFrame,
         base: usize,
+        len: usize,
         input: &[u8],
         held: &mut Option<Held>,
         sink: &mut Sink<'_>,
@@ -307,6 +478,15 @@ impl RedisProtocol {
             }
             _ => None,
         };
+        if let Some((slot, _)) = error.as_deref().and_then(moved_to)
+            && self.flavor == Flavor::Sharded
+            && !self.head_is_in_slot(slot)
+        {
+            // The late refusal of a SUNSUBSCRIBE whose confirmation was taken from the
+            // node's own push for the same channel (the slot moved away in between): it
+            // answers nothing still waiting. A genuine answer names its command's slot.
+            return Ok(());
+        }
         let Some(expected) = self.expected.pop_front() else {
             return Err(protocol_error(match error {
                 Some(message) => format!("an error nothing was waiting for: {message}"),
@@ -314,7 +494,7 @@ impl RedisProtocol {
             }));
         };
         match (expected, error) {
-            (Expected::Publish(ours), None) => {
+            (Expected::Publish(ours, _), None) => {
                 let RangeFrame::Number {
                     data: receivers, ..
                 } = frame
@@ -331,13 +511,46 @@ impl RedisProtocol {
                     self.echo_after = Some(ours);
                 }
             }
-            (Expected::Publish(_), Some(_)) => {
+            (Expected::Publish(_, retained), Some(message)) => {
                 self.publishes -= 1;
-                sink.stats.dropped += 1;
                 // A refused PUBLISH published nothing: the held push was another client's.
                 if let Some(earlier) = held.take() {
                     self.deliver_held(earlier, input, sink);
                 }
+                match (retained, moved_to(&message)) {
+                    (Some(publish), Some((slot, node))) => {
+                        self.notes.redirected.push(Redirect {
+                            publish,
+                            slot,
+                            node,
+                        });
+                        self.notes.refresh = true;
+                    }
+                    _ => {
+                        sink.stats.dropped += 1;
+                        if self.flavor == Flavor::Sharded && is_cluster_condition(&message) {
+                            self.notes.refresh = true;
+                        }
+                    }
+                }
+            }
+            (Expected::Topology, _) => {
+                let frame = input.get(base..base + len).unwrap_or_default();
+                self.notes.topology.push(frame.to_vec());
+            }
+            (Expected::Subscribe(topic), Some(message))
+                if self.flavor == Flavor::Sharded && is_cluster_condition(&message) =>
+            {
+                self.changes -= 1;
+                self.notes.displaced.push(topic);
+                self.notes.refresh = true;
+            }
+            // Whichever node has the slot now, this one holds no subscription to undo.
+            (Expected::Unsubscribe(_), Some(message))
+                if self.flavor == Flavor::Sharded && is_cluster_condition(&message) =>
+            {
+                self.changes -= 1;
+                self.notes.refresh = true;
             }
             (Expected::Hello | Expected::Select, Some(message)) => {
                 let hint = if message.starts_with("ERR unknown command") {
@@ -358,12 +571,12 @@ impl RedisProtocol {
                     "HELLO or SELECT answered with an unexpected frame".into(),
                 ));
             }
-            (Expected::Subscribe | Expected::Unsubscribe, Some(message)) => {
+            (Expected::Subscribe(_) | Expected::Unsubscribe(_), Some(message)) => {
                 return Err(Error::Backend(format!(
                     "Redis: a subscription was refused: {message}"
                 )));
             }
-            (Expected::Subscribe | Expected::Unsubscribe, None) => {
+            (Expected::Subscribe(_) | Expected::Unsubscribe(_), None) => {
                 return Err(protocol_error(
                     "SUBSCRIBE answered with something else than a push".into(),
                 ));
@@ -418,7 +631,7 @@ impl Protocol for RedisProtocol {
             let frame = decode(&input[used..used + len])?;
             match &frame {
                 RangeFrame::Push { data, .. } => self.push(data, used, input, &mut held, sink),
-                _ => self.reply(&frame, used, input, &mut held, sink)?,
+                _ => self.reply(&frame, used, len, input, &mut held, sink)?,
             }
             used += len;
         }
@@ -431,18 +644,25 @@ impl Protocol for RedisProtocol {
     }
 
     fn subscribe(&mut self, topic: &[u8], out: &mut Vec<u8>) {
-        self.subscription(b"SUBSCRIBE", Expected::Subscribe, topic, out);
+        let command = self.flavor.subscribe_command();
+        self.subscription(command, Expected::Subscribe, topic, out);
     }
 
     fn unsubscribe(&mut self, topic: &[u8], out: &mut Vec<u8>) {
-        self.subscription(b"UNSUBSCRIBE", Expected::Unsubscribe, topic, out);
+        let command = self.flavor.unsubscribe_command();
+        self.subscription(command, Expected::Unsubscribe, topic, out);
     }
 
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
         topic::redis_channel(&self.prefix, topic, &mut self.channel);
-        write_command(out, &[b"PUBLISH", &self.channel, payload]);
+        write_command(
+            out,
+            &[self.flavor.publish_command(), &self.channel, payload],
+        );
         let fingerprint = self.fingerprint(&self.channel, payload);
-        self.expected.push_back(Expected::Publish(fingerprint));
+        let retained = (self.flavor == Flavor::Sharded).then(|| Retained::new(topic, payload));
+        self.expected
+            .push_back(Expected::Publish(fingerprint, retained));
         self.publishes += 1;
     }
 
@@ -467,8 +687,33 @@ impl Protocol for RedisProtocol {
     }
 }
 
+/// `MOVED <slot> <host>:<port>`: the slot and its owner (the host may be empty: the node
+/// does not know its own name, and it is the one this connection reached).
+pub(crate) fn moved_to(error: &str) -> Option<(u16, (String, u16))> {
+    let mut words = error.split(' ');
+    if words.next() != Some("MOVED") {
+        return None;
+    }
+    let slot = words
+        .next()?
+        .parse::<u16>()
+        .ok()
+        .filter(|slot| *slot < 16384)?;
+    let (host, port) = words.next()?.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok().filter(|port| *port != 0)?;
+    Some((slot, (host.to_string(), port)))
+}
+
+/// An error that says the slot map or the cluster's health changed, not that the command
+/// was wrong.
+fn is_cluster_condition(error: &str) -> bool {
+    ["MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|condition| error.starts_with(condition))
+}
+
 /// Appends a command: a RESP array of bulk strings. No allocation beyond `out`'s growth.
-fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+pub(crate) fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
     out.reserve(16 + args.iter().map(|arg| arg.len() + 16).sum::<usize>());
     write_header(out, b'*', args.len());
     for arg in args {
@@ -497,7 +742,7 @@ fn write_header(out: &mut Vec<u8>, kind: u8, mut n: usize) {
 /// The length of the frame at the front of `input`, `None` while it is incomplete. Iterative,
 /// and reads only the header lines (skipping blobs by their length), so neither a deep nor a
 /// long frame costs stack; the decoder still checks every byte afterwards.
-fn frame_len(input: &[u8]) -> Result<Option<usize>, Error> {
+pub(crate) fn frame_len(input: &[u8]) -> Result<Option<usize>, Error> {
     let bad = || protocol_error("a malformed frame".into());
     // Per open aggregate, the elements it still expects.
     let mut open = [0usize; MAX_DEPTH];
@@ -564,7 +809,7 @@ fn length(digits: &[u8]) -> Option<usize> {
 }
 
 /// Decodes one whole frame, as long as [`frame_len`] found it.
-fn decode(frame: &[u8]) -> Result<RangeFrame, Error> {
+pub(crate) fn decode(frame: &[u8]) -> Result<RangeFrame, Error> {
     match decode_range(frame) {
         Ok(Some((decoded, len))) if len == frame.len() => Ok(decoded),
         Ok(_) => Err(protocol_error(
@@ -586,7 +831,7 @@ fn range(frame: &RangeFrame, base: usize) -> Option<Range<usize>> {
     }
 }
 
-fn bytes<'a>(frame: &RangeFrame, base: usize, input: &'a [u8]) -> Option<&'a [u8]> {
+pub(crate) fn bytes<'a>(frame: &RangeFrame, base: usize, input: &'a [u8]) -> Option<&'a [u8]> {
     input.get(range(frame, base)?)
 }
 

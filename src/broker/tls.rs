@@ -205,6 +205,18 @@ impl Transport {
         }
     }
 
+    /// The address the connection reached.
+    pub(crate) fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Transport::Closed => None,
+            Transport::Plain(stream) => stream.peer_addr().ok(),
+            #[cfg(feature = "tls")]
+            Transport::Handshaking(handshake) => handshake.get_ref().peer_addr().ok(),
+            #[cfg(feature = "tls")]
+            Transport::Tls(stream) => stream.get_ref().peer_addr().ok(),
+        }
+    }
+
     /// Bytes can flow (no handshake in progress).
     pub(crate) fn is_ready(&self) -> bool {
         match self {

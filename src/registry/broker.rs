@@ -12,7 +12,7 @@ use crate::io;
 
 impl Registry {
     /// Connects to the engine `url` names (`postgresql://` or a libpq conninfo, `redis://`,
-    /// `nats://`) and returns once the session is up and every topic that has a local
+    /// `redis+cluster://host:port[,host:port…]` (sharded pub/sub, Redis 7+), `nats://`) and returns once the session is up and every topic that has a local
     /// subscriber now is subscribed on the engine. `name` is the PostgreSQL channel, or the
     /// Redis channel / NATS subject prefix. From then on every publish is also forwarded, and
     /// other publishers' messages are delivered to local subscribers by `dispatch` (or

@@ -1,0 +1,1820 @@
+//! Redis Cluster, through sharded pub/sub (Redis 7+): `SSUBSCRIBE`, `SUNSUBSCRIBE` and
+//! `SPUBLISH`, so that a topic's traffic touches only the shard that owns its channel's slot.
+//!
+//! # Connections
+//! - One *control* connection, to the URL's seed nodes in turn, asks `CLUSTER SLOTS` at
+//!   start and whenever the slot map may have changed. It stays open (a refresh then costs
+//!   one round trip), and holds no subscription.
+//! - One connection per primary, opened lazily: when a topic of interest or a publish is
+//!   routed to a slot it owns. Each is a [`StreamEngine`] speaking the sharded flavor of the
+//!   Redis session ([`RedisProtocol`], so the echo filter is the single-node engine's), fed
+//!   by a queue of its own ([`Outbound`], bounded like the broker's): it keeps the topics
+//!   placed on it, re-subscribes them after a reconnect, and sends publishes only while
+//!   subscribed.
+//! - The connections live in an epoll of the engine's own (a second [`Reactor`]), whose one
+//!   fd is what the registry's reactor watches and what [`Engine::wait`] names.
+//!
+//! # Order
+//! A channel's slot depends only on its bytes, so one topic always goes to one shard and one
+//! connection, in the order it was published. Across topics nothing is promised: two topics
+//! on different shards travel on different connections. Across a slot move, a publish in
+//! flight to the old owner comes back with `MOVED` and is sent again to the new owner; the
+//! publishes of that topic behind it meet the same `MOVED` in order, so order holds, unless
+//! a topology refresh (triggered by something else) routed later publishes to the new owner
+//! before the `MOVED` came back: those can overtake the resent ones.
+//!
+//! # When the cluster changes
+//! - `MOVED` on a publish: the slot is pointed at the node named, the publish is sent there,
+//!   and the whole map is read again.
+//! - A node's own `sunsubscribe` push (the slot moved away: the node unsubscribes every
+//!   client of its channels) or a refused `SSUBSCRIBE`: the topic is placed again, on the
+//!   owner the next map names.
+//! - `CLUSTERDOWN`, `TRYAGAIN` or `ASK` on a publish: it is dropped and counted (pub/sub is
+//!   fire-and-forget), and the map is read again.
+//! - A lost connection: it reconnects with the usual backoff and re-subscribes its topics,
+//!   and the map is read again; when a failover made another node the owner, the topics
+//!   move there, and publishes queued for the old node are routed again.
+//!
+//! Map refreshes back off like reconnects (100 ms doubling to 5 s) while they keep being
+//! asked for, so after a failover the topics reach the promoted replica within a few
+//! seconds of the cluster electing it; a `CLUSTER SLOTS` unanswered for 10 s is given up
+//! with its connection. A prefix holding a `{hashtag}` puts every topic in one slot, on one
+//! shard.
+//!
+//! # Limits
+//! - Each shard's queue is bounded like the broker's, so publishes waiting for a shard that
+//!   is down are bounded per shard, not in total.
+//! - `ASK` (a slot being migrated) is not followed: Redis serves sharded pub/sub from the
+//!   slot's owner until the move ends, so it is not expected; if it comes the publish is
+//!   dropped and counted.
+//! - A node's `MOVED` that names a slot other than the one of the command it should answer
+//!   is skipped (see redis.rs: a SUNSUBSCRIBE crossing the node's own `sunsubscribe`); when
+//!   the next command is in the same slot, it takes that `MOVED` for its own, which is the
+//!   answer it gets anyway from a node that no longer owns the slot.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Duration, Instant};
+
+use mio::Interest;
+use redis_protocol::resp3::types::RangeFrame;
+
+use super::outbound::{InterestChange, Publishes};
+use super::redis::{self, MAX_BULK_LEN, Redirect, RedisProtocol};
+use super::stream::StreamEngine;
+use super::url::BrokerUrl;
+use super::{
+    BrokerStats, Context, Engine, FIRST_RETRY, MAX_RETRY, Outbound, Received, Wait, next_retry,
+    topic,
+};
+use crate::error::Error;
+use crate::reactor::Reactor;
+
+/// Hash slots in a Redis Cluster.
+pub(crate) const SLOTS: usize = 16384;
+/// A slot no known primary owns.
+const UNOWNED: u16 = u16::MAX;
+/// Primaries a map may name at most (Redis Cluster's documented ceiling is 1000 nodes);
+/// beyond, the map is counted malformed. Keeps shard indices below [`UNOWNED`].
+const MAX_SHARDS: usize = 4096;
+/// A `CLUSTER SLOTS` unanswered this long is given up, with its connection.
+const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shard turns in one `advance` at most: a turn's redirects fill other shards' queues.
+const PASSES: usize = 3;
+
+/// CRC16/XMODEM (polynomial 0x1021, initial value 0, no reflection), as the cluster
+/// specification defines the key hash; one table lookup per byte.
+const CRC16_TABLE: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut index = 0;
+    while index < 256 {
+        let mut crc = (index as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+            bit += 1;
+        }
+        table[index] = crc;
+        index += 1;
+    }
+    table
+};
+
+pub(crate) fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| {
+        (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ byte)]
+    })
+}
+
+/// The slot of a key or channel: only the part between the first `{` and the first `}`
+/// after it is hashed, when that part is not empty (the specification's hash tags).
+pub(crate) fn key_slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&byte| byte == b'{')
+        .and_then(|open| {
+            let inside = &key[open + 1..];
+            let close = inside.iter().position(|&byte| byte == b'}')?;
+            (close > 0).then(|| &inside[..close])
+        })
+        .unwrap_or(key);
+    crc16(hashed) % SLOTS as u16
+}
+
+/// Slots `start..=end`, owned by the primary at `node`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct SlotRange {
+    pub(crate) start: u16,
+    pub(crate) end: u16,
+    pub(crate) node: (String, u16),
+}
+
+/// Reads a `CLUSTER SLOTS` reply: per range, its first and last slot, then the primary's
+/// `[host, port, id, …]`, then its replicas (ignored). An empty host means the node asked.
+pub(crate) fn parse_slots(frame: &[u8], asked: &str) -> Result<Vec<SlotRange>, String> {
+    let decoded = redis::decode(frame).map_err(|err| err.to_string())?;
+    let entries = match &decoded {
+        RangeFrame::Array { data, .. } => data,
+        RangeFrame::SimpleError { data, .. } | RangeFrame::BlobError { data, .. } => {
+            let message = frame.get(data.0..data.1).unwrap_or_default();
+            return Err(format!(
+                "CLUSTER SLOTS refused: {}",
+                String::from_utf8_lossy(message)
+            ));
+        }
+        _ => return Err("CLUSTER SLOTS answered with something else than an array".into()),
+    };
+    let number = |item: Option<&RangeFrame>| match item {
+        Some(RangeFrame::Number { data, .. }) => Some(*data),
+        _ => None,
+    };
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let malformed = || "a malformed CLUSTER SLOTS entry".to_string();
+        let RangeFrame::Array { data: items, .. } = entry else {
+            return Err(malformed());
+        };
+        let slot = |item| {
+            number(item)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|&n| usize::from(n) < SLOTS)
+        };
+        let (Some(start), Some(end)) = (slot(items.first()), slot(items.get(1))) else {
+            return Err(malformed());
+        };
+        let Some(RangeFrame::Array { data: primary, .. }) = items.get(2) else {
+            return Err(malformed());
+        };
+        let host = primary
+            .first()
+            .and_then(|host| redis::bytes(host, 0, frame))
+            .and_then(|host| std::str::from_utf8(host).ok())
+            .ok_or_else(malformed)?;
+        let port = number(primary.get(1))
+            .and_then(|port| u16::try_from(port).ok())
+            .filter(|&port| port != 0)
+            .ok_or_else(malformed)?;
+        if start > end {
+            return Err(malformed());
+        }
+        // "?" is a node whose endpoint is unknown: its slots stay unowned until it is known.
+        if host == "?" {
+            continue;
+        }
+        let host = if host.is_empty() { asked } else { host };
+        ranges.push(SlotRange {
+            start,
+            end,
+            node: (host.to_string(), port),
+        });
+    }
+    Ok(ranges)
+}
+
+/// The engine for `redis+cluster://[user[:password]@]host:port[,host:port…]`; `name` is the
+/// channel prefix. The limit it returns is Redis's default bulk limit.
+pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
+    let url = BrokerUrl::parse(url, 6379)?;
+    match url.scheme.as_str() {
+        "redis+cluster" => {}
+        "rediss+cluster" => return Err(Error::NotSupported("TLS (rediss+cluster://)")),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "a Redis Cluster URL starts with redis+cluster://",
+            ));
+        }
+    }
+    if !url.path.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a redis+cluster:// URL has no path: a cluster has database 0 only",
+        ));
+    }
+    topic::check_redis_prefix(name)?;
+    let engine = ClusterEngine::new(url, name)?;
+    Ok((Box::new(engine), Arc::new(AtomicUsize::new(MAX_BULK_LEN))))
+}
+
+/// One primary: its address, its queue, and its connection while it is needed.
+struct Shard {
+    node: (String, u16),
+    outbound: Outbound,
+    stream: Option<StreamEngine<RedisProtocol>>,
+}
+
+/// When to read the slot map again.
+struct Refresh {
+    wanted: bool,
+    /// A `CLUSTER SLOTS` is on the control connection, unanswered.
+    asked: bool,
+    not_before: Instant,
+    delay: Duration,
+    last_asked: Option<Instant>,
+}
+
+pub(crate) struct ClusterEngine {
+    url: BrokerUrl,
+    /// The channel prefix.
+    name: String,
+    /// The engine's own epoll: every connection is registered here, and its fd with the
+    /// registry's reactor.
+    inner: Reactor,
+    watching: bool,
+    control: StreamEngine<RedisProtocol>,
+    /// Always empty: the control connection takes nothing from the registry.
+    control_outbound: Outbound,
+    /// Control connection attempts failed since the last map was read.
+    control_failures: usize,
+    shards: Vec<Shard>,
+    /// Per slot, the index in `shards` of its owner, or [`UNOWNED`].
+    owners: Vec<u16>,
+    topology_known: bool,
+    refresh: Refresh,
+    /// Topics with a local subscriber, and the shard their subscription was given to.
+    interest: HashMap<Box<[u8]>, Option<usize>>,
+    /// Topics a node unsubscribed or refused: placed again, even on the same shard, once
+    /// the next map is read.
+    displaced: HashSet<Box<[u8]>>,
+    changes: Vec<InterestChange>,
+    publishes: Publishes,
+    /// Counters of connections closed for good, and the engine's own.
+    retired: BrokerStats,
+    failure: Option<Error>,
+    channel: Vec<u8>,
+}
+
+impl ClusterEngine {
+    fn new(url: BrokerUrl, name: &str) -> Result<ClusterEngine, Error> {
+        // TLS (rediss+cluster://) is refused before this; so is any URL option.
+        url.no_options_left()?;
+        let control = StreamEngine::new(RedisProtocol::sharded(&url, name)?, &url.hosts, None)?;
+        Ok(ClusterEngine {
+            name: name.to_string(),
+            url,
+            inner: Reactor::new().map_err(Error::Io)?,
+            watching: false,
+            control,
+            control_outbound: Outbound::default(),
+            control_failures: 0,
+            shards: Vec::new(),
+            owners: vec![UNOWNED; SLOTS],
+            topology_known: false,
+            refresh: Refresh {
+                wanted: true,
+                asked: false,
+                not_before: Instant::now(),
+                delay: FIRST_RETRY,
+                last_asked: None,
+            },
+            interest: HashMap::new(),
+            displaced: HashSet::new(),
+            changes: Vec::new(),
+            publishes: Publishes::default(),
+            retired: BrokerStats::default(),
+            failure: None,
+            channel: Vec::new(),
+        })
+    }
+
+    fn slot_of(&mut self, topic: &[u8]) -> u16 {
+        topic::redis_channel(self.name.as_bytes(), topic, &mut self.channel);
+        key_slot(&self.channel)
+    }
+
+    fn want_refresh(&mut self) {
+        self.refresh.wanted = true;
+    }
+
+    /// The index of the shard at `node`, added (without a connection) if new; `None` when
+    /// the servers named more nodes than a cluster has.
+    fn shard_index(&mut self, node: &(String, u16)) -> Option<u16> {
+        let index = match self.shards.iter().position(|shard| &shard.node == node) {
+            Some(index) => index,
+            None if self.shards.len() < MAX_SHARDS => {
+                self.shards.push(Shard {
+                    node: node.clone(),
+                    outbound: Outbound::default(),
+                    stream: None,
+                });
+                self.shards.len() - 1
+            }
+            None => return None,
+        };
+        u16::try_from(index).ok()
+    }
+
+    /// Forgets the shards that have no connection, no queued work and no topic (nodes gone
+    /// from the map), so that the list does not grow with every failover. Indices change:
+    /// only before a new map is built.
+    fn forget_vacant_shards(&mut self) {
+        let keep: Vec<bool> = (0..self.shards.len())
+            .map(|index| {
+                let shard = &self.shards[index];
+                shard.stream.is_some()
+                    || shard.outbound.is_dirty()
+                    || shard.outbound.counts().0 > 0
+                    || self.interest.values().any(|placed| *placed == Some(index))
+            })
+            .collect();
+        if keep.iter().all(|&kept| kept) {
+            return;
+        }
+        let mut renumbered = Vec::with_capacity(keep.len());
+        let mut next = 0;
+        for &kept in &keep {
+            renumbered.push(kept.then_some(next));
+            next += usize::from(kept);
+        }
+        let mut index = 0;
+        self.shards.retain(|_| {
+            index += 1;
+            keep[index - 1]
+        });
+        for placed in self.interest.values_mut() {
+            *placed = placed.and_then(|old| renumbered[old]);
+        }
+    }
+
+    /// Opens the shard's connection if it has none (the first attempt is made by the next
+    /// `advance`).
+    fn ensure_stream(&mut self, index: usize) {
+        if self.shards[index].stream.is_some() {
+            return;
+        }
+        let protocol = match RedisProtocol::sharded(&self.url, &self.name) {
+            Ok(protocol) => protocol,
+            Err(err) => {
+                self.failure = Some(err);
+                return;
+            }
+        };
+        match StreamEngine::new(
+            protocol,
+            std::slice::from_ref(&self.shards[index].node),
+            None,
+        ) {
+            Ok(stream) => self.shards[index].stream = Some(stream),
+            Err(err) => {
+                self.failure = Some(err);
+                self.want_refresh();
+            }
+        }
+    }
+
+    /// Subscribes `topic` on its slot's owner (moving it off another shard), or on the same
+    /// shard again when `again`.
+    fn place(&mut self, topic: &[u8], again: bool) {
+        let Some(&placed) = self.interest.get(topic) else {
+            return;
+        };
+        let slot = self.slot_of(topic);
+        let owner = self.owners[usize::from(slot)];
+        let owner = (owner != UNOWNED).then_some(usize::from(owner));
+        if owner == placed && !again {
+            return;
+        }
+        if let Some(old) = placed {
+            self.shards[old].outbound.push_interest(topic, false);
+        }
+        match owner {
+            Some(index) => {
+                self.ensure_stream(index);
+                self.shards[index].outbound.push_interest(topic, true);
+            }
+            None => self.want_refresh(),
+        }
+        if let Some(entry) = self.interest.get_mut(topic) {
+            *entry = owner;
+        }
+    }
+
+    fn place_all(&mut self) {
+        let topics: Vec<Box<[u8]>> = self.interest.keys().cloned().collect();
+        let displaced = std::mem::take(&mut self.displaced);
+        for topic in topics {
+            let again = displaced.contains(&topic);
+            self.place(&topic, again);
+        }
+    }
+
+    fn apply_interest(&mut self, changes: &mut Vec<InterestChange>) {
+        for change in changes.drain(..) {
+            if change.subscribe {
+                if self.interest.contains_key(&change.topic) {
+                    continue;
+                }
+                self.interest.insert(change.topic.clone(), None);
+                if self.topology_known {
+                    self.place(&change.topic, false);
+                }
+            } else {
+                self.displaced.remove(&change.topic);
+                if let Some(Some(index)) = self.interest.remove(&change.topic) {
+                    self.shards[index]
+                        .outbound
+                        .push_interest(&change.topic, false);
+                }
+            }
+        }
+    }
+
+    /// Queues a publish on its slot's owner; with no owner known it is dropped and counted.
+    fn route(&mut self, topic: &[u8], payload: &[u8]) {
+        let slot = self.slot_of(topic);
+        let owner = self.owners[usize::from(slot)];
+        if owner == UNOWNED {
+            self.retired.dropped += 1;
+            self.want_refresh();
+            return;
+        }
+        let index = usize::from(owner);
+        self.ensure_stream(index);
+        // A full queue counts the drop itself.
+        self.shards[index].outbound.push_publish(topic, payload);
+    }
+
+    fn route_taken(&mut self) {
+        let publishes = std::mem::take(&mut self.publishes);
+        for (topic, payload) in publishes.iter() {
+            self.route(topic, payload);
+        }
+        let mut publishes = publishes;
+        publishes.clear();
+        self.publishes = publishes;
+    }
+
+    /// A new slot map: owners replaced, topics placed on their owners, shards that own
+    /// nothing now closed (what they still queued is routed again).
+    fn apply_topology(&mut self, ranges: &[SlotRange]) {
+        self.forget_vacant_shards();
+        let mut owners = vec![UNOWNED; SLOTS];
+        for range in ranges {
+            let Some(index) = self.shard_index(&range.node) else {
+                self.retired.malformed += 1;
+                continue;
+            };
+            owners[usize::from(range.start)..=usize::from(range.end)].fill(index);
+        }
+        self.owners = owners;
+        self.topology_known = true;
+        self.place_all();
+        let mut owns = vec![false; self.shards.len()];
+        for &owner in &self.owners {
+            if let Some(owns) = owns.get_mut(usize::from(owner)) {
+                *owns = true;
+            }
+        }
+        for (index, owns) in owns.into_iter().enumerate() {
+            if !owns && self.shards[index].stream.is_some() {
+                self.retire(index);
+            }
+        }
+    }
+
+    fn retire(&mut self, index: usize) {
+        let Some(mut stream) = self.shards[index].stream.take() else {
+            return;
+        };
+        stream.shut_down(&self.inner);
+        add_counts(&mut self.retired, &stream.stats());
+        let mut stale = Vec::new();
+        let mut queued = Publishes::default();
+        self.shards[index]
+            .outbound
+            .take(&mut stale, Some(&mut queued));
+        let (_, dropped) = self.shards[index].outbound.counts();
+        self.retired.dropped += dropped;
+        self.shards[index].outbound = Outbound::default();
+        for (topic, payload) in queued.iter() {
+            self.route(topic, payload);
+        }
+    }
+
+    /// A publish refused with MOVED: the slot now belongs to the node named, and the publish
+    /// goes there.
+    fn redirect(&mut self, from: usize, redirect: Redirect) {
+        let node = if redirect.node.0.is_empty() {
+            (self.shards[from].node.0.clone(), redirect.node.1)
+        } else {
+            redirect.node
+        };
+        let Some(owner) = self.shard_index(&node) else {
+            self.retired.dropped += 1;
+            return;
+        };
+        let index = usize::from(owner);
+        let previous = std::mem::replace(&mut self.owners[usize::from(redirect.slot)], owner);
+        self.ensure_stream(index);
+        let publish = redirect.publish;
+        self.shards[index]
+            .outbound
+            .push_publish(publish.topic(), publish.payload());
+        self.want_refresh();
+        // The slot's topics moved with the first publish that met MOVED; the ones behind it
+        // only follow.
+        if previous == owner {
+            return;
+        }
+        let moved: Vec<Box<[u8]>> = self
+            .interest
+            .iter()
+            .filter(|(_, placed)| **placed != Some(index))
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        for topic in moved {
+            if self.slot_of(&topic) == redirect.slot {
+                // Subscribed afresh on the new owner: what displaced it is answered.
+                self.displaced.remove(&topic);
+                self.place(&topic, false);
+            }
+        }
+    }
+
+    /// Acts on what a shard's session noted during its turn.
+    fn take_notes(&mut self, index: usize) {
+        let Some(stream) = self.shards[index].stream.as_mut() else {
+            return;
+        };
+        let failed = stream.take_failure();
+        let notes = std::mem::take(&mut stream.protocol_mut().notes);
+        if let Some(err) = failed {
+            self.failure = Some(err);
+            self.want_refresh();
+        }
+        if notes.refresh {
+            self.want_refresh();
+        }
+        for topic in notes.displaced {
+            if self.interest.contains_key(&topic) {
+                self.displaced.insert(topic);
+            }
+        }
+        for redirect in notes.redirected {
+            self.redirect(index, redirect);
+        }
+    }
+
+    fn drive_control(&mut self, received: &mut Vec<Received>) {
+        if let Some(due) = self.topology_overdue_at()
+            && Instant::now() >= due
+        {
+            // A node that takes our question and never answers would freeze the map: start
+            // over on a new connection.
+            self.control.shut_down(&self.inner);
+            self.retired.malformed += self.control.stats().malformed;
+            let control = RedisProtocol::sharded(&self.url, &self.name)
+                .and_then(|protocol| StreamEngine::new(protocol, &self.url.hosts, None));
+            match control {
+                Ok(control) => self.control = control,
+                Err(err) => self.failure = Some(err),
+            }
+            self.refresh.asked = false;
+            self.refresh.wanted = true;
+        }
+        self.control.advance(&mut Context {
+            reactor: &self.inner,
+            outbound: &self.control_outbound,
+            received,
+        });
+        if let Some(err) = self.control.take_failure() {
+            // The next seed is tried next: only when every seed failed in a row is it a
+            // failure worth reporting (to `enable`).
+            self.control_failures += 1;
+            if self.control_failures >= self.url.hosts.len() {
+                self.failure = Some(err);
+            }
+            // The question, if asked, went down with the connection.
+            self.refresh.asked = false;
+        }
+        let notes = std::mem::take(&mut self.control.protocol_mut().notes);
+        for reply in notes.topology {
+            self.refresh.asked = false;
+            let asked = self
+                .control
+                .peer()
+                .map(|address| address.ip().to_string())
+                .unwrap_or_default();
+            match parse_slots(&reply, &asked) {
+                Ok(ranges) => {
+                    self.control_failures = 0;
+                    self.apply_topology(&ranges);
+                    // A map that leaves a topic homeless is no answer yet.
+                    if self.interest.values().any(Option::is_none) {
+                        self.want_refresh();
+                    }
+                }
+                Err(err) => {
+                    self.retired.malformed += 1;
+                    self.failure = Some(Error::Backend(format!("Redis Cluster: {err}")));
+                    self.want_refresh();
+                }
+            }
+        }
+        let now = Instant::now();
+        if self.refresh.wanted
+            && !self.refresh.asked
+            && now >= self.refresh.not_before
+            && self
+                .control
+                .send(|protocol, out| protocol.request_topology(out))
+        {
+            // Asked again long after the last time: the map had been stable.
+            if self
+                .refresh
+                .last_asked
+                .is_some_and(|last| now - last > MAX_RETRY * 2)
+            {
+                self.refresh.delay = FIRST_RETRY;
+            }
+            self.refresh.wanted = false;
+            self.refresh.asked = true;
+            self.refresh.last_asked = Some(now);
+            self.refresh.not_before = now + self.refresh.delay;
+            self.refresh.delay = next_retry(self.refresh.delay);
+            self.control.write(&mut Context {
+                reactor: &self.inner,
+                outbound: &self.control_outbound,
+                received,
+            });
+        }
+    }
+
+    /// When an unanswered `CLUSTER SLOTS` is given up.
+    fn topology_overdue_at(&self) -> Option<Instant> {
+        let asked_at = self.refresh.last_asked.filter(|_| self.refresh.asked)?;
+        Some(asked_at + TOPOLOGY_TIMEOUT)
+    }
+
+    /// Takes the registry's queue: interest always, publishes once the map is known.
+    fn take(&mut self, cx: &Context<'_>) {
+        let mut changes = std::mem::take(&mut self.changes);
+        let take_publishes = self.topology_known;
+        cx.take(&mut changes, take_publishes.then_some(&mut self.publishes));
+        self.apply_interest(&mut changes);
+        self.changes = changes;
+        self.route_taken();
+    }
+
+    fn watch(&mut self, reactor: &Reactor) {
+        if self.watching {
+            return;
+        }
+        match reactor.watch_backend(None, self.inner.poll_fd(), Interest::READABLE) {
+            Ok(()) => self.watching = true,
+            Err(err) => self.failure = Some(Error::Io(err)),
+        }
+    }
+
+    /// Forgets the readiness the inner epoll collected: every connection is looked at now.
+    fn drain_events(&self) {
+        let mut ready = Vec::new();
+        let _ = self.inner.wait(Some(Duration::ZERO), &mut ready);
+    }
+
+    fn shards_ready(&self) -> bool {
+        self.shards.iter().all(|shard| {
+            shard.stream.as_ref().is_none_or(Engine::is_ready) && !shard.outbound.is_dirty()
+        })
+    }
+}
+
+/// Adds the counters that accumulate (not the gauges) of `from` to `to`.
+fn add_counts(to: &mut BrokerStats, from: &BrokerStats) {
+    to.published += from.published;
+    to.received += from.received;
+    to.ignored += from.ignored;
+    to.malformed += from.malformed;
+    to.reconnects += from.reconnects;
+    to.dropped += from.dropped;
+}
+
+impl Engine for ClusterEngine {
+    fn advance(&mut self, cx: &mut Context<'_>) {
+        self.watch(cx.reactor);
+        self.drain_events();
+        self.take(cx);
+        self.drive_control(cx.received);
+        for _ in 0..PASSES {
+            for index in 0..self.shards.len() {
+                let Shard {
+                    outbound, stream, ..
+                } = &mut self.shards[index];
+                if let Some(stream) = stream {
+                    stream.advance(&mut Context {
+                        reactor: &self.inner,
+                        outbound,
+                        received: cx.received,
+                    });
+                }
+                self.take_notes(index);
+            }
+            if !self
+                .shards
+                .iter()
+                .any(|shard| shard.stream.is_some() && shard.outbound.is_dirty())
+            {
+                break;
+            }
+        }
+    }
+
+    fn write(&mut self, cx: &mut Context<'_>) {
+        self.take(cx);
+        let mut connecting = false;
+        for shard in &mut self.shards {
+            if let Some(stream) = shard.stream.as_mut() {
+                stream.write(&mut Context {
+                    reactor: &self.inner,
+                    outbound: &shard.outbound,
+                    received: cx.received,
+                });
+                connecting |= !stream.is_open() || shard.outbound.is_dirty();
+            }
+        }
+        if connecting || self.refresh.wanted {
+            // Connecting and reading the map are `advance`'s: have dispatch come.
+            cx.reactor.wake();
+        }
+    }
+
+    fn wait(&self) -> Wait {
+        let mut deadline = self.control.wait().deadline;
+        for stream in self.shards.iter().filter_map(|shard| shard.stream.as_ref()) {
+            deadline = match (deadline, stream.wait().deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if let Some(due) = self.topology_overdue_at() {
+            deadline = Some(deadline.map_or(due, |other| other.min(due)));
+        }
+        // Only an open control connection can ask; until then its own deadline is the one.
+        if self.refresh.wanted && !self.refresh.asked && self.control.is_open() {
+            let due = self.refresh.not_before;
+            deadline = Some(deadline.map_or(due, |other| other.min(due)));
+        }
+        Wait {
+            socket: Some((self.inner.poll_fd(), false)),
+            deadline,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.topology_known
+            && self.displaced.is_empty()
+            && self.interest.values().all(Option::is_some)
+            && self.shards_ready()
+    }
+
+    fn take_failure(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    fn stats(&self) -> BrokerStats {
+        let mut stats = self.retired;
+        stats.malformed += self.control.stats().malformed;
+        for shard in &self.shards {
+            let (queued, dropped) = shard.outbound.counts();
+            stats.queued += queued;
+            stats.dropped += dropped;
+            if let Some(stream) = &shard.stream {
+                let own = stream.stats();
+                add_counts(&mut stats, &own);
+                stats.queued += own.queued;
+                stats.topics += own.topics;
+            }
+        }
+        stats.connected = u64::from(self.is_ready());
+        stats
+    }
+
+    fn shut_down(&mut self, reactor: &Reactor) {
+        for shard in &mut self.shards {
+            if let Some(stream) = shard.stream.as_mut() {
+                stream.shut_down(&self.inner);
+            }
+        }
+        self.control.shut_down(&self.inner);
+        if self.watching {
+            reactor.unwatch(self.inner.poll_fd());
+            self.watching = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::stream::{Protocol, Sink};
+
+    const HELLO_REPLY: &[u8] =
+        b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n$7\r\nmodules\r\n*0\r\n";
+
+    fn url() -> BrokerUrl {
+        BrokerUrl::parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001", 6379).unwrap()
+    }
+
+    /// A sharded session whose handshake is answered, with prefix "app:".
+    fn open_session() -> RedisProtocol {
+        let mut session = RedisProtocol::sharded(&url(), "app:").unwrap();
+        session.start(&mut Vec::new());
+        Feed::default().all(&mut session, HELLO_REPLY);
+        assert!(session.is_open());
+        session
+    }
+
+    fn push(kind: &[u8], channel: &[u8], last: &[u8]) -> Vec<u8> {
+        let mut frame = format!(">3\r\n${}\r\n", kind.len()).into_bytes();
+        frame.extend_from_slice(kind);
+        frame.extend_from_slice(format!("\r\n${}\r\n", channel.len()).as_bytes());
+        frame.extend_from_slice(channel);
+        frame.extend_from_slice(b"\r\n");
+        frame.extend_from_slice(last);
+        frame
+    }
+
+    fn smessage(channel: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut last = format!("${}\r\n", payload.len()).into_bytes();
+        last.extend_from_slice(payload);
+        last.extend_from_slice(b"\r\n");
+        push(b"smessage", channel, &last)
+    }
+
+    fn count_push(kind: &[u8], channel: &[u8], count: usize) -> Vec<u8> {
+        push(kind, channel, format!(":{count}\r\n").as_bytes())
+    }
+
+    #[derive(Default)]
+    struct Feed {
+        input: Vec<u8>,
+        received: Vec<Received>,
+        stats: BrokerStats,
+    }
+
+    impl Feed {
+        fn all(&mut self, session: &mut RedisProtocol, bytes: &[u8]) {
+            self.input.extend_from_slice(bytes);
+            let mut sink = Sink {
+                received: &mut self.received,
+                stats: &mut self.stats,
+            };
+            let used = session
+                .read(&self.input, &mut Vec::new(), &mut sink)
+                .unwrap();
+            self.input.drain(..used);
+        }
+
+        fn delivered(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+            self.received
+                .iter()
+                .map(|m| (m.topic().to_vec(), m.payload().to_vec()))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn crc16_matches_the_specification_test_vector() {
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(crc16(b""), 0);
+    }
+
+    #[test]
+    fn slots_follow_the_hash_tag_rules() {
+        // Slots CLUSTER KEYSLOT gives for these keys.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"bar"), 5061);
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        // Only what is inside the first non-empty {...} is hashed.
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"{user1000}.followers"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        // An empty tag, or an unclosed one: the whole key.
+        assert_eq!(key_slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % 16384);
+        assert_eq!(key_slot(b"foo{bar"), crc16(b"foo{bar") % 16384);
+        assert_eq!(key_slot(b"}{"), crc16(b"}{") % 16384);
+        for key in [&b""[..], b"{", b"{}", b"\xff\x00{\xfe}"] {
+            assert!(usize::from(key_slot(key)) < SLOTS);
+        }
+    }
+
+    const SLOTS_REPLY: &[u8] = b"*3\r\n\
+        *3\r\n:0\r\n:5460\r\n*4\r\n$9\r\n127.0.0.1\r\n:7000\r\n$2\r\nid\r\n%0\r\n\
+        *4\r\n:5461\r\n:10922\r\n*3\r\n$0\r\n\r\n:7001\r\n$2\r\nid\r\n*3\r\n$9\r\n127.0.0.1\r\n:7004\r\n$2\r\nid\r\n\
+        *3\r\n:10923\r\n:16383\r\n*3\r\n$1\r\n?\r\n:7002\r\n$2\r\nid\r\n";
+
+    #[test]
+    fn the_slot_map_is_read_from_cluster_slots() {
+        let ranges = parse_slots(SLOTS_REPLY, "10.0.0.9").unwrap();
+        assert_eq!(
+            ranges,
+            vec![
+                SlotRange {
+                    start: 0,
+                    end: 5460,
+                    node: ("127.0.0.1".into(), 7000)
+                },
+                // An empty host is the node that answered; replicas are ignored.
+                SlotRange {
+                    start: 5461,
+                    end: 10922,
+                    node: ("10.0.0.9".into(), 7001)
+                },
+                // "?" (endpoint unknown) is left out.
+            ]
+        );
+        assert_eq!(parse_slots(b"*0\r\n", "h").unwrap(), vec![]);
+        for bad in [
+            &b"-CLUSTERDOWN no\r\n"[..],
+            b":1\r\n",
+            b"*1\r\n:1\r\n",
+            b"*1\r\n*2\r\n:0\r\n:1\r\n",
+            b"*1\r\n*3\r\n:0\r\n:16384\r\n*2\r\n$1\r\nh\r\n:1\r\n",
+            b"*1\r\n*3\r\n:9\r\n:1\r\n*2\r\n$1\r\nh\r\n:1\r\n",
+            b"*1\r\n*3\r\n:0\r\n:1\r\n*2\r\n$1\r\nh\r\n:0\r\n",
+            b"*1\r\n*3\r\n:0\r\n:1\r\n*2\r\n:5\r\n:1\r\n",
+            b"*1\r\n*3\r\n:-1\r\n:1\r\n*2\r\n$1\r\nh\r\n:1\r\n",
+            b"*1\r\n*3\r\n:0\r\n:1\r\n*2\r\n$1\r\nh\r\n:70000\r\n",
+        ] {
+            assert!(
+                parse_slots(bad, "h").is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_moved_publish_is_kept_whole_for_the_new_owner() {
+        assert_eq!(
+            redis::moved_to("MOVED 3999 127.0.0.1:6381"),
+            Some((3999, ("127.0.0.1".into(), 6381)))
+        );
+        assert_eq!(
+            redis::moved_to("MOVED 1 :7000"),
+            Some((1, (String::new(), 7000)))
+        );
+        assert_eq!(
+            redis::moved_to("MOVED 1 [::1]:7000"),
+            Some((1, ("[::1]".into(), 7000)))
+        );
+        for bad in [
+            "MOVED",
+            "MOVED x h:1",
+            "MOVED 16384 h:1",
+            "MOVED 1 h",
+            "MOVED 1 h:0",
+            "ASK 1 h:1",
+        ] {
+            assert_eq!(redis::moved_to(bad), None, "{bad}");
+        }
+
+        let mut session = open_session();
+        let mut out = Vec::new();
+        session.publish(b"t", b"one", &mut out);
+        session.publish(b"t", b"two", &mut out);
+        session.publish(b"t", b"three", &mut out);
+        assert!(out.starts_with(b"*3\r\n$8\r\nSPUBLISH\r\n$5\r\napp:t\r\n$3\r\none\r\n"));
+        let mut feed = Feed::default();
+        feed.all(
+            &mut session,
+            format!(
+                "-MOVED {} 127.0.0.1:7001\r\n:0\r\n-CLUSTERDOWN The cluster is down\r\n",
+                key_slot(b"app:t")
+            )
+            .as_bytes(),
+        );
+        let notes = std::mem::take(&mut session.notes);
+        assert_eq!(notes.redirected.len(), 1);
+        let redirect = &notes.redirected[0];
+        assert_eq!(
+            (redirect.publish.topic(), redirect.publish.payload()),
+            (&b"t"[..], &b"one"[..])
+        );
+        assert_eq!((redirect.slot, redirect.node.1), (key_slot(b"app:t"), 7001));
+        assert!(notes.refresh);
+        // The second was published; the third refused: dropped, not redirected.
+        assert_eq!((feed.stats.published, feed.stats.dropped), (1, 1));
+        assert_eq!(session.in_flight(), 0);
+    }
+
+    #[test]
+    fn the_engine_follows_moved_to_the_new_owner() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        // A topic in a slot the map gives an owner (the last range's node is unknown).
+        let topic = (0..)
+            .map(|n| format!("t{n}").into_bytes())
+            .find(|topic| key_slot(&[&b"app:"[..], topic].concat()) <= 10922)
+            .unwrap();
+        let t = &topic[..];
+        engine.apply_topology(&parse_slots(SLOTS_REPLY, "127.0.0.1").unwrap());
+        engine.interest.insert(Box::from(t), None);
+        engine.place_all();
+        let slot = engine.slot_of(t);
+        let first = usize::from(engine.owners[usize::from(slot)]);
+        assert_eq!(engine.interest[t], Some(first));
+        // The node at index `first` answers MOVED to a node not seen before.
+        let redirect = Redirect {
+            publish: redis::Retained::new(t, b"payload"),
+            slot,
+            node: (String::new(), 7009),
+        };
+        engine.redirect(first, redirect);
+        let moved_to = usize::from(engine.owners[usize::from(slot)]);
+        assert_ne!(moved_to, first);
+        assert_eq!(engine.shards[moved_to].node, ("127.0.0.1".into(), 7009));
+        assert!(engine.shards[moved_to].stream.is_some(), "connected lazily");
+        // The publish and the subscription both went to the new owner's queue.
+        assert_eq!(engine.shards[moved_to].outbound.counts(), (1, 0));
+        assert_eq!(engine.interest[t], Some(moved_to));
+        let mut changes = Vec::new();
+        engine.shards[first].outbound.take(&mut changes, None);
+        assert!(changes.iter().any(|c| &*c.topic == t && !c.subscribe));
+        assert!(engine.refresh.wanted);
+
+        // The next map agrees and the old owner keeps its other slots: nothing moves back.
+        let mut ranges = parse_slots(SLOTS_REPLY, "127.0.0.1").unwrap();
+        ranges.push(SlotRange {
+            start: slot,
+            end: slot,
+            node: ("127.0.0.1".into(), 7009),
+        });
+        ranges.sort_by_key(|range| range.start);
+        let mut split = Vec::new();
+        for range in ranges {
+            if range.start < slot && slot <= range.end && range.node.1 != 7009 {
+                split.push(SlotRange {
+                    start: range.start,
+                    end: slot - 1,
+                    node: range.node.clone(),
+                });
+                if slot < range.end {
+                    split.push(SlotRange {
+                        start: slot + 1,
+                        end: range.end,
+                        node: range.node,
+                    });
+                }
+            } else {
+                split.push(range);
+            }
+        }
+        engine.apply_topology(&split);
+        // Shards with nothing to do were forgotten: indices changed, nodes did not.
+        let owner = usize::from(engine.owners[usize::from(slot)]);
+        assert_eq!(engine.shards[owner].node, ("127.0.0.1".into(), 7009));
+        assert_eq!(engine.interest[t], Some(owner));
+        // Three primaries own slots; only the two that got work are connected (lazily).
+        assert_eq!(engine.shards.len(), 3);
+        let connected = engine.shards.iter().filter(|shard| shard.stream.is_some());
+        assert_eq!(connected.count(), 2);
+    }
+
+    #[test]
+    fn a_node_that_owns_nothing_any_more_hands_its_queue_to_the_new_owner() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let whole = |port| SlotRange {
+            start: 0,
+            end: 16383,
+            node: ("127.0.0.1".into(), port),
+        };
+        engine.apply_topology(&[whole(7000)]);
+        engine.interest.insert(Box::from(&b"t"[..]), None);
+        engine.place_all();
+        // Not connected yet: the publishes wait in the shard's queue.
+        engine.route(b"t", b"1");
+        engine.route(b"u", b"2");
+        assert_eq!(engine.shards[0].outbound.counts(), (2, 0));
+        // A failover: another node owns every slot now.
+        engine.apply_topology(&[whole(7100)]);
+        assert!(
+            engine.shards[0].stream.is_none(),
+            "the old node's connection is closed"
+        );
+        assert_eq!(engine.shards[0].outbound.counts(), (0, 0));
+        assert_eq!(engine.shards[1].outbound.counts(), (2, 0));
+        let mut changes = Vec::new();
+        let mut publishes = Publishes::default();
+        engine.shards[1]
+            .outbound
+            .take(&mut changes, Some(&mut publishes));
+        let order: Vec<_> = publishes
+            .iter()
+            .map(|(_, payload)| payload.to_vec())
+            .collect();
+        assert_eq!(order, vec![b"1".to_vec(), b"2".to_vec()], "in order");
+        assert!(changes.iter().any(|c| &*c.topic == b"t" && c.subscribe));
+        assert_eq!(engine.interest[&b"t"[..]], Some(1));
+        // A slot no node owns: the publish is dropped and counted, the map read again.
+        engine.apply_topology(&[]);
+        engine.refresh.wanted = false;
+        engine.route(b"t", b"3");
+        assert_eq!(engine.stats().dropped, 1);
+        assert!(engine.refresh.wanted);
+        assert_eq!(engine.interest[&b"t"[..]], None);
+        assert!(!engine.is_ready());
+    }
+
+    #[test]
+    fn an_unanswered_map_question_is_given_up_with_its_connection() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let long_ago = Instant::now() - TOPOLOGY_TIMEOUT - Duration::from_secs(1);
+        engine.refresh.wanted = false;
+        engine.refresh.asked = true;
+        engine.refresh.last_asked = Some(long_ago);
+        assert!(
+            engine
+                .wait()
+                .deadline
+                .is_some_and(|due| due <= Instant::now())
+        );
+        engine.drive_control(&mut Vec::new());
+        assert!(!engine.refresh.asked);
+        assert!(
+            engine.refresh.wanted,
+            "asked again once a connection is open"
+        );
+    }
+
+    #[test]
+    fn a_late_moved_for_a_crossed_sunsubscribe_answers_nothing_waiting() {
+        let mut session = open_session();
+        let slot_of = |topic: &[u8]| key_slot(&[&b"app:"[..], topic].concat());
+        let (gone, other) = (b"a".as_slice(), b"b".as_slice());
+        assert_ne!(slot_of(gone), slot_of(other));
+        let mut feed = Feed::default();
+        session.subscribe(gone, &mut Vec::new());
+        feed.all(&mut session, &count_push(b"ssubscribe", b"app:a", 1));
+        // We unsubscribe `a` and publish on `b`; the node had just given `a`'s slot away.
+        session.unsubscribe(gone, &mut Vec::new());
+        session.publish(other, b"x", &mut Vec::new());
+        let moved = format!("-MOVED {} 127.0.0.1:7001\r\n", slot_of(gone));
+        let stream = [
+            count_push(b"sunsubscribe", b"app:a", 0),
+            moved.clone().into_bytes(),
+            b":0\r\n".to_vec(),
+        ]
+        .concat();
+        feed.all(&mut session, &stream);
+        assert_eq!((feed.stats.published, feed.stats.dropped), (1, 0));
+        assert!(session.notes.redirected.is_empty());
+        assert_eq!((session.unconfirmed(), session.in_flight()), (0, 0));
+        // Nothing waiting at all: skipped too, rather than ending the connection.
+        feed.all(&mut session, moved.as_bytes());
+        assert_eq!(feed.stats.malformed, 0);
+    }
+
+    #[test]
+    fn the_echo_filter_drops_our_own_smessage_on_either_side_of_the_reply() {
+        let mut session = open_session();
+        session.publish(b"t", b"mine", &mut Vec::new());
+        session.publish(b"t", b"mine", &mut Vec::new());
+        let stream = [
+            smessage(b"app:t", b"theirs"),
+            // Up to Redis 7.0 the echo comes before the reply...
+            smessage(b"app:t", b"mine"),
+            b":2\r\n".to_vec(),
+            // ...since 7.2 after it.
+            b":2\r\n".to_vec(),
+            smessage(b"app:t", b"mine"),
+            // A classic message push is not what a sharded session subscribed to.
+            push(b"message", b"app:t", b"$1\r\nx\r\n"),
+        ]
+        .concat();
+        for step in [1, 5, stream.len()] {
+            let mut session = open_session();
+            session.publish(b"t", b"mine", &mut Vec::new());
+            session.publish(b"t", b"mine", &mut Vec::new());
+            let mut feed = Feed::default();
+            for chunk in stream.chunks(step) {
+                feed.all(&mut session, chunk);
+            }
+            assert_eq!(
+                feed.delivered(),
+                vec![(b"t".to_vec(), b"theirs".to_vec())],
+                "step {step}"
+            );
+            assert_eq!((feed.stats.ignored, feed.stats.published), (2, 2));
+        }
+        assert_eq!(session.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_nodes_own_sunsubscribe_displaces_the_topic() {
+        let mut session = open_session();
+        let mut out = Vec::new();
+        session.subscribe(b"a", &mut out);
+        session.subscribe(b"b", &mut out);
+        assert_eq!(
+            &out[..],
+            &b"*2\r\n$10\r\nSSUBSCRIBE\r\n$5\r\napp:a\r\n*2\r\n$10\r\nSSUBSCRIBE\r\n$5\r\napp:b\r\n"[..]
+        );
+        let mut feed = Feed::default();
+        feed.all(&mut session, &count_push(b"ssubscribe", b"app:a", 1));
+        feed.all(&mut session, &count_push(b"ssubscribe", b"app:b", 2));
+        assert_eq!((session.unconfirmed(), session.subscribed()), (0, 2));
+        // We unsubscribe `b`; meanwhile the node gives `a`'s slot away.
+        session.unsubscribe(b"b", &mut Vec::new());
+        feed.all(&mut session, &count_push(b"sunsubscribe", b"app:a", 1));
+        assert_eq!(session.unconfirmed(), 1, "not taken for b's confirmation");
+        feed.all(&mut session, &count_push(b"sunsubscribe", b"app:b", 0));
+        assert_eq!((session.unconfirmed(), session.subscribed()), (0, 0));
+        let notes = std::mem::take(&mut session.notes);
+        assert_eq!(notes.displaced, vec![Box::from(&b"a"[..])]);
+        assert!(notes.refresh);
+
+        // A refused SSUBSCRIBE (the slot is elsewhere) displaces too, and ends nothing.
+        session.subscribe(b"c", &mut Vec::new());
+        session.unsubscribe(b"d", &mut Vec::new());
+        let refusals = format!(
+            "-MOVED {} h:1\r\n-MOVED {} h:1\r\n",
+            key_slot(b"app:c"),
+            key_slot(b"app:d")
+        );
+        feed.all(&mut session, refusals.as_bytes());
+        assert_eq!(session.unconfirmed(), 0);
+        assert_eq!(session.notes.displaced, vec![Box::from(&b"c"[..])]);
+        // Any other refusal still ends the connection.
+        session.subscribe(b"e", &mut Vec::new());
+        let mut sink = Sink {
+            received: &mut Vec::new(),
+            stats: &mut BrokerStats::default(),
+        };
+        assert!(
+            session
+                .read(b"-NOPERM no\r\n", &mut Vec::new(), &mut sink)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn engine_checks_the_url() {
+        let errno = |url: &str| engine(url, "app:").err().map(|err| err.errno());
+        assert_eq!(errno("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"), None);
+        assert_eq!(
+            errno("rediss+cluster://127.0.0.1:7000"),
+            Some(libc::ENOTSUP)
+        );
+        assert_eq!(
+            errno("redis+cluster://127.0.0.1:7000/0"),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(errno("redis://127.0.0.1:7000"), Some(libc::EINVAL));
+        let (_, limit) = engine("redis+cluster://127.0.0.1", "").unwrap();
+        assert_eq!(
+            limit.load(std::sync::atomic::Ordering::Relaxed),
+            MAX_BULK_LEN
+        );
+    }
+
+    /// Six `redis-server` processes in cluster mode (three primaries, a replica each), in a
+    /// temporary directory; killed when dropped.
+    struct LocalCluster {
+        dir: std::path::PathBuf,
+        servers: Vec<std::process::Child>,
+        ports: Vec<u16>,
+    }
+
+    impl Drop for LocalCluster {
+        fn drop(&mut self) {
+            for server in &mut self.servers {
+                let _ = server.kill();
+                let _ = server.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A port free now whose cluster bus port (+10000) is free too.
+    fn free_port() -> u16 {
+        loop {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                return port;
+            }
+        }
+    }
+
+    fn cli(port: u16, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli is required");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    impl LocalCluster {
+        fn start() -> LocalCluster {
+            let dir = std::env::temp_dir().join(format!(
+                "fdcast-cluster-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut cluster = LocalCluster {
+                dir,
+                servers: Vec::new(),
+                ports: Vec::new(),
+            };
+            for _ in 0..6 {
+                let port = free_port();
+                let server = std::process::Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                    .args(["--save", "", "--appendonly", "no", "--dir"])
+                    .arg(&cluster.dir)
+                    // Failures detected in a second, for the failover below.
+                    .args(["--cluster-node-timeout", "1000"])
+                    .args(["--logfile"])
+                    .arg(cluster.dir.join(format!("{port}.log")))
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .expect("redis-server (Redis 7) is required for the cluster test");
+                cluster.servers.push(server);
+                cluster.ports.push(port);
+            }
+            for &port in &cluster.ports {
+                wait_until("redis-server answers PING", 10, || {
+                    cli(port, &["PING"]) == "PONG"
+                });
+            }
+            let nodes: Vec<String> = cluster
+                .ports
+                .iter()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect();
+            let created = std::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&nodes)
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .output()
+                .expect("redis-cli is required");
+            assert!(
+                created.status.success(),
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&created.stdout)
+            );
+            for &port in &cluster.ports {
+                wait_until("cluster_state:ok", 30, || {
+                    cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                });
+                wait_until("every replica linked to its primary", 30, || {
+                    let replication = cli(port, &["INFO", "replication"]);
+                    replication.contains("role:master")
+                        || replication.contains("master_link_status:up")
+                });
+            }
+            cluster
+        }
+
+        fn is_primary(&self, port: u16) -> bool {
+            cli(port, &["ROLE"]).lines().next() == Some("master")
+        }
+
+        fn kill(&mut self, port: u16) {
+            let index = self.ports.iter().position(|&p| p == port).unwrap();
+            let _ = self.servers[index].kill();
+            let _ = self.servers[index].wait();
+        }
+
+        /// The port of the node owning `slot`, as that node's own map says.
+        /// The port of the primary owning `slot`, as the node at `asked` maps it.
+        fn owner_for(&self, asked: u16, slot: u16) -> u16 {
+            let reply = cli(asked, &["CLUSTER", "SLOTS"]);
+            // redis-cli prints one value per line: start, end, host, port, id, ...
+            let lines: Vec<&str> = reply.lines().map(str::trim).collect();
+            for window in lines.windows(4) {
+                if let (Ok(start), Ok(end), Ok(port)) = (
+                    window[0].parse::<u16>(),
+                    window[1].parse::<u16>(),
+                    window[3].parse::<u16>(),
+                ) {
+                    if start <= slot && slot <= end && self.ports.contains(&port) {
+                        return port;
+                    }
+                }
+            }
+            panic!("no owner of slot {slot} in {reply}");
+        }
+
+        fn owner(&self, slot: u16) -> u16 {
+            self.owner_for(self.ports[0], slot)
+        }
+    }
+
+    struct Side {
+        broker: crate::broker::Broker,
+        reactor: Reactor,
+        received: Vec<(Vec<u8>, Vec<u8>)>,
+    }
+
+    impl Side {
+        fn connect(url: &str, prefix: &str) -> Side {
+            let reactor = Reactor::new().unwrap();
+            let (broker, _) = crate::broker::Broker::connect(
+                crate::broker::Scheme::RedisCluster,
+                url,
+                prefix,
+                &reactor,
+            )
+            .unwrap();
+            Side {
+                broker,
+                reactor,
+                received: Vec::new(),
+            }
+        }
+
+        fn pump(&mut self) {
+            let mut received = Vec::new();
+            self.broker.service(&self.reactor, &mut received);
+            self.received.extend(
+                received
+                    .iter()
+                    .map(|m| (m.topic().to_vec(), m.payload().to_vec())),
+            );
+        }
+
+        fn subscribe(&mut self, topics: &[Vec<u8>]) {
+            for topic in topics {
+                self.broker.interest(topic, true);
+            }
+            self.broker.kick(&self.reactor);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut received = Vec::new();
+            self.broker
+                .settle(&self.reactor, deadline, &mut received)
+                .unwrap();
+            assert!(received.is_empty());
+        }
+
+        fn publish(&self, topic: &[u8], payload: &[u8]) {
+            self.broker.check(topic, payload).unwrap();
+            self.broker.publish(topic, payload, &self.reactor);
+        }
+
+        fn of(&self, topic: &[u8]) -> Vec<Vec<u8>> {
+            self.received
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, payload)| payload.clone())
+                .collect()
+        }
+    }
+
+    fn pump_until(sides: &mut [&mut Side], what: &str, mut done: impl FnMut(&[&mut Side]) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !done(sides) {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            for side in sides.iter_mut() {
+                side.pump();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A real Redis 7 cluster (three primaries, a replica each): topics on every shard
+    /// delivered across two brokers in order, without duplicates, our own echo filtered;
+    /// then a slot moves to another node and delivery continues (the subscriber re-subscribes
+    /// on the new owner, the publisher follows MOVED); then that node's clients are killed
+    /// (reconnect, re-subscribe); then the node itself (its replica is promoted, both
+    /// brokers move there). One function: the cluster costs seconds to set up. Fails when
+    /// redis-server is missing.
+    #[test]
+    fn real_cluster_delivers_across_shards_and_follows_a_slot_move() {
+        let mut cluster = LocalCluster::start();
+        let url = format!(
+            "redis+cluster://127.0.0.1:{},127.0.0.1:{}",
+            cluster.ports[0], cluster.ports[1]
+        );
+        let prefix = format!("fdcast-test-{}:", std::process::id());
+        let channel = |topic: &[u8]| [prefix.as_bytes(), topic].concat();
+
+        // Topics until every node owns at least one; our slot agrees with the server's.
+        let mut topics: Vec<Vec<u8>> = Vec::new();
+        let mut owners = std::collections::HashSet::new();
+        for n in 0.. {
+            let topic = format!("topic-{n}").into_bytes();
+            let slot = key_slot(&channel(&topic));
+            let channel_text = String::from_utf8(channel(&topic)).unwrap();
+            assert_eq!(
+                cli(cluster.ports[0], &["CLUSTER", "KEYSLOT", &channel_text]),
+                slot.to_string()
+            );
+            if owners.insert(cluster.owner(slot)) || topics.len() < 4 {
+                topics.push(topic);
+            }
+            if owners.len() == 3 && topics.len() >= 4 {
+                break;
+            }
+        }
+        // Two topics in one slot by a hash tag: both move together below.
+        let tagged = [b"{moving}a".to_vec(), b"{moving}b".to_vec()];
+        let mut all = topics.clone();
+        all.extend(tagged.iter().cloned());
+
+        let mut a = Side::connect(&url, &prefix);
+        let mut b = Side::connect(&url, &prefix);
+        a.subscribe(&all[..all.len() - 1]); // A: not `{moving}b`
+        b.subscribe(&all);
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        assert_eq!(a.broker.stats().topics, all.len() as u64 - 1);
+        assert_eq!(b.broker.stats().connected, 1);
+
+        const EACH: usize = 40;
+        for i in 0..EACH {
+            for topic in &topics {
+                a.publish(topic, format!("a{i}").as_bytes());
+            }
+        }
+        for topic in &topics {
+            b.publish(topic, b"from-b");
+        }
+        let expected: Vec<Vec<u8>> = (0..EACH).map(|i| format!("a{i}").into_bytes()).collect();
+        let count = topics.len() * EACH;
+        pump_until(&mut [&mut a, &mut b], "delivery across shards", |sides| {
+            sides[1].received.len() >= count
+                && sides[0].received.len() >= topics.len()
+                && sides[0].broker.stats().ignored >= count as u64
+                && sides[1].broker.stats().ignored >= topics.len() as u64
+        });
+        // Nothing more is coming: whatever was in flight has been looked at.
+        for _ in 0..50 {
+            a.pump();
+            b.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for topic in &topics {
+            assert_eq!(b.of(topic), expected, "in order, once each");
+            assert_eq!(a.of(topic), vec![b"from-b".to_vec()], "our echo filtered");
+        }
+        assert_eq!(b.received.len(), count);
+        let stats = a.broker.stats();
+        assert_eq!(
+            (stats.published, stats.ignored),
+            (count as u64, count as u64)
+        );
+        assert_eq!((stats.dropped, stats.malformed, stats.queued), (0, 0, 0));
+
+        // A registry driven by its own dispatch: the engine's epoll fd wakes the reactor.
+        {
+            use std::io::Read;
+            use std::os::fd::AsRawFd;
+            let registry = crate::Registry::new().unwrap();
+            let (mut reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+            reader.set_nonblocking(true).unwrap();
+            registry
+                .subscribe(&topics[0], writer.as_raw_fd(), crate::Mode::Raw)
+                .unwrap();
+            registry.broker_enable(&url, &prefix).unwrap();
+            assert_eq!(registry.broker_stats().connected, 1);
+            a.publish(&topics[0], b"to-registry");
+            registry.publish(&topics[1], b"from-registry").unwrap();
+            let mut seen = Vec::new();
+            pump_until(&mut [&mut a], "dispatch delivers", |sides| {
+                registry.dispatch(Some(Duration::from_millis(20))).unwrap();
+                let mut chunk = [0u8; 256];
+                if let Ok(n) = (&reader).read(&mut chunk) {
+                    seen.extend_from_slice(&chunk[..n]);
+                }
+                seen.windows(11).any(|w| w == b"to-registry")
+                    && sides[0].of(&topics[1]).last().map(Vec::as_slice) == Some(b"from-registry")
+            });
+            registry.broker_disable();
+            let _ = reader.read(&mut [0u8; 16]);
+        }
+        b.pump();
+
+        // Move the tagged slot to another node, the way `redis-cli --cluster reshard` does
+        // for a slot without keys.
+        let slot = key_slot(&channel(&tagged[0]));
+        let source = cluster.owner(slot);
+        let target = *cluster
+            .ports
+            .iter()
+            .find(|&&p| p != source && cluster.is_primary(p))
+            .unwrap();
+        let id = |port| cli(port, &["CLUSTER", "MYID"]);
+        let (source_id, target_id) = (id(source), id(target));
+        let slot_text = slot.to_string();
+        assert_eq!(
+            cli(
+                target,
+                &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &source_id]
+            ),
+            "OK"
+        );
+        assert_eq!(
+            cli(
+                source,
+                &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &target_id]
+            ),
+            "OK"
+        );
+        for port in [target, source] {
+            assert_eq!(
+                cli(
+                    port,
+                    &["CLUSTER", "SETSLOT", &slot_text, "NODE", &target_id]
+                ),
+                "OK"
+            );
+        }
+        // B follows the source's sunsubscribe pushes to the new owner.
+        let on_target = |topic: &[u8]| {
+            let channel_text = String::from_utf8(channel(topic)).unwrap();
+            cli(target, &["PUBSUB", "SHARDNUMSUB", &channel_text])
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        };
+        pump_until(&mut [&mut b], "B re-subscribed on the new owner", |_| {
+            on_target(&tagged[1]) == "1" && on_target(&tagged[0]) != "0"
+        });
+        // A has not looked at its connections since the move: its map is stale, so these
+        // go to the old owner, come back MOVED and are sent to the new one.
+        for i in 0..EACH {
+            for topic in &tagged {
+                a.publish(topic, format!("a{i}").as_bytes());
+            }
+        }
+        pump_until(&mut [&mut a, &mut b], "delivery after the move", |sides| {
+            tagged.iter().all(|topic| sides[1].of(topic).len() >= EACH)
+        });
+        // Both follow the move for good: a second round, after A has read the new map.
+        pump_until(
+            &mut [&mut a, &mut b],
+            "both settled after the move",
+            |sides| sides.iter().all(|side| side.broker.stats().connected == 1),
+        );
+        for i in EACH..2 * EACH {
+            for topic in &tagged {
+                a.publish(topic, format!("a{i}").as_bytes());
+            }
+        }
+        pump_until(
+            &mut [&mut a, &mut b],
+            "delivery after the map refresh",
+            |sides| {
+                tagged
+                    .iter()
+                    .all(|topic| sides[1].of(topic).len() >= 2 * EACH)
+            },
+        );
+        for _ in 0..50 {
+            a.pump();
+            b.pump();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let expected: Vec<Vec<u8>> = (0..2 * EACH)
+            .map(|i| format!("a{i}").into_bytes())
+            .collect();
+        for topic in &tagged {
+            assert_eq!(
+                b.of(topic),
+                expected,
+                "in order, once each, across the move"
+            );
+        }
+        assert!(
+            a.of(&tagged[0]).is_empty(),
+            "our echo filtered after the move"
+        );
+        assert_eq!(a.broker.stats().dropped, 0);
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+
+        // Every client of the new owner is disconnected: both brokers reconnect to it and
+        // subscribe again, and delivery goes on.
+        let reconnects = |side: &Side| side.broker.stats().reconnects;
+        let before = (reconnects(&a), reconnects(&b));
+        cli(target, &["CLIENT", "KILL", "TYPE", "pubsub"]);
+        cli(
+            target,
+            &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+        );
+        pump_until(
+            &mut [&mut a, &mut b],
+            "reconnected and subscribed again",
+            |sides| {
+                reconnects(sides[0]) > before.0
+                    && reconnects(sides[1]) > before.1
+                    && sides.iter().all(|side| side.broker.stats().connected == 1)
+            },
+        );
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        for topic in &tagged {
+            a.publish(topic, b"after-reconnect");
+        }
+        pump_until(
+            &mut [&mut a, &mut b],
+            "delivery after the reconnect",
+            |sides| {
+                tagged
+                    .iter()
+                    .all(|topic| sides[1].of(topic).len() > 2 * EACH)
+            },
+        );
+        for topic in &tagged {
+            assert_eq!(b.of(topic).last().unwrap(), b"after-reconnect");
+        }
+
+        // The slot's owner dies and its replica takes over: both brokers find the new
+        // primary in the map, subscribe there, and deliver again.
+        let survivor = *cluster
+            .ports
+            .iter()
+            .find(|&&p| p != target && cluster.is_primary(p))
+            .unwrap();
+        cluster.kill(target);
+        let promoted = || {
+            let owner = cluster.owner_for(survivor, slot);
+            (owner != target).then_some(owner)
+        };
+        pump_until(
+            &mut [&mut a, &mut b],
+            "a replica took the slot over",
+            |_| promoted().is_some(),
+        );
+        let promoted = promoted().unwrap();
+        let subscribers = |topic: &[u8]| {
+            let channel_text = String::from_utf8(channel(topic)).unwrap();
+            cli(promoted, &["PUBSUB", "SHARDNUMSUB", &channel_text])
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()
+        };
+        pump_until(
+            &mut [&mut a, &mut b],
+            "subscribed on the promoted replica",
+            |sides| {
+                subscribers(&tagged[1]) == "1"
+                    && subscribers(&tagged[0]) == "2"
+                    && sides.iter().all(|side| side.broker.stats().connected == 1)
+            },
+        );
+        assert_eq!(b.broker.stats().topics, all.len() as u64);
+        for topic in &tagged {
+            a.publish(topic, b"after-failover");
+        }
+        pump_until(
+            &mut [&mut a, &mut b],
+            "delivery after the failover",
+            |sides| {
+                tagged.iter().all(|topic| {
+                    sides[1].of(topic).last().map(Vec::as_slice) == Some(b"after-failover")
+                })
+            },
+        );
+        for topic in &tagged {
+            assert_eq!(b.of(topic).len(), 2 * EACH + 2, "nothing duplicated");
+        }
+        assert!(
+            a.of(&tagged[0]).is_empty(),
+            "our echo filtered after the failover"
+        );
+        a.broker.shut_down(&a.reactor);
+        b.broker.shut_down(&b.reactor);
+        drop(cluster);
+    }
+}
