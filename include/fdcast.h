@@ -650,7 +650,12 @@ void fdcast_set_evict_callback(struct fdcast *fc, fdcast_evict_fn on_evict, void
  * | `postgresql://…`, `postgres://…`, `key=value …`   | PostgreSQL LISTEN/NOTIFY     | the channel (1 to 63 bytes)|
  * | `redis://[user:pass@]host[:port][/db]`            | Redis pub/sub                | the channel prefix         |
  * | `nats://[user:pass@]host[:port][,host:port…]`     | NATS core                    | the subject prefix         |
+ * | `redis+cluster://host:port[,host:port…]`          | Redis Cluster 7+ sharded pub/sub | the channel prefix     |
  *
+ * With Redis Cluster a topic's traffic touches only the shard that owns its channel's slot
+ * (`SSUBSCRIBE`/`SPUBLISH`); the hosts are seeds for `CLUSTER SLOTS`, and one connection per
+ * primary is opened when a topic or a publish needs it. Order holds per topic; a slot that
+ * moves (`MOVED`) or a failover re-routes subscriptions and publishes to the new owner.
  * `rediss://` and NATS `tls://` are the same over TLS (1.2 or later). The server's
  * certificate is always verified, chain and name, against the system's trust store or the
  * PEM file of the `ca=` option; `cert=` and `key=` name a client certificate and its key
@@ -682,7 +687,7 @@ void fdcast_set_evict_callback(struct fdcast *fc, fdcast_evict_fn on_evict, void
  *
  * Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
  * parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad
- * name), -ENOTSUP (the engine or TLS is compiled out; Redis Cluster is not supported yet),
+ * name), -ENOTSUP (the engine or TLS is compiled out; TLS to a Redis Cluster, `rediss+cluster://`),
  * -EALREADY (a broker is already enabled: one per registry), -ECONNREFUSED (no address of
  * the server could be reached, or it refused the connection, the TLS handshake, the
  * certificate or the authentication, or did not answer in time), -EIO (the server refused
