@@ -52,10 +52,13 @@ pub(crate) enum Delivery {
     Failed(i32),
     /// The fd was forgotten or evicted meanwhile; nothing was done.
     Closed,
-    /// The fd takes part in a corked batch that holds frames older than this one; nothing was
-    /// done: the caller spills the batches into the outboxes and delivers again.
-    InBatch,
 }
+
+/// `Peer::deliver`'s refusal: the fd takes part in a corked batch that holds frames older
+/// than this one; nothing was done, and the caller spills the batches into the outboxes and
+/// delivers again. A type of its own, so no publish outcome can hold it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct InBatch;
 
 /// The outcome of handing an fd the frames a corked batch gathered for it.
 #[derive(Debug, PartialEq, Eq)]
@@ -246,42 +249,42 @@ impl Peer {
         frame: &Frame<'_>,
         policy: WritePolicy,
         reactor: &Reactor,
-    ) -> Delivery {
+    ) -> Result<Delivery, InBatch> {
         let mut outbox = self.outbox.lock();
         if outbox.closed {
-            return Delivery::Closed;
+            return Ok(Delivery::Closed);
         }
         let frame_len = frame.len();
         if frame_len == 0 {
-            return Delivery::Written;
+            return Ok(Delivery::Written);
         }
         if outbox.in_batch {
-            return Delivery::InBatch;
+            return Err(InBatch);
         }
         if !outbox.chunks.is_empty() && outbox.queued_bytes + frame_len > policy.outbox_limit {
-            return match policy.overflow {
+            return Ok(match policy.overflow {
                 Overflow::DropMessage => Delivery::Dropped,
                 Overflow::Evict => Delivery::Overflowed,
-            };
+            });
         }
         outbox.last_active_tick = policy.heartbeat_tick;
         if policy.corked {
             if !outbox.push(frame, 0, true) {
-                return Delivery::Dropped;
+                return Ok(Delivery::Dropped);
             }
             if outbox.awaiting_flush {
-                return Delivery::Queued { bytes: frame_len };
+                return Ok(Delivery::Queued { bytes: frame_len });
             }
             outbox.awaiting_flush = true;
-            return Delivery::Deferred { bytes: frame_len };
+            return Ok(Delivery::Deferred { bytes: frame_len });
         }
         if !outbox.chunks.is_empty() {
             if !outbox.push(frame, 0, true) {
-                return Delivery::Dropped;
+                return Ok(Delivery::Dropped);
             }
-            return Delivery::Queued { bytes: frame_len };
+            return Ok(Delivery::Queued { bytes: frame_len });
         }
-        outbox.write_now(self.fd, self.identity.kind, frame, true, reactor)
+        Ok(outbox.write_now(self.fd, self.identity.kind, frame, true, reactor))
     }
 
     /// Writes a keep-alive frame if the fd has taken nothing since `idle_since_tick` and has

@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::index::{Index, SubscriptionId};
 use crate::io::{self, FileIdentity, FileKind};
-use crate::outbox::{Delivery, Flush, Overflow, Peer, WritePolicy};
+use crate::outbox::{Delivery, Flush, InBatch, Overflow, Peer, WritePolicy};
 use crate::reactor::Reactor;
 
 /// The longest topic, in bytes.
@@ -194,12 +194,6 @@ impl Outcomes {
                 // sees EOF rather than a frame that never completes.
                 shut_down: errno == libc::ENOMEM,
             }),
-            Delivery::InBatch => {
-                // Registry::deliver spills and retries; a corked publish only delivers
-                // directly to fds that belong to no batch.
-                debug_assert!(false, "InBatch reached a publish's outcomes");
-                self.dropped += 1;
-            }
         }
     }
 }
@@ -458,7 +452,12 @@ impl Registry {
                 continue;
             }
             outcomes.deliver(&direct.peer, frames.get(direct.mode), |frame| {
-                direct.peer.deliver(frame, policy, &self.reactor)
+                // A direct member belongs to no batch, and membership changes only under the
+                // batches lock, which this publish holds.
+                direct
+                    .peer
+                    .deliver(frame, policy, &self.reactor)
+                    .expect("a corked batch's direct member is in no batch")
             });
         }
         let appended = batch.append(&frames, except);
@@ -530,9 +529,8 @@ impl Registry {
                     self.await_flush(vec![peer]);
                     return Ok(());
                 }
-                // Forgotten between lookup and write: look the fd up afresh. (`deliver` never
-                // returns InBatch: it spills and delivers again.)
-                Delivery::Closed | Delivery::InBatch => continue,
+                // Forgotten between lookup and write: look the fd up afresh.
+                Delivery::Closed => continue,
                 Delivery::Dropped => {
                     self.counters
                         .dropped_messages
@@ -905,8 +903,8 @@ impl Registry {
     fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
         loop {
             match peer.deliver(frame, policy, &self.reactor) {
-                Delivery::InBatch => self.spill_batches(),
-                delivery => return delivery,
+                Err(InBatch) => self.spill_batches(),
+                Ok(delivery) => return delivery,
             }
         }
     }
