@@ -191,6 +191,18 @@ impl NatsProtocol {
         Ok(())
     }
 
+    /// A PING whose PONG confirms the subscription changes and publishes written since the
+    /// last one.
+    fn ping(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"PING\r\n");
+        self.pings.push_back(Ping {
+            changes: std::mem::take(&mut self.unpinged),
+            live: self.sids.len(),
+            publishes: std::mem::take(&mut self.unpinged_publishes),
+        });
+        self.pinged_publishes += self.pings.back().map_or(0, |ping| ping.publishes);
+    }
+
     fn pong(&mut self) {
         // A PONG we did not ask for confirms nothing.
         let Some(ping) = self.pings.pop_front() else {
@@ -385,13 +397,7 @@ impl Protocol for NatsProtocol {
         if self.unpinged == 0 {
             return;
         }
-        out.extend_from_slice(b"PING\r\n");
-        self.pings.push_back(Ping {
-            changes: std::mem::take(&mut self.unpinged),
-            live: self.sids.len(),
-            publishes: std::mem::take(&mut self.unpinged_publishes),
-        });
-        self.pinged_publishes += self.pings.back().map_or(0, |ping| ping.publishes);
+        self.ping(out);
     }
 
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
@@ -421,13 +427,7 @@ impl Protocol for NatsProtocol {
         {
             return;
         }
-        out.extend_from_slice(b"PING\r\n");
-        self.pings.push_back(Ping {
-            changes: std::mem::take(&mut self.unpinged),
-            live: self.sids.len(),
-            publishes: std::mem::take(&mut self.unpinged_publishes),
-        });
-        self.pinged_publishes += self.pings.back().map_or(0, |ping| ping.publishes);
+        self.ping(out);
     }
 
     fn holding_publishes(&self) -> bool {

@@ -60,6 +60,74 @@ const NOTIFY_SQL: &std::ffi::CStr = c"SELECT pg_notify($1, $2)";
 /// server no parse and no plan, which were most of its time per `pg_notify`.
 const NOTIFY_STATEMENT: &std::ffi::CStr = c"fdcast_notify";
 
+/// The batches handed to libpq whose sync has not come back.
+#[derive(Default)]
+struct InFlight {
+    /// Per batch, how many notifications it holds (the LISTEN counts as a batch of 0).
+    batches: VecDeque<usize>,
+    /// Notifications in `batches`.
+    notifications: usize,
+    /// Whether a statement of the batch whose results are being read failed.
+    failed: bool,
+}
+
+/// What reading a pipeline's results settled.
+enum Settled {
+    /// A batch's sync came back: its notifications were sent, or (`failed`) its transaction
+    /// rolled back and none of them was.
+    Batch { notifications: usize, failed: bool },
+    /// A statement failed (its batch's sync follows).
+    Error(String),
+}
+
+impl Settled {
+    /// Counts a settled batch as published or dropped.
+    fn count(self, stats: &mut BrokerStats) {
+        if let Settled::Batch {
+            notifications,
+            failed,
+        } = self
+        {
+            if failed {
+                stats.dropped += notifications as u64;
+            } else {
+                stats.published += notifications as u64;
+            }
+        }
+    }
+}
+
+impl InFlight {
+    /// Reads the results libpq has ready, handing each batch to `settled` as its sync comes
+    /// back, and each failed statement as it comes.
+    fn read_results(&mut self, connection: &mut Connection, mut settled: impl FnMut(Settled)) {
+        let mut ends_in_a_row = 0;
+        while !self.batches.is_empty() && !connection.is_busy() && ends_in_a_row < 2 {
+            let Some(kind) = connection.next_result() else {
+                ends_in_a_row += 1;
+                continue;
+            };
+            ends_in_a_row = 0;
+            match kind {
+                ResultKind::Ok => {}
+                ResultKind::Error(message) => {
+                    self.failed = true;
+                    settled(Settled::Error(message));
+                }
+                ResultKind::PipelineAborted => self.failed = true,
+                ResultKind::PipelineSync => {
+                    let notifications = self.batches.pop_front().unwrap_or(0);
+                    self.notifications -= notifications;
+                    settled(Settled::Batch {
+                        notifications,
+                        failed: std::mem::take(&mut self.failed),
+                    });
+                }
+            }
+        }
+    }
+}
+
 enum Phase {
     /// No connection; the next attempt is due at `retry_at`.
     Down { retry_at: Instant },
@@ -76,11 +144,8 @@ pub(crate) struct PgEngine {
     channel: CString,
     connect_timeout: Duration,
     phase: Phase,
-    /// Per batch handed to libpq whose sync has not come back: how many notifications it
-    /// holds (the LISTEN counts as a batch of 0).
-    unconfirmed: VecDeque<usize>,
-    /// Notifications in `unconfirmed`.
-    unconfirmed_notifications: usize,
+    /// The batches handed to libpq whose sync has not come back.
+    in_flight: InFlight,
     /// The batch being written: its notifications' hashes, to cut it before a repeat.
     open_batch: HashSet<u64>,
     hasher: RandomState,
@@ -90,8 +155,6 @@ pub(crate) struct PgEngine {
     own_pid: i32,
     /// The socket registered with the reactor, and whether for writing too.
     watched: Option<(RawFd, bool)>,
-    /// Whether a statement of the batch whose results are being read failed.
-    batch_failed: bool,
     retry_delay: Duration,
     /// Why the last connection attempt failed, for `enable` to report.
     last_failure: Option<Error>,
@@ -124,15 +187,13 @@ impl PgEngine {
             phase: Phase::Down {
                 retry_at: Instant::now(),
             },
-            unconfirmed: VecDeque::new(),
-            unconfirmed_notifications: 0,
+            in_flight: InFlight::default(),
             open_batch: HashSet::new(),
             hasher: RandomState::new(),
             publishes: Publishes::default(),
             interest: Vec::new(),
             own_pid: 0,
             watched: None,
-            batch_failed: false,
             retry_delay: FIRST_RETRY,
             last_failure: None,
             connected_before: false,
@@ -197,9 +258,9 @@ impl PgEngine {
             unreachable!("matched above");
         };
         self.phase = Phase::Subscribing(connection);
-        self.unconfirmed.clear();
-        self.unconfirmed.push_back(0);
-        self.unconfirmed_notifications = 0;
+        self.in_flight.batches.clear();
+        self.in_flight.batches.push_back(0);
+        self.in_flight.notifications = 0;
         self.flush_output(reactor);
     }
 
@@ -225,38 +286,18 @@ impl PgEngine {
         let (Phase::Subscribing(connection) | Phase::Ready(connection)) = &mut self.phase else {
             return;
         };
-        let mut ends_in_a_row = 0;
-        while !self.unconfirmed.is_empty() && !connection.is_busy() && ends_in_a_row < 2 {
-            match connection.next_result() {
-                None => ends_in_a_row += 1,
-                Some(kind) => {
-                    ends_in_a_row = 0;
-                    match kind {
-                        ResultKind::Ok => {}
-                        ResultKind::Error(message) => {
-                            self.batch_failed = true;
-                            if !listening {
-                                failure = Some(Error::Backend(format!("LISTEN failed: {message}")));
-                            }
-                        }
-                        ResultKind::PipelineAborted => self.batch_failed = true,
-                        ResultKind::PipelineSync => {
-                            let notifications = self.unconfirmed.pop_front().unwrap_or(0);
-                            self.unconfirmed_notifications -= notifications;
-                            if !listening {
-                                listening = true;
-                            } else if self.batch_failed {
-                                // The batch's transaction rolled back: none of it was sent.
-                                self.stats.dropped += notifications as u64;
-                            } else {
-                                self.stats.published += notifications as u64;
-                            }
-                            self.batch_failed = false;
-                        }
+        let stats = &mut self.stats;
+        self.in_flight
+            .read_results(connection, |settled| match settled {
+                Settled::Error(message) => {
+                    if !listening {
+                        failure = Some(Error::Backend(format!("LISTEN failed: {message}")));
                     }
                 }
-            }
-        }
+                // The first sync is the LISTEN's.
+                Settled::Batch { .. } if !listening => listening = true,
+                settled => settled.count(stats),
+            });
         while let Some(notification) = connection.next_notification() {
             if notification.sender_pid == self.own_pid {
                 self.stats.ignored += 1;
@@ -304,7 +345,7 @@ impl PgEngine {
     /// the publishes to libpq in batches.
     fn send_queued(&mut self, cx: &Context<'_>) {
         let room = matches!(self.phase, Phase::Ready(_))
-            && self.unconfirmed_notifications + self.publishes.len() < MAX_UNCONFIRMED;
+            && self.in_flight.notifications + self.publishes.len() < MAX_UNCONFIRMED;
         cx.take(&mut self.interest, room.then_some(&mut self.publishes));
         // One channel carries every topic: interest changes need nothing from PostgreSQL.
         self.interest.clear();
@@ -314,7 +355,9 @@ impl PgEngine {
     /// Hands the taken publishes to libpq in batches while fewer than `max_in_flight`
     /// batches are unconfirmed; the rest stays in `publishes`.
     fn send_batches(&mut self, reactor: &Reactor, max_in_flight: usize) {
-        if self.unconfirmed.len() >= max_in_flight && self.unconfirmed_notifications >= HOLD_AFTER {
+        if self.in_flight.batches.len() >= max_in_flight
+            && self.in_flight.notifications >= HOLD_AFTER
+        {
             return;
         }
         let Phase::Ready(connection) = &mut self.phase else {
@@ -337,11 +380,11 @@ impl PgEngine {
                     failed = true;
                     break;
                 }
-                self.unconfirmed.push_back(batch);
+                self.in_flight.batches.push_back(batch);
                 self.open_batch.clear();
                 batch = 0;
-                if self.unconfirmed.len() >= max_in_flight
-                    && self.unconfirmed_notifications >= HOLD_AFTER
+                if self.in_flight.batches.len() >= max_in_flight
+                    && self.in_flight.notifications >= HOLD_AFTER
                 {
                     // The rest waits for a sync to come back.
                     break;
@@ -354,12 +397,12 @@ impl PgEngine {
                 break;
             }
             batch += 1;
-            self.unconfirmed_notifications += 1;
+            self.in_flight.notifications += 1;
             sent += 1;
         }
         if batch > 0 && !failed {
             if connection.send_sync() {
-                self.unconfirmed.push_back(batch);
+                self.in_flight.batches.push_back(batch);
             } else {
                 failed = true;
             }
@@ -424,10 +467,10 @@ impl PgEngine {
             reactor.unwatch(socket);
         }
         // Batches in flight are lost with the session: at-most-once across an outage.
-        self.stats.dropped += self.unconfirmed_notifications as u64;
-        self.unconfirmed.clear();
-        self.unconfirmed_notifications = 0;
-        self.batch_failed = false;
+        self.stats.dropped += self.in_flight.notifications as u64;
+        self.in_flight.batches.clear();
+        self.in_flight.notifications = 0;
+        self.in_flight.failed = false;
         self.phase = Phase::Down {
             retry_at: Instant::now() + self.retry_delay,
         };
@@ -497,7 +540,7 @@ impl Engine for PgEngine {
 
     fn stats(&self) -> BrokerStats {
         BrokerStats {
-            queued: (self.publishes.len() + self.unconfirmed_notifications) as u64,
+            queued: (self.publishes.len() + self.in_flight.notifications) as u64,
             connected: u64::from(matches!(self.phase, Phase::Ready(_))),
             ..self.stats
         }
@@ -528,35 +571,13 @@ impl Engine for PgEngine {
                 if flushed == FlushProgress::Failed || !connection.consume_input() {
                     break;
                 }
-                let mut ends_in_a_row = 0;
-                while !self.unconfirmed.is_empty() && !connection.is_busy() && ends_in_a_row < 2 {
-                    match connection.next_result() {
-                        None => ends_in_a_row += 1,
-                        Some(kind) => {
-                            ends_in_a_row = 0;
-                            match kind {
-                                ResultKind::Ok => {}
-                                ResultKind::Error(_) | ResultKind::PipelineAborted => {
-                                    self.batch_failed = true;
-                                }
-                                ResultKind::PipelineSync => {
-                                    let notifications = self.unconfirmed.pop_front().unwrap_or(0);
-                                    self.unconfirmed_notifications -= notifications;
-                                    if self.batch_failed {
-                                        self.stats.dropped += notifications as u64;
-                                    } else {
-                                        self.stats.published += notifications as u64;
-                                    }
-                                    self.batch_failed = false;
-                                }
-                            }
-                        }
-                    }
-                }
+                let stats = &mut self.stats;
+                self.in_flight
+                    .read_results(connection, |settled| settled.count(stats));
                 // Notifications arriving now reach nobody: the broker is going away.
                 while connection.next_notification().is_some() {}
                 let now = Instant::now();
-                if (flushed == FlushProgress::Done && self.unconfirmed.is_empty())
+                if (flushed == FlushProgress::Done && self.in_flight.batches.is_empty())
                     || now >= deadline
                 {
                     break;
