@@ -10,9 +10,10 @@
 # bench/pubsub.c + bench/fdcast_server.c (part 2, Redis), bench/registry.rs (parts 3 and 4,
 # registry costs and contention), bench/slow.c (part 5, slow consumers),
 # bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis and NATS
-# across processes against plain clients of each). Each runs its contenders alternating, reps
+# from one process to two others, against a baseline publisher of each). Each runs its contenders alternating, reps
 # times, and reports medians; bench/report.py makes the tables of parts 1-5.
-# Needs redis-server (installed with apt-get when missing), PostgreSQL and NATS for parts 6-7
+# Needs redis-server and redis-benchmark (redis-tools; both installed with apt-get when
+# missing), PostgreSQL and NATS for parts 6-7
 # (FDCAST_PG_URL, FDCAST_REDIS_URL, FDCAST_NATS_URL; broker_bench skips, with a note, an
 # engine whose server does not answer) and, for the plot, matplotlib (installed with pip when
 # missing; the quick run makes no plot).
@@ -26,9 +27,12 @@ case "${1:-}" in
   *) echo "usage: bench/run.sh [--quick]" >&2; exit 2 ;;
 esac
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "bench: installing redis-server" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+redis_packages=()
+command -v redis-server >/dev/null 2>&1 || redis_packages+=(redis-server)
+command -v redis-benchmark >/dev/null 2>&1 || redis_packages+=(redis-tools)
+if ((${#redis_packages[@]})); then
+  echo "bench: installing ${redis_packages[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${redis_packages[@]}" >/dev/null
 fi
 if ((!quick)) && ! python3 -c 'import matplotlib' 2>/dev/null; then
   echo "bench: installing matplotlib" >&2
@@ -117,8 +121,9 @@ for r in "${pg_runs[@]}"; do
   fi
 done
 
-# Cross-process through PostgreSQL, Redis and NATS against plain clients of each (bench/brokers.rs):
-# throughput, latency, interest routing. Every receiver checks every message (once, in order).
+# Cross-process through PostgreSQL, Redis and NATS against a baseline publisher of each
+# (bench/brokers.rs): throughput, latency at 10,000/s, interest routing. Every receiver checks
+# every message on every socket (once, in order).
 broker_args=()
 if ((quick)); then broker_args=(--quick); fi
 echo >>"$md"
