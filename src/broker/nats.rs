@@ -116,6 +116,9 @@ pub(crate) struct NatsProtocol {
     max_payload: usize,
     /// Scratch for a subject.
     subject: Vec<u8>,
+    /// The last topic published to, and its `PUB <subject> ` (empty before the first).
+    pub_topic: Vec<u8>,
+    pub_line: Vec<u8>,
 }
 
 impl NatsProtocol {
@@ -154,6 +157,8 @@ impl NatsProtocol {
             subscribed: 0,
             max_payload: DEFAULT_MAX_PAYLOAD,
             subject: Vec::new(),
+            pub_topic: Vec::new(),
+            pub_line: Vec::new(),
         })
     }
 
@@ -406,11 +411,18 @@ impl Protocol for NatsProtocol {
             self.refused += 1;
             return;
         }
-        topic::nats_subject(&self.prefix, topic, &mut self.subject);
-        out.reserve(self.subject.len() + payload.len() + 32);
-        out.extend_from_slice(b"PUB ");
-        out.extend_from_slice(&self.subject);
-        out.push(b' ');
+        // Runs of publishes to one topic are the common case: its subject is escaped once.
+        if self.pub_topic != topic || self.pub_line.is_empty() {
+            topic::nats_subject(&self.prefix, topic, &mut self.subject);
+            self.pub_line.clear();
+            self.pub_line.extend_from_slice(b"PUB ");
+            self.pub_line.extend_from_slice(&self.subject);
+            self.pub_line.push(b' ');
+            self.pub_topic.clear();
+            self.pub_topic.extend_from_slice(topic);
+        }
+        out.reserve(self.pub_line.len() + payload.len() + 32);
+        out.extend_from_slice(&self.pub_line);
         write_decimal(out, payload.len() as u64);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(payload);
@@ -1340,6 +1352,22 @@ mod tests {
         assert_eq!(feed.stats.published, 3);
         feed.all(&mut nats, b"PING\r\n").unwrap();
         assert_eq!(feed.stats.published, 3);
+    }
+
+    #[test]
+    fn a_topic_published_again_gets_its_own_subject_whatever_came_between() {
+        let mut nats = open();
+        let mut out = Vec::new();
+        nats.publish(b"news", b"1", &mut out);
+        nats.publish(b"news", b"2", &mut out);
+        nats.publish(b"new", b"3", &mut out);
+        nats.subscribe(b"x y", &mut out);
+        nats.publish(b"news", b"4", &mut out);
+        assert_eq!(
+            out,
+            b"PUB app.news 1\r\n1\r\nPUB app.news 1\r\n2\r\nPUB app.new 1\r\n3\r\n\
+              SUB app.x%20y 1\r\nPUB app.news 1\r\n4\r\n"
+        );
     }
 
     #[test]

@@ -122,21 +122,36 @@ pub(crate) struct Outbound {
     /// Set by every push, cleared when the engine takes: whether the engine has something to
     /// look at that it has not seen.
     dirty: AtomicBool,
+    /// Set by the engine while it leaves publishes queued until the server answers what it
+    /// wrote: driving it for a new publish would take nothing.
+    held: AtomicBool,
 }
 
 impl Outbound {
-    /// Queues a publish; false (and counted as dropped) when the queue is full.
+    /// Queues a publish; returns whether the engine should be driven for it now. False when
+    /// the queue is full (the publish is dropped and counted), and when the engine holds
+    /// publishes for the server's answer: the thread that reads the answer takes them.
     pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
-        let mut queue = self.queue.lock();
-        if queue.publishes.len() >= MAX_QUEUED_PUBLISHES
-            || queue.publishes.byte_len() + topic.len() + payload.len() > MAX_QUEUED_BYTES
         {
-            queue.dropped += 1;
-            return false;
+            let mut queue = self.queue.lock();
+            if queue.publishes.len() >= MAX_QUEUED_PUBLISHES
+                || queue.publishes.byte_len() + topic.len() + payload.len() > MAX_QUEUED_BYTES
+            {
+                queue.dropped += 1;
+                return false;
+            }
+            queue.publishes.push(topic, payload);
+            self.dirty.store(true, Ordering::Release);
         }
-        queue.publishes.push(topic, payload);
-        self.dirty.store(true, Ordering::Release);
-        true
+        // After the queue's lock: an engine that stops holding says so before it takes (under
+        // that lock), so a push it does not take sees `held` false.
+        !self.held.load(Ordering::SeqCst)
+    }
+
+    /// Whether the engine leaves publishes queued until the server answers; said before each
+    /// `take`.
+    pub(crate) fn hold_publishes(&self, held: bool) {
+        self.held.store(held, Ordering::SeqCst);
     }
 
     pub(crate) fn push_interest(&self, topic: &[u8], subscribe: bool) {
@@ -198,6 +213,21 @@ mod tests {
             publishes.iter().next(),
             Some((&[0xff; 3][..], &[1, 2, 3, 4][..]))
         );
+    }
+
+    #[test]
+    fn a_push_asks_for_the_engine_only_while_it_does_not_hold_publishes() {
+        let outbound = Outbound::default();
+        assert!(outbound.push_publish(b"t", b"1"));
+        outbound.hold_publishes(true);
+        assert!(!outbound.push_publish(b"t", b"2"));
+        assert_eq!(outbound.counts(), (2, 0), "queued all the same");
+        outbound.hold_publishes(false);
+        assert!(outbound.push_publish(b"t", b"3"));
+        let mut taken = Publishes::default();
+        outbound.take(&mut Vec::new(), Some(&mut taken));
+        let payloads: Vec<_> = taken.iter().map(|(_, payload)| payload).collect();
+        assert_eq!(payloads, [b"1", b"2", b"3"]);
     }
 
     #[test]

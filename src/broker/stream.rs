@@ -27,6 +27,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// a slow server leaves them in the bounded queue rather than in an unbounded buffer. (Small
 /// in unit tests, so that a socket takes a whole high water in one write.)
 const OUTPUT_HIGH_WATER: usize = if cfg!(test) { 8 << 10 } else { 1 << 20 };
+/// An output buffer grown past twice the high water is given back to the allocator after
+/// this long of flushes using less than an eighth of it.
+const OUTPUT_SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// Publishes written and not yet answered (Redis: PUBLISH replies; NATS: the PONG of a PING
 /// written after them) beyond which new publishes wait in the queue for the answer, which
 /// `dispatch` reads, and then go out together in one write. Without this, a publisher that
@@ -155,10 +158,15 @@ pub(crate) struct StreamEngine<P: Protocol> {
     /// must not fail an enable that the next one would serve.
     untried: usize,
     phase: Phase,
+    /// Where reads land.
+    scratch: Box<[u8]>,
+    /// What the protocol left unused of the reads so far: an incomplete frame.
     input: Vec<u8>,
     output: Vec<u8>,
     /// Bytes of `output` already written.
     written: usize,
+    /// Since when every flush has used a small part of an oversized `output`.
+    output_small_since: Option<Instant>,
     /// Topics with a local subscriber: what the connection should be subscribed to.
     interest: HashSet<Box<[u8]>>,
     /// Whether `interest` has been written on this connection.
@@ -211,9 +219,11 @@ impl<P: Protocol> StreamEngine<P> {
             phase: Phase::Down {
                 retry_at: Instant::now(),
             },
+            scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             input: Vec::new(),
             output: Vec::new(),
             written: 0,
+            output_small_since: None,
             interest: HashSet::new(),
             subscribed: false,
             changes: Vec::new(),
@@ -384,40 +394,39 @@ impl<P: Protocol> StreamEngine<P> {
             let Phase::Open { stream, .. } = &mut self.phase else {
                 return;
             };
-            let filled = self.input.len();
-            self.input.resize(filled + READ_CHUNK, 0);
-            let result = stream.read(&mut self.input[filled..]);
-            let count = match result {
+            let count = match stream.read(&mut self.scratch) {
                 Ok(0) => {
-                    self.input.truncate(filled);
                     return self.fail(
                         reactor,
                         Error::Backend(format!("{}: the server closed the connection", P::NAME)),
                     );
                 }
                 Ok(count) => count,
-                Err(err) if err.kind() == ErrorKind::Interrupted => {
-                    self.input.truncate(filled);
-                    continue;
-                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+                Err(err) if err.kind() == ErrorKind::WouldBlock => return,
                 Err(err) => {
-                    self.input.truncate(filled);
-                    if err.kind() == ErrorKind::WouldBlock {
-                        return;
-                    }
                     return self.fail(reactor, Error::Backend(format!("{}: {err}", P::NAME)));
                 }
             };
-            self.input.truncate(filled + count);
             let mut sink = Sink {
                 received,
                 stats: &mut self.stats,
             };
-            match self.protocol.read(&self.input, &mut self.output, &mut sink) {
-                Ok(used) => {
-                    self.input.drain(..used);
-                }
-                Err(err) => return self.fail(reactor, err),
+            let read = &self.scratch[..count];
+            // With nothing left over, the frames are read where they landed and only an
+            // incomplete last one is kept.
+            let outcome = if self.input.is_empty() {
+                self.protocol
+                    .read(read, &mut self.output, &mut sink)
+                    .map(|used| self.input.extend_from_slice(&read[used..]))
+            } else {
+                self.input.extend_from_slice(read);
+                self.protocol
+                    .read(&self.input, &mut self.output, &mut sink)
+                    .map(|used| drop(self.input.drain(..used)))
+            };
+            if let Err(err) = outcome {
+                return self.fail(reactor, err);
             }
             budget = budget.saturating_sub(count);
             if budget == 0 {
@@ -449,8 +458,9 @@ impl<P: Protocol> StreamEngine<P> {
         let backed_up = self.output.len() - self.written >= OUTPUT_HIGH_WATER;
         // Publishes held for the server's answers are not "left behind a backed-up output":
         // the answers, read by dispatch, release them.
-        let take_publishes =
-            sending && !backed_up && (self.draining || !self.protocol.holding_publishes());
+        let held = sending && !self.draining && self.protocol.holding_publishes();
+        cx.outbound.hold_publishes(held);
+        let take_publishes = sending && !backed_up && !held;
         cx.take(
             &mut self.changes,
             take_publishes.then_some(&mut self.publishes),
@@ -520,14 +530,33 @@ impl<P: Protocol> StreamEngine<P> {
             }
         }
         if self.written == self.output.len() {
+            let used = self.output.len();
             self.output.clear();
             self.written = 0;
-            if self.output.capacity() > OUTPUT_HIGH_WATER * 2 {
-                self.output.shrink_to(OUTPUT_HIGH_WATER);
-            }
+            self.give_back_oversized_output(used);
         } else if self.written >= OUTPUT_HIGH_WATER {
             self.output.drain(..self.written);
             self.written = 0;
+        }
+    }
+
+    /// Shrinks an output buffer grown by a burst once `OUTPUT_SHRINK_AFTER` has passed with
+    /// every flush far smaller than it. Not at once: a buffer given back and grown again by
+    /// the next batch costs a page fault per 4 KiB it is written.
+    fn give_back_oversized_output(&mut self, used: usize) {
+        let capacity = self.output.capacity();
+        if capacity <= OUTPUT_HIGH_WATER * 2 || used >= capacity / 8 {
+            self.output_small_since = None;
+            return;
+        }
+        let now = Instant::now();
+        match self.output_small_since {
+            None => self.output_small_since = Some(now),
+            Some(since) if now - since >= OUTPUT_SHRINK_AFTER => {
+                self.output.shrink_to(OUTPUT_HIGH_WATER);
+                self.output_small_since = None;
+            }
+            Some(_) => {}
         }
     }
 
