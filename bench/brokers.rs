@@ -30,7 +30,9 @@
 //!
 //! Roles (this binary runs itself as the other processes):
 //! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted` (fdcast), `bystander URL
-//! NAME` (fdcast, subscribed to another topic until stdin says stop).
+//! NAME` (fdcast, subscribed to another topic until stdin says stop); and, to profile
+//! fdcast's publisher alone (`perf record -g broker_bench publish …`), `publish URL NAME N
+//! SIZE`.
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -50,6 +52,8 @@ const TOPIC: &str = "bench";
 const OTHER_TOPIC: &str = "other";
 /// Publishes an fdcast publisher lets queue (unsent or unconfirmed) before it waits.
 const WINDOW: u64 = 16_384;
+/// Payload bytes the publishers write, or publish, between two looks at the server's answers.
+const PUBLISHED_PER_TURN: u64 = 64 << 10;
 /// A receiver that gets nothing for this long gives up: a message was lost.
 const STALL: Duration = Duration::from_secs(10);
 
@@ -588,7 +592,7 @@ fn plain_nats_publish(url: &str, name: &str, messages: u64, size: usize) -> Publ
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(&message(seq, size));
         out.extend_from_slice(b"\r\n");
-        if out.len() >= 1 << 16 {
+        if out.len() as u64 >= PUBLISHED_PER_TURN {
             stream.write_all(&out).unwrap();
             out.clear();
         }
@@ -726,6 +730,7 @@ fn fdcast_publish(url: &str, name: &str, messages: u64, size: usize, rate: u64) 
     registry
         .broker_enable(url, name)
         .unwrap_or_else(|e| fail(&format!("publisher: broker_enable: {e}")));
+    let per_turn = (PUBLISHED_PER_TURN / size as u64).max(1);
     let start = Instant::now();
     let start_ns = monotonic_ns();
     for seq in 0..messages {
@@ -744,7 +749,9 @@ fn fdcast_publish(url: &str, name: &str, messages: u64, size: usize, rate: u64) 
         registry
             .publish(TOPIC.as_bytes(), &message(seq, size))
             .unwrap();
-        if seq % 64 == 63 {
+        // A dispatch turn (which reads the server's answers and writes what they released)
+        // per 64 KiB published: the bare NATS publisher's write size.
+        if (seq + 1) % per_turn == 0 {
             registry.dispatch(Some(Duration::ZERO)).unwrap();
             while registry.broker_stats().queued > WINDOW {
                 registry.dispatch(Some(Duration::from_millis(1))).unwrap();
@@ -977,6 +984,17 @@ fn main() {
             );
         }
         "bystander" => return bystander(arg(2), arg(3)),
+        "publish" | "publish-bare" => {
+            let messages = arg(4).parse().unwrap();
+            let size = arg(5).parse().unwrap();
+            let published = if arg(1) == "publish" {
+                fdcast_publish(arg(2), arg(3), messages, size, 0)
+            } else {
+                plain_nats_publish(arg(2), arg(3), messages, size)
+            };
+            let seconds = (published.done_ns - published.start_ns) as f64 / 1e9;
+            return say(&format!("{:.0} published/s", messages as f64 / seconds));
+        }
         "" | "--quick" => {}
         _ => {
             eprintln!("usage: broker_bench [--quick]");
