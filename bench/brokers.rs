@@ -30,9 +30,10 @@
 //!
 //! Roles (this binary runs itself as the other processes):
 //! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted` (fdcast), `bystander URL
-//! NAME` (fdcast, subscribed to another topic until stdin says stop); and, to profile
-//! fdcast's publisher alone (`perf record -g broker_bench publish …`), `publish URL NAME N
-//! SIZE`.
+//! NAME` (fdcast, subscribed to another topic until stdin says stop); and, to profile a
+//! publisher alone (`perf record -g broker_bench publish …`, no receivers), `publish URL
+//! NAME N SIZE` (fdcast's, any engine) and `publish-bare URL NAME N SIZE` (the bare NATS
+//! publisher).
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::io::{BufRead, BufReader, Read, Write};
