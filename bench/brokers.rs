@@ -1051,7 +1051,7 @@ fn main() {
         .iter()
         .filter(|e| only.is_empty() || only.split(',').any(|k| k == e.key))
         .partition(|e| reachable(e));
-    let reps = if quick { 1 } else { 3 };
+    let reps = if quick { 1 } else { 5 };
     let sizes = [64usize, 1024];
     // Messages per run: about a second for the slowest side on a quiet 2-core machine.
     let messages = |engine: &str, publisher: Publisher, size: usize| -> u64 {
@@ -1072,7 +1072,8 @@ fn main() {
          whose other ends a thread reads and checks: every message once, in order, on every \
          socket; the receivers cork their registry, so that a dispatch turn's messages reach \
          each socket in one write. Every publisher, fdcast's and the baselines, feeds the same \
-         receivers. `published/s`: from the first publish until the server had answered the \
+         receivers; fdcast's publisher dispatches once per 64 KiB published, the bare NATS \
+         publisher's write size. `published/s`: from the first publish until the server had answered the \
          last (PostgreSQL, Redis: its replies; NATS: the PONG of a PING written after it; \
          fdcast: until `broker_disable` returned; redis-benchmark: its own rate); \
          `delivered/s`: until the last socket of the slower receiver read the last message. \
