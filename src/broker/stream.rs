@@ -758,6 +758,8 @@ mod tests {
     #[derive(Default)]
     struct Bare {
         read: usize,
+        /// What `holding_publishes` answers.
+        holding: bool,
     }
 
     impl Protocol for Bare {
@@ -790,7 +792,7 @@ mod tests {
             0
         }
         fn holding_publishes(&self) -> bool {
-            false
+            self.holding
         }
         fn awaiting_answers(&self) -> bool {
             false
@@ -861,6 +863,35 @@ mod tests {
         );
         turn(&mut engine, &reactor, &outbound);
         assert_eq!(engine.protocol.read, 2 * READ_PER_TURN);
+    }
+
+    #[test]
+    fn publishes_held_for_an_answer_are_queued_without_driving_and_sent_once_released() {
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let (mut engine, mut server) = connected(&reactor, &outbound);
+
+        assert!(outbound.push_publish(b"t", b"first "), "not held yet");
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(outbound.counts(), (0, 0), "taken and written");
+        engine.protocol.holding = true;
+        turn(&mut engine, &reactor, &outbound);
+        assert!(
+            !outbound.push_publish(b"t", b"second "),
+            "held: a publisher has nothing to drive"
+        );
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(outbound.counts(), (1, 0), "the held publish stays queued");
+
+        engine.protocol.holding = false;
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(outbound.counts(), (0, 0));
+        assert!(outbound.push_publish(b"t", b"third"), "released");
+        turn(&mut engine, &reactor, &outbound);
+        let want = b"first second third";
+        let mut got = vec![0; want.len()];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
     }
 
     #[test]
