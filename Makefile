@@ -208,7 +208,7 @@ uninstall:
 install-test: lib
 	MAKE='$(MAKE)' TEST_CC='$(CC)' sh tests/install_test.sh
 
-# --- benchmarks (issue 5) ------------------------------------------------------
+# --- benchmarks --------------------------------------------------------------
 # bench-build: the C bench programs (target/bench/), the registry and broker bench examples.
 # bench: bench/run.sh (BENCH_ARGS=--quick for the one-minute smoke run).
 BENCH_C := fanout pubsub fdcast_server slow

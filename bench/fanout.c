@@ -1,5 +1,5 @@
 /*
- * fanout.c: the physical limit of fan-out (issue 5, part 1).
+ * fanout.c: the physical limit of fan-out (benchmark part 1).
  *
  * One process per (transport, N, S): it connects N stream pairs once, starts the receiver
  * threads, then runs every contender `reps` times, alternating (the order rotates each rep),

@@ -1,5 +1,5 @@
 /*
- * pubsub.c: fdcast against Redis pub/sub (issue 5, part 2). Unix sockets throughout.
+ * pubsub.c: fdcast against Redis pub/sub (benchmark part 2). Unix sockets throughout.
  *
  * N subscriber connections on one channel, M messages of S bytes, everything verified at the
  * receivers (a separate process). Contenders, alternating, `reps` times each:

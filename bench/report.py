@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/report.py RESULTS.txt OUT.md [PLOT.png]: turns the RESULT lines of bench/run.sh into
 markdown tables (fdcast / other ratios next to every rate) and, when matplotlib is there, the
-plot of deliveries/s against N. Targets are issue 5's; a ratio under its target is marked ✗."""
+plot of deliveries/s against N. Targets are docs/performance.md's; a ratio under its target is marked ✗."""
 import os
 import platform
 import subprocess

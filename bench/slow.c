@@ -1,5 +1,5 @@
 /*
- * slow.c: slow consumers (issue 5, part 5).
+ * slow.c: slow consumers (benchmark part 5).
  *
  * N Unix connections subscribed to one topic (RAW, default outbox limit 1 MiB, policy
  * FDCAST_DROP_MESSAGE); M messages of S bytes. Two scenarios, alternating, `reps` times each,

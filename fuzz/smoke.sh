@@ -16,7 +16,7 @@ set -eu
 cd "$(dirname "$0")/.."
 action=${1:-run}
 [ $# -gt 0 ] && shift
-targets=${*:-"frames ws_decode c_api nats_parse"}
+targets=${*:-"frames ws_decode c_api nats_parse event_id"}
 secs=${FUZZ_SECS:-20}
 triple=x86_64-unknown-linux-gnu
 # FDCAST_FUZZ_TARGET_DIR moves the build (CI keeps it outside the clone); the corpus, the

@@ -40,9 +40,10 @@ const WS_OPCODE_TEXT: u8 = 0x1;
 const WS_OPCODE_BINARY: u8 = 0x2;
 /// The longest WebSocket header a server writes: 2 bytes + a 64-bit extended length.
 const MAX_HEADER_LEN: usize = crate::ws::MAX_SERVER_HEADER_LEN;
-/// WebSocket frames up to this size are joined into one buffer when encoded: one copy per
-/// publish, against a two-iovec `sendmsg` instead of a `send` for every subscriber (which
-/// measured 10% slower for 64-byte messages). Larger frames keep the payload borrowed.
+/// WebSocket frames up to this size are joined with their header into one buffer when
+/// encoded: one copy per publish buys every subscriber a one-buffer `send` instead of a
+/// two-iovec `sendmsg`. Larger frames keep the payload borrowed, since copying them would
+/// cost more than the iovec saves.
 const WS_JOIN_MAX: usize = 16 * 1024;
 
 /// A frame's leading bytes, held inline so building one allocates nothing.
@@ -137,8 +138,8 @@ impl<'a> Frame<'a> {
     }
 
     /// The whole frame in one reference-counted buffer, so every fd that queues this frame
-    /// shares one copy (API.md write-path rule 8): the encoder's own for a frame built whole,
-    /// else built on first use. `None` if the memory cannot be had: the buffer is the
+    /// shares one copy (a frame queued for many fds is held once, never copied per fd): the
+    /// encoder's own for a frame built whole, else built on first use. `None` if the memory cannot be had: the buffer is the
     /// payload's size, so it is reserved fallibly.
     pub(crate) fn shared(&self) -> Option<Arc<Vec<u8>>> {
         if let Body::Whole(bytes) = &self.body {

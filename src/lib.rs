@@ -11,6 +11,7 @@ mod broker;
 mod error;
 mod ffi;
 mod frame;
+mod history;
 mod index;
 mod io;
 mod outbox;
@@ -21,6 +22,7 @@ pub mod ws;
 pub use broker::{BrokerStats, PgStats};
 pub use error::Error;
 pub use frame::Mode;
+pub use history::{EventId, HistoryLimits, MAX_EVENT_ID_LEN};
 pub use index::SubscriptionId;
 pub use outbox::Overflow;
 pub use registry::{

@@ -123,6 +123,10 @@ impl Reactor {
     /// its socket will not report: the rest of an edge-triggered read cut short, or a
     /// connection lost on a publisher's thread, whose reconnect only a service of the backend
     /// schedules (a plain `wake` reports neither).
+    #[cfg_attr(
+        not(any(feature = "pg", feature = "redis", feature = "nats")),
+        allow(dead_code)
+    )]
     pub(crate) fn wake_backend(&self) {
         self.backend_due.store(true, Ordering::Release);
         self.wake();

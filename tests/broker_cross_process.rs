@@ -1789,7 +1789,6 @@ fn large_backlog(kind: Kind) {
     let mut agent = Agent::spawn();
     agent.enable(&url, &name);
     let command = format!("big {} {count} {size}", hex(topic));
-    let started = Instant::now();
     agent.start(&command);
     // The parent reads nothing meanwhile (NATS slows a publisher down while a subscriber lags,
     // so the agent's reply is read only after the parent caught up).
@@ -1800,13 +1799,9 @@ fn large_backlog(kind: Kind) {
         &want,
         "12 MiB sent while the parent was not dispatching",
     );
-    // About 0.4 s. Publishes left in the agent's queue behind a backed-up output once waited
-    // for the NATS server's first PING, about 2 s after connecting, to be written.
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_millis(1500),
-        "the backlog took {took:?}: publishes stranded in the publisher's queue?"
-    );
+    // Publishes left in the queue behind a backed-up output once waited for the NATS server's
+    // first PING to be written: a speed, which this test does not time; stream.rs's
+    // publishes_left_for_a_backed_up_output_go_out_when_the_socket_takes_it_whole pins it.
     assert_eq!(agent.reply(&command), "ok");
     agent.wait(&format!("wait_published {count}"));
     let stats = local.stats();

@@ -316,7 +316,7 @@ fn stress_with_detector(duration: Duration) -> u64 {
     passes
 }
 
-/// Callbacks that call back into the registry, as API.md allows (no lock is held).
+/// Callbacks that call back into the registry, as the header allows (no lock is held while one runs).
 fn install_reentrant_callbacks(reg: &Arc<Registry>, counts: &Arc<Counts>) {
     let weak: Weak<Registry> = Arc::downgrade(reg);
     let c = counts.clone();

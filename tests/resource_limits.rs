@@ -7,7 +7,7 @@
 //!   `fdcast_new()` returns NULL with a message, without crashing.
 //! - `one_copy`: a 1 GiB payload published to 8 subscribers that do not read, under an
 //!   address-space limit that leaves room for the payload's shared copy but not for one copy
-//!   per subscriber (API.md write-path rule 8): delivered (queued), held once.
+//!   per subscriber (README, Guarantees: a frame queued for many fds is held once): delivered (queued), held once.
 //! - `enomem_raw`, `enomem_ws`, `enomem_sse`: the same payload under a limit that leaves no
 //!   room for a copy: the publish must fail with a clear error (ENOMEM) or complete, and the
 //!   process must not abort. A reader then sees only whole frames up to EOF.

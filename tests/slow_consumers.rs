@@ -230,7 +230,7 @@ fn evict_run(fmt: Fmt) {
         expected.starts_with(&got),
         "the peer's bytes are not a prefix of the published stream"
     );
-    // Whole frames, in order from 0 without gaps. API.md rule 4 allows FDCAST_EVICT to end the
+    // Whole frames, in order from 0 without gaps. FDCAST_EVICT may end the
     // stream inside a frame (an aborted connection), so only the whole frames are checked.
     let whole = match fmt {
         Fmt::Ws => parse_ws_frames(&got)
@@ -318,7 +318,7 @@ fn send_reports_dropped_and_evicted() {
     });
 }
 
-/// A frame larger than the limit still reaches a fast reader whole (rule 5), and a frame that
+/// A frame larger than the limit still reaches a fast reader whole (README, Guarantees), and a frame that
 /// would pile onto its queued remainder is dropped.
 #[test]
 fn frame_bigger_than_limit_reaches_fast_reader() {

@@ -5,7 +5,7 @@
 //! and opcodes outside their enums, negative, closed and out-of-range fds, fdcast's own epoll
 //! fd, a pipe, /dev/null, peers that stop reading or go away, reentrant callbacks.
 //!
-//! Every call's return value must be one API.md allows for those arguments (exactly, where
+//! Every call's return value must be one the header documents for those arguments (exactly, where
 //! the arguments decide it), `fdcast_last_error()` is never NULL and never reports an
 //! internal error, the counters stay consistent, and nothing crashes, leaks (LeakSanitizer at
 //! exit) or panics (libfuzzer-sys aborts on any panic, even one the boundary would catch).

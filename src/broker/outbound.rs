@@ -68,6 +68,7 @@ impl Publishes {
     }
 
     /// Drops the first `n` publishes.
+    #[cfg(any(feature = "pg", test))]
     pub(crate) fn drop_front(&mut self, n: usize) {
         let mut cut = 0;
         let mut iter = self.iter();
@@ -103,6 +104,8 @@ impl<'a> Iterator for PublishIter<'a> {
 }
 
 /// A topic gained its first local subscriber (`subscribe: true`) or lost its last.
+/// PostgreSQL listens on one channel and only drops these; the routing engines read them.
+#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
 pub(crate) struct InterestChange {
     pub(crate) topic: Box<[u8]>,
     pub(crate) subscribe: bool,

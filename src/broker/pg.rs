@@ -28,15 +28,13 @@ use mio::Interest;
 use super::libpq::{self, ConnectProgress, Connection, FlushProgress, ResultKind};
 use super::outbound::{InterestChange, Publishes};
 use super::{
-    BrokerStats, Context, Engine, FIRST_RETRY, MAX_RETRY, Received, Wait, next_retry, wire,
+    BrokerStats, Context, DEFAULT_CONNECT_TIMEOUT, Engine, FIRST_RETRY, MAX_RETRY, Received, Wait,
+    next_retry, wire,
 };
 use crate::error::Error;
 use crate::io;
 use crate::reactor::Reactor;
 
-/// How long `enable` waits for the connection and the LISTEN, unless the conninfo sets
-/// `connect_timeout`.
-const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Notifications handed to libpq whose batch the server has not confirmed, at most; beyond,
 /// publishes wait in the broker's queue.
 const MAX_UNCONFIRMED: usize = 65_536;
@@ -199,10 +197,6 @@ impl PgEngine {
             connected_before: false,
             stats: BrokerStats::default(),
         })
-    }
-
-    pub(crate) fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
     }
 
     fn phase_name(&self) -> u8 {
@@ -483,6 +477,10 @@ impl PgEngine {
 }
 
 impl Engine for PgEngine {
+    fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     fn advance(&mut self, cx: &mut Context<'_>) {
         loop {
             let before = self.phase_name();

@@ -237,33 +237,6 @@ impl<P: Protocol> StreamEngine<P> {
         })
     }
 
-    pub(crate) fn protocol_mut(&mut self) -> &mut P {
-        &mut self.protocol
-    }
-
-    /// Connected, with the session open (handshake answered).
-    pub(crate) fn is_open(&self) -> bool {
-        matches!(self.phase, Phase::Open { .. }) && self.protocol.is_open()
-    }
-
-    /// Lets the protocol write a command of its own once the session is open (written out
-    /// by the next turn); false, and nothing written, before that.
-    pub(crate) fn send(&mut self, command: impl FnOnce(&mut P, &mut Vec<u8>)) -> bool {
-        if !self.is_open() {
-            return false;
-        }
-        command(&mut self.protocol, &mut self.output);
-        true
-    }
-
-    /// The address this connection reached, while it is open.
-    pub(crate) fn peer(&self) -> Option<SocketAddr> {
-        match &self.phase {
-            Phase::Open { stream, .. } => stream.peer_addr(),
-            _ => None,
-        }
-    }
-
     fn start_connecting(&mut self, reactor: &Reactor) {
         let (address, _) = self.addresses[self.next_address % self.addresses.len()];
         self.next_address = self.next_address.wrapping_add(1);
@@ -604,6 +577,37 @@ impl<P: Protocol> StreamEngine<P> {
             Phase::Down { .. } => 0,
             Phase::Connecting { .. } => 1,
             Phase::Open { .. } => 2,
+        }
+    }
+}
+
+/// What the Redis Cluster engine needs to drive one connection per node itself.
+#[cfg(feature = "redis")]
+impl<P: Protocol> StreamEngine<P> {
+    pub(crate) fn protocol_mut(&mut self) -> &mut P {
+        &mut self.protocol
+    }
+
+    /// Connected, with the session open (handshake answered).
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open { .. }) && self.protocol.is_open()
+    }
+
+    /// Lets the protocol write a command of its own once the session is open (written out
+    /// by the next turn); false, and nothing written, before that.
+    pub(crate) fn send(&mut self, command: impl FnOnce(&mut P, &mut Vec<u8>)) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        command(&mut self.protocol, &mut self.output);
+        true
+    }
+
+    /// The address this connection reached, while it is open.
+    pub(crate) fn peer(&self) -> Option<SocketAddr> {
+        match &self.phase {
+            Phase::Open { stream, .. } => stream.peer_addr(),
+            _ => None,
         }
     }
 }

@@ -168,6 +168,7 @@ impl TlsSettings {
 
 /// `Error::InvalidArgument` holds a `&'static str`; a setup message names a file, so it is
 /// leaked: once per failed enable, a few bytes the host asked for.
+#[cfg(feature = "tls")]
 fn invalid(message: String) -> Error {
     Error::InvalidArgument(Box::leak(message.into_boxed_str()))
 }
@@ -206,6 +207,7 @@ impl Transport {
     }
 
     /// The address the connection reached.
+    #[cfg(feature = "redis")]
     pub(crate) fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
             Transport::Closed => None,

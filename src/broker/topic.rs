@@ -13,17 +13,20 @@
 //!   line could not carry) is `prefix.%SHA1.` followed by the topic's SHA-1 in lower-case
 //!   hex: plain clients can still compute it, and `%S` is no escape, so it meets neither form.
 
+#[cfg(feature = "nats")]
 use sha1::{Digest, Sha1};
 
 use crate::error::Error;
 
 /// The longest subject fdcast puts on a NATS control line (`PUB <subject> <len>`), well
 /// inside the server's default `max_control_line` of 4096.
+#[cfg(feature = "nats")]
 pub(crate) const MAX_SUBJECT_LEN: usize = 2048;
 /// The longest prefix (`name`) a broker accepts.
 pub(crate) const MAX_PREFIX_LEN: usize = 255;
 
 /// The Redis channel of `topic`.
+#[cfg(feature = "redis")]
 pub(crate) fn redis_channel(prefix: &[u8], topic: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(prefix);
@@ -31,6 +34,7 @@ pub(crate) fn redis_channel(prefix: &[u8], topic: &[u8], out: &mut Vec<u8>) {
 }
 
 /// A Redis channel prefix: up to 255 bytes, none of them NUL (it arrives as a C string).
+#[cfg(feature = "redis")]
 pub(crate) fn check_redis_prefix(prefix: &str) -> Result<(), Error> {
     if prefix.len() > MAX_PREFIX_LEN {
         return Err(Error::InvalidArgument(
@@ -41,6 +45,7 @@ pub(crate) fn check_redis_prefix(prefix: &str) -> Result<(), Error> {
 }
 
 /// A NATS subject prefix: 1 to 255 bytes of a plain subject (no wildcard, no empty token).
+#[cfg(feature = "nats")]
 pub(crate) fn check_nats_prefix(prefix: &str) -> Result<(), Error> {
     if prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN || !is_plain_subject(prefix.as_bytes()) {
         return Err(Error::InvalidArgument(
@@ -51,6 +56,7 @@ pub(crate) fn check_nats_prefix(prefix: &str) -> Result<(), Error> {
 }
 
 /// The NATS subject of `topic`, written into `out`.
+#[cfg(feature = "nats")]
 pub(crate) fn nats_subject(prefix: &[u8], topic: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(prefix);
@@ -81,6 +87,7 @@ pub(crate) fn nats_subject(prefix: &[u8], topic: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Printable ASCII without `%`, `*`, `>`, and no empty `.`-separated token.
+#[cfg(feature = "nats")]
 fn is_plain_subject(bytes: &[u8]) -> bool {
     !bytes.is_empty()
         && bytes
@@ -89,6 +96,7 @@ fn is_plain_subject(bytes: &[u8]) -> bool {
         && bytes.split(|&b| b == b'.').all(|token| !token.is_empty())
 }
 
+#[cfg(feature = "nats")]
 fn is_kept_when_escaping(byte: u8) -> bool {
     (0x21..=0x7e).contains(&byte) && !matches!(byte, b'%' | b'*' | b'>' | b'.')
 }
@@ -96,7 +104,7 @@ fn is_kept_when_escaping(byte: u8) -> bool {
 /// The topic an escaped or plain subject suffix (after `prefix.`) names; `None` for a hashed
 /// subject or a bad escape. For tests and tools: the engine maps subjects back by
 /// subscription.
-#[cfg(test)]
+#[cfg(all(test, feature = "nats"))]
 fn topic_of_subject(suffix: &[u8]) -> Option<Vec<u8>> {
     if suffix.starts_with(b"%SHA1.") {
         return None;
@@ -119,7 +127,7 @@ fn topic_of_subject(suffix: &[u8]) -> Option<Vec<u8>> {
     Some(topic)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "nats"))]
 mod tests {
     use super::*;
 
@@ -194,6 +202,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "redis")]
     fn prefixes_are_checked() {
         assert!(check_nats_prefix("fdcast").is_ok());
         assert!(check_nats_prefix("a.b").is_ok());

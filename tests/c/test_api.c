@@ -1,9 +1,10 @@
 /*
- * test_api.c: the C API contract of fdcast (shared/API.md), exercised from C
- * over real socketpairs and pipes.
+ * test_api.c: the C API contract of fdcast (each function's comment in
+ * include/fdcast.h, and README.md's Conventions and Guarantees), exercised
+ * from C over real socketpairs and pipes.
  *
- * Covers every function of the sections Conventions, Types, Registry,
- * Publishing, Event-loop embedding and Hooks, and every documented error
+ * Covers every function for the conventions, the types, the registry,
+ * publishing, event-loop embedding and the hooks, and every documented error
  * path. Each test_* function builds its own registry so that counters and
  * callbacks start from a known state. A failing check prints file:line and
  * exits 1. Run by `make c-test` under ASan+UBSan (static library) and valgrind

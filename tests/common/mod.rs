@@ -355,7 +355,7 @@ pub fn parse_ws_all(buf: &[u8]) -> Vec<WsFrame> {
     frames
 }
 
-/// Expected SSE bytes for `payload`, per API.md rule 2.
+/// Expected SSE bytes for `payload`, as README's Modes describe them: one `data: ` line per payload line, then a blank line.
 pub fn sse_encode(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
