@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench/run.sh [--quick]: fdcast's benchmarks (issue 5). Builds the programs (make
-# bench-build), runs them, and prints the tables with ratios fdcast / other.
+# bench/run.sh [--quick]: fdcast's benchmarks (docs/performance.md). Builds the programs
+# (make bench-build), runs them, and prints the tables with ratios fdcast / other.
 #
 #   full     (under 5 minutes) writes bench/results.md and bench/deliveries.png
 #   --quick  (under 1 minute) small sizes, one run each, results in target/bench/; the smoke
@@ -94,7 +94,7 @@ fi
 python3 bench/report.py "$raw" "$md" $png
 cp "$raw" "${md%.md}.txt"
 
-# Cross-process fan-out through PostgreSQL (issue 3): publish in this process, bytes on a
+# Cross-process fan-out through PostgreSQL: publish in this process, bytes on a
 # socket in another; the receiver checks every message arrived once, in order.
 {
   echo
