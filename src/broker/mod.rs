@@ -383,8 +383,10 @@ impl Broker {
         }
     }
 
-    /// Queues a publish (already checked) and, if no other thread is driving the engine,
-    /// writes what is queued. Never waits for the server or for another thread's I/O.
+    /// Queues a publish (already checked) and, if the engine can take it now and no other
+    /// thread is driving the engine, writes what is queued; while the engine holds publishes
+    /// for the server's answer, `dispatch` sends them. Never waits for the server or for
+    /// another thread's I/O.
     pub(crate) fn publish(&self, topic: &[u8], payload: &[u8], reactor: &Reactor) {
         if self.outbound.push_publish(topic, payload) {
             self.drive(reactor, false, &mut Vec::new());
