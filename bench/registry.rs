@@ -1,6 +1,7 @@
 //! Registry and contention benchmarks (issue 5, parts 3 and 4), through the Rust API, which
 //! the C API wraps one to one. Run by `bench/run.sh`; alone:
-//! `cargo run --release --example registry_bench [--quick]`.
+//! `cargo run --release --example registry_bench [--quick] [--memory]` (`--memory`: only the
+//! memory per subscription).
 //!
 //! Subscribers are fds of /dev/null (each opened separately, so each is its own open file):
 //! subscribing needs open fds, and a publish to them costs a cheap `writev`, no reader.
@@ -210,6 +211,13 @@ fn publish_latency(churn: Option<bool>, samples: usize) -> (u64, u64) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
+    let million = 1_000_000 / scale;
+    if std::env::args().any(|a| a == "--memory") {
+        let fds = open_fds(1000);
+        memory_per_subscription(&fds, million / 1000, 1000);
+        memory_per_subscription(&fds, million, 1);
+        return;
+    }
 
     // 3. registry costs
     let fds = open_fds(1000);
@@ -226,7 +234,6 @@ fn main() {
             println!("RESULT part=unsubscribe_fd k={k} t={t} ns={ns:.0}");
         }
     }
-    let million = 1_000_000 / scale;
     memory_per_subscription(&fds, million / 1000, 1000);
     memory_per_subscription(&fds, million, 1);
 

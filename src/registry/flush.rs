@@ -3,7 +3,7 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Registry;
 use crate::error::Error;
@@ -47,7 +47,7 @@ impl Registry {
             // Batch members are not idle and get no heartbeat: end the batches first, so
             // that those whose topic went quiet get theirs.
             self.spill_batches();
-            served += self.beat_if_due();
+            served += self.beat_if_due(Instant::now()).sent;
             self.arm_timer();
         }
         let mut flushed = Flushed::default();

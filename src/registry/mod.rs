@@ -189,9 +189,22 @@ impl Registry {
         }
         let mut index = self.write_index();
         let peer = self.known_peer(&mut index, fd, identity)?;
-        let id = index.subscribe(topic, fd, mode);
-        peer.set_subscriptions(index.subscriptions_of(fd));
+        let Some(id) = index.subscribe(topic, fd, mode) else {
+            self.forget_if_unused(&mut index, fd);
+            return Err(Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        };
+        self.subscriptions_changed(&index, &peer);
         Ok(id)
+    }
+
+    /// Tells `peer` what its fd's subscriptions now come to, after a change under the index's
+    /// write lock, and queues it for heartbeats if it has a keep-alive mode.
+    fn subscriptions_changed(&self, index: &Index<Peer>, peer: &Arc<Peer>) {
+        let keepalive = index.keepalive_of(peer.fd);
+        peer.set_subscriptions(index.subscriptions_of(peer.fd), keepalive);
+        if keepalive.is_some() {
+            self.queue_heartbeat(peer);
+        }
     }
 
     /// Removes one subscription. Frames already queued for its fd stay queued.
@@ -199,7 +212,7 @@ impl Registry {
         let mut index = self.write_index();
         let fd = index.unsubscribe(id).ok_or(Error::NotFound)?;
         if let Some(peer) = index.peer(fd) {
-            peer.set_subscriptions(index.subscriptions_of(fd));
+            self.subscriptions_changed(&index, peer);
         }
         self.forget_if_unused(&mut index, fd);
         Ok(())
@@ -319,7 +332,7 @@ impl Registry {
     }
 
     /// The peer for `fd`, created if the index does not know the fd, and replacing a stale one
-    /// if the fd number now refers to another file (the fd-reuse guard of API.md).
+    /// if the fd number now refers to another file (the fd-reuse guard).
     fn known_peer(
         &self,
         index: &mut Index<Peer>,

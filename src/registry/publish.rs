@@ -211,7 +211,7 @@ impl Registry {
         outcomes.dropped += appended.dropped;
         self.settle(outcomes);
         if first_gathered {
-            // While corked, poll_fd turns readable as soon as frames wait (API.md).
+            // While corked, poll_fd turns readable as soon as frames wait.
             self.reactor.wake();
         }
         Ok(matched)
