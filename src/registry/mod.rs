@@ -133,7 +133,7 @@ pub struct Registry {
     outbox_limit: AtomicUsize,
     overflow_evicts: AtomicBool,
     corked: AtomicBool,
-    /// Keep-alive settings; a leaf lock.
+    /// Keep-alive settings and the queue of fds that may be due (heartbeat.rs); a leaf lock.
     heartbeat: Mutex<Heartbeat>,
     /// The current heartbeat period; every write stamps its fd with it.
     heartbeat_tick: AtomicU64,
@@ -177,7 +177,9 @@ impl Registry {
     }
 
     /// Subscribes `fd` to `topic`. Subscribing the same (topic, fd) again returns the same id
-    /// and sets the mode. Pipes and other non-sockets are made `O_NONBLOCK`.
+    /// and sets the mode. Pipes and other non-sockets are made `O_NONBLOCK`. An id is never
+    /// handed out twice, so a stale one names nothing; after 2^63 - 1 subscriptions (centuries
+    /// at any real rate) a new one fails with `ENOSPC`.
     pub fn subscribe(&self, topic: &[u8], fd: RawFd, mode: Mode) -> Result<SubscriptionId, Error> {
         check_topic(topic)?;
         let identity = identify(fd)?;
