@@ -5,8 +5,9 @@
 //!
 //! Locks, always taken in this order and never the other way round:
 //! 1. `index` (an `RwLock`): read briefly by an immediate publish to clone a topic's
-//!    subscriber list, and for the whole of a corked publish (which writes nothing); written
-//!    by subscribe, unsubscribe, eviction and the fd-reuse guard;
+//!    subscriber list, for the whole of a corked publish (which writes nothing), and by
+//!    `set_heartbeat` to queue every fd when heartbeats start; written by subscribe,
+//!    unsubscribe, eviction and the fd-reuse guard;
 //! 2. `batches`, the corked batches (batch.rs): held by a corked publish to append its frames,
 //!    and to spill the batches into the outboxes, which every index write does first;
 //! 3. one peer's outbox mutex: held for the writes to that one fd.
