@@ -11,6 +11,15 @@ use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::outbox::{Delivery, InBatch, Overflow, Peer, WritePolicy};
 
+/// A publish on its way to this registry's subscribers.
+#[derive(Clone, Copy)]
+struct Message<'a> {
+    topic: &'a [u8],
+    payload: &'a [u8],
+    /// The sender: it gets nothing and is not counted.
+    except: Option<RawFd>,
+}
+
 /// What one publish's deliveries came to, settled once the publish holds no lock.
 #[derive(Default)]
 pub(super) struct Outcomes {
@@ -98,36 +107,37 @@ impl Registry {
         payload: &[u8],
         except: Option<RawFd>,
     ) -> Result<usize, Error> {
+        let message = Message {
+            topic,
+            payload,
+            except,
+        };
         let policy = self.write_policy();
         if policy.corked {
-            self.deliver_corked(topic, payload, except, policy)
+            self.deliver_corked(message, policy)
         } else {
-            self.deliver_immediate(topic, payload, except, policy)
+            self.deliver_immediate(message, policy)
         }
     }
 
-    pub(super) fn deliver_immediate(
-        &self,
-        topic: &[u8],
-        payload: &[u8],
-        except: Option<RawFd>,
-        policy: WritePolicy,
-    ) -> Result<usize, Error> {
+    fn deliver_immediate(&self, message: Message<'_>, policy: WritePolicy) -> Result<usize, Error> {
         let (list, except_mode) = {
             let index = self.index.read();
-            let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
-            (index.snapshot(topic), except_mode)
+            let except_mode = message
+                .except
+                .and_then(|fd| index.mode_of(message.topic, fd));
+            (index.snapshot(message.topic), except_mode)
         };
         let Some(list) = list else {
             return Ok(0);
         };
-        check_utf8(payload, list.utf8_subscribers(), except_mode)?;
+        check_utf8(message.payload, list.utf8_subscribers(), except_mode)?;
 
-        let frames = FrameSet::new(payload);
+        let frames = FrameSet::new(message.payload);
         let mut matched = 0;
         let mut outcomes = Outcomes::default();
         for subscriber in list.subscribers() {
-            if Some(subscriber.fd) == except {
+            if Some(subscriber.fd) == message.except {
                 continue;
             }
             matched += 1;
@@ -143,20 +153,14 @@ impl Registry {
     /// A corked publish: appends the frames to the topic's batch, and queues them for the
     /// subscribers that cannot be members (see batch.rs). Holds the index's read lock
     /// throughout, so that the batch's members stay what the index says.
-    pub(super) fn deliver_corked(
-        &self,
-        topic: &[u8],
-        payload: &[u8],
-        except: Option<RawFd>,
-        policy: WritePolicy,
-    ) -> Result<usize, Error> {
+    fn deliver_corked(&self, message: Message<'_>, policy: WritePolicy) -> Result<usize, Error> {
         let index = self.index.read();
-        let frames = FrameSet::new(payload);
+        let frames = FrameSet::new(message.payload);
         let mut outcomes = Outcomes::default();
         let mut batches = self.batches.lock();
         let gauge = &self.counters.queued_bytes;
         let batch = match batches.fitting(
-            topic,
+            message.topic,
             &frames,
             policy.outbox_limit,
             gauge,
@@ -164,7 +168,7 @@ impl Registry {
         ) {
             Ok(batch) => batch,
             Err(vacant) => {
-                let Some(list) = index.snapshot(topic) else {
+                let Some(list) = index.snapshot(message.topic) else {
                     drop(batches);
                     drop(index);
                     self.settle(outcomes);
@@ -177,11 +181,13 @@ impl Registry {
                     policy.outbox_limit,
                     policy.heartbeat_tick,
                 );
-                batches.insert(topic, vacant, batch)
+                batches.insert(message.topic, vacant, batch)
             }
         };
-        let except_mode = except.and_then(|fd| index.mode_of(topic, fd));
-        if let Err(refused) = check_utf8(payload, batch.utf8_subscribers(), except_mode) {
+        let except_mode = message
+            .except
+            .and_then(|fd| index.mode_of(message.topic, fd));
+        if let Err(refused) = check_utf8(message.payload, batch.utf8_subscribers(), except_mode) {
             drop(batches);
             drop(index);
             // A batch the publish spilled still has to reach the flush list.
@@ -190,7 +196,7 @@ impl Registry {
         }
         let matched = batch.subscriber_count() - usize::from(except_mode.is_some());
         for direct in batch.direct() {
-            if Some(direct.fd) == except {
+            if Some(direct.fd) == message.except {
                 continue;
             }
             outcomes.deliver(&direct.peer, frames.get(direct.mode), |frame| {
@@ -202,7 +208,7 @@ impl Registry {
                     .expect("a corked batch's direct member is in no batch")
             });
         }
-        let appended = batch.append(&frames, except);
+        let appended = batch.append(&frames, message.except);
         let first_gathered = appended.queued > 0 && batches.start_gathering();
         drop(batches);
         drop(index);
