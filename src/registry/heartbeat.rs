@@ -156,11 +156,13 @@ impl Registry {
                     Some(period) if on => {
                         heartbeat.queue.entry(period).or_default().push(peer);
                     }
-                    // Lost its keep-alive subscriptions: out of the queue until a subscribe
-                    // gives it one again (and queues it, seeing it out).
+                    // It had lost its keep-alive mode, and a subscribe gave it one again
+                    // while it still counted as queued: due at the next tick.
                     None if on && peer.keepalive().is_some() => {
                         heartbeat.queue.entry(current).or_default().push(peer);
                     }
+                    // Heartbeats off, or no keep-alive mode: out of the queue until a
+                    // subscribe or `set_heartbeat` queues it again.
                     _ => peer.set_heartbeat_queued(false),
                 }
             }
