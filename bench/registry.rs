@@ -1,6 +1,7 @@
 //! Registry and contention benchmarks (issue 5, parts 3 and 4), through the Rust API, which
 //! the C API wraps one to one. Run by `bench/run.sh`; alone:
-//! `cargo run --release --example registry_bench [--quick]`.
+//! `cargo run --release --example registry_bench [--quick] [--memory | --heartbeat]` (only
+//! the memory per subscription, or only subscribe latency during heartbeat ticks).
 //!
 //! Subscribers are fds of /dev/null (each opened separately, so each is its own open file):
 //! subscribing needs open fds, and a publish to them costs a cheap `writev`, no reader.
@@ -103,6 +104,11 @@ fn memory_per_subscription(fds: &[File], topics: usize, per_topic: usize) {
     // Hand memory freed by earlier steps back to the kernel, so that it is not reused
     // unseen by RSS. SAFETY: malloc_trim only releases free heap memory.
     unsafe { libc::malloc_trim(0) };
+    // Fixed, glibc's mmap threshold no longer rises each time a large block is freed, which
+    // would move later mid-sized blocks into the heap, where the old buffers of growing
+    // tables stay counted in RSS or not depending on the order of allocations. SAFETY:
+    // mallopt only changes the allocator's tuning.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
     let before = rss_bytes();
     for (i, name) in names.iter().enumerate() {
         for j in 0..per_topic {
@@ -119,6 +125,53 @@ fn memory_per_subscription(fds: &[File], topics: usize, per_topic: usize) {
          rss_delta={} topic_bytes={topic_bytes} bytes_per_sub={per_sub:.1}",
         fds.len(),
         after.saturating_sub(before)
+    );
+}
+
+/// Subscribe + unsubscribe latency on one more fd while another thread dispatches heartbeat
+/// ticks every millisecond over `topics` x `fds.len()` RAW subscriptions and one WebSocket
+/// fd: a tick that walked every subscription under the index lock would stall them.
+fn subscribe_during_heartbeats(fds: &[File], topics: usize, samples: usize) {
+    let reg = Arc::new(Registry::new().unwrap());
+    for i in 0..topics {
+        for fd in fds {
+            reg.subscribe(&topic(i), fd.as_raw_fd(), Mode::Raw).unwrap();
+        }
+    }
+    let websocket = File::options().write(true).open("/dev/null").unwrap();
+    reg.subscribe(b"ws", websocket.as_raw_fd(), Mode::WsBinary)
+        .unwrap();
+    reg.set_heartbeat(Some(Duration::from_millis(1)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let reg = Arc::clone(&reg);
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                reg.dispatch(Some(Duration::from_millis(5))).unwrap();
+            }
+        })
+    };
+    let probe = File::options().write(true).open("/dev/null").unwrap();
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        let id = reg
+            .subscribe(b"probe", probe.as_raw_fd(), Mode::Raw)
+            .unwrap();
+        reg.unsubscribe(id).unwrap();
+        times.push(start.elapsed().as_nanos() as u64);
+    }
+    stop.store(true, Ordering::Relaxed);
+    reg.wake();
+    ticker.join().unwrap();
+    times.sort_unstable();
+    println!(
+        "RESULT part=heartbeat subscriptions={} p50_ns={} p99_ns={} max_ns={}",
+        reg.subscriber_count(),
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times[times.len() - 1]
     );
 }
 
@@ -210,6 +263,17 @@ fn publish_latency(churn: Option<bool>, samples: usize) -> (u64, u64) {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
+    let million = 1_000_000 / scale;
+    if std::env::args().any(|a| a == "--heartbeat") {
+        subscribe_during_heartbeats(&open_fds(1000), million / 1000, 200_000 / scale);
+        return;
+    }
+    if std::env::args().any(|a| a == "--memory") {
+        let fds = open_fds(1000);
+        memory_per_subscription(&fds, million / 1000, 1000);
+        memory_per_subscription(&fds, million, 1);
+        return;
+    }
 
     // 3. registry costs
     let fds = open_fds(1000);
@@ -226,9 +290,9 @@ fn main() {
             println!("RESULT part=unsubscribe_fd k={k} t={t} ns={ns:.0}");
         }
     }
-    let million = 1_000_000 / scale;
     memory_per_subscription(&fds, million / 1000, 1000);
     memory_per_subscription(&fds, million, 1);
+    subscribe_during_heartbeats(&fds, million / 1000, 200_000 / scale);
 
     // 4. contention
     let duration = Duration::from_millis(if quick { 100 } else { 500 });

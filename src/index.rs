@@ -4,9 +4,10 @@
 //!
 //! Topics live in a slab (a `Vec` whose free slots are reused) and are named by their slot's
 //! u32 id; a `HashTable` of ids, hashed by the topic's bytes with a keyed hasher (topics may
-//! come from clients: no chosen collisions), finds a topic by name. A subscription id carries
-//! its fd in the high 32 bits and a serial number in the low 32, so resolving an id needs no
-//! map of its own: the fd's entry lists its (serial, topic id) pairs, 8 bytes each.
+//! come from clients: no chosen collisions), finds a topic by name. Subscription ids come from
+//! one 63-bit counter, so an id is never handed out twice (not even after the subscription it
+//! named is gone, nor for another fd); a table finds each live id's fd and topic, and an fd's
+//! entry lists its topic ids, 4 bytes each.
 //!
 //! Most topics in a large deployment have one subscriber, so such a topic keeps it inline in
 //! its slot: no list, no map. From two subscribers on, a topic's subscribers live in an `Arc`'d
@@ -15,11 +16,6 @@
 //! so subscribing is O(1) amortised when no publish is in flight on that topic. Finding an
 //! fd in a list is a linear scan up to `LINEAR_SCAN_MAX` subscribers; a larger topic also
 //! keeps an fd → position map.
-//!
-//! Measured RSS per subscription beyond the topic's bytes (`bench/registry.rs`): 52 bytes in
-//! 1,000 topics of 1,000 subscribers (a 24-byte list slot, the position map, the fd's 8-byte
-//! entry), and 80 in 1,000,000 topics of one subscriber (the 40-byte slab slot with its
-//! inline subscriber, the name's allocation, the hash table and the fd's entry).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -33,16 +29,31 @@ use crate::frame::Mode;
 /// Identifies one (topic, fd) subscription; always > 0 and below 2^63.
 pub type SubscriptionId = u64;
 
-fn subscription_id(fd: RawFd, serial: u32) -> SubscriptionId {
-    (u64::from(fd as u32) << 32) | u64::from(serial)
+/// The first id never handed out, so that every id is a non-negative C `int64_t`.
+const ID_LIMIT: SubscriptionId = 1 << 63;
+
+/// Where a live subscription is. Its id is not copied here: the subscriber in the topic holds
+/// it, and the table's comparisons and rehashing read it there.
+#[derive(Clone, Copy)]
+struct IdEntry {
+    fd: RawFd,
+    topic: TopicId,
 }
 
-fn fd_of(id: SubscriptionId) -> RawFd {
-    (id >> 32) as u32 as RawFd
+/// The hash of an id in the table of live ids. Only the index makes ids, counting up, so no
+/// one can choose keys that collide, and a keyed hasher would buy nothing. An odd multiplier
+/// permutes the residues modulo every power of two, so consecutive ids fill distinct buckets,
+/// and it carries the low bits into the high ones, which the table uses as tags.
+fn hash_id(id: SubscriptionId) -> u64 {
+    id.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-fn serial_of(id: SubscriptionId) -> u32 {
-    id as u32
+/// The keep-alive frame an fd is sent when idle: a WebSocket ping if it has a WebSocket
+/// subscription, else an SSE comment if it has an SSE one. RAW streams get none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keepalive {
+    Ping,
+    Comment,
 }
 
 /// Up to this many subscribers, a topic finds an fd by scanning its list: cheaper, in time
@@ -57,14 +68,7 @@ pub(crate) struct Subscriber<P> {
     pub(crate) fd: RawFd,
     pub(crate) mode: Mode,
     pub(crate) peer: Arc<P>,
-    /// The low half of the subscription's id (the fd is the high half).
-    serial: u32,
-}
-
-impl<P> Subscriber<P> {
-    fn id(&self) -> SubscriptionId {
-        subscription_id(self.fd, self.serial)
-    }
+    id: SubscriptionId,
 }
 
 impl<P> Clone for Subscriber<P> {
@@ -73,7 +77,7 @@ impl<P> Clone for Subscriber<P> {
             fd: self.fd,
             mode: self.mode,
             peer: Arc::clone(&self.peer),
-            serial: self.serial,
+            id: self.id,
         }
     }
 }
@@ -159,12 +163,12 @@ impl<P> Subscribers<P> {
         }
     }
 
-    /// Sets the mode of the subscriber at `position`; returns its id.
-    fn set_mode(&mut self, position: usize, mode: Mode) -> SubscriptionId {
+    /// Sets the mode of the subscriber at `position`; returns its id and its old mode.
+    fn set_mode(&mut self, position: usize, mode: Mode) -> (SubscriptionId, Mode) {
         match self {
             Subscribers::One(subscriber) => {
-                subscriber.mode = mode;
-                subscriber.id()
+                let old_mode = std::mem::replace(&mut subscriber.mode, mode);
+                (subscriber.id, old_mode)
             }
             Subscribers::Shared { list, .. } => {
                 let list = Arc::make_mut(list);
@@ -172,7 +176,7 @@ impl<P> Subscribers<P> {
                 let old_mode = std::mem::replace(&mut subscriber.mode, mode);
                 list.utf8_subscribers = list.utf8_subscribers + usize::from(mode.requires_utf8())
                     - usize::from(old_mode.requires_utf8());
-                subscriber.id()
+                (subscriber.id, old_mode)
             }
         }
     }
@@ -218,11 +222,9 @@ impl<P> Subscribers<P> {
         }
     }
 
-    /// Removes `fd`'s subscriber from a topic that has others; returns whether it was there.
-    fn remove_one_of_several(&mut self, fd: RawFd) -> bool {
-        let Some(position) = self.position_of(fd) else {
-            return false;
-        };
+    /// Removes `fd`'s subscriber from a topic that has others; returns it, if it was there.
+    fn remove_one_of_several(&mut self, fd: RawFd) -> Option<Subscriber<P>> {
+        let position = self.position_of(fd)?;
         let Subscribers::Shared {
             list,
             position_of_fd,
@@ -244,7 +246,7 @@ impl<P> Subscribers<P> {
                 positions.insert(moved.fd, position as u32);
             }
         }
-        true
+        Some(removed)
     }
 }
 
@@ -253,16 +255,46 @@ struct Topic<P> {
     subscribers: Subscribers<P>,
 }
 
-/// One of an fd's subscriptions, as its reverse index holds it.
-struct FdSubscription {
-    serial: u32,
-    topic: TopicId,
-}
-
 struct PeerEntry<P> {
     peer: Arc<P>,
-    /// The fd's subscriptions: the reverse index that makes forgetting an fd O(these).
-    subscriptions: Vec<FdSubscription>,
+    /// The topics of the fd's subscriptions: the reverse index that makes forgetting an fd
+    /// O(these).
+    topics: Vec<TopicId>,
+    /// How many of them are WebSocket and SSE subscriptions, which decide its keep-alive.
+    websocket_subscriptions: u32,
+    sse_subscriptions: u32,
+}
+
+impl<P> PeerEntry<P> {
+    fn mode_count(&mut self, mode: Mode) -> Option<&mut u32> {
+        match mode {
+            Mode::WsText | Mode::WsBinary => Some(&mut self.websocket_subscriptions),
+            Mode::Sse => Some(&mut self.sse_subscriptions),
+            Mode::Raw => None,
+        }
+    }
+
+    fn count_mode(&mut self, mode: Mode) {
+        if let Some(count) = self.mode_count(mode) {
+            *count += 1;
+        }
+    }
+
+    fn uncount_mode(&mut self, mode: Mode) {
+        if let Some(count) = self.mode_count(mode) {
+            *count -= 1;
+        }
+    }
+
+    fn keepalive(&self) -> Option<Keepalive> {
+        if self.websocket_subscriptions > 0 {
+            Some(Keepalive::Ping)
+        } else if self.sse_subscriptions > 0 {
+            Some(Keepalive::Comment)
+        } else {
+            None
+        }
+    }
 }
 
 pub(crate) struct Index<P> {
@@ -273,8 +305,9 @@ pub(crate) struct Index<P> {
     topic_ids: HashTable<TopicId>,
     topic_hasher: RandomState,
     peers: HashMap<RawFd, PeerEntry<P>>,
-    subscription_count: usize,
-    last_serial: u32,
+    /// Every live subscription, by id.
+    ids: HashTable<IdEntry>,
+    next_id: SubscriptionId,
     /// Topics that gained their first subscriber (`true`) or lost their last, in order, while
     /// a broker routes by interest (`topic_events` is `Some`).
     topic_events: Option<Vec<(Box<[u8]>, bool)>>,
@@ -288,8 +321,8 @@ impl<P> Default for Index<P> {
             topic_ids: HashTable::new(),
             topic_hasher: RandomState::new(),
             peers: HashMap::new(),
-            subscription_count: 0,
-            last_serial: 0,
+            ids: HashTable::new(),
+            next_id: 1,
             topic_events: None,
         }
     }
@@ -331,18 +364,26 @@ impl<P> Index<P> {
 
     /// The topic and mode of `fd`'s subscription when it has exactly one.
     pub(crate) fn sole_subscription(&self, fd: RawFd) -> Option<(&[u8], Mode)> {
-        let [subscription] = self.peers.get(&fd)?.subscriptions.as_slice() else {
+        let [topic_id] = *self.peers.get(&fd)?.topics.as_slice() else {
             return None;
         };
-        let topic = self.topic_by_id(subscription.topic);
+        let topic = self.topic_by_id(topic_id);
         let position = topic.subscribers.position_of(fd)?;
         Some((&topic.name, topic.subscribers.as_slice()[position].mode))
     }
 
     pub(crate) fn subscriptions_of(&self, fd: RawFd) -> usize {
-        self.peers
-            .get(&fd)
-            .map_or(0, |entry| entry.subscriptions.len())
+        self.peers.get(&fd).map_or(0, |entry| entry.topics.len())
+    }
+
+    /// The keep-alive frame `fd` gets when idle, if any.
+    pub(crate) fn keepalive_of(&self, fd: RawFd) -> Option<Keepalive> {
+        self.peers.get(&fd).and_then(PeerEntry::keepalive)
+    }
+
+    /// Calls `visit` with every fd's peer.
+    pub(crate) fn for_each_peer(&self, visit: impl FnMut(&Arc<P>)) {
+        self.peers.values().map(|entry| &entry.peer).for_each(visit);
     }
 
     /// Adds a peer for an fd the index does not know yet.
@@ -351,15 +392,22 @@ impl<P> Index<P> {
             fd,
             PeerEntry {
                 peer,
-                subscriptions: Vec::new(),
+                topics: Vec::new(),
+                websocket_subscriptions: 0,
+                sse_subscriptions: 0,
             },
         );
         debug_assert!(previous.is_none(), "insert_peer on a known fd");
     }
 
     /// Subscribes `fd`, whose peer must be known, to `topic`; subscribing again only sets the
-    /// mode and returns the same id.
-    pub(crate) fn subscribe(&mut self, topic: &[u8], fd: RawFd, mode: Mode) -> SubscriptionId {
+    /// mode and returns the same id. `None` once 2^63 - 1 ids have been handed out.
+    pub(crate) fn subscribe(
+        &mut self,
+        topic: &[u8],
+        fd: RawFd,
+        mode: Mode,
+    ) -> Option<SubscriptionId> {
         let peer_entry = self
             .peers
             .get_mut(&fd)
@@ -371,16 +419,22 @@ impl<P> Index<P> {
         if let Some(&topic_id) = found {
             let subscribers = &mut Self::slot_mut(&mut self.topics, topic_id).subscribers;
             if let Some(position) = subscribers.position_of(fd) {
-                return subscribers.set_mode(position, mode);
+                let (id, old_mode) = subscribers.set_mode(position, mode);
+                peer_entry.uncount_mode(old_mode);
+                peer_entry.count_mode(mode);
+                return Some(id);
             }
         }
-        // Serial 0 is skipped so that an id is never 0, even for fd 0.
-        self.last_serial = self.last_serial.checked_add(1).unwrap_or(1);
+        if self.next_id == ID_LIMIT {
+            return None;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
         let subscriber = Subscriber {
             fd,
             mode,
             peer: Arc::clone(&peer_entry.peer),
-            serial: self.last_serial,
+            id,
         };
         let topic_id = match found {
             Some(&topic_id) => {
@@ -416,36 +470,54 @@ impl<P> Index<P> {
                 topic_id
             }
         };
-        peer_entry.subscriptions.push(FdSubscription {
-            serial: self.last_serial,
+        peer_entry.topics.push(topic_id);
+        peer_entry.count_mode(mode);
+        let entry = IdEntry {
+            fd,
             topic: topic_id,
+        };
+        let topics = &self.topics;
+        self.ids.insert_unique(hash_id(id), entry, |&entry| {
+            hash_id(Self::id_at(topics, entry))
         });
-        self.subscription_count += 1;
-        subscription_id(fd, self.last_serial)
+        Some(id)
+    }
+
+    /// Makes `next` the next id handed out, as if that many subscribes had happened.
+    #[cfg(test)]
+    pub(crate) fn start_ids_at(&mut self, next: SubscriptionId) {
+        self.next_id = next;
     }
 
     /// Removes one subscription; returns its fd, or `None` for an unknown id.
     pub(crate) fn unsubscribe(&mut self, id: SubscriptionId) -> Option<RawFd> {
-        let fd = fd_of(id);
-        let entry = self.peers.get_mut(&fd)?;
-        let index = entry
-            .subscriptions
-            .iter()
-            .position(|subscription| subscription.serial == serial_of(id))?;
-        let subscription = entry.subscriptions.swap_remove(index);
-        self.subscription_count -= 1;
-        self.remove_from_topic(subscription.topic, fd);
+        let topics = &self.topics;
+        let (IdEntry { fd, topic }, _) = self
+            .ids
+            .find_entry(hash_id(id), |&entry| Self::id_at(topics, entry) == id)
+            .ok()?
+            .remove();
+        let removed = self.remove_from_topic(topic, fd);
+        let entry = self.peers.get_mut(&fd).expect("a live id's fd is known");
+        let position = entry.topics.iter().position(|&of_fd| of_fd == topic);
+        entry
+            .topics
+            .swap_remove(position.expect("a live id's topic is among its fd's"));
+        entry.uncount_mode(removed.mode);
         Some(fd)
     }
 
     /// Forgets `fd` entirely; returns its peer and how many subscriptions it had.
     pub(crate) fn remove_peer(&mut self, fd: RawFd) -> Option<(Arc<P>, usize)> {
         let entry = self.peers.remove(&fd)?;
-        for subscription in &entry.subscriptions {
-            self.remove_from_topic(subscription.topic, fd);
+        for &topic in &entry.topics {
+            let removed = self.remove_from_topic(topic, fd);
+            let this = |live: &IdEntry| live.fd == fd && live.topic == topic;
+            if let Ok(live) = self.ids.find_entry(hash_id(removed.id), this) {
+                live.remove();
+            }
         }
-        self.subscription_count -= entry.subscriptions.len();
-        Some((entry.peer, entry.subscriptions.len()))
+        Some((entry.peer, entry.topics.len()))
     }
 
     /// Empties the index; returns every peer it held.
@@ -461,7 +533,7 @@ impl<P> Index<P> {
         self.topics.clear();
         self.free_topic_ids.clear();
         self.topic_ids.clear();
-        self.subscription_count = 0;
+        self.ids.clear();
         self.peers.drain().map(|(_, entry)| entry.peer).collect()
     }
 
@@ -477,15 +549,8 @@ impl<P> Index<P> {
         subscribers.len()
     }
 
-    /// Calls `visit` with every subscription's fd, mode and peer.
-    pub(crate) fn for_each_subscriber(&self, mut visit: impl FnMut(&Subscriber<P>)) {
-        for topic in self.topics.iter().flatten() {
-            topic.subscribers.as_slice().iter().for_each(&mut visit);
-        }
-    }
-
     pub(crate) fn subscription_count(&self) -> usize {
-        self.subscription_count
+        self.ids.len()
     }
 
     pub(crate) fn topic_count(&self) -> usize {
@@ -515,29 +580,46 @@ impl<P> Index<P> {
         topics[id as usize].as_ref().expect("a live topic id")
     }
 
+    /// The id of a live subscription.
+    fn id_at(topics: &[Option<Topic<P>>], entry: IdEntry) -> SubscriptionId {
+        let subscribers = &Self::slot(topics, entry.topic).subscribers;
+        let position = subscribers
+            .position_of(entry.fd)
+            .expect("a live id's fd subscribes to its topic");
+        subscribers.as_slice()[position].id
+    }
+
     fn slot_mut(topics: &mut [Option<Topic<P>>], id: TopicId) -> &mut Topic<P> {
         topics[id as usize].as_mut().expect("a live topic id")
     }
 
-    fn remove_from_topic(&mut self, topic_id: TopicId, fd: RawFd) {
+    /// Removes `fd`'s subscriber from the topic, and the topic if it was the last; returns
+    /// the subscriber.
+    fn remove_from_topic(&mut self, topic_id: TopicId, fd: RawFd) -> Subscriber<P> {
         let topic = Self::slot_mut(&mut self.topics, topic_id);
-        if let Subscribers::One(sole) = &topic.subscribers {
-            debug_assert_eq!(sole.fd, fd, "an fd's subscription names a topic it is in");
-            let hash = self.topic_hasher.hash_one(&*topic.name);
-            self.topic_ids
-                .find_entry(hash, |&id| id == topic_id)
-                .expect("a live topic is in the table")
-                .remove();
-            if let Some(Some(gone)) = self.topics.get_mut(topic_id as usize).map(Option::take) {
-                if let Some(events) = &mut self.topic_events {
-                    events.push((gone.name, false));
-                }
-            }
-            self.free_topic_ids.push(topic_id);
-            return;
+        if let Subscribers::Shared { .. } = topic.subscribers {
+            return topic
+                .subscribers
+                .remove_one_of_several(fd)
+                .expect("an fd's subscription names a topic it is in");
         }
-        let removed = topic.subscribers.remove_one_of_several(fd);
-        debug_assert!(removed, "an fd's subscription names a topic it is in");
+        let hash = self.topic_hasher.hash_one(&*topic.name);
+        self.topic_ids
+            .find_entry(hash, |&id| id == topic_id)
+            .expect("a live topic is in the table")
+            .remove();
+        self.free_topic_ids.push(topic_id);
+        let gone = self.topics[topic_id as usize]
+            .take()
+            .expect("a live topic id");
+        if let Some(events) = &mut self.topic_events {
+            events.push((gone.name, false));
+        }
+        let Subscribers::One(sole) = gone.subscribers else {
+            unreachable!("a topic with several subscribers was handled above");
+        };
+        debug_assert_eq!(sole.fd, fd, "an fd's subscription names a topic it is in");
+        sole
     }
 }
 
@@ -564,11 +646,11 @@ mod tests {
     #[test]
     fn topic_events_record_first_and_last_subscribers() {
         let mut index = index_with_peers(&[3, 4]);
-        index.subscribe(b"before", 3, Mode::Raw);
+        index.subscribe(b"before", 3, Mode::Raw).unwrap();
         assert_eq!(index.track_topics(true), vec![Box::from(&b"before"[..])]);
-        let a = index.subscribe(b"a", 3, Mode::Raw);
-        index.subscribe(b"a", 4, Mode::Raw);
-        index.subscribe(b"b", 4, Mode::Raw);
+        let a = index.subscribe(b"a", 3, Mode::Raw).unwrap();
+        index.subscribe(b"a", 4, Mode::Raw).unwrap();
+        index.subscribe(b"b", 4, Mode::Raw).unwrap();
         index.unsubscribe(a);
         index.remove_peer(4);
         let events = index.take_topic_events();
@@ -589,43 +671,42 @@ mod tests {
         );
         index.track_topics(false);
         index.insert_peer(5, Arc::new(()));
-        index.subscribe(b"c", 5, Mode::Raw);
+        index.subscribe(b"c", 5, Mode::Raw).unwrap();
         assert!(index.take_topic_events().is_empty());
     }
 
     #[test]
     fn subscribe_is_idempotent_per_topic_and_fd() {
         let mut index = index_with_peers(&[3]);
-        let first = index.subscribe(b"news", 3, Mode::Raw);
-        let again = index.subscribe(b"news", 3, Mode::Sse);
+        let first = index.subscribe(b"news", 3, Mode::Raw).unwrap();
+        let again = index.subscribe(b"news", 3, Mode::Sse).unwrap();
         assert_eq!(first, again);
         assert_eq!(index.subscription_count(), 1);
         assert_eq!(index.mode_of(b"news", 3), Some(Mode::Sse));
         assert_eq!(index.snapshot(b"news").unwrap().utf8_subscribers(), 1);
-        index.subscribe(b"news", 3, Mode::WsBinary);
+        index.subscribe(b"news", 3, Mode::WsBinary).unwrap();
         assert_eq!(index.snapshot(b"news").unwrap().utf8_subscribers(), 0);
     }
 
     #[test]
     fn ids_are_positive_and_distinct() {
         let mut index = index_with_peers(&[3, 4]);
-        let a = index.subscribe(b"a", 3, Mode::Raw);
-        let b = index.subscribe(b"a", 4, Mode::Raw);
-        let c = index.subscribe(b"b", 3, Mode::Raw);
+        let a = index.subscribe(b"a", 3, Mode::Raw).unwrap();
+        let b = index.subscribe(b"a", 4, Mode::Raw).unwrap();
+        let c = index.subscribe(b"b", 3, Mode::Raw).unwrap();
         assert!(a > 0 && b > 0 && c > 0);
         assert!(a != b && b != c && a != c);
     }
 
     #[test]
-    fn an_id_names_its_fd_and_stays_unique_across_fd_reuse() {
+    fn an_id_stays_unique_across_fd_reuse() {
         let mut index = index_with_peers(&[0, 7]);
-        let zero = index.subscribe(b"t", 0, Mode::Raw);
+        let zero = index.subscribe(b"t", 0, Mode::Raw).unwrap();
         assert!(zero > 0, "fd 0 still gets a positive id");
-        let old = index.subscribe(b"t", 7, Mode::Raw);
-        assert_eq!(fd_of(old), 7);
+        let old = index.subscribe(b"t", 7, Mode::Raw).unwrap();
         index.remove_peer(7);
         index.insert_peer(7, Arc::new(()));
-        let new = index.subscribe(b"t", 7, Mode::Raw);
+        let new = index.subscribe(b"t", 7, Mode::Raw).unwrap();
         assert_ne!(old, new);
         assert_eq!(
             index.unsubscribe(old),
@@ -637,17 +718,37 @@ mod tests {
     }
 
     #[test]
+    fn ids_never_repeat_past_the_32_bit_mark() {
+        let mut index = index_with_peers(&[7]);
+        let first = index.subscribe(b"first", 7, Mode::Raw).unwrap();
+        assert_eq!(index.unsubscribe(first), Some(7));
+        index.start_ids_at(u64::from(u32::MAX));
+        let later: Vec<SubscriptionId> = [&b"a"[..], b"b", b"c"]
+            .iter()
+            .map(|topic| index.subscribe(topic, 7, Mode::Raw).unwrap())
+            .collect();
+        assert!(!later.contains(&first), "{first} handed out again");
+        assert!(later.iter().all(|&id| id > 0 && id < 1 << 63));
+        assert_eq!(
+            index.unsubscribe(first),
+            None,
+            "a stale id removed a live one"
+        );
+        assert_eq!(index.subscription_count(), 3);
+    }
+
+    #[test]
     fn unsubscribe_removes_one_subscription_and_empty_topics() {
         let mut index = index_with_peers(&[3, 4]);
-        let a = index.subscribe(b"t", 3, Mode::Raw);
-        let b = index.subscribe(b"t", 4, Mode::WsText);
+        let a = index.subscribe(b"t", 3, Mode::Raw).unwrap();
+        let b = index.subscribe(b"t", 4, Mode::WsText).unwrap();
         assert_eq!(index.unsubscribe(a), Some(3));
         assert_eq!(index.unsubscribe(a), None);
         assert_eq!(fds_of(&index, b"t"), vec![4]);
         assert_eq!(index.subscriptions_of(3), 0);
         assert_eq!(index.sole_subscription(3), None);
         assert_eq!(index.sole_subscription(4), Some((&b"t"[..], Mode::WsText)));
-        let c = index.subscribe(b"u", 4, Mode::Raw);
+        let c = index.subscribe(b"u", 4, Mode::Raw).unwrap();
         assert_eq!(index.sole_subscription(4), None, "two subscriptions");
         index.unsubscribe(c);
         index.unsubscribe(b);
@@ -660,11 +761,11 @@ mod tests {
         let mut index = index_with_peers(&[1, 2, 3, 4]);
         let ids: Vec<_> = [1, 2, 3, 4]
             .iter()
-            .map(|&fd| index.subscribe(b"t", fd, Mode::Raw))
+            .map(|&fd| index.subscribe(b"t", fd, Mode::Raw).unwrap())
             .collect();
         index.unsubscribe(ids[0]);
         assert_eq!(index.mode_of(b"t", 4), Some(Mode::Raw));
-        index.subscribe(b"t", 4, Mode::Sse);
+        index.subscribe(b"t", 4, Mode::Sse).unwrap();
         assert_eq!(index.mode_of(b"t", 4), Some(Mode::Sse));
         assert_eq!(index.mode_of(b"t", 2), Some(Mode::Raw));
         assert_eq!(fds_of(&index, b"t"), vec![2, 3, 4]);
@@ -674,9 +775,9 @@ mod tests {
     fn remove_peer_drops_every_topic_of_the_fd_only() {
         let mut index = index_with_peers(&[5, 6]);
         for topic in [&b"a"[..], b"b", b"c"] {
-            index.subscribe(topic, 5, Mode::Raw);
+            index.subscribe(topic, 5, Mode::Raw).unwrap();
         }
-        index.subscribe(b"a", 6, Mode::Raw);
+        index.subscribe(b"a", 6, Mode::Raw).unwrap();
         let (_, dropped) = index.remove_peer(5).unwrap();
         assert_eq!(dropped, 3);
         assert_eq!(index.subscription_count(), 1);
@@ -689,9 +790,9 @@ mod tests {
     #[test]
     fn a_snapshot_is_unaffected_by_later_changes() {
         let mut index = index_with_peers(&[1, 2]);
-        index.subscribe(b"t", 1, Mode::Raw);
+        index.subscribe(b"t", 1, Mode::Raw).unwrap();
         let snapshot = index.snapshot(b"t").unwrap();
-        index.subscribe(b"t", 2, Mode::Raw);
+        index.subscribe(b"t", 2, Mode::Raw).unwrap();
         assert_eq!(snapshot.subscribers().len(), 1);
         assert_eq!(index.snapshot(b"t").unwrap().subscribers().len(), 2);
     }
@@ -700,7 +801,7 @@ mod tests {
     fn subscribers_into_reports_the_total_beyond_capacity() {
         let mut index = index_with_peers(&[1, 2, 3]);
         for fd in 1..=3 {
-            index.subscribe(b"t", fd, Mode::Raw);
+            index.subscribe(b"t", fd, Mode::Raw).unwrap();
         }
         let mut one = [0; 1];
         assert_eq!(index.subscribers_into(b"t", &mut one), 3);
@@ -712,8 +813,8 @@ mod tests {
     #[test]
     fn take_all_empties_everything() {
         let mut index = index_with_peers(&[1, 2]);
-        index.subscribe(b"t", 1, Mode::Raw);
-        index.subscribe(b"u", 2, Mode::Raw);
+        index.subscribe(b"t", 1, Mode::Raw).unwrap();
+        index.subscribe(b"u", 2, Mode::Raw).unwrap();
         assert_eq!(index.take_all().len(), 2);
         assert_eq!(
             (
@@ -728,10 +829,10 @@ mod tests {
     #[test]
     fn a_topic_goes_from_inline_to_shared_and_back() {
         let mut index = index_with_peers(&[1, 2]);
-        let first = index.subscribe(b"t", 1, Mode::Sse);
+        let first = index.subscribe(b"t", 1, Mode::Sse).unwrap();
         let alone = index.snapshot(b"t").unwrap();
         assert!(matches!(alone, Snapshot::One(_)));
-        let second = index.subscribe(b"t", 2, Mode::WsText);
+        let second = index.subscribe(b"t", 2, Mode::WsText).unwrap();
         let together = index.snapshot(b"t").unwrap();
         assert!(matches!(together, Snapshot::Shared(_)));
         assert_eq!(together.utf8_subscribers(), 2);
@@ -752,7 +853,7 @@ mod tests {
             "nor does a shared one change"
         );
         assert_eq!(
-            index.subscribe(b"t", 2, Mode::Raw),
+            index.subscribe(b"t", 2, Mode::Raw).unwrap(),
             second,
             "the moved subscriber keeps its id"
         );
@@ -767,7 +868,7 @@ mod tests {
         let mut index = index_with_peers(&fds);
         let ids: Vec<_> = fds
             .iter()
-            .map(|&fd| index.subscribe(b"big", fd, Mode::Raw))
+            .map(|&fd| index.subscribe(b"big", fd, Mode::Raw).unwrap())
             .collect();
         let mut remaining = fds.clone();
         // From the middle, then down past the size at which the map is dropped, and to one.
@@ -789,10 +890,10 @@ mod tests {
             assert_eq!(out, remaining);
         }
         assert_eq!(remaining, vec![19]);
-        assert_eq!(index.subscribe(b"big", 19, Mode::Sse), ids[18]);
+        assert_eq!(index.subscribe(b"big", 19, Mode::Sse).unwrap(), ids[18]);
         // And back up past the threshold.
         for fd in 1..=12 {
-            index.subscribe(b"big", fd, Mode::WsBinary);
+            index.subscribe(b"big", fd, Mode::WsBinary).unwrap();
         }
         assert_eq!(index.mode_of(b"big", 19), Some(Mode::Sse));
         assert_eq!(index.mode_of(b"big", 12), Some(Mode::WsBinary));
@@ -803,33 +904,67 @@ mod tests {
     #[test]
     fn a_reused_topic_slot_does_not_revive_stale_ids() {
         let mut index = index_with_peers(&[3, 4]);
-        let old = index.subscribe(b"old", 3, Mode::Raw);
+        let old = index.subscribe(b"old", 3, Mode::Raw).unwrap();
         assert_eq!(index.unsubscribe(old), Some(3));
         assert_eq!(index.topic_count(), 0);
-        let new = index.subscribe(b"new", 3, Mode::Raw);
+        let new = index.subscribe(b"new", 3, Mode::Raw).unwrap();
         assert_eq!(index.topics.len(), 1, "the free slot was reused");
         assert_eq!(index.unsubscribe(old), None);
         assert!(index.snapshot(b"old").is_none());
         assert_eq!(fds_of(&index, b"new"), vec![3]);
-        let other = index.subscribe(b"other", 4, Mode::Raw);
+        let other = index.subscribe(b"other", 4, Mode::Raw).unwrap();
         index.remove_peer(3);
         assert_eq!(index.unsubscribe(new), None);
-        assert_eq!(index.subscribe(b"again", 4, Mode::Raw) >> 32, 4);
+        index.subscribe(b"again", 4, Mode::Raw).unwrap();
         assert_eq!(index.topics.len(), 2);
         assert_eq!(index.topic_count(), 2);
         assert_eq!(index.unsubscribe(other), Some(4));
     }
 
     #[test]
-    fn for_each_subscriber_visits_inline_and_shared_topics() {
+    fn keepalive_follows_the_modes_of_an_fds_subscriptions() {
         let mut index = index_with_peers(&[1, 2]);
-        index.subscribe(b"alone", 1, Mode::Raw);
-        index.subscribe(b"pair", 1, Mode::Raw);
-        index.subscribe(b"pair", 2, Mode::Sse);
-        let mut seen = Vec::new();
-        index.for_each_subscriber(|subscriber| seen.push((subscriber.fd, subscriber.mode)));
-        seen.sort_by_key(|&(fd, mode)| (fd, mode.requires_utf8()));
-        assert_eq!(seen, [(1, Mode::Raw), (1, Mode::Raw), (2, Mode::Sse)]);
+        assert_eq!(index.keepalive_of(1), None);
+        let raw = index.subscribe(b"a", 1, Mode::Raw).unwrap();
+        assert_eq!(index.keepalive_of(1), None, "RAW streams get none");
+        let sse = index.subscribe(b"b", 1, Mode::Sse).unwrap();
+        assert_eq!(index.keepalive_of(1), Some(Keepalive::Comment));
+        index.subscribe(b"a", 1, Mode::WsText).unwrap();
+        assert_eq!(index.keepalive_of(1), Some(Keepalive::Ping), "a ping wins");
+        index.subscribe(b"a", 2, Mode::WsBinary).unwrap();
+        assert_eq!(
+            index.unsubscribe(raw),
+            Some(1),
+            "the same id after a mode change"
+        );
+        assert_eq!(index.keepalive_of(1), Some(Keepalive::Comment));
+        index.subscribe(b"b", 1, Mode::Raw).unwrap();
+        assert_eq!(index.keepalive_of(1), None);
+        assert_eq!(index.unsubscribe(sse), Some(1));
+        assert_eq!(index.keepalive_of(2), Some(Keepalive::Ping));
+        index.remove_peer(2);
+        assert_eq!(index.keepalive_of(2), None);
+    }
+
+    #[test]
+    fn ids_run_out_below_two_to_the_63_rather_than_repeat() {
+        let mut index = index_with_peers(&[1]);
+        index.start_ids_at(ID_LIMIT - 1);
+        let last = index.subscribe(b"a", 1, Mode::Raw).unwrap();
+        assert_eq!(last, i64::MAX as u64);
+        assert_eq!(index.subscribe(b"b", 1, Mode::Raw), None);
+        assert_eq!(
+            index.subscribe(b"a", 1, Mode::Sse),
+            Some(last),
+            "an existing one still"
+        );
+        assert_eq!(index.subscription_count(), 1);
+        assert_eq!(index.unsubscribe(last), Some(1));
+        assert_eq!(
+            index.subscribe(b"a", 1, Mode::Raw),
+            None,
+            "not even a freed one"
+        );
     }
 
     #[test]

@@ -5,11 +5,12 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
 use crate::frame::Frame;
+use crate::index::Keepalive;
 use crate::io::{self, FileIdentity};
 use crate::reactor::Reactor;
 
@@ -60,6 +61,18 @@ pub(crate) enum Delivery {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct InBatch;
 
+/// The outcome of offering an fd a keep-alive frame.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// The frame was written or queued (not counted as a delivery), or the write failed.
+    Sent(Delivery),
+    /// The fd is not idle, or has bytes queued: it is next due at the heartbeat that ends the
+    /// period `next_check`.
+    NotDue { next_check: u64 },
+    /// The fd was forgotten or evicted.
+    Closed,
+}
+
 /// The outcome of handing an fd the frames a corked batch gathered for it.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Attach {
@@ -107,8 +120,8 @@ impl FrameRun {
     }
 }
 
-/// How many more bytes an outbox takes: API.md's limit rule lets an empty one take a frame of
-/// any size, and the limit's worth of frames.
+/// How many more bytes an outbox takes under the limit rule: an empty one takes a frame of any
+/// size, and the limit's worth of frames.
 fn room(outbox: &Outbox, limit: usize) -> usize {
     if outbox.chunks.is_empty() {
         limit
@@ -138,7 +151,8 @@ pub(crate) enum Flush {
 
 /// Frames up to this size are copied into the fd's contiguous chunks instead of sharing the
 /// frame: a 64-byte copy is cheaper than the reference count's two atomic operations, and a
-/// flush then writes many frames as one iovec. Larger frames are shared (API.md rule 8).
+/// flush then writes many frames as one iovec. Larger frames are shared: one copy, however
+/// many fds queue it.
 const INLINE_FRAME_MAX: usize = 512;
 /// Inline chunks stop growing here, so a drained chunk frees its memory.
 const INLINE_CHUNK_MAX: usize = 16 * 1024;
@@ -219,7 +233,21 @@ pub(crate) struct Peer {
     /// a flush can tell without that lock whether a drained fd may have to be forgotten, and
     /// a corked batch whether the fd may be a member, without a lookup per fd.
     subscriptions: AtomicUsize,
+    /// The keep-alive frame the fd gets when idle (`keepalive_code`), kept like
+    /// `subscriptions`, so that a heartbeat needs no index lookup.
+    keepalive: AtomicU8,
+    /// Whether the registry's heartbeat queue holds this peer; read and written only under
+    /// the registry's heartbeat lock.
+    heartbeat_queued: AtomicBool,
     outbox: Mutex<Outbox>,
+}
+
+fn keepalive_code(keepalive: Option<Keepalive>) -> u8 {
+    match keepalive {
+        None => 0,
+        Some(Keepalive::Ping) => 1,
+        Some(Keepalive::Comment) => 2,
+    }
 }
 
 impl Peer {
@@ -228,6 +256,8 @@ impl Peer {
             fd,
             identity,
             subscriptions: AtomicUsize::new(0),
+            keepalive: AtomicU8::new(keepalive_code(None)),
+            heartbeat_queued: AtomicBool::new(false),
             outbox: Mutex::new(Outbox::default()),
         }
     }
@@ -236,13 +266,34 @@ impl Peer {
         self.subscriptions.load(Ordering::Relaxed)
     }
 
-    /// Called by the registry, under the index's write lock, whenever the count changes.
-    pub(crate) fn set_subscriptions(&self, count: usize) {
+    /// Called by the registry, under the index's write lock, whenever the fd's subscriptions
+    /// change.
+    pub(crate) fn set_subscriptions(&self, count: usize, keepalive: Option<Keepalive>) {
         self.subscriptions.store(count, Ordering::Relaxed);
+        self.keepalive
+            .store(keepalive_code(keepalive), Ordering::Relaxed);
     }
 
-    /// Writes `frame`, or queues it behind bytes already waiting, under API.md's write-path
-    /// rules 3 to 5. The bytes it queues are reported in the outcome, for the caller to add
+    pub(crate) fn keepalive(&self) -> Option<Keepalive> {
+        match self.keepalive.load(Ordering::Relaxed) {
+            1 => Some(Keepalive::Ping),
+            2 => Some(Keepalive::Comment),
+            _ => None,
+        }
+    }
+
+    /// Whether the heartbeat queue holds this peer. Only under the registry's heartbeat lock.
+    pub(crate) fn heartbeat_queued(&self) -> bool {
+        self.heartbeat_queued.load(Ordering::Relaxed)
+    }
+
+    /// Only under the registry's heartbeat lock.
+    pub(crate) fn set_heartbeat_queued(&self, queued: bool) {
+        self.heartbeat_queued.store(queued, Ordering::Relaxed);
+    }
+
+    /// Writes `frame`, or queues it behind bytes already waiting; a frame that would take the
+    /// queue past the outbox limit meets the overflow policy. The bytes it queues are reported in the outcome, for the caller to add
     /// to the registry-wide gauge once per publish rather than once per fd.
     pub(crate) fn deliver(
         &self,
@@ -288,29 +339,37 @@ impl Peer {
     }
 
     /// Writes a keep-alive frame if the fd has taken nothing since `idle_since_tick` and has
-    /// nothing queued; the frame is not counted as a delivery. Returns `None` when the fd
-    /// was not idle (or is closed), else the write's outcome.
+    /// nothing queued; the frame is not counted as a delivery. `current_tick` is the period
+    /// that starts now.
     pub(crate) fn heartbeat(
         &self,
         frame: &Frame<'_>,
         idle_since_tick: u64,
         current_tick: u64,
         reactor: &Reactor,
-    ) -> Option<Delivery> {
+    ) -> Beat {
         let mut outbox = self.outbox.lock();
-        if outbox.closed
-            || outbox.in_batch
-            || !outbox.chunks.is_empty()
-            || outbox.last_active_tick > idle_since_tick
-        {
-            return None;
+        if outbox.closed {
+            return Beat::Closed;
+        }
+        if outbox.last_active_tick > idle_since_tick {
+            // Idle from the end of its last active period on, it is due at the heartbeat
+            // that ends the next one.
+            return Beat::NotDue {
+                next_check: outbox.last_active_tick + 1,
+            };
+        }
+        if outbox.in_batch || !outbox.chunks.is_empty() {
+            return Beat::NotDue {
+                next_check: current_tick,
+            };
         }
         outbox.last_active_tick = current_tick;
-        Some(outbox.write_now(self.fd, self.identity.kind, frame, false, reactor))
+        Beat::Sent(outbox.write_now(self.fd, self.identity.kind, frame, false, reactor))
     }
 
     /// Makes the fd a member of a corked batch if its outbox can take `required` more bytes
-    /// under API.md's limit rule (an empty outbox takes up to `limit`); returns how many it
+    /// under the limit rule (an empty outbox takes up to `limit`); returns how many it
     /// can take. Taking part in a batch counts as activity for the heartbeat.
     pub(crate) fn join_batch(&self, required: usize, limit: usize, tick: u64) -> Option<usize> {
         let mut outbox = self.outbox.lock();
@@ -467,8 +526,8 @@ impl Peer {
 impl Outbox {
     /// Writes `frame` to an fd with nothing queued; queues what the kernel does not take and
     /// watches the fd for writability.
-    // Every immediate delivery's path, with write_frame and write_iovecs: as one function it
-    // measured a third fewer instructions per delivery than as a chain of calls.
+    // Every immediate delivery runs it: inlined with write_frame and write_iovecs, the path
+    // compiles as one function instead of a chain of calls.
     #[inline(always)]
     fn write_now(
         &mut self,

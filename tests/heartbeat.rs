@@ -152,3 +152,46 @@ fn a_keepalive_to_a_closed_peer_evicts_it() {
         assert_eq!(registry.subscriber_count(), 0);
     });
 }
+
+#[test]
+fn heartbeats_follow_subscriptions_made_and_changed_after_they_start() {
+    with_watchdog(30, || {
+        let registry = Registry::new().unwrap();
+        registry.set_heartbeat(Some(Duration::from_millis(20)));
+        let (late, late_peer) = socketpair_nonblocking();
+        let (switched, switched_peer) = socketpair_nonblocking();
+        registry
+            .subscribe(b"t", late.as_raw_fd(), Mode::WsBinary)
+            .unwrap();
+        registry
+            .subscribe(b"t", switched.as_raw_fd(), Mode::Sse)
+            .unwrap();
+        let mut switched_got = Vec::new();
+        run_loop_until(&registry, || {
+            switched_got.extend(read_now(switched_peer.as_raw_fd()).0);
+            !switched_got.is_empty()
+        });
+        assert!(switched_got.starts_with(COMMENT), "{switched_got:?}");
+
+        // Now RAW only (ticks run only in this thread's dispatch, so none is under way): no
+        // keep-alive from the next tick on, while the other fd goes on getting them.
+        registry
+            .subscribe(b"t", switched.as_raw_fd(), Mode::Raw)
+            .unwrap();
+        read_now(switched_peer.as_raw_fd());
+        let mut late_got = read_now(late_peer.as_raw_fd()).0;
+        let pings_before = late_got.len() / PING.len();
+        run_loop_until(&registry, || {
+            late_got.extend(read_now(late_peer.as_raw_fd()).0);
+            late_got.len() / PING.len() >= pings_before + 3
+        });
+        assert!(
+            late_got.chunks(2).all(|chunk| chunk == PING),
+            "{late_got:?}"
+        );
+        assert!(
+            read_now(switched_peer.as_raw_fd()).0.is_empty(),
+            "a RAW-only fd got a keep-alive"
+        );
+    });
+}

@@ -1,6 +1,6 @@
 //! Model-based property test: random sequences of registry operations run against the real
-//! `fdcast::Registry` (over real socketpairs) and against a small in-memory model of API.md,
-//! and the two must agree after every step.
+//! `fdcast::Registry` (over real socketpairs) and against a small in-memory model of the
+//! documented behaviour (include/fdcast.h, README), and the two must agree after every step.
 //!
 //! What the model predicts exactly:
 //! - every return value (subscription ids, match counts, errors, flush counts);
@@ -488,7 +488,7 @@ impl World {
     }
 
     /// Whether fdcast should hold a peer for the slot's fd: it has subscriptions or bytes
-    /// queued (API.md: `fds` counts exactly those).
+    /// queued (`fds` in the stats counts exactly those).
     fn known(&self, slot: usize) -> bool {
         self.has_subs(slot) || self.conns[self.slots[slot].conn].pending() > 0
     }
@@ -513,7 +513,8 @@ impl World {
         }
     }
 
-    /// What becomes of `frame` handed to the slot's fd now (API.md write-path rules 3-6).
+    /// What becomes of `frame` handed to the slot's fd now: written, queued, dropped or the
+    /// fd evicted, by the documented write path.
     fn fate(&self, slot: usize, frame: &[u8]) -> Fate {
         let conn = &self.conns[self.slots[slot].conn];
         let queued = conn.pending();

@@ -1,0 +1,107 @@
+//! Forgetting fds and evicting dead ones: the one place that turns a failed delivery into an
+//! eviction, and the one that carries it out.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::Registry;
+use crate::index::Index;
+use crate::io;
+use crate::outbox::{Delivery, Peer};
+
+/// Why a peer is being evicted.
+pub(super) struct Eviction {
+    pub(super) peer: Arc<Peer>,
+    pub(super) reason: i32,
+    pub(super) shut_down: bool,
+}
+
+impl Eviction {
+    /// The eviction a delivery's outcome calls for, if any: an overflow under
+    /// [`crate::Overflow::Evict`], or a failed write. Every write path (publish, send,
+    /// heartbeat, flush) decides it here.
+    pub(super) fn after(peer: &Arc<Peer>, delivery: &Delivery) -> Option<Eviction> {
+        let (reason, shut_down) = match *delivery {
+            // The policy ends the stream: the fd's queued bytes, perhaps the rest of a started
+            // frame, are dropped with it.
+            Delivery::Overflowed => (libc::ENOBUFS, true),
+            // A started frame whose rest could not be kept: end the stream, so the peer sees
+            // EOF rather than a frame that never completes.
+            Delivery::Failed(errno) => (errno, errno == libc::ENOMEM),
+            _ => return None,
+        };
+        Some(Eviction {
+            peer: Arc::clone(peer),
+            reason,
+            shut_down,
+        })
+    }
+}
+
+impl Registry {
+    /// Evicts `peer` if `delivery` calls for it; returns whether it did.
+    pub(super) fn evict_if_failed(&self, peer: &Arc<Peer>, delivery: &Delivery) -> bool {
+        match Eviction::after(peer, delivery) {
+            Some(eviction) => {
+                self.evict(eviction);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Evicts a peer whose write failed or whose outbox overflowed under
+    /// [`Overflow::Evict`], then tells the host, with no lock held. A peer already forgotten
+    /// (by the host, or by another thread's eviction) is left alone and not reported twice.
+    pub(super) fn evict(&self, eviction: Eviction) {
+        let Eviction {
+            peer,
+            reason,
+            shut_down,
+        } = eviction;
+        {
+            let mut index = self.write_index();
+            if !index
+                .peer(peer.fd)
+                .is_some_and(|current| Arc::ptr_eq(current, &peer))
+            {
+                return;
+            }
+            self.forget(&mut index, peer.fd);
+            if shut_down {
+                io::shutdown(peer.fd, peer.identity.kind);
+            }
+        }
+        self.counters.evicted_fds.fetch_add(1, Ordering::Relaxed);
+        let callback = self.on_evict.read().clone();
+        if let Some(on_evict) = callback {
+            on_evict(peer.fd, reason);
+        }
+    }
+
+    /// Drops `fd`'s subscriptions and queued bytes; returns how many subscriptions it had.
+    pub(super) fn forget(&self, index: &mut Index<Peer>, fd: RawFd) -> usize {
+        match index.remove_peer(fd) {
+            Some((peer, subscriptions)) => {
+                peer.close(&self.reactor, &self.counters.queued_bytes);
+                subscriptions
+            }
+            None => 0,
+        }
+    }
+
+    /// Forgets an fd that has neither subscriptions nor queued bytes, so the index only holds
+    /// fds with something to do.
+    pub(super) fn forget_if_unused(&self, index: &mut Index<Peer>, fd: RawFd) {
+        if index.subscriptions_of(fd) > 0 {
+            return;
+        }
+        if index
+            .peer(fd)
+            .is_some_and(|peer| peer.close_if_idle(&self.reactor))
+        {
+            index.remove_peer(fd);
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The publish fan-out and `send`: every path that hands a frame to an fd.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::evict::Eviction;
+use super::{Registry, check_topic, identify};
+use crate::batch::Batch;
+use crate::error::Error;
+use crate::frame::{Frame, FrameSet, Mode};
+use crate::outbox::{Delivery, InBatch, Overflow, Peer, WritePolicy};
+
+/// A publish on its way to this registry's subscribers.
+#[derive(Clone, Copy)]
+struct Message<'a> {
+    topic: &'a [u8],
+    payload: &'a [u8],
+    /// The sender: it gets nothing and is not counted.
+    except: Option<RawFd>,
+}
+
+/// What one publish's deliveries came to, settled once the publish holds no lock.
+#[derive(Default)]
+pub(super) struct Outcomes {
+    delivered: u64,
+    dropped: u64,
+    queued: u64,
+    /// Peers that just got their first corked frame: they go on the flush list.
+    deferred: Vec<Arc<Peer>>,
+    evictions: Vec<Eviction>,
+}
+
+impl Outcomes {
+    /// The per-subscriber step of every publish: hands the mode's frame (`None`: no memory
+    /// could be had to encode it, a drop) to `deliver`, and records the outcome.
+    #[inline(always)]
+    fn deliver(
+        &mut self,
+        peer: &Arc<Peer>,
+        frame: Option<&Frame<'_>>,
+        deliver: impl FnOnce(&Frame<'_>) -> Delivery,
+    ) {
+        match frame {
+            Some(frame) => self.record(peer, deliver(frame)),
+            None => self.dropped += 1,
+        }
+    }
+
+    // Inlined, it costs a compare and an add.
+    #[inline(always)]
+    fn record(&mut self, peer: &Arc<Peer>, delivery: Delivery) {
+        match delivery {
+            Delivery::Written => self.delivered += 1,
+            Delivery::Queued { bytes } => self.queued += bytes as u64,
+            Delivery::Closed => {}
+            Delivery::Deferred { bytes } => {
+                self.queued += bytes as u64;
+                self.deferred.push(Arc::clone(peer));
+            }
+            Delivery::Dropped => self.dropped += 1,
+            Delivery::Overflowed | Delivery::Failed(_) => {
+                self.evictions.extend(Eviction::after(peer, &delivery));
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Writes `payload`, framed per subscriber, to every subscriber of `topic`; returns how
+    /// many subscribers matched.
+    pub fn publish(&self, topic: &[u8], payload: &[u8]) -> Result<usize, Error> {
+        self.publish_except(topic, payload, None)
+    }
+
+    /// [`Registry::publish`], skipping `except` (the sender), which is not counted. With a
+    /// broker enabled, the publish is also forwarded to other registries, and a payload that
+    /// the engine cannot carry is refused before anything is written.
+    pub fn publish_except(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> Result<usize, Error> {
+        check_topic(topic)?;
+        let broker = if self.broker_enabled.load(Ordering::Acquire) {
+            self.broker.read().clone()
+        } else {
+            None
+        };
+        if let Some(broker) = &broker {
+            broker.check(topic, payload)?;
+        }
+        let matched = self.deliver_local(topic, payload, except)?;
+        self.counters.publishes.fetch_add(1, Ordering::Relaxed);
+        if let Some(broker) = broker {
+            broker.publish(topic, payload, &self.reactor);
+        }
+        Ok(matched)
+    }
+
+    /// Writes `payload` to this registry's subscribers of `topic`, framed per subscriber (or,
+    /// corked, queues it); returns how many matched.
+    pub(super) fn deliver_local(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> Result<usize, Error> {
+        let message = Message {
+            topic,
+            payload,
+            except,
+        };
+        let policy = self.write_policy();
+        if policy.corked {
+            self.deliver_corked(message, policy)
+        } else {
+            self.deliver_immediate(message, policy)
+        }
+    }
+
+    fn deliver_immediate(&self, message: Message<'_>, policy: WritePolicy) -> Result<usize, Error> {
+        let (list, except_mode) = {
+            let index = self.index.read();
+            let except_mode = message
+                .except
+                .and_then(|fd| index.mode_of(message.topic, fd));
+            (index.snapshot(message.topic), except_mode)
+        };
+        let Some(list) = list else {
+            return Ok(0);
+        };
+        check_utf8(message.payload, list.utf8_subscribers(), except_mode)?;
+
+        let frames = FrameSet::new(message.payload);
+        let mut matched = 0;
+        let mut outcomes = Outcomes::default();
+        for subscriber in list.subscribers() {
+            if Some(subscriber.fd) == message.except {
+                continue;
+            }
+            matched += 1;
+            outcomes.deliver(&subscriber.peer, frames.get(subscriber.mode), |frame| {
+                self.deliver(&subscriber.peer, frame, policy)
+            });
+        }
+        drop(list);
+        self.settle(outcomes);
+        Ok(matched)
+    }
+
+    /// A corked publish: appends the frames to the topic's batch, and queues them for the
+    /// subscribers that cannot be members (see batch.rs). Holds the index's read lock
+    /// throughout, so that the batch's members stay what the index says.
+    fn deliver_corked(&self, message: Message<'_>, policy: WritePolicy) -> Result<usize, Error> {
+        let index = self.index.read();
+        let frames = FrameSet::new(message.payload);
+        let mut outcomes = Outcomes::default();
+        let mut batches = self.batches.lock();
+        let gauge = &self.counters.queued_bytes;
+        let batch = match batches.fitting(
+            message.topic,
+            &frames,
+            policy.outbox_limit,
+            gauge,
+            &mut outcomes.deferred,
+        ) {
+            Ok(batch) => batch,
+            Err(vacant) => {
+                let Some(list) = index.snapshot(message.topic) else {
+                    drop(batches);
+                    drop(index);
+                    self.settle(outcomes);
+                    return Ok(0);
+                };
+                let batch = Batch::new(
+                    list.subscribers(),
+                    list.utf8_subscribers(),
+                    &frames,
+                    policy.outbox_limit,
+                    policy.heartbeat_tick,
+                );
+                batches.insert(message.topic, vacant, batch)
+            }
+        };
+        let except_mode = message
+            .except
+            .and_then(|fd| index.mode_of(message.topic, fd));
+        if let Err(refused) = check_utf8(message.payload, batch.utf8_subscribers(), except_mode) {
+            drop(batches);
+            drop(index);
+            // A batch the publish spilled still has to reach the flush list.
+            self.settle(outcomes);
+            return Err(refused);
+        }
+        let matched = batch.subscriber_count() - usize::from(except_mode.is_some());
+        for direct in batch.direct() {
+            if Some(direct.fd) == message.except {
+                continue;
+            }
+            outcomes.deliver(&direct.peer, frames.get(direct.mode), |frame| {
+                // A direct member belongs to no batch, and membership changes only under the
+                // batches lock, which this publish holds.
+                direct
+                    .peer
+                    .deliver(frame, policy, &self.reactor)
+                    .expect("a corked batch's direct member is in no batch")
+            });
+        }
+        let appended = batch.append(&frames, message.except);
+        let first_gathered = appended.queued > 0 && batches.start_gathering();
+        drop(batches);
+        drop(index);
+        outcomes.queued += appended.queued;
+        outcomes.delivered += appended.delivered;
+        outcomes.dropped += appended.dropped;
+        self.settle(outcomes);
+        if first_gathered {
+            // While corked, poll_fd turns readable as soon as frames wait.
+            self.reactor.wake();
+        }
+        Ok(matched)
+    }
+
+    /// Adds a publish's outcomes to the counters, lists its deferred peers for the next flush
+    /// and evicts what failed. Called with no lock held.
+    pub(super) fn settle(&self, outcomes: Outcomes) {
+        // Each is an atomic add on a line that every publishing thread shares: skip the
+        // zeros, which a corked publish mostly has.
+        for (counter, value) in [
+            (&self.counters.deliveries, outcomes.delivered),
+            (&self.counters.dropped_messages, outcomes.dropped),
+            (&self.counters.queued_bytes, outcomes.queued),
+        ] {
+            if value > 0 {
+                counter.fetch_add(value, Ordering::Relaxed);
+            }
+        }
+        if !outcomes.deferred.is_empty() {
+            self.await_flush(outcomes.deferred);
+        }
+        for eviction in outcomes.evictions {
+            self.evict(eviction);
+        }
+    }
+
+    /// Writes one frame to one fd, subscribed or not, through its outbox, so it never
+    /// overtakes or splits queued frames.
+    pub fn send(&self, fd: RawFd, mode: Mode, payload: &[u8]) -> Result<(), Error> {
+        if mode.requires_utf8() && std::str::from_utf8(payload).is_err() {
+            return Err(Error::InvalidUtf8);
+        }
+        let identity = identify(fd)?;
+        let frame = Frame::encode(mode, payload).ok_or(Error::NoMemory)?;
+        let policy = self.write_policy();
+        loop {
+            let (peer, subscribed) = self.peer_for_send(fd, identity)?;
+            let delivery = self.deliver(&peer, &frame, policy);
+            let error = match delivery {
+                Delivery::Written => {
+                    self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
+                    if !subscribed {
+                        self.forget_if_unused(&mut self.write_index(), fd);
+                    }
+                    return Ok(());
+                }
+                Delivery::Queued { bytes } => {
+                    self.counters
+                        .queued_bytes
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Delivery::Deferred { bytes } => {
+                    self.counters
+                        .queued_bytes
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    self.await_flush(vec![peer]);
+                    return Ok(());
+                }
+                // Forgotten between lookup and write: look the fd up afresh.
+                Delivery::Closed => continue,
+                Delivery::Dropped => {
+                    self.counters
+                        .dropped_messages
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::Dropped);
+                }
+                Delivery::Overflowed => Error::Dropped,
+                Delivery::Failed(errno) => Error::PeerGone(errno),
+            };
+            self.evict_if_failed(&peer, &delivery);
+            return Err(error);
+        }
+    }
+
+    pub(super) fn write_policy(&self) -> WritePolicy {
+        WritePolicy {
+            corked: self.corked.load(Ordering::Relaxed),
+            heartbeat_tick: self.heartbeat_tick.load(Ordering::Relaxed),
+            outbox_limit: self.outbox_limit.load(Ordering::Relaxed),
+            overflow: if self.overflow_evicts.load(Ordering::Relaxed) {
+                Overflow::Evict
+            } else {
+                Overflow::DropMessage
+            },
+        }
+    }
+
+    /// Hands one frame to one fd, spilling the corked batches first if the fd is in one, so
+    /// the frame stays behind the batch's. Must not be called with `batches` locked.
+    pub(super) fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
+        loop {
+            match peer.deliver(frame, policy, &self.reactor) {
+                Err(InBatch) => self.spill_batches(),
+                Ok(delivery) => return delivery,
+            }
+        }
+    }
+}
+
+/// Refuses, before anything is written, a payload that is not UTF-8 when a recipient's mode
+/// needs it: `utf8_subscribers` of the topic's, less `except` (its mode, if it subscribes).
+fn check_utf8(payload: &[u8], utf8_subscribers: usize, except: Option<Mode>) -> Result<(), Error> {
+    let recipients = utf8_subscribers - usize::from(except.is_some_and(Mode::requires_utf8));
+    if recipients > 0 && std::str::from_utf8(payload).is_err() {
+        return Err(Error::InvalidUtf8);
+    }
+    Ok(())
+}
