@@ -24,6 +24,8 @@
 //! - **Accounting.** A frame's bytes join the registry's queued-bytes gauge when appended, once
 //!   per member; deliveries are counted when a member's write completes them.
 
+#![forbid(unsafe_code)]
+
 use std::hash::{BuildHasher, RandomState};
 use std::os::fd::RawFd;
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::NonNull;
 
 use super::fdcast;
 use crate::error::Error;
@@ -104,6 +105,47 @@ pub(crate) unsafe fn bytes<'a>(
     // SAFETY: `ptr` is non-NULL, `len` fits `isize`, and the caller guarantees `len` readable
     // bytes for the duration of the call.
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// A writable byte buffer from C: any pointer (NULL included) for a length of 0, else a
+/// non-NULL pointer to `len` writable bytes.
+///
+/// # Safety
+/// A non-NULL `ptr` points to `len` writable bytes that nothing else reads or writes during
+/// the call.
+pub(crate) unsafe fn bytes_mut<'a>(
+    ptr: *mut u8,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a mut [u8], Error> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if ptr.is_null() || len > isize::MAX as usize {
+        return Err(Error::InvalidArgument(what));
+    }
+    // SAFETY: `ptr` is non-NULL, `len` fits `isize`, and the caller guarantees `len`
+    // writable, unaliased bytes for the duration of the call.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// A required out-parameter: non-NULL, or `EINVAL`. The caller writes it with
+/// `NonNull::write`, never through a reference, so its previous contents need not be valid.
+pub(crate) fn out_param<T>(ptr: *mut T, what: &'static str) -> Result<NonNull<T>, Error> {
+    NonNull::new(ptr).ok_or(Error::InvalidArgument(what))
+}
+
+/// Fills an optional out-parameter: a NULL `ptr` is a no-op. Written without forming a
+/// reference, so its previous contents need not be valid.
+///
+/// # Safety
+/// A non-NULL `ptr` points to a writable, suitably aligned `T` that nothing else reads or
+/// writes during the call.
+pub(crate) unsafe fn fill_optional<T>(ptr: *mut T, value: T) {
+    if let Some(out) = NonNull::new(ptr) {
+        // SAFETY: non-NULL, and writable and aligned per this function's contract.
+        unsafe { out.write(value) };
+    }
 }
 
 /// A writable array of `cap` ints from C; NULL is allowed when `cap` is 0.
