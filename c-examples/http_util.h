@@ -3,8 +3,8 @@
  * is about.
  *
  *   - a server's setup: the port, SIGINT/SIGTERM as a signalfd, a listening
- *     socket on 127.0.0.1, a registry that evicts slow clients, an epoll set,
- *     a monotonic clock;
+ *     socket on 127.0.0.1 and its new connections, a registry that evicts slow
+ *     clients, an epoll set, a monotonic clock;
  *   - an HTTP/1.1 request head: finding its end, its request line, a header's
  *     value, and the text of a response;
  *   - the request side of sse_fanout.c's two endpoints (GET /events/<topic>,
@@ -36,6 +36,8 @@
 
 /* ------------------------------------------------------------------------ */
 /* a server's setup                                                         */
+
+#define MAX_FDS 16384 /* connections are looked up by fd number, below this */
 
 static inline void die(const char *what) {
     perror(what);
@@ -94,6 +96,24 @@ static inline int listen_loopback(int port, int *bound_port) {
     return lfd;
 }
 
+/* The next connection on the listening socket `lfd`, non-blocking; -1 when
+ * there is none left for now. Connections whose fd is MAX_FDS or more are
+ * closed at once. */
+static inline int accept_next(int lfd) {
+    for (;;) {
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                fprintf(stderr, "%s: accept: %s\n", program_invocation_short_name,
+                        strerror(errno));
+            return -1;
+        }
+        if (fd < MAX_FDS) return fd;
+        close(fd);
+    }
+}
+
 /* A registry whose overflow policy is FDCAST_EVICT: a client more than the
  * outbox limit behind is disconnected (on_evict hears of it) rather than
  * silently missing frames. *fcfd is fdcast_fd(), for the loop to watch.
@@ -119,14 +139,21 @@ static inline fdcast *evicting_fdcast(fdcast_evict_fn on_evict, int *fcfd) {
     return fc;
 }
 
+/* Adds `fd` to the epoll set `ep` for EPOLLIN; false, said on stderr, if it
+ * cannot be. */
+static inline bool epoll_watch(int ep, int fd) {
+    struct epoll_event e = {.events = EPOLLIN, .data.fd = fd};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) == 0) return true;
+    fprintf(stderr, "%s: epoll_ctl: %s\n", program_invocation_short_name, strerror(errno));
+    return false;
+}
+
 /* An epoll set watching each of fds[0..n) that is not -1 for EPOLLIN. */
 static inline int epoll_watching(const int *fds, size_t n) {
     int ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0) die("epoll_create1");
-    for (size_t i = 0; i < n; i++) {
-        struct epoll_event e = {.events = EPOLLIN, .data.fd = fds[i]};
-        if (fds[i] >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &e) < 0) die("epoll_ctl");
-    }
+    for (size_t i = 0; i < n; i++)
+        if (fds[i] >= 0 && !epoll_watch(ep, fds[i])) exit(1);
     return ep;
 }
 

@@ -43,7 +43,6 @@
 
 #define MAX_LINE (64 * 1024) /* longest line sent whole, newline excluded */
 #define READ_SIZE (64 * 1024)
-#define MAX_FDS 16384 /* clients are looked up by fd number */
 
 static const char TOPIC[] = "log";
 #define TOPIC_LEN (sizeof TOPIC - 1)
@@ -118,17 +117,7 @@ static void on_client(int fd) {
 }
 
 static void accept_all(int lfd, const char *kind) {
-    for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) perror("log_fanout: accept");
-            return;
-        }
-        if (fd >= MAX_FDS) {
-            close(fd);
-            continue;
-        }
+    for (int fd; (fd = accept_next(lfd)) >= 0;) {
         /* Subscribe before anything else can run: the client gets every line
          * read from now on. */
         int64_t id = fdcast_subscribe(fc, TOPIC, TOPIC_LEN, fd, FDCAST_RAW);

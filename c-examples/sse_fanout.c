@@ -26,7 +26,6 @@
 
 #include <sys/epoll.h>
 
-#define MAX_FDS 16384 /* connections are looked up by fd number */
 
 struct conn {
     struct fanout_client client;
@@ -118,27 +117,15 @@ static void on_client(struct conn *c) {
 }
 
 static void accept_all(int lfd) {
-    for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) perror("sse_fanout: accept");
-            return;
-        }
-        struct conn *c = fd < MAX_FDS ? calloc(1, sizeof *c) : NULL;
-        if (c == NULL) {
-            close(fd);
-            continue;
-        }
-        c->client.fd = fd;
-        c->client.state = FANOUT_READING_HEAD;
-        struct epoll_event e = {.events = EPOLLIN, .data.fd = fd};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0) {
-            perror("sse_fanout: epoll_ctl");
+    for (int fd; (fd = accept_next(lfd)) >= 0;) {
+        struct conn *c = calloc(1, sizeof *c);
+        if (c == NULL || !epoll_watch(ep, fd)) {
             close(fd);
             free(c);
             continue;
         }
+        c->client.fd = fd;
+        c->client.state = FANOUT_READING_HEAD;
         conns[fd] = c;
     }
 }

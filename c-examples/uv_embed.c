@@ -47,7 +47,6 @@
 
 #include <uv.h>
 
-#define MAX_FDS 16384 /* connections are looked up by fd number */
 
 struct conn {
     uv_tcp_t tcp; /* first member: a handle pointer is a conn pointer */

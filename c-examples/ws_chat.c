@@ -33,7 +33,6 @@
 #define MAX_ROOM 64              /* characters in a room name */
 #define MAX_MESSAGE (64 * 1024)  /* bytes in one text message */
 #define IN_CAP (MAX_MESSAGE + 14) /* one whole frame of the largest message */
-#define MAX_FDS 16384            /* connections are looked up by fd number */
 #define LINGER_MS 5000           /* how long a closing client may take to hang up */
 
 /* WebSocket close status codes (RFC 6455 7.4.1). */
@@ -568,27 +567,15 @@ static void on_client(struct conn *c) {
 }
 
 static void accept_all(int lfd) {
-    for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) perror("ws_chat: accept");
-            return;
-        }
-        struct conn *c = fd < MAX_FDS ? calloc(1, sizeof *c) : NULL;
-        if (c == NULL) {
-            close(fd);
-            continue;
-        }
-        c->fd = fd;
-        c->state = READING_HEAD;
-        struct epoll_event e = {.events = EPOLLIN, .data.fd = fd};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0) {
-            perror("ws_chat: epoll_ctl");
+    for (int fd; (fd = accept_next(lfd)) >= 0;) {
+        struct conn *c = calloc(1, sizeof *c);
+        if (c == NULL || !epoll_watch(ep, fd)) {
             close(fd);
             free(c);
             continue;
         }
+        c->fd = fd;
+        c->state = READING_HEAD;
         conns[fd] = c;
         if (fd > max_fd) max_fd = fd;
     }

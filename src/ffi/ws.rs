@@ -5,10 +5,11 @@
 //! These functions take no handle and touch no fd: they only read and write the buffers
 //! they are given, so they may be called from any thread, concurrently.
 
+use std::ffi::{c_char, c_int, c_void};
+
 use super::boundary::{bytes, bytes_mut, out_param, returning_i64, returning_status};
 use crate::error::Error;
 use crate::ws;
-use std::ffi::{c_char, c_int, c_void};
 
 /// The size of the buffer fdcast_ws_accept_key() writes: 28 characters and a NUL.
 pub const FDCAST_WS_ACCEPT_KEY_SIZE: usize = 29;
