@@ -81,8 +81,9 @@ struct ModeBatch {
     members: Vec<Member>,
     bytes: Vec<u8>,
     ends: Vec<usize>,
-    /// Members with frames of their own, so the common case needs no scan.
-    members_with_own: usize,
+    /// Indices in `members` of those with frames of their own (members never move while
+    /// the batch lives), so that a frame reaches them without a scan of every member.
+    with_own: Vec<usize>,
 }
 
 /// One topic's corked frames and the subscribers they are for.
@@ -308,12 +309,11 @@ impl Batch {
             frame.copy_from(0, &mut batch.bytes);
             batch.ends.push(batch.bytes.len());
             appended.queued += recipients * frame.len() as u64;
-            if batch.members_with_own == 0 {
-                continue;
-            }
-            let others = batch.members.iter_mut().enumerate();
-            for (_, member) in others.filter(|(at, _)| Some(*at) != excepted) {
-                let Some(own) = &mut member.own else {
+            let ModeBatch {
+                members, with_own, ..
+            } = batch;
+            for &member in with_own.iter().filter(|&&at| Some(at) != excepted) {
+                let Some(own) = &mut members[member].own else {
                     continue;
                 };
                 if reserve_frame(&mut own.bytes, &mut own.ends, frame.len()) {
@@ -412,14 +412,14 @@ impl ModeBatch {
                 }
             }
         }
-        self.members_with_own = 0;
+        self.with_own.clear();
         smallest_room
     }
 
     /// Gives `member` frames of its own, a copy of the batch's so far, unless it has them;
     /// false if the memory for the copy cannot be had.
-    fn separate(&mut self, member: usize) -> bool {
-        let member = &mut self.members[member];
+    fn separate(&mut self, at: usize) -> bool {
+        let member = &mut self.members[at];
         if member.own.is_some() {
             return true;
         }
@@ -427,20 +427,22 @@ impl ModeBatch {
             bytes: Vec::new(),
             ends: Vec::new(),
         };
-        if own.bytes.try_reserve(self.bytes.len()).is_err()
-            || own.ends.try_reserve(self.ends.len()).is_err()
-        {
+        // The batch's buffers were sized for a round like the last one: so are these when
+        // the memory can be had, so that the frames still to come mostly need no regrowing.
+        let copied = reserve_hoping(&mut own.bytes, self.bytes.capacity(), self.bytes.len())
+            && reserve_hoping(&mut own.ends, self.ends.capacity(), self.ends.len());
+        if !copied {
             return false;
         }
         own.bytes.extend_from_slice(&self.bytes);
         own.ends.extend_from_slice(&self.ends);
         member.own = Some(own);
-        self.members_with_own += 1;
+        self.with_own.push(at);
         true
     }
 
     fn pending_for(&self, fd: RawFd) -> usize {
-        if self.members_with_own == 0 {
+        if self.with_own.is_empty() {
             return self.bytes.len();
         }
         let Some(member) = self.members.iter().find(|member| member.fd == fd) else {
@@ -456,6 +458,12 @@ impl ModeBatch {
 /// Makes room for one more frame of `len` bytes, or fails with nothing changed.
 fn reserve_frame(bytes: &mut Vec<u8>, ends: &mut Vec<usize>, len: usize) -> bool {
     bytes.try_reserve(len).is_ok() && ends.try_reserve(1).is_ok()
+}
+
+/// Reserves room for `hoped` items in an empty buffer, or else for the `needed` ones; false,
+/// with the buffer still empty, if not even those can be had.
+fn reserve_hoping<T>(buffer: &mut Vec<T>, hoped: usize, needed: usize) -> bool {
+    buffer.try_reserve_exact(hoped).is_ok() || buffer.try_reserve_exact(needed).is_ok()
 }
 
 /// An empty buffer with room for `capacity` items when the memory can be had: the room only
