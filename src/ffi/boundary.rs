@@ -1,5 +1,7 @@
-//! The plumbing every exported function shares: the panic boundary, the thread-local error
-//! message, and the one place where pointers from C become Rust references and slices.
+//! The plumbing every exported function shares: the panic boundary, the one mapping of
+//! errors to `-errno` with the thread-local error message, the handle's ownership (made here,
+//! released here), and the one place where pointers from C are checked and become Rust
+//! references, slices and out-parameters.
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int};
@@ -71,6 +73,24 @@ pub(crate) fn set_last_error(message: &str) {
 /// The current thread's last error message; valid until this thread's next failing call.
 pub(crate) fn last_error() -> *const c_char {
     LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+}
+
+/// A new handle owning `registry`, which C releases with `fdcast_free` ([`free_handle`]).
+pub(crate) fn new_handle(registry: Registry) -> *mut fdcast {
+    Box::into_raw(Box::new(fdcast { registry }))
+}
+
+/// Releases a handle from [`new_handle`]; NULL is a no-op.
+///
+/// # Safety
+/// `fc` is NULL or a handle from [`new_handle`] not released yet, with no call on it in
+/// flight, as the header requires of callers; it is invalid afterwards.
+pub(crate) unsafe fn free_handle(fc: *mut fdcast) {
+    if !fc.is_null() {
+        // SAFETY: per this function's contract, `fc` came from `Box::into_raw` in
+        // `new_handle` and nothing else uses it, so the Box may take it back, once.
+        drop(unsafe { Box::from_raw(fc) });
+    }
 }
 
 /// The registry behind a handle, or `EINVAL` for NULL.
