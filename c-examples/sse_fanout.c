@@ -26,7 +26,6 @@
 
 #include <sys/epoll.h>
 
-
 struct conn {
     struct fanout_client client;
     bool evicted; /* set by the evict callback; reaped after the batch */

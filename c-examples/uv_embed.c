@@ -47,7 +47,6 @@
 
 #include <uv.h>
 
-
 struct conn {
     uv_tcp_t tcp; /* first member: a handle pointer is a conn pointer */
     struct fanout_client client; /* client.fd is uv_fileno(tcp): where fdcast writes */
