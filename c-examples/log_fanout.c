@@ -35,27 +35,14 @@
  *   SIGINT/SIGTERM exit at once (queued bytes are dropped), also with 0.
  */
 #define _GNU_SOURCE
-#include "fdcast.h"
+#include "http_util.h"
 
-#include <arpa/inet.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <stdbool.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/epoll.h>
-#include <sys/signalfd.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <time.h>
-#include <unistd.h>
 
 #define MAX_LINE (64 * 1024) /* longest line sent whole, newline excluded */
 #define READ_SIZE (64 * 1024)
-#define MAX_FDS 16384 /* clients are looked up by fd number */
 
 static const char TOPIC[] = "log";
 #define TOPIC_LEN (sizeof TOPIC - 1)
@@ -73,17 +60,6 @@ static size_t n_evicted;
 static char line[MAX_LINE + 1]; /* the line being assembled, + room for '\n' */
 static size_t line_len;
 static unsigned long long n_lines;
-
-static void die(const char *what) {
-    perror(what);
-    exit(1);
-}
-
-static long long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ------------------------------------------------------------------------ */
 /* clients                                                                  */
@@ -141,17 +117,7 @@ static void on_client(int fd) {
 }
 
 static void accept_all(int lfd, const char *kind) {
-    for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) perror("log_fanout: accept");
-            return;
-        }
-        if (fd >= MAX_FDS) {
-            close(fd);
-            continue;
-        }
+    for (int fd; (fd = accept_next(lfd)) >= 0;) {
         /* Subscribe before anything else can run: the client gets every line
          * read from now on. */
         int64_t id = fdcast_subscribe(fc, TOPIC, TOPIC_LEN, fd, FDCAST_RAW);
@@ -227,21 +193,6 @@ static bool read_stdin(void) {
 
 /* ------------------------------------------------------------------------ */
 
-static int listen_tcp(int port, int *bound_port) {
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (lfd < 0) die("socket");
-    int one = 1;
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
-    if (listen(lfd, 128) < 0) die("listen");
-    socklen_t alen = sizeof addr;
-    if (getsockname(lfd, (struct sockaddr *)&addr, &alen) < 0) die("getsockname");
-    *bound_port = ntohs(addr.sin_port);
-    return lfd;
-}
-
 static int listen_unix(const char *path) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path) {
@@ -296,46 +247,23 @@ int main(int argc, char **argv) {
     else if (env != NULL && *env != '\0')
         port = (int)parse_num(env, 65535, "port");
 
-    /* SIGINT/SIGTERM arrive as reads on a signalfd in the same epoll set.
-     * Block them before any thread exists so every thread inherits the mask. */
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGTERM);
-    if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) die("sigprocmask");
-    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sfd < 0) die("signalfd");
+    /* SIGINT/SIGTERM arrive as reads on a signalfd in the same epoll set. */
+    int sfd = signals_fd();
 
     int bound_port;
-    int tcp_lfd = listen_tcp(port, &bound_port);
+    int tcp_lfd = listen_loopback(port, &bound_port);
     int unix_lfd = unix_path != NULL ? listen_unix(unix_path) : -1;
 
-    fc = fdcast_new();
-    if (fc == NULL) {
-        fprintf(stderr, "log_fanout: fdcast_new: %s\n", fdcast_last_error());
-        return 1;
-    }
-    fdcast_set_evict_callback(fc, on_evict, NULL);
     /* A client that stopped reading is disconnected rather than silently
      * missing lines: a tail that reconnects knows it has a gap. */
-    if (fdcast_set_overflow(fc, FDCAST_EVICT) < 0 ||
-        (outbox_limit >= 0 && fdcast_set_outbox_limit(fc, (size_t)outbox_limit) < 0)) {
+    int fcfd;
+    fc = evicting_fdcast(on_evict, &fcfd);
+    if (outbox_limit >= 0 && fdcast_set_outbox_limit(fc, (size_t)outbox_limit) < 0) {
         fprintf(stderr, "log_fanout: configuring fdcast: %s\n", fdcast_last_error());
         return 1;
     }
-    int fcfd = fdcast_fd(fc);
-    if (fcfd < 0) {
-        fprintf(stderr, "log_fanout: fdcast_fd: %s\n", strerror(-fcfd));
-        return 1;
-    }
-
-    ep = epoll_create1(EPOLL_CLOEXEC);
-    if (ep < 0) die("epoll_create1");
     int watch[] = {sfd, fcfd, tcp_lfd, unix_lfd};
-    for (size_t i = 0; i < sizeof watch / sizeof watch[0]; i++) {
-        struct epoll_event e = {.events = EPOLLIN, .data.fd = watch[i]};
-        if (watch[i] >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, watch[i], &e) < 0) die("epoll_ctl");
-    }
+    ep = epoll_watching(watch, sizeof watch / sizeof watch[0]);
     /* stdin stays blocking (it may be a terminal shared with the shell): a
      * level-triggered EPOLLIN means one read() will not block. A regular file
      * or /dev/null cannot be polled (EPERM): it is always readable, so we read

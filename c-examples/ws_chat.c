@@ -25,29 +25,14 @@
  * splits a queued frame.
  */
 #define _GNU_SOURCE
-#include "fdcast.h"
+#include "http_util.h"
 
-#include <arpa/inet.h>
 #include <ctype.h>
-#include <errno.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <stdbool.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
 #include <sys/epoll.h>
-#include <sys/signalfd.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
-#define MAX_HEAD 8192            /* request line + headers */
 #define MAX_ROOM 64              /* characters in a room name */
 #define MAX_MESSAGE (64 * 1024)  /* bytes in one text message */
 #define IN_CAP (MAX_MESSAGE + 14) /* one whole frame of the largest message */
-#define MAX_FDS 16384            /* connections are looked up by fd number */
 #define LINGER_MS 5000           /* how long a closing client may take to hang up */
 
 /* WebSocket close status codes (RFC 6455 7.4.1). */
@@ -77,7 +62,7 @@ struct conn {
     int64_t sub;  /* subscription id, 0 when none */
     char topic[sizeof "room:" + MAX_ROOM];
     size_t topic_len;
-    char head[MAX_HEAD + 1];
+    char head[HTTP_MAX_HEAD + 1];
     size_t head_len;
     /* WebSocket only (allocated at the upgrade): */
     fdcast_ws_reader reader; /* fragmentation and UTF-8 state, zero = ready */
@@ -94,17 +79,6 @@ static int max_fd = -1; /* highest fd in conns */
 static int evicted[MAX_FDS];
 static size_t n_evicted;
 static size_t n_closing;
-
-static void die(const char *what) {
-    perror(what);
-    exit(1);
-}
-
-static long long now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ------------------------------------------------------------------------ */
 /* The pages. Pieces stay under 4095 characters, the longest string literal  */
@@ -305,11 +279,9 @@ static bool send_raw(struct conn *c, const void *p, size_t n) {
 static void respond(struct conn *c, const char *status, const char *extra_headers,
                     const char *text) {
     char buf[1024];
-    int n = snprintf(buf, sizeof buf,
-                     "HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                     "Content-Length: %zu\r\n%sConnection: close\r\n\r\n%s",
-                     status, strlen(text), extra_headers, text);
-    if (n > 0 && (size_t)n < sizeof buf) send_raw(c, buf, (size_t)n);
+    size_t n = http_text_response(buf, sizeof buf, status, "text/plain; charset=utf-8",
+                                  extra_headers, text);
+    if (n > 0) send_raw(c, buf, n);
     finish(c);
 }
 
@@ -317,12 +289,9 @@ static void serve_page(struct conn *c, const char *const *pieces) {
     size_t len = 0;
     for (size_t i = 0; pieces[i] != NULL; i++) len += strlen(pieces[i]);
     char head[256];
-    int n = snprintf(head, sizeof head,
-                     "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
-                     "Content-Length: %zu\r\nCache-Control: no-store\r\n"
-                     "Connection: close\r\n\r\n",
-                     len);
-    bool ok = n > 0 && (size_t)n < sizeof head && send_raw(c, head, (size_t)n);
+    size_t n = http_response_head(head, sizeof head, "200 OK", "text/html; charset=utf-8",
+                                  "Cache-Control: no-store\r\n", len);
+    bool ok = n > 0 && send_raw(c, head, n);
     for (size_t i = 0; ok && pieces[i] != NULL; i++) ok = send_raw(c, pieces[i], strlen(pieces[i]));
     finish(c);
 }
@@ -428,41 +397,6 @@ static void ws_input(struct conn *c) {
 /* ------------------------------------------------------------------------ */
 /* HTTP                                                                     */
 
-/* The value of header `name` (case-insensitive) in the request head, and its
- * length without trailing blanks; NULL when absent. */
-static const char *header(const struct conn *c, const char *name, size_t *len) {
-    size_t nl = strlen(name);
-    const char *line = strstr(c->head, "\r\n") + 2;
-    while (strncmp(line, "\r\n", 2) != 0) {
-        const char *end = strstr(line, "\r\n");
-        if ((size_t)(end - line) > nl && line[nl] == ':' && strncasecmp(line, name, nl) == 0) {
-            const char *v = line + nl + 1;
-            while (*v == ' ' || *v == '\t') v++;
-            const char *e = end;
-            while (e > v && (e[-1] == ' ' || e[-1] == '\t')) e--;
-            *len = (size_t)(e - v);
-            return v;
-        }
-        line = end + 2;
-    }
-    return NULL;
-}
-
-/* Whether the comma-separated header value contains `token` (any case). */
-static bool has_token(const char *v, size_t len, const char *token) {
-    size_t tl = strlen(token);
-    const char *end = v + len;
-    while (v < end) {
-        while (v < end && (*v == ' ' || *v == '\t' || *v == ',')) v++;
-        const char *t = v;
-        while (v < end && *v != ',') v++;
-        const char *te = v;
-        while (te > t && (te[-1] == ' ' || te[-1] == '\t')) te--;
-        if ((size_t)(te - t) == tl && strncasecmp(t, token, tl) == 0) return true;
-    }
-    return false;
-}
-
 /* Sets c->topic to "room:<r>" from the query string. False for a bad name. */
 static bool parse_room(struct conn *c, const char *query, size_t qlen) {
     const char *room = "lobby";
@@ -499,11 +433,7 @@ static bool subscribe(struct conn *c, fdcast_mode mode) {
 }
 
 static void start_events(struct conn *c) {
-    static const char head[] = "HTTP/1.1 200 OK\r\n"
-                               "Content-Type: text/event-stream\r\n"
-                               "Cache-Control: no-cache\r\n"
-                               "Connection: keep-alive\r\n"
-                               "\r\n";
+    static const char head[] = HTTP_SSE_HEAD;
     /* Headers first, then subscribe: everything runs on this thread, so no
      * publish comes in between and the first event follows the headers. */
     if (!send_raw(c, head, sizeof head - 1) || !subscribe(c, FDCAST_SSE)) {
@@ -517,12 +447,12 @@ static void start_events(struct conn *c) {
  * `extra` bytes after the head are the client's first frames. */
 static void upgrade(struct conn *c, const char *extra, size_t extra_len) {
     size_t ulen = 0, clen = 0, vlen = 0, klen = 0;
-    const char *up = header(c, "Upgrade", &ulen);
-    const char *conn = header(c, "Connection", &clen);
-    const char *version = header(c, "Sec-WebSocket-Version", &vlen);
-    const char *key = header(c, "Sec-WebSocket-Key", &klen);
-    if (up == NULL || !has_token(up, ulen, "websocket") || conn == NULL ||
-        !has_token(conn, clen, "upgrade")) {
+    const char *up = http_header(c->head, "Upgrade", &ulen);
+    const char *conn = http_header(c->head, "Connection", &clen);
+    const char *version = http_header(c->head, "Sec-WebSocket-Version", &vlen);
+    const char *key = http_header(c->head, "Sec-WebSocket-Key", &klen);
+    if (up == NULL || !http_has_token(up, ulen, "websocket") || conn == NULL ||
+        !http_has_token(conn, clen, "upgrade")) {
         respond(c, "426 Upgrade Required", "Upgrade: websocket\r\n",
                 "this is a WebSocket endpoint\n");
         return;
@@ -562,36 +492,23 @@ static void upgrade(struct conn *c, const char *extra, size_t extra_len) {
 /* Parses the request head (NUL-terminated, blank line at head_end) and acts
  * on it. May close c. */
 static void handle_request(struct conn *c, size_t head_end) {
-    char *line_end = strstr(c->head, "\r\n");
-    char *sp1 = memchr(c->head, ' ', (size_t)(line_end - c->head));
-    char *sp2 = sp1 ? memchr(sp1 + 1, ' ', (size_t)(line_end - sp1 - 1)) : NULL;
-    if (sp1 == NULL || sp2 == NULL || line_end - sp2 - 1 != 8 ||
-        strncmp(sp2 + 1, "HTTP/1.", 7) != 0) {
+    struct http_request req;
+    if (!http_parse_request_line(c->head, &req)) {
         respond(c, "400 Bad Request", "", "bad request line\n");
         return;
     }
-    if (sp1 - c->head != 3 || memcmp(c->head, "GET", 3) != 0) {
+    if (!http_method_is(&req, "GET")) {
         respond(c, "405 Method Not Allowed", "Allow: GET\r\n", "GET only\n");
         return;
     }
-    const char *path = sp1 + 1;
-    size_t plen = (size_t)(sp2 - path);
-    const char *query = memchr(path, '?', plen);
-    size_t qlen = 0;
-    if (query != NULL) {
-        qlen = (size_t)(sp2 - query - 1);
-        plen = (size_t)(query - path);
-        query++;
-    }
-#define PATH_IS(s) (plen == sizeof(s) - 1 && memcmp(path, s, plen) == 0)
-    if (PATH_IS("/") || PATH_IS("/index.html")) {
+    if (http_path_is(&req, "/") || http_path_is(&req, "/index.html")) {
         serve_page(c, CHAT_PAGE);
-    } else if (PATH_IS("/sse.html")) {
+    } else if (http_path_is(&req, "/sse.html")) {
         serve_page(c, SSE_PAGE);
-    } else if (PATH_IS("/ws") || PATH_IS("/events")) {
-        if (!parse_room(c, query, qlen)) {
+    } else if (http_path_is(&req, "/ws") || http_path_is(&req, "/events")) {
+        if (!parse_room(c, req.query, req.query_len)) {
             respond(c, "400 Bad Request", "", "room names are 1-64 of [A-Za-z0-9._~-]\n");
-        } else if (PATH_IS("/ws")) {
+        } else if (http_path_is(&req, "/ws")) {
             upgrade(c, c->head + head_end, c->head_len - head_end);
         } else {
             start_events(c);
@@ -599,7 +516,6 @@ static void handle_request(struct conn *c, size_t head_end) {
     } else {
         respond(c, "404 Not Found", "", "not found\n");
     }
-#undef PATH_IS
 }
 
 /* Reads what the client sent, in whatever pieces it arrives. */
@@ -610,7 +526,7 @@ static void on_client(struct conn *c) {
         size_t room = sizeof scratch; /* SSE, CLOSING: input is discarded */
         if (c->state == READING_HEAD) {
             dst = c->head + c->head_len;
-            room = MAX_HEAD - c->head_len;
+            room = HTTP_MAX_HEAD - c->head_len;
         } else if (c->state == WEBSOCKET) {
             dst = (char *)c->in + c->in_len;
             room = IN_CAP - c->in_len;
@@ -640,46 +556,26 @@ static void on_client(struct conn *c) {
         if (c->state != READING_HEAD) continue;
         c->head_len += (size_t)r;
         c->head[c->head_len] = '\0';
-        char *end = memmem(c->head, c->head_len, "\r\n\r\n", 4);
-        if (end == NULL) {
-            if (c->head_len == MAX_HEAD) {
-                respond(c, "431 Request Header Fields Too Large", "", "request head too large\n");
-                return;
-            }
-            continue;
+        size_t head_end;
+        struct http_refusal refusal;
+        switch (http_head_end(c->head, c->head_len, &head_end, &refusal)) {
+        case 0: continue;
+        case -1: respond(c, refusal.status, "", refusal.text); return;
+        default: handle_request(c, head_end); return; /* may close c */
         }
-        size_t head_end = (size_t)(end - c->head) + 4;
-        if (memchr(c->head, '\0', head_end) != NULL) {
-            respond(c, "400 Bad Request", "", "NUL in request head\n");
-            return;
-        }
-        handle_request(c, head_end); /* may close c */
-        return;
     }
 }
 
 static void accept_all(int lfd) {
-    for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) perror("ws_chat: accept");
-            return;
-        }
-        struct conn *c = fd < MAX_FDS ? calloc(1, sizeof *c) : NULL;
-        if (c == NULL) {
-            close(fd);
-            continue;
-        }
-        c->fd = fd;
-        c->state = READING_HEAD;
-        struct epoll_event e = {.events = EPOLLIN, .data.fd = fd};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e) < 0) {
-            perror("ws_chat: epoll_ctl");
+    for (int fd; (fd = accept_next(lfd)) >= 0;) {
+        struct conn *c = calloc(1, sizeof *c);
+        if (c == NULL || !epoll_watch(ep, fd)) {
             close(fd);
             free(c);
             continue;
         }
+        c->fd = fd;
+        c->state = READING_HEAD;
         conns[fd] = c;
         if (fd > max_fd) max_fd = fd;
     }
@@ -687,72 +583,21 @@ static void accept_all(int lfd) {
 
 /* ------------------------------------------------------------------------ */
 
-static int parse_port(const char *s) {
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < 0 || v > 65535) {
-        fprintf(stderr, "ws_chat: bad port '%s'\n", s);
-        exit(2);
-    }
-    return (int)v;
-}
-
 int main(int argc, char **argv) {
-    int port = 8081;
-    const char *env = getenv("FDCAST_PORT");
-    if (argc > 1)
-        port = parse_port(argv[1]);
-    else if (env != NULL && *env != '\0')
-        port = parse_port(env);
+    int port = port_from_args(argc, argv, 8081);
+    /* SIGINT/SIGTERM arrive as reads on a signalfd in the epoll set. */
+    int sfd = signals_fd();
+    int bound_port;
+    int lfd = listen_loopback(port, &bound_port);
 
-    /* SIGINT/SIGTERM arrive as reads on a signalfd in the epoll set, so
-     * shutdown happens between events, never inside one. */
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGTERM);
-    if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) die("sigprocmask");
-    int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sfd < 0) die("signalfd");
-
-    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (lfd < 0) die("socket");
-    int one = 1;
-    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
-    if (listen(lfd, 128) < 0) die("listen");
-    socklen_t alen = sizeof addr;
-    if (getsockname(lfd, (struct sockaddr *)&addr, &alen) < 0) die("getsockname");
-
-    fc = fdcast_new();
-    if (fc == NULL) {
-        fprintf(stderr, "ws_chat: fdcast_new: %s\n", fdcast_last_error());
-        return 1;
-    }
-    fdcast_set_evict_callback(fc, on_evict, NULL);
     /* A client more than the outbox limit (1 MiB) behind is disconnected
      * rather than silently missing messages. */
-    if (fdcast_set_overflow(fc, FDCAST_EVICT) < 0) {
-        fprintf(stderr, "ws_chat: fdcast_set_overflow: %s\n", fdcast_last_error());
-        return 1;
-    }
-    int fcfd = fdcast_fd(fc);
-    if (fcfd < 0) {
-        fprintf(stderr, "ws_chat: fdcast_fd: %s\n", strerror(-fcfd));
-        return 1;
-    }
-
-    ep = epoll_create1(EPOLL_CLOEXEC);
-    if (ep < 0) die("epoll_create1");
+    int fcfd;
+    fc = evicting_fdcast(on_evict, &fcfd);
     int watch[] = {lfd, sfd, fcfd};
-    for (size_t i = 0; i < sizeof watch / sizeof watch[0]; i++) {
-        struct epoll_event e = {.events = EPOLLIN, .data.fd = watch[i]};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, watch[i], &e) < 0) die("epoll_ctl");
-    }
+    ep = epoll_watching(watch, sizeof watch / sizeof watch[0]);
 
-    printf("ws_chat: listening on http://127.0.0.1:%d (fdcast %s)\n", ntohs(addr.sin_port),
+    printf("ws_chat: listening on http://127.0.0.1:%d (fdcast %s)\n", bound_port,
            fdcast_version());
     fflush(stdout);
 

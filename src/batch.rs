@@ -23,6 +23,12 @@
 //!   one outbox limit per mode.
 //! - **Accounting.** A frame's bytes join the registry's queued-bytes gauge when appended, once
 //!   per member; deliveries are counted when a member's write completes them.
+//! - **Memory.** Every payload-sized buffer is reserved fallibly when a frame is appended,
+//!   where a failure is a counted drop, as it is for a publish that writes at once; handing
+//!   frames over reserves nothing it cannot do without (a member excepted from a frame gets
+//!   frames of its own as they are appended, not a filtered copy at the flush).
+
+#![forbid(unsafe_code)]
 
 use std::hash::{BuildHasher, RandomState};
 use std::os::fd::RawFd;
@@ -64,8 +70,10 @@ pub(crate) struct Direct {
 struct Member {
     fd: RawFd,
     peer: Arc<Peer>,
-    /// Indices of the frames published with this fd excepted (`publish_except`).
-    skipped: Vec<usize>,
+    /// Once a publish excepted this fd (`publish_except`), its own frames: the batch's
+    /// without those. Built as frames are appended, so that every payload-sized allocation
+    /// happens where a failing one can be counted as a drop.
+    own: Option<FrameRun>,
 }
 
 #[derive(Default)]
@@ -73,8 +81,9 @@ struct ModeBatch {
     members: Vec<Member>,
     bytes: Vec<u8>,
     ends: Vec<usize>,
-    /// Members with skipped frames, so the common case needs no scan.
-    members_with_skips: usize,
+    /// Indices in `members` of those with frames of their own (members never move while
+    /// the batch lives), so that a frame reaches them without a scan of every member.
+    with_own: Vec<usize>,
 }
 
 /// One topic's corked frames and the subscribers they are for.
@@ -225,7 +234,7 @@ impl Batch {
                     batch.modes[subscriber.mode.index()].members.push(Member {
                         fd: subscriber.fd,
                         peer: Arc::clone(&subscriber.peer),
-                        skipped: Vec::new(),
+                        own: None,
                     });
                 }
                 None => batch.direct.push(Direct {
@@ -268,6 +277,12 @@ impl Batch {
     }
 
     /// Appends this publish's frame to every mode that has members, skipping `except`.
+    ///
+    /// Memory follows the rule of a publish that writes at once: a frame whose buffer cannot
+    /// be grown is a counted drop, never an abort, and never written in part. When the
+    /// batch's own buffer (or the excepted member's first copy of the frames so far) cannot
+    /// be had, the frame is dropped for every member of the mode; when one member's own
+    /// frames cannot take it, for that member alone.
     pub(crate) fn append(&mut self, frames: &FrameSet<'_>, except: Option<RawFd>) -> Appended {
         self.published = true;
         let mut appended = Appended::default();
@@ -286,20 +301,29 @@ impl Batch {
                 appended.delivered += recipients;
                 continue;
             }
-            // The bytes are bounded by the members' room, at most one outbox limit, but that
-            // can be large: reserve fallibly, as for any payload-sized buffer.
-            if batch.bytes.try_reserve(frame.len()).is_err() || batch.ends.try_reserve(1).is_err() {
+            let separated = excepted.is_none_or(|member| batch.separate(member));
+            if !separated || !reserve_frame(&mut batch.bytes, &mut batch.ends, frame.len()) {
                 appended.dropped += recipients;
                 continue;
             }
             frame.copy_from(0, &mut batch.bytes);
             batch.ends.push(batch.bytes.len());
-            if let Some(member) = excepted {
-                let skipped = &mut batch.members[member].skipped;
-                batch.members_with_skips += usize::from(skipped.is_empty());
-                skipped.push(batch.ends.len() - 1);
-            }
             appended.queued += recipients * frame.len() as u64;
+            let ModeBatch {
+                members, with_own, ..
+            } = batch;
+            for &member in with_own.iter().filter(|&&at| Some(at) != excepted) {
+                let Some(own) = &mut members[member].own else {
+                    continue;
+                };
+                if reserve_frame(&mut own.bytes, &mut own.ends, frame.len()) {
+                    frame.copy_from(0, &mut own.bytes);
+                    own.ends.push(own.bytes.len());
+                } else {
+                    appended.dropped += 1;
+                    appended.queued -= frame.len() as u64;
+                }
+            }
         }
         appended
     }
@@ -363,19 +387,16 @@ impl ModeBatch {
                 self.bytes.shrink_to_fit();
             }
             Arc::new(FrameRun {
-                bytes: std::mem::replace(&mut self.bytes, Vec::with_capacity(bytes_len)),
-                ends: std::mem::replace(&mut self.ends, Vec::with_capacity(frame_count)),
+                bytes: std::mem::replace(&mut self.bytes, presized(bytes_len)),
+                ends: std::mem::replace(&mut self.ends, presized(frame_count)),
             })
         });
         let mut smallest_room = usize::MAX;
         for member in &mut self.members {
-            let own_run = match &run {
-                Some(run) if !member.skipped.is_empty() => {
-                    Some(Arc::new(without_frames(run, &member.skipped)))
-                }
-                run => run.clone(),
+            let own_run = match (member.own.take(), &run) {
+                (Some(own), Some(_)) => Some(Arc::new(own)),
+                (_, run) => run.clone(),
             };
-            member.skipped.clear();
             match member.peer.take_batch_frames(own_run, membership) {
                 Attach::Queued {
                     newly_awaiting,
@@ -391,64 +412,65 @@ impl ModeBatch {
                 }
             }
         }
-        self.members_with_skips = 0;
+        self.with_own.clear();
         smallest_room
     }
 
+    /// Gives `member` frames of its own, a copy of the batch's so far, unless it has them;
+    /// false if the memory for the copy cannot be had.
+    fn separate(&mut self, at: usize) -> bool {
+        let member = &mut self.members[at];
+        if member.own.is_some() {
+            return true;
+        }
+        let mut own = FrameRun {
+            bytes: Vec::new(),
+            ends: Vec::new(),
+        };
+        // The batch's buffers were sized for a round like the last one: so are these when
+        // the memory can be had, so that the frames still to come mostly need no regrowing.
+        let copied = reserve_hoping(&mut own.bytes, self.bytes.capacity(), self.bytes.len())
+            && reserve_hoping(&mut own.ends, self.ends.capacity(), self.ends.len());
+        if !copied {
+            return false;
+        }
+        own.bytes.extend_from_slice(&self.bytes);
+        own.ends.extend_from_slice(&self.ends);
+        member.own = Some(own);
+        self.with_own.push(at);
+        true
+    }
+
     fn pending_for(&self, fd: RawFd) -> usize {
-        if self.members_with_skips == 0 {
+        if self.with_own.is_empty() {
             return self.bytes.len();
         }
         let Some(member) = self.members.iter().find(|member| member.fd == fd) else {
             return 0;
         };
-        let skipped: usize = member
-            .skipped
-            .iter()
-            .map(|&frame| frame_range(&self.ends, frame).len())
-            .sum();
-        self.bytes.len() - skipped
+        member
+            .own
+            .as_ref()
+            .map_or(self.bytes.len(), |own| own.bytes.len())
     }
 }
 
-fn frame_range(ends: &[usize], frame: usize) -> std::ops::Range<usize> {
-    let start = if frame == 0 { 0 } else { ends[frame - 1] };
-    start..ends[frame]
+/// Makes room for one more frame of `len` bytes, or fails with nothing changed.
+fn reserve_frame(bytes: &mut Vec<u8>, ends: &mut Vec<usize>, len: usize) -> bool {
+    bytes.try_reserve(len).is_ok() && ends.try_reserve(1).is_ok()
 }
 
-/// A copy of `run` without the frames at the (ascending) indices `skipped`.
-fn without_frames(run: &FrameRun, skipped: &[usize]) -> FrameRun {
-    let mut kept = FrameRun {
-        bytes: Vec::with_capacity(run.bytes.len()),
-        ends: Vec::with_capacity(run.ends.len() - skipped.len()),
-    };
-    let mut skipped = skipped.iter().peekable();
-    for frame in 0..run.ends.len() {
-        if skipped.next_if_eq(&&frame).is_some() {
-            continue;
-        }
-        kept.bytes
-            .extend_from_slice(&run.bytes[frame_range(&run.ends, frame)]);
-        kept.ends.push(kept.bytes.len());
-    }
-    kept
+/// Reserves room for `hoped` items in an empty buffer, or else for the `needed` ones; false,
+/// with the buffer still empty, if not even those can be had.
+fn reserve_hoping<T>(buffer: &mut Vec<T>, hoped: usize, needed: usize) -> bool {
+    buffer.try_reserve_exact(hoped).is_ok() || buffer.try_reserve_exact(needed).is_ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn without_frames_drops_exactly_the_skipped_frames() {
-        let run = FrameRun {
-            bytes: b"aabbbcd".to_vec(),
-            ends: vec![2, 5, 6, 7],
-        };
-        let kept = without_frames(&run, &[1, 3]);
-        assert_eq!(kept.bytes, b"aac");
-        assert_eq!(kept.ends, vec![2, 3]);
-        let kept = without_frames(&run, &[0]);
-        assert_eq!(kept.bytes, b"bbbcd");
-        assert_eq!(kept.ends, vec![3, 4, 5]);
-    }
+/// An empty buffer with room for `capacity` items when the memory can be had: the room only
+/// spares the next round regrowing it, so without the memory the buffer starts empty.
+fn presized<T>(capacity: usize) -> Vec<T> {
+    let mut buffer = Vec::new();
+    // Failure leaves `buffer` empty, which is all this needs.
+    let _ = buffer.try_reserve_exact(capacity);
+    buffer
 }

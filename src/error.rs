@@ -1,8 +1,12 @@
 //! The error type of the safe API. Every variant maps to one errno, which the C boundary
 //! returns negated.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::io;
+
+use crate::ws;
 
 /// Why an fdcast call failed.
 #[derive(Debug)]
@@ -49,6 +53,10 @@ pub enum Error {
     Busy,
     /// The memory for a payload-sized buffer could not be had. `ENOMEM`.
     NoMemory,
+    /// A WebSocket helper failed: `EINVAL` for a bad key or a frame RFC 6455 forbids,
+    /// `ENOBUFS` for an output buffer too small, `EPROTO` for a peer that broke the protocol,
+    /// `EILSEQ` for text that is not UTF-8, `EMSGSIZE` for a payload over the limit.
+    WebSocket(ws::Error),
     /// A system call failed.
     Io(io::Error),
 }
@@ -73,6 +81,16 @@ impl Error {
             Error::PeerGone(errno) => *errno,
             Error::Busy => libc::EBUSY,
             Error::NoMemory => libc::ENOMEM,
+            Error::WebSocket(err) => match err {
+                ws::Error::InvalidKey | ws::Error::InvalidFrame(_) => libc::EINVAL,
+                ws::Error::InvalidUtf8 => libc::EILSEQ,
+                ws::Error::BufferTooSmall { .. } => libc::ENOBUFS,
+                ws::Error::Protocol(ws::Rule::TextNotUtf8 | ws::Rule::CloseReasonNotUtf8) => {
+                    libc::EILSEQ
+                }
+                ws::Error::Protocol(_) => libc::EPROTO,
+                ws::Error::TooLarge { .. } => libc::EMSGSIZE,
+            },
             Error::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -109,6 +127,7 @@ impl fmt::Display for Error {
             ),
             Error::Busy => f.write_str("another thread is already in dispatch"),
             Error::NoMemory => f.write_str("out of memory for the frame"),
+            Error::WebSocket(err) => write!(f, "{err}"),
             Error::Io(err) => write!(f, "{err}"),
         }
     }
@@ -118,8 +137,15 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io(err) => Some(err),
+            Error::WebSocket(err) => Some(err),
             _ => None,
         }
+    }
+}
+
+impl From<ws::Error> for Error {
+    fn from(err: ws::Error) -> Error {
+        Error::WebSocket(err)
     }
 }
 

@@ -6,6 +6,8 @@
 //! (module `ffi`). Embed it in an event loop by polling [`Registry::poll_fd`] for
 //! readability and calling [`Registry::dispatch`] when it fires.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod batch;
 mod broker;
 mod error;

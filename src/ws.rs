@@ -11,6 +11,8 @@
 //! Pure functions over byte slices: no I/O, no allocation. The host reads its sockets, and
 //! sends what `encode` wrote through the fd's outbox.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 use base64::Engine as _;
@@ -145,7 +147,8 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Why a WebSocket helper failed.
+/// Why a WebSocket helper failed. The crate's [`crate::Error`] carries it as
+/// [`crate::Error::WebSocket`], which gives its errno (named below).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
     /// The `Sec-WebSocket-Key` is not 24 base64 characters encoding 16 bytes. `EINVAL`.
@@ -170,18 +173,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// The positive errno value the C functions return, negated, for this error.
-    pub fn errno(&self) -> i32 {
-        match self {
-            Error::InvalidKey | Error::InvalidFrame(_) => libc::EINVAL,
-            Error::InvalidUtf8 => libc::EILSEQ,
-            Error::BufferTooSmall { .. } => libc::ENOBUFS,
-            Error::Protocol(Rule::TextNotUtf8 | Rule::CloseReasonNotUtf8) => libc::EILSEQ,
-            Error::Protocol(_) => libc::EPROTO,
-            Error::TooLarge { .. } => libc::EMSGSIZE,
-        }
-    }
-
     /// For an error of the peer, the status code a server closes the connection with
     /// (RFC 6455 §7.4.1): 1002 for a protocol error, 1007 for invalid UTF-8, 1009 for a
     /// payload too large. `None` for the caller's own errors.
@@ -574,41 +565,29 @@ impl Reader {
         Ok(Some((frame_at(buf, header, end), end)))
     }
 
-    /// The state as plain integers, for the C struct: the message opcode (0 when none), its
-    /// length so far, and the pending UTF-8 bytes with their count.
-    pub(crate) fn to_raw(self) -> (u8, u64, [u8; 3], u8) {
-        let opcode = self.message.map_or(0, |op| op as u8);
-        (opcode, self.message_len, self.utf8.bytes, self.utf8.len)
+    /// The fragmented message in progress, `None` between messages: its opcode (`Text` or
+    /// `Binary`), its payload bytes so far, and for text the incomplete UTF-8 sequence (at
+    /// most 3 bytes) its fragments end with so far.
+    pub(crate) fn message_in_progress(&self) -> Option<(Opcode, u64, &[u8])> {
+        self.message
+            .map(|opcode| (opcode, self.message_len, self.utf8.as_slice()))
     }
 
-    /// The state from [`Reader::to_raw`]'s integers, or `None` if they are not a state it
-    /// could have produced (memory that was never zeroed, for example).
-    pub(crate) fn from_raw(
-        opcode: u8,
-        message_len: u64,
-        bytes: [u8; 3],
-        len: u8,
-    ) -> Option<Reader> {
-        let message = match opcode {
-            0 => None,
-            1 => Some(Opcode::Text),
-            2 => Some(Opcode::Binary),
-            _ => return None,
-        };
-        let utf8 = Utf8Tail { bytes, len };
-        let consistent = match message {
-            None => message_len == 0 && len == 0,
-            Some(Opcode::Text) => {
-                message_len <= MAX_PAYLOAD as u64
-                    && len <= 3
-                    && (len == 0 || Utf8Tail::is_valid_prefix(utf8.as_slice()))
-            }
-            Some(_) => message_len <= MAX_PAYLOAD as u64 && len == 0,
-        };
-        consistent.then_some(Reader {
-            message,
+    /// A reader in the middle of a message, as [`Reader::message_in_progress`] reports it,
+    /// or `None` if no reader could be in that state (a control opcode, a length over
+    /// [`MAX_PAYLOAD`], a UTF-8 tail that is not the start of one incomplete sequence, or
+    /// one in a binary message).
+    pub(crate) fn in_message(opcode: Opcode, message_len: u64, utf8_tail: &[u8]) -> Option<Reader> {
+        let consistent = message_len <= MAX_PAYLOAD as u64
+            && match opcode {
+                Opcode::Text => utf8_tail.is_empty() || Utf8Tail::is_valid_prefix(utf8_tail),
+                Opcode::Binary => utf8_tail.is_empty(),
+                _ => false,
+            };
+        consistent.then(|| Reader {
+            message: Some(opcode),
             message_len,
-            utf8,
+            utf8: Utf8Tail::new(utf8_tail),
         })
     }
 }
@@ -693,6 +672,10 @@ mod tests {
 
     const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
+    fn errno(err: Error) -> i32 {
+        crate::Error::from(err).errno()
+    }
+
     /// A client frame: first byte `b0`, masked with `mask`, minimal length encoding.
     fn client_frame(b0: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut frame = vec![b0];
@@ -762,7 +745,7 @@ mod tests {
         ] {
             assert_eq!(accept_key(bad), Err(Error::InvalidKey), "{bad:?}");
         }
-        assert_eq!(Error::InvalidKey.errno(), libc::EINVAL);
+        assert_eq!(errno(Error::InvalidKey), libc::EINVAL);
     }
 
     // --- single frames ------------------------------------------------------
@@ -876,7 +859,7 @@ mod tests {
     fn refuses_unmasked_client_frames() {
         let err = decode_err(vec![0x81, 0x02, b'h', b'i']);
         assert_eq!(err, Error::Protocol(Rule::Unmasked));
-        assert_eq!((err.errno(), err.close_code()), (libc::EPROTO, Some(1002)));
+        assert_eq!((errno(err), err.close_code()), (libc::EPROTO, Some(1002)));
         // Known from the first two bytes: no need to wait for the payload.
         assert_eq!(decode(&mut [0x82, 0x7E]), Err(Rule::Unmasked.into()));
     }
@@ -944,10 +927,7 @@ mod tests {
                 len: MAX_PAYLOAD as u64 + 1
             }
         );
-        assert_eq!(
-            (err.errno(), err.close_code()),
-            (libc::EMSGSIZE, Some(1009))
-        );
+        assert_eq!((errno(err), err.close_code()), (libc::EMSGSIZE, Some(1009)));
         // Exactly the limit is fine: the header parses and asks for the payload.
         let mut bytes = vec![0x82, MASK | 127];
         bytes.extend_from_slice(&(MAX_PAYLOAD as u64).to_be_bytes());
@@ -972,7 +952,7 @@ mod tests {
         }
         let err = decode_err(client_frame(0x88, b"\x03\xe8\xff", KEY));
         assert_eq!(err, Rule::CloseReasonNotUtf8.into());
-        assert_eq!((err.errno(), err.close_code()), (libc::EILSEQ, Some(1007)));
+        assert_eq!((errno(err), err.close_code()), (libc::EILSEQ, Some(1007)));
     }
 
     // --- messages across frames (Reader) -------------------------------------
@@ -1058,7 +1038,7 @@ mod tests {
         for stream in cases {
             let err = read_all(&mut Reader::default(), stream.clone()).unwrap_err();
             assert_eq!(err, Rule::TextNotUtf8.into(), "{stream:x?}");
-            assert_eq!((err.errno(), err.close_code()), (libc::EILSEQ, Some(1007)));
+            assert_eq!((errno(err), err.close_code()), (libc::EILSEQ, Some(1007)));
         }
         // Binary messages are not UTF-8 checked, and decode alone does not check text.
         assert!(read_all(&mut Reader::default(), client_frame(0x82, b"\xff", KEY)).is_ok());
@@ -1069,7 +1049,7 @@ mod tests {
     fn refuses_bad_fragmentation_order() {
         let err = read_all(&mut Reader::default(), cont(b"x", true)).unwrap_err();
         assert_eq!(err, Rule::ContinuationWithoutStart.into());
-        assert_eq!(err.errno(), libc::EPROTO);
+        assert_eq!(errno(err), libc::EPROTO);
         for second in [text(b"y", true), client_frame(0x02, b"y", KEY)] {
             let stream = [text(b"x", false), second].concat();
             let err = read_all(&mut Reader::default(), stream).unwrap_err();
@@ -1128,26 +1108,26 @@ mod tests {
     }
 
     #[test]
-    fn reader_raw_state_round_trips_and_rejects_garbage() {
+    fn reader_state_round_trips_and_rejects_states_no_reader_reaches() {
         let mut reader = Reader::default();
+        assert_eq!(reader.message_in_progress(), None);
         reader
             .read(&mut text(b"ab\xf0\x9f", false))
             .unwrap()
             .unwrap();
-        let (op, len, bytes, tail) = reader.to_raw();
-        assert_eq!((op, len, tail), (1, 4, 2));
-        assert_eq!(Reader::from_raw(op, len, bytes, tail), Some(reader));
-        assert_eq!(Reader::from_raw(0, 0, [0; 3], 0), Some(Reader::default()));
-        for (op, len, bytes, tail) in [
-            (3, 0, [0; 3], 0),                      // not a message opcode
-            (0, 5, [0; 3], 0),                      // length without a message
-            (0, 0, [0xe2, 0, 0], 1),                // UTF-8 tail without a message
-            (2, 1, [0xe2, 0, 0], 1),                // UTF-8 tail in a binary message
-            (1, 1, [b'a', 0, 0], 1),                // a complete character is no tail
-            (1, 1, [0xe2, 0x82, 0xac], 4),          // tail longer than 3
-            (1, MAX_PAYLOAD as u64 + 1, [0; 3], 0), // over the limit
+        let (opcode, len, tail) = reader.message_in_progress().unwrap();
+        assert_eq!((opcode, len, tail), (Opcode::Text, 4, &b"\xf0\x9f"[..]));
+        assert_eq!(Reader::in_message(opcode, len, tail), Some(reader));
+        for (opcode, len, tail) in [
+            (Opcode::Ping, 0, &b""[..]),                 // not a message opcode
+            (Opcode::Continuation, 0, b""),              // not a message opcode
+            (Opcode::Binary, 1, b"\xe2"),                // UTF-8 tail in a binary message
+            (Opcode::Text, 1, b"a"),                     // a complete character is no tail
+            (Opcode::Text, 1, b"\xe2\x82\xac"),          // nor is a complete sequence
+            (Opcode::Text, 1, b"\xe2\x82\xac\x00"),      // tail longer than 3
+            (Opcode::Text, MAX_PAYLOAD as u64 + 1, b""), // over the limit
         ] {
-            assert_eq!(Reader::from_raw(op, len, bytes, tail), None);
+            assert_eq!(Reader::in_message(opcode, len, tail), None, "{tail:x?}");
         }
     }
 
@@ -1201,7 +1181,7 @@ mod tests {
             encode(Opcode::Text, b"\xff", &mut out),
             Err(Error::InvalidUtf8)
         );
-        assert_eq!(Error::InvalidUtf8.errno(), libc::EILSEQ);
+        assert_eq!(errno(Error::InvalidUtf8), libc::EILSEQ);
         // Binary is any bytes.
         assert_eq!(encode(Opcode::Binary, b"\xff", &mut out), Ok(3));
     }
@@ -1211,7 +1191,7 @@ mod tests {
         let mut out = [0xAAu8; 129];
         let err = encode(Opcode::Binary, &[0; 126], &mut out).unwrap_err();
         assert_eq!(err, Error::BufferTooSmall { needed: 130 });
-        assert_eq!(err.errno(), libc::ENOBUFS);
+        assert_eq!(errno(err), libc::ENOBUFS);
         assert!(out.iter().all(|&b| b == 0xAA));
         assert_eq!(encode(Opcode::Binary, &[0; 126], &mut [0; 130]), Ok(130));
     }

@@ -94,7 +94,7 @@ fn safe_decode(input: &[u8]) {
         Ok(None) => assert_eq!(buf, input, "Ok(None) changed the buffer"),
         Err(err) => {
             assert_eq!(buf, input, "an error changed the buffer");
-            assert!(err.errno() > 0);
+            assert!(fdcast::Error::from(err).errno() > 0);
             assert!(
                 err.close_code().is_some(),
                 "a peer's error without a close code"

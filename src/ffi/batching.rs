@@ -17,6 +17,11 @@ use super::fdcast;
 /// them the whole batch as one chunk (README: Corking). Limits, drops, evictions, counters,
 /// fdcast_pending_bytes() and ordering are as if each frame were queued per fd.
 ///
+/// Out of memory, a corked publish does what one that writes at once does: a frame for
+/// which a payload-sized buffer cannot be had is dropped for the fds it could not be
+/// gathered for and counted in dropped_messages; nothing is written in part, and the publish
+/// still returns how many subscribers matched. A flush needs no new memory for the frames.
+///
 /// Returns 0 or -EINVAL (NULL `fc`).
 ///
 /// Thread: any; a publish running concurrently may still write at once.

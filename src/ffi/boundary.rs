@@ -1,9 +1,12 @@
-//! The plumbing every exported function shares: the panic boundary, the thread-local error
-//! message, and the one place where pointers from C become Rust references and slices.
+//! The plumbing every exported function shares: the panic boundary, the one mapping of
+//! errors to `-errno` with the thread-local error message, the handle's ownership (made here,
+//! released here), and the one place where pointers from C are checked and become Rust
+//! references, slices and out-parameters.
 
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::ptr::NonNull;
 
 use super::fdcast;
 use crate::error::Error;
@@ -72,6 +75,24 @@ pub(crate) fn last_error() -> *const c_char {
     LAST_ERROR.with(|slot| slot.borrow().as_ptr())
 }
 
+/// A new handle owning `registry`, which C releases with `fdcast_free` ([`free_handle`]).
+pub(crate) fn new_handle(registry: Registry) -> *mut fdcast {
+    Box::into_raw(Box::new(fdcast { registry }))
+}
+
+/// Releases a handle from [`new_handle`]; NULL is a no-op.
+///
+/// # Safety
+/// `fc` is NULL or a handle from [`new_handle`] not released yet, with no call on it in
+/// flight, as the header requires of callers; it is invalid afterwards.
+pub(crate) unsafe fn free_handle(fc: *mut fdcast) {
+    if !fc.is_null() {
+        // SAFETY: per this function's contract, `fc` came from `Box::into_raw` in
+        // `new_handle` and nothing else uses it, so the Box may take it back, once.
+        drop(unsafe { Box::from_raw(fc) });
+    }
+}
+
 /// The registry behind a handle, or `EINVAL` for NULL.
 ///
 /// # Safety
@@ -104,6 +125,47 @@ pub(crate) unsafe fn bytes<'a>(
     // SAFETY: `ptr` is non-NULL, `len` fits `isize`, and the caller guarantees `len` readable
     // bytes for the duration of the call.
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// A writable byte buffer from C: any pointer (NULL included) for a length of 0, else a
+/// non-NULL pointer to `len` writable bytes.
+///
+/// # Safety
+/// A non-NULL `ptr` points to `len` writable bytes that nothing else reads or writes during
+/// the call.
+pub(crate) unsafe fn bytes_mut<'a>(
+    ptr: *mut u8,
+    len: usize,
+    what: &'static str,
+) -> Result<&'a mut [u8], Error> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if ptr.is_null() || len > isize::MAX as usize {
+        return Err(Error::InvalidArgument(what));
+    }
+    // SAFETY: `ptr` is non-NULL, `len` fits `isize`, and the caller guarantees `len`
+    // writable, unaliased bytes for the duration of the call.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// A required out-parameter: non-NULL, or `EINVAL`. The caller writes it with
+/// `NonNull::write`, never through a reference, so its previous contents need not be valid.
+pub(crate) fn out_param<T>(ptr: *mut T, what: &'static str) -> Result<NonNull<T>, Error> {
+    NonNull::new(ptr).ok_or(Error::InvalidArgument(what))
+}
+
+/// Fills an optional out-parameter: a NULL `ptr` is a no-op. Written without forming a
+/// reference, so its previous contents need not be valid.
+///
+/// # Safety
+/// A non-NULL `ptr` points to a writable, suitably aligned `T` that nothing else reads or
+/// writes during the call.
+pub(crate) unsafe fn fill_optional<T>(ptr: *mut T, value: T) {
+    if let Some(out) = NonNull::new(ptr) {
+        // SAFETY: non-NULL, and writable and aligned per this function's contract.
+        unsafe { out.write(value) };
+    }
 }
 
 /// A writable array of `cap` ints from C; NULL is allowed when `cap` is 0.

@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_int};
 use std::time::Duration;
 
-use super::boundary::{boundary, c_str, registry, returning_i64, returning_status};
+use super::boundary::{boundary, c_str, fill_optional, registry, returning_i64, returning_status};
 use super::fdcast;
 
 /// Counters of the broker, filled by fdcast_broker_get_stats(). The same fields for every
@@ -156,18 +156,21 @@ pub unsafe extern "C" fn fdcast_broker_get_stats(fc: *const fdcast, out: *mut fd
             .map(|registry| registry.broker_stats())
             .unwrap_or_default();
         // SAFETY: the header requires NULL or a pointer to a writable fdcast_broker_stats.
-        if let Some(out) = unsafe { out.as_mut() } {
-            *out = fdcast_broker_stats {
-                published: stats.published,
-                received: stats.received,
-                ignored: stats.ignored,
-                malformed: stats.malformed,
-                reconnects: stats.reconnects,
-                queued: stats.queued,
-                dropped: stats.dropped,
-                connected: stats.connected,
-                topics: stats.topics,
-            };
-        }
+        unsafe {
+            fill_optional(
+                out,
+                fdcast_broker_stats {
+                    published: stats.published,
+                    received: stats.received,
+                    ignored: stats.ignored,
+                    malformed: stats.malformed,
+                    reconnects: stats.reconnects,
+                    queued: stats.queued,
+                    dropped: stats.dropped,
+                    connected: stats.connected,
+                    topics: stats.topics,
+                },
+            )
+        };
     })
 }

@@ -3,7 +3,7 @@
 use std::ffi::c_int;
 use std::time::Duration;
 
-use super::boundary::{boundary, registry, returning_i64, returning_status};
+use super::boundary::{boundary, fill_optional, registry, returning_i64, returning_status};
 use super::{OverflowArg, fdcast, fdcast_stats, overflow_from_c};
 
 /// An fd for the host's own poll/epoll/select/libuv loop, to watch for readability: it
@@ -144,17 +144,20 @@ pub unsafe extern "C" fn fdcast_get_stats(fc: *const fdcast, out: *mut fdcast_st
             .map(|registry| registry.stats())
             .unwrap_or_default();
         // SAFETY: the header requires NULL or a pointer to a writable fdcast_stats.
-        if let Some(out) = unsafe { out.as_mut() } {
-            *out = fdcast_stats {
-                publishes: stats.publishes,
-                deliveries: stats.deliveries,
-                dropped_messages: stats.dropped_messages,
-                evicted_fds: stats.evicted_fds,
-                queued_bytes: stats.queued_bytes,
-                subscriptions: stats.subscriptions,
-                topics: stats.topics,
-                fds: stats.fds,
-            };
-        }
+        unsafe {
+            fill_optional(
+                out,
+                fdcast_stats {
+                    publishes: stats.publishes,
+                    deliveries: stats.deliveries,
+                    dropped_messages: stats.dropped_messages,
+                    evicted_fds: stats.evicted_fds,
+                    queued_bytes: stats.queued_bytes,
+                    subscriptions: stats.subscriptions,
+                    topics: stats.topics,
+                    fds: stats.fds,
+                },
+            )
+        };
     })
 }

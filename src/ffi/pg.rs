@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_int};
 use std::time::Duration;
 
-use super::boundary::{boundary, c_str, registry, returning_i64, returning_status};
+use super::boundary::{boundary, c_str, fill_optional, registry, returning_i64, returning_status};
 use super::fdcast;
 
 /// Counters of the PostgreSQL backend, filled by fdcast_pg_get_stats().
@@ -116,17 +116,20 @@ pub unsafe extern "C" fn fdcast_pg_get_stats(fc: *const fdcast, out: *mut fdcast
             .map(|registry| registry.pg_stats())
             .unwrap_or_default();
         // SAFETY: the header requires NULL or a pointer to a writable fdcast_pg_stats.
-        if let Some(out) = unsafe { out.as_mut() } {
-            *out = fdcast_pg_stats {
-                sent: stats.sent,
-                received: stats.received,
-                ignored_self: stats.ignored_self,
-                malformed: stats.malformed,
-                reconnects: stats.reconnects,
-                queued: stats.queued,
-                connected: stats.connected,
-                dropped: stats.dropped,
-            };
-        }
+        unsafe {
+            fill_optional(
+                out,
+                fdcast_pg_stats {
+                    sent: stats.sent,
+                    received: stats.received,
+                    ignored_self: stats.ignored_self,
+                    malformed: stats.malformed,
+                    reconnects: stats.reconnects,
+                    queued: stats.queued,
+                    connected: stats.connected,
+                    dropped: stats.dropped,
+                },
+            )
+        };
     })
 }

@@ -4,8 +4,8 @@ use std::ffi::{c_char, c_int};
 use std::ptr;
 
 use super::boundary::{
-    boundary, bytes, int_array, last_error, registry, returning_i64, returning_status,
-    set_last_error,
+    boundary, bytes, free_handle, int_array, last_error, new_handle, registry, returning_i64,
+    returning_status, set_last_error,
 };
 use super::{ModeArg, fdcast, mode_from_c};
 use crate::registry::Registry;
@@ -20,7 +20,7 @@ use crate::registry::Registry;
 #[unsafe(no_mangle)]
 pub extern "C" fn fdcast_new() -> *mut fdcast {
     boundary(ptr::null_mut(), || match Registry::new() {
-        Ok(registry) => Box::into_raw(Box::new(fdcast { registry })),
+        Ok(registry) => new_handle(registry),
         Err(err) => {
             set_last_error(&format!("cannot create the poller: {err}"));
             ptr::null_mut()
@@ -35,11 +35,9 @@ pub extern "C" fn fdcast_new() -> *mut fdcast {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fdcast_free(fc: *mut fdcast) {
     boundary((), || {
-        if !fc.is_null() {
-            // SAFETY: a non-NULL `fc` came from fdcast_new (Box::into_raw) and, per the
-            // documented contract, is freed once with no call in flight.
-            drop(unsafe { Box::from_raw(fc) });
-        }
+        // SAFETY: the header requires NULL or a handle from fdcast_new, freed once with no
+        // call in flight.
+        unsafe { free_handle(fc) }
     })
 }
 

@@ -6,9 +6,8 @@
 //! they are given, so they may be called from any thread, concurrently.
 
 use std::ffi::{c_char, c_int, c_void};
-use std::ptr::NonNull;
 
-use super::boundary::{boundary, bytes, set_last_error};
+use super::boundary::{bytes, bytes_mut, out_param, returning_i64, returning_status};
 use crate::error::Error;
 use crate::ws;
 
@@ -98,66 +97,31 @@ pub struct fdcast_ws_reader {
     pub utf8_tail: [u8; 3],
 }
 
-/// Why a WebSocket call failed: a bad argument, or the helper's own error.
-enum Failure {
-    Argument(Error),
-    Ws(ws::Error),
-}
-
-impl From<Error> for Failure {
-    fn from(err: Error) -> Failure {
-        Failure::Argument(err)
+/// The reader behind the C struct, or `None` if fdcast could not have written it.
+fn reader_from_c(raw: &fdcast_ws_reader) -> Option<ws::Reader> {
+    if raw.message_opcode == 0 {
+        let zeroed = raw.message_len == 0 && raw.utf8_tail_len == 0;
+        return zeroed.then(ws::Reader::default);
     }
+    let opcode = ws::Opcode::from_u8(raw.message_opcode)?;
+    let utf8_tail = raw.utf8_tail.get(..usize::from(raw.utf8_tail_len))?;
+    ws::Reader::in_message(opcode, raw.message_len, utf8_tail)
 }
 
-impl From<ws::Error> for Failure {
-    fn from(err: ws::Error) -> Failure {
-        Failure::Ws(err)
+fn reader_to_c(reader: &ws::Reader) -> fdcast_ws_reader {
+    let mut raw = fdcast_ws_reader {
+        message_len: 0,
+        message_opcode: 0,
+        utf8_tail_len: 0,
+        utf8_tail: [0; 3],
+    };
+    if let Some((opcode, message_len, utf8_tail)) = reader.message_in_progress() {
+        raw.message_len = message_len;
+        raw.message_opcode = opcode as u8;
+        raw.utf8_tail_len = utf8_tail.len() as u8; // at most 3
+        raw.utf8_tail[..utf8_tail.len()].copy_from_slice(utf8_tail);
     }
-}
-
-/// The boundary of the WebSocket functions, as `returning_i64` is for the others: the value,
-/// or `-errno` with the detail recorded for `fdcast_last_error`; `-EIO` after a panic.
-fn returning_ws(body: impl FnOnce() -> Result<i64, Failure>) -> i64 {
-    boundary(-i64::from(libc::EIO), || match body() {
-        Ok(value) => value,
-        Err(Failure::Argument(err)) => {
-            set_last_error(&err.to_string());
-            -i64::from(err.errno())
-        }
-        Err(Failure::Ws(err)) => {
-            set_last_error(&err.to_string());
-            -i64::from(err.errno())
-        }
-    })
-}
-
-/// A writable byte buffer from C: any pointer (NULL included) for a length of 0, else a
-/// non-NULL pointer to `len` writable bytes. The writable twin of `boundary::bytes`.
-///
-/// # Safety
-/// A non-NULL `ptr` points to `len` writable bytes that nothing else reads or writes during
-/// the call.
-unsafe fn bytes_mut<'a>(
-    ptr: *mut u8,
-    len: usize,
-    what: &'static str,
-) -> Result<&'a mut [u8], Error> {
-    if len == 0 {
-        return Ok(&mut []);
-    }
-    if ptr.is_null() || len > isize::MAX as usize {
-        return Err(Error::InvalidArgument(what));
-    }
-    // SAFETY: `ptr` is non-NULL, `len` fits `isize`, and the caller guarantees `len`
-    // writable, unaliased bytes for the duration of the call.
-    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
-}
-
-/// A non-NULL out-parameter, or `EINVAL`. Written with `NonNull::write`, never through a
-/// reference, so its previous contents need not be valid.
-fn out_param<T>(ptr: *mut T, what: &'static str) -> Result<NonNull<T>, Error> {
-    NonNull::new(ptr).ok_or(Error::InvalidArgument(what))
+    raw
 }
 
 fn frame_to_c(frame: ws::Frame<'_>) -> fdcast_ws_frame {
@@ -190,7 +154,7 @@ pub unsafe extern "C" fn fdcast_ws_accept_key(
     len: usize,
     out: *mut c_char,
 ) -> c_int {
-    let code = returning_ws(|| {
+    returning_status(|| {
         // SAFETY: the header requires `len` readable key bytes.
         let key = unsafe { bytes(client_key.cast(), len, "client_key is NULL")? };
         let out = out_param(out.cast::<[u8; FDCAST_WS_ACCEPT_KEY_SIZE]>(), "out is NULL")?;
@@ -200,10 +164,8 @@ pub unsafe extern "C" fn fdcast_ws_accept_key(
         // SAFETY: the header requires room for FDCAST_WS_ACCEPT_KEY_SIZE bytes at `out`; a
         // byte array has no alignment requirement.
         unsafe { out.write(text) };
-        Ok(0)
-    });
-    // 0 or a negated errno: always fits an int.
-    code as c_int
+        Ok(())
+    })
 }
 
 /// Decodes the client frame at the front of `buf[0..len)`, checking the rules of RFC 6455
@@ -243,7 +205,7 @@ pub unsafe extern "C" fn fdcast_ws_decode(
     len: usize,
     out: *mut fdcast_ws_frame,
 ) -> i64 {
-    returning_ws(|| {
+    returning_i64(|| {
         let out = out_param(out, "out is NULL")?;
         // SAFETY: the header requires `len` writable bytes at `buf`, not aliasing `out`.
         let buf = unsafe { bytes_mut(buf, len, "buf is NULL with a non-zero len")? };
@@ -285,19 +247,13 @@ pub unsafe extern "C" fn fdcast_ws_read(
     len: usize,
     out: *mut fdcast_ws_frame,
 ) -> i64 {
-    returning_ws(|| {
+    returning_i64(|| {
         let state = out_param(r, "the reader is NULL")?;
         let out = out_param(out, "out is NULL")?;
         // SAFETY: the header requires `r` to point to a readable fdcast_ws_reader; every bit
-        // pattern of its integer fields is a valid value, and `from_raw` checks them.
+        // pattern of its integer fields is a valid value, and `reader_from_c` checks them.
         let raw = unsafe { state.read() };
-        let mut reader = ws::Reader::from_raw(
-            raw.message_opcode,
-            raw.message_len,
-            raw.utf8_tail,
-            raw.utf8_tail_len,
-        )
-        .ok_or(Error::InvalidArgument(
+        let mut reader = reader_from_c(&raw).ok_or(Error::InvalidArgument(
             "the reader was not zero-initialised, or was modified",
         ))?;
         // SAFETY: the header requires `len` writable bytes at `buf`, not aliasing `r` or `out`.
@@ -306,15 +262,9 @@ pub unsafe extern "C" fn fdcast_ws_read(
             return Ok(0);
         };
         let frame = frame_to_c(frame);
-        let (message_opcode, message_len, utf8_tail, utf8_tail_len) = reader.to_raw();
         // SAFETY: as above, `r` and `out` point to writable structs of their types.
         unsafe {
-            state.write(fdcast_ws_reader {
-                message_len,
-                message_opcode,
-                utf8_tail_len,
-                utf8_tail,
-            });
+            state.write(reader_to_c(&reader));
             out.write(frame);
         }
         Ok(used as i64)
@@ -349,7 +299,7 @@ pub unsafe extern "C" fn fdcast_ws_encode(
     out: *mut u8,
     cap: usize,
 ) -> i64 {
-    returning_ws(|| {
+    returning_i64(|| {
         let opcode = u8::try_from(opcode)
             .ok()
             .and_then(ws::Opcode::from_u8)
@@ -359,7 +309,7 @@ pub unsafe extern "C" fn fdcast_ws_encode(
         let (start, end) = (payload as usize, (payload as usize).wrapping_add(len));
         let (out_start, out_end) = (out as usize, (out as usize).wrapping_add(cap));
         if len > 0 && cap > 0 && start < out_end && out_start < end {
-            return Err(Error::InvalidArgument("payload and out overlap").into());
+            return Err(Error::InvalidArgument("payload and out overlap"));
         }
         // SAFETY: the header requires `len` readable bytes at `payload` and `cap` writable
         // bytes at `out`, and the two ranges were just checked to be disjoint.
@@ -566,6 +516,51 @@ mod tests {
                 ),
                 -i64::from(libc::EINVAL)
             );
+        }
+    }
+
+    fn raw_reader(opcode: u8, len: u64, tail: [u8; 3], tail_len: u8) -> fdcast_ws_reader {
+        fdcast_ws_reader {
+            message_len: len,
+            message_opcode: opcode,
+            utf8_tail_len: tail_len,
+            utf8_tail: tail,
+        }
+    }
+
+    #[test]
+    fn reader_struct_round_trips_and_rejects_garbage() {
+        let mut reader = ws::Reader::default();
+        let mut first = masked(0x01, b"ab\xf0\x9f");
+        reader.read(&mut first).unwrap().unwrap();
+        let raw = reader_to_c(&reader);
+        assert_eq!(
+            (raw.message_opcode, raw.message_len, raw.utf8_tail_len),
+            (1, 4, 2)
+        );
+        assert_eq!(reader_from_c(&raw), Some(reader));
+        let zeroed = raw_reader(0, 0, [0; 3], 0);
+        assert_eq!(reader_from_c(&zeroed), Some(ws::Reader::default()));
+        let default = reader_to_c(&ws::Reader::default());
+        assert_eq!(
+            (
+                default.message_opcode,
+                default.message_len,
+                default.utf8_tail_len
+            ),
+            (0, 0, 0)
+        );
+        for raw in [
+            raw_reader(3, 0, [0; 3], 0),             // not a message opcode
+            raw_reader(9, 0, [0; 3], 0),             // a control opcode
+            raw_reader(0, 5, [0; 3], 0),             // length without a message
+            raw_reader(0, 0, [0xe2, 0, 0], 1),       // UTF-8 tail without a message
+            raw_reader(2, 1, [0xe2, 0, 0], 1),       // UTF-8 tail in a binary message
+            raw_reader(1, 1, [b'a', 0, 0], 1),       // a complete character is no tail
+            raw_reader(1, 1, [0xe2, 0x82, 0xac], 4), // tail longer than 3
+            raw_reader(1, ws::MAX_PAYLOAD as u64 + 1, [0; 3], 0), // over the limit
+        ] {
+            assert!(reader_from_c(&raw).is_none());
         }
     }
 
