@@ -12,7 +12,7 @@
 //! - **Order.** Only an fd whose one subscription is this topic becomes a member; any other
 //!   subscriber gets the frames through its outbox at publish time, in publish order. A
 //!   member's outbox receives nothing while it is a member: a send or an immediate publish
-//!   to it gets `Delivery::InBatch` and spills the batches first, and every change to the
+//!   to it gets `Err(InBatch)` and spills the batches first, and every change to the
 //!   index spills them under the index's write lock, which corked publishes hold for reading,
 //!   so a batch's members are always what the index says.
 //! - **The outbox limit.** A member joins only when its outbox has room for a quarter of the
