@@ -337,9 +337,6 @@ fn receiver(url: &str, name: &str, messages: u64, size: usize, subscribers: usiz
     // This process reads everything: a burst must queue, not be dropped at the default
     // outbox limit (1 MiB).
     registry.set_outbox_limit(1 << 30);
-    // What a host with many subscribers per topic does: the messages a dispatch turn brings
-    // reach each socket in one write at the end of the turn, not one write per message.
-    registry.cork();
     let bytes_before = tcp_bytes_received();
     let progress = Arc::new(AtomicU64::new(0));
     let reader = {
@@ -1070,8 +1067,8 @@ fn main() {
         "One publisher process, {RECEIVERS} receiving processes, each with its own connection \
          to the local server and {SUBSCRIBERS} local subscribers (socketpairs, RAW framing) \
          whose other ends a thread reads and checks: every message once, in order, on every \
-         socket; the receivers cork their registry, so that a dispatch turn's messages reach \
-         each socket in one write. Every publisher, fdcast's and the baselines, feeds the same \
+         socket (the messages of one read from the server reach each socket in one write, \
+         fdcast's default). Every publisher, fdcast's and the baselines, feeds the same \
          receivers; fdcast's publisher dispatches once per 64 KiB published, the bare NATS \
          publisher's write size. `published/s`: from the first publish until the server had answered the \
          last (PostgreSQL, Redis: its replies; NATS: the PONG of a PING written after it; \

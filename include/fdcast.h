@@ -383,7 +383,8 @@ const char *fdcast_last_error(void);
  *
  * Returns the subscription id (> 0), or -EINVAL (NULL `fc`; NULL `topic`; `topic_len` 0 or
  * over FDCAST_MAX_TOPIC_LEN; `mode` not an fdcast_mode), -EBADF (`fd` negative or not open),
- * -EACCES (the authorizer refused).
+ * -EACCES (the authorizer refused), -ENOSPC (2^63 - 1 ids were handed out: an id is never
+ * handed out twice, so a stale one names nothing).
  *
  * Thread: any.
  */

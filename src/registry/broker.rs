@@ -149,10 +149,19 @@ impl Registry {
     }
 
     fn deliver_received(&self, received: Vec<Received>) -> usize {
+        // The messages of one read go out as if the host had corked around them: one write
+        // per fd instead of one per message (a host that corks itself flushes them with the
+        // rest of its batch).
+        let mut policy = self.write_policy();
+        let gather = !policy.corked && received.len() > 1;
+        policy.corked |= gather;
         for message in &received {
             // A payload a local subscriber cannot take (not UTF-8 for a WebSocket text or SSE
             // subscriber) reaches nobody; there is no caller to tell.
-            let _ = self.deliver_local(message.topic(), message.payload(), None);
+            let _ = self.deliver_with(message.topic(), message.payload(), None, policy);
+        }
+        if gather {
+            self.flush_and_spill();
         }
         received.len()
     }

@@ -73,8 +73,13 @@ impl Registry {
     /// wrote to.
     pub fn uncork(&self) -> usize {
         self.corked.store(false, Ordering::Relaxed);
+        self.flush_and_spill()
+    }
+
+    /// Flushes, then ends the batches: their members stay members past a flush, and
+    /// uncorked, nothing gathers.
+    pub(super) fn flush_and_spill(&self) -> usize {
         let written = self.flush();
-        // The batches' members stay members past a flush; uncorked, nothing gathers.
         self.spill_batches();
         written
     }

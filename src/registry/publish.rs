@@ -107,12 +107,22 @@ impl Registry {
         payload: &[u8],
         except: Option<RawFd>,
     ) -> Result<usize, Error> {
+        self.deliver_with(topic, payload, except, self.write_policy())
+    }
+
+    /// `deliver_local` under a policy of the caller's.
+    pub(super) fn deliver_with(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        policy: WritePolicy,
+    ) -> Result<usize, Error> {
         let message = Message {
             topic,
             payload,
             except,
         };
-        let policy = self.write_policy();
         if policy.corked {
             self.deliver_corked(message, policy)
         } else {
