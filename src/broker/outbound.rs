@@ -152,7 +152,8 @@ impl Outbound {
     }
 
     /// Whether the engine leaves publishes queued until the server answers; said before each
-    /// `take`.
+    /// `take` (the stream engines; PostgreSQL takes whatever is queued).
+    #[cfg(any(feature = "redis", feature = "nats"))]
     pub(crate) fn hold_publishes(&self, held: bool) {
         self.held.store(held, Ordering::SeqCst);
     }
