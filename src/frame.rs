@@ -6,6 +6,8 @@
 //! which rewrite line endings, and small WebSocket frames, joined with their header for a
 //! one-buffer `send`, are built whole, straight into that shared buffer.
 
+#![forbid(unsafe_code)]
+
 use std::cell::OnceCell;
 use std::sync::Arc;
 

@@ -17,6 +17,8 @@
 //! fd in a list is a linear scan up to `LINEAR_SCAN_MAX` subscribers; a larger topic also
 //! keeps an fd → position map.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::os::fd::RawFd;

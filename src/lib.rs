@@ -7,6 +7,7 @@
 //! readability and calling [`Registry::dispatch`] when it fires.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
 
 mod batch;
 mod broker;

@@ -2,6 +2,8 @@
 //! kernel has not taken yet. Every write to the fd happens here, under the fd's own lock, which
 //! is what keeps frames whole and in order when several threads publish at once.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::Arc;

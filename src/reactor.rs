@@ -1,6 +1,8 @@
 //! The internal `mio::Poll`: fds with queued bytes are watched for writability, and its
 //! epoll fd is the one fd the host adds to its own loop (`fdcast_fd`).
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -30,6 +30,8 @@
 //! is buffered), or make us panic (every field is parsed with checks; `fuzz_read` runs the
 //! parser on arbitrary bytes).
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! What the registry hands a broker: publishes to forward and changes of interest, queued
 //! under a short lock by any thread and taken in bulk by whichever thread drives the engine.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;

@@ -17,6 +17,8 @@
 //! after the reconnect. Batches handed to the server when the connection broke may or may
 //! not have been delivered: LISTEN/NOTIFY is at-most-once across an outage.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashSet, VecDeque};
 use std::ffi::CString;
 use std::hash::{BuildHasher, RandomState};

@@ -58,6 +58,8 @@
 //! so [`frame_len`] first finds where a frame ends, iteratively, and refuses nesting deeper
 //! than Redis ever sends; the decoder then sees only whole, shallow frames.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;

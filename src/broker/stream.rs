@@ -3,6 +3,8 @@
 //! the registry is interested in (re-subscribed after every reconnect), and the queue taken
 //! from [`Outbound`](super::Outbound). What is said on the connection is a [`Protocol`]'s job.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -8,6 +8,8 @@
 //! `WouldBlock`, and the socket is registered for both edges, so whichever the handshake or a
 //! record needs next wakes the engine.
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 

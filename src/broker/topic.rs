@@ -13,6 +13,8 @@
 //!   line could not carry) is `prefix.%SHA1.` followed by the topic's SHA-1 in lower-case
 //!   hex: plain clients can still compute it, and `%S` is no escape, so it meets neither form.
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "nats")]
 use sha1::{Digest, Sha1};
 

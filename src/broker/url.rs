@@ -2,6 +2,8 @@
 //! `scheme://[user[:password]@]host[:port][,host[:port]…][/path][?key=value[&key=value…]]`,
 //! with percent-escapes in the user, the password and the option values. (PostgreSQL URLs go to libpq as they are.)
 
+#![forbid(unsafe_code)]
+
 use crate::error::Error;
 
 #[derive(Debug, PartialEq, Eq)]

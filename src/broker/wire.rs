@@ -2,6 +2,8 @@
 //! `<decimal byte length of topic>:<topic><payload>`, the length in ASCII digits. Pure
 //! functions, so the format is tested without a server.
 
+#![forbid(unsafe_code)]
+
 use std::ops::Range;
 
 use crate::error::Error;

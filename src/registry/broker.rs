@@ -1,6 +1,8 @@
 //! The registry's side of cross-process fan-out: enabling and disabling a broker, handing it
 //! the topics of interest, and delivering what it receives. The engines are in `crate::broker`.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! Forgetting fds and evicting dead ones: the one place that turns a failed delivery into an
 //! eviction, and the one that carries it out.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,5 +1,7 @@
 //! Cork, flush and dispatch: writing what the outboxes and corked batches hold.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -8,6 +8,8 @@
 //! meanwhile goes back under the period after its last one; one that lost its keep-alive
 //! subscriptions, or was forgotten, is dropped. Subscribing queues an fd that gains one.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -19,6 +19,8 @@
 //! mutex is only held for the wait itself, and the hook slots are read-locked only to clone
 //! the callback out; callbacks run with no lock held.
 
+#![forbid(unsafe_code)]
+
 mod broker;
 mod evict;
 mod flush;
@@ -312,6 +314,7 @@ impl Registry {
         *self.on_evict.write() = callback.map(Arc::from);
     }
 
+    /// The registry's counters and gauges now.
     pub fn stats(&self) -> Stats {
         let (subscriptions, topics, fds) = {
             let index = self.index.read();

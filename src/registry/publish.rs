@@ -1,5 +1,7 @@
 //! The publish fan-out and `send`: every path that hands a frame to an fd.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
