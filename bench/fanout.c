@@ -11,6 +11,8 @@
  *   raw, ws, sse
  *             fdcast_publish per message, immediate, RAW / WS_TEXT / SSE subscribers
  *   corked    fdcast corked, fdcast_flush after every K publishes (RAW)
+ *   raw-checked, corked-checked
+ *             raw and corked with fdcast_set_fd_check on (an fstat before each write)
  *
  * fdcast runs get a fresh registry, an outbox limit so large that nothing can drop, and the
  * host's side of back-pressure: when queued_bytes passes a high-water mark (checked once per
@@ -23,7 +25,7 @@
  * else the machine runs.
  *
  * usage: fanout transport=unix|tcp n=100 s=64 k=16 deliveries=2000000 reps=3 receivers=1
- *               contenders=loop,coalesce,coalesce-iov,raw,ws,sse,corked
+ *               contenders=loop,coalesce,coalesce-iov,raw,ws,sse,corked part=fanout
  * prints one line per contender:
  *   RESULT part=fanout transport=unix n=100 s=64 k=16 m=20000 contender=raw rate=<median
  *   deliveries/s> cpu_ns=<median sender CPU ns per delivery> runs=<each run's rate>
@@ -38,7 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_CONTENDERS = 8, MAX_REPS = 32 };
+enum { MAX_CONTENDERS = 10, MAX_REPS = 32 };
 
 typedef struct ctx {
     int n, *tx;
@@ -83,9 +85,10 @@ static void run_coalesce_iov(const ctx *c) {
 
 /* --- fdcast ---------------------------------------------------------------------------------- */
 
-static fdcast *subscribed_registry(const ctx *c, fdcast_mode mode) {
+static fdcast *subscribed_registry(const ctx *c, fdcast_mode mode, int fd_check) {
     fdcast *fc = fdcast_new();
     if (!fc || fdcast_set_outbox_limit(fc, (size_t)1 << 40) != 0) die("fdcast_new");
+    if (fdcast_set_fd_check(fc, fd_check) != 0) die("fdcast_set_fd_check");
     for (int i = 0; i < c->n; i++)
         if (fdcast_subscribe(fc, "t", 1, c->tx[i], mode) <= 0) die("fdcast_subscribe");
     return fc;
@@ -108,8 +111,8 @@ static void finish(const ctx *c, fdcast *fc) {
     fdcast_free(fc);
 }
 
-static void run_fdcast(const ctx *c, fdcast_mode mode) {
-    fdcast *fc = subscribed_registry(c, mode);
+static void run_fdcast(const ctx *c, fdcast_mode mode, int fd_check) {
+    fdcast *fc = subscribed_registry(c, mode, fd_check);
     uint64_t high = high_water(c);
     int every = (64 + c->n - 1) / c->n, since = 0;
     for (uint32_t m = 0; m < c->m; m++) {
@@ -123,12 +126,13 @@ static void run_fdcast(const ctx *c, fdcast_mode mode) {
     finish(c, fc);
 }
 
-static void run_raw(const ctx *c) { run_fdcast(c, FDCAST_RAW); }
-static void run_ws(const ctx *c) { run_fdcast(c, FDCAST_WS_TEXT); }
-static void run_sse(const ctx *c) { run_fdcast(c, FDCAST_SSE); }
+static void run_raw(const ctx *c) { run_fdcast(c, FDCAST_RAW, 0); }
+static void run_raw_checked(const ctx *c) { run_fdcast(c, FDCAST_RAW, 1); }
+static void run_ws(const ctx *c) { run_fdcast(c, FDCAST_WS_TEXT, 0); }
+static void run_sse(const ctx *c) { run_fdcast(c, FDCAST_SSE, 0); }
 
-static void run_corked(const ctx *c) {
-    fdcast *fc = subscribed_registry(c, FDCAST_RAW);
+static void run_corked_with(const ctx *c, int fd_check) {
+    fdcast *fc = subscribed_registry(c, FDCAST_RAW, fd_check);
     uint64_t high = high_water(c);
     if (fdcast_cork(fc) != 0) die("fdcast_cork");
     for (uint32_t m = 0; m < c->m; m++) {
@@ -142,6 +146,9 @@ static void run_corked(const ctx *c) {
     if (fdcast_uncork(fc) < 0) die("fdcast_uncork");
     finish(c, fc);
 }
+
+static void run_corked(const ctx *c) { run_corked_with(c, 0); }
+static void run_corked_checked(const ctx *c) { run_corked_with(c, 1); }
 
 /* --- driver ---------------------------------------------------------------------------------- */
 
@@ -157,6 +164,8 @@ static const struct {
     {"ws", run_ws, F_WS_TEXT},
     {"sse", run_sse, F_SSE},
     {"corked", run_corked, F_RAW},
+    {"raw-checked", run_raw_checked, F_RAW},
+    {"corked-checked", run_corked_checked, F_RAW},
 };
 enum { N_KNOWN = sizeof CONTENDERS / sizeof CONTENDERS[0] };
 
@@ -168,6 +177,7 @@ int main(int argc, char **argv) {
     long deliveries = opt_long(argc, argv, "deliveries", 2000000);
     int reps = (int)opt_long(argc, argv, "reps", 3);
     int receivers = (int)opt_long(argc, argv, "receivers", 1);
+    const char *part = opt(argc, argv, "part", "fanout");
     char list[256];
     snprintf(list, sizeof list, "%s", opt(argc, argv, "contenders", "loop,coalesce,coalesce-iov,raw,ws,sse,corked"));
     if (n < 1 || k < 1 || reps < 1 || reps > MAX_REPS || receivers < 1) die("bad arguments");
@@ -221,9 +231,9 @@ int main(int argc, char **argv) {
         size_t len = 0;
         for (int rep = 0; rep < reps; rep++)
             len += (size_t)snprintf(runs + len, sizeof runs - len, "%s%.0f", rep ? ";" : "", rates[j][rep]);
-        printf("RESULT part=fanout transport=%s n=%d s=%zu k=%u m=%u contender=%s rate=%.0f "
+        printf("RESULT part=%s transport=%s n=%d s=%zu k=%u m=%u contender=%s rate=%.0f "
                "cpu_ns=%.1f runs=%s\n",
-               transport_name(t), n, s, k, c.m, CONTENDERS[chosen[j]].name, median(rates[j], reps),
+               part, transport_name(t), n, s, k, c.m, CONTENDERS[chosen[j]].name, median(rates[j], reps),
                median(cpu[j], reps), runs);
     }
     return failures ? 1 : 0;

@@ -578,6 +578,22 @@ int fdcast_set_outbox_limit(struct fdcast *fc, size_t bytes);
 int fdcast_set_overflow(struct fdcast *fc, fdcast_overflow policy);
 
 /**
+ * Sets whether every write to an fd first checks, with one `fstat(2)`, that the fd still
+ * names the file it named when fdcast first saw it (`on` 1; default 0). An fd the host closed
+ * without fdcast_unsubscribe_fd, whose number a new connection then took, is forgotten before
+ * a byte meant for the old connection reaches the new one (no evict callback: the number is
+ * the new connection's). What remains is the instant between the check and the write. Off,
+ * bytes meant for the old connection reach the new one until the number's next
+ * fdcast_subscribe or fdcast_send, which forgets the old connection's state first. Applies
+ * to later writes, queued bytes included.
+ *
+ * Returns 0 or -EINVAL (NULL `fc`; `on` not 0 or 1).
+ *
+ * Thread: any.
+ */
+int fdcast_set_fd_check(struct fdcast *fc, int on);
+
+/**
  * Fills `*out` with the registry's counters and gauges. A NULL `out` is a no-op; a NULL
  * `fc` fills `*out` with zeros.
  *

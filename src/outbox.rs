@@ -33,6 +33,9 @@ pub(crate) struct WritePolicy {
     pub(crate) overflow: Overflow,
     /// Queue instead of writing, for a later flush (`fdcast_cork`).
     pub(crate) corked: bool,
+    /// Check, before writing, that the fd still names the file it named when fdcast first saw
+    /// it (`fdcast_set_fd_check`).
+    pub(crate) check_identity: bool,
     /// The heartbeat period the write happens in; an fd that takes a frame is not idle.
     pub(crate) heartbeat_tick: u64,
 }
@@ -55,6 +58,9 @@ pub(crate) enum Delivery {
     Failed(i32),
     /// The fd was forgotten or evicted meanwhile; nothing was done.
     Closed,
+    /// The fd number names another file now (closed by the host without
+    /// `fdcast_unsubscribe_fd`, and reused): nothing was written; the caller forgets the fd.
+    Reused,
 }
 
 /// `Peer::deliver`'s refusal: the fd takes part in a corked batch that holds frames older
@@ -149,6 +155,8 @@ pub(crate) enum Flush {
         bytes: usize,
         frames: usize,
     },
+    /// The fd number names another file now: nothing was written; the caller forgets the fd.
+    Reused,
 }
 
 /// Frames up to this size are copied into the fd's contiguous chunks instead of sharing the
@@ -253,6 +261,12 @@ fn keepalive_code(keepalive: Option<Keepalive>) -> u8 {
 }
 
 impl Peer {
+    /// Whether the fd still names the file fdcast first saw under its number. An fd that is
+    /// not open at all passes: the write reports it (`EBADF`), as without the check.
+    fn names_its_file(&self) -> bool {
+        io::identify(self.fd).map_or(true, |now| now == self.identity)
+    }
+
     pub(crate) fn new(fd: RawFd, identity: FileIdentity) -> Peer {
         Peer {
             fd,
@@ -337,6 +351,9 @@ impl Peer {
             }
             return Ok(Delivery::Queued { bytes: frame_len });
         }
+        if policy.check_identity && !self.names_its_file() {
+            return Ok(Delivery::Reused);
+        }
         Ok(outbox.write_now(self.fd, self.identity.kind, frame, true, reactor))
     }
 
@@ -348,6 +365,7 @@ impl Peer {
         frame: &Frame<'_>,
         idle_since_tick: u64,
         current_tick: u64,
+        check_identity: bool,
         reactor: &Reactor,
     ) -> Beat {
         let mut outbox = self.outbox.lock();
@@ -365,6 +383,9 @@ impl Peer {
             return Beat::NotDue {
                 next_check: current_tick,
             };
+        }
+        if check_identity && !self.names_its_file() {
+            return Beat::Sent(Delivery::Reused);
         }
         outbox.last_active_tick = current_tick;
         Beat::Sent(outbox.write_now(self.fd, self.identity.kind, frame, false, reactor))
@@ -431,9 +452,12 @@ impl Peer {
     /// Writes as much of the outbox as the fd takes, up to IOV_MAX frames per system call;
     /// what the fd refuses waits for writability. The bytes written leave this outbox's
     /// count; the caller takes them off the registry's gauge.
-    pub(crate) fn flush(&self, reactor: &Reactor) -> Flush {
+    pub(crate) fn flush(&self, check_identity: bool, reactor: &Reactor) -> Flush {
         let mut outbox = self.outbox.lock();
         outbox.awaiting_flush = false;
+        if check_identity && !outbox.chunks.is_empty() && !self.names_its_file() {
+            return Flush::Reused;
+        }
         let mut bytes = 0;
         let mut frames = 0;
         while !outbox.chunks.is_empty() && !outbox.closed {

@@ -665,3 +665,64 @@ fn closed_subscribed_fd_is_evicted_with_ebadf() {
         ));
     });
 }
+
+/// With `set_fd_check`, a publish to an fd whose number a new file took (closed without
+/// `unsubscribe_fd`) forgets the old file's subscriptions and reaches nobody; without it, the
+/// new file receives the old file's topics until the number's next subscribe or send.
+#[test]
+fn fd_check_stops_a_publish_at_a_reused_number() {
+    with_watchdog(30, || {
+        for check in [false, true] {
+            let reg = Registry::new().unwrap();
+            let evicted = Arc::new(Mutex::new(Vec::new()));
+            let ev = evicted.clone();
+            reg.set_evict_callback(Some(Box::new(move |fd, why| {
+                ev.lock().unwrap().push((fd, why))
+            })));
+            reg.set_fd_check(check);
+            let (old, _old_peer) = socketpair();
+            let fd = old.as_raw_fd();
+            reg.subscribe(b"old", fd, Mode::Raw).unwrap();
+            let (new, new_peer) = socketpair();
+            let _fd2 = reuse_fd_number(old, OwnedFd::from(new));
+
+            assert_eq!(reg.publish(b"old", b"stale").unwrap(), 1);
+            let leaked = read_quiet(new_peer.as_raw_fd());
+            if !check {
+                assert_eq!(leaked, b"stale", "the window the check closes");
+                continue;
+            }
+            assert!(leaked.is_empty(), "{leaked:?} reached the new file");
+            assert_eq!(
+                reg.subscriber_count(),
+                0,
+                "the old file's topics are forgotten"
+            );
+            assert_eq!(reg.publish(b"old", b"stale").unwrap(), 0);
+            assert!(evicted.lock().unwrap().is_empty(), "no evict callback");
+            assert_eq!(reg.stats().evicted_fds, 0);
+        }
+    });
+}
+
+/// The corked path checks once per flush: frames queued for the old file reach nobody.
+#[test]
+fn fd_check_stops_a_corked_flush_at_a_reused_number() {
+    with_watchdog(30, || {
+        let reg = Registry::new().unwrap();
+        reg.set_fd_check(true);
+        let (old, _old_peer) = socketpair();
+        let fd = old.as_raw_fd();
+        reg.subscribe(b"old", fd, Mode::Raw).unwrap();
+        reg.cork();
+        assert_eq!(reg.publish(b"old", b"stale").unwrap(), 1);
+        let (new, new_peer) = socketpair();
+        let _fd2 = reuse_fd_number(old, OwnedFd::from(new));
+        reg.flush();
+        reg.uncork();
+        assert!(read_quiet(new_peer.as_raw_fd()).is_empty());
+        assert_eq!(reg.subscriber_count(), 0);
+        assert_eq!(reg.stats().queued_bytes, 0);
+        assert_eq!(reg.pending_bytes(fd).unwrap(), 0);
+    });
+}

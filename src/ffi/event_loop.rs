@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::boundary::{boundary, fill_optional, registry, returning_i64, returning_status};
 use super::{OverflowArg, fdcast, fdcast_stats, overflow_from_c};
+use crate::error::Error;
 
 /// An fd for the host's own poll/epoll/select/libuv loop, to watch for readability: it
 /// becomes readable when fdcast has work (an fd with queued bytes became writable, or
@@ -128,6 +129,33 @@ pub unsafe extern "C" fn fdcast_set_overflow(fc: *mut fdcast, policy: OverflowAr
         // SAFETY: the header requires a live handle.
         let registry = unsafe { registry(fc)? };
         registry.set_overflow(overflow_from_c(policy)?);
+        Ok(())
+    })
+}
+
+/// Sets whether every write to an fd first checks, with one `fstat(2)`, that the fd still
+/// names the file it named when fdcast first saw it (`on` 1; default 0). An fd the host closed
+/// without fdcast_unsubscribe_fd, whose number a new connection then took, is forgotten before
+/// a byte meant for the old connection reaches the new one (no evict callback: the number is
+/// the new connection's). What remains is the instant between the check and the write. Off,
+/// bytes meant for the old connection reach the new one until the number's next
+/// fdcast_subscribe or fdcast_send, which forgets the old connection's state first. Applies
+/// to later writes, queued bytes included.
+///
+/// Returns 0 or -EINVAL (NULL `fc`; `on` not 0 or 1).
+///
+/// Thread: any.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdcast_set_fd_check(fc: *mut fdcast, on: c_int) -> c_int {
+    returning_status(|| {
+        // SAFETY: the header requires a live handle.
+        let registry = unsafe { registry(fc)? };
+        let on = match on {
+            0 => false,
+            1 => true,
+            _ => return Err(Error::InvalidArgument("fd check: on must be 0 or 1")),
+        };
+        registry.set_fd_check(on);
         Ok(())
     })
 }

@@ -12,31 +12,46 @@ use crate::index::Index;
 use crate::io;
 use crate::outbox::{Delivery, Peer};
 
-/// Why a peer is being evicted.
+/// A peer to evict, and why.
 pub(super) struct Eviction {
     pub(super) peer: Arc<Peer>,
-    pub(super) reason: i32,
-    pub(super) shut_down: bool,
+    pub(super) cause: Cause,
+}
+
+pub(super) enum Cause {
+    /// The peer is gone or its outbox overflowed: the host is told `reason` (a positive
+    /// errno), and the stream is ended first when `shut_down`.
+    Failed { reason: i32, shut_down: bool },
+    /// The fd number names another file: the old file's subscriptions and bytes are dropped
+    /// without a word to the host (whose fd that number now is) or a touch of the new file,
+    /// as the reuse guard of subscribe and send does.
+    Reused,
 }
 
 impl Eviction {
     /// The eviction a delivery's outcome calls for, if any: an overflow under
-    /// [`crate::Overflow::Evict`], or a failed write. Every write path (publish, send,
-    /// heartbeat, flush) decides it here.
+    /// [`crate::Overflow::Evict`], a failed write, or a reused fd number. Every write path
+    /// (publish, send, heartbeat, flush) decides it here.
     pub(super) fn after(peer: &Arc<Peer>, delivery: &Delivery) -> Option<Eviction> {
-        let (reason, shut_down) = match *delivery {
+        let cause = match *delivery {
             // The policy ends the stream: the fd's queued bytes, perhaps the rest of a started
             // frame, are dropped with it.
-            Delivery::Overflowed => (libc::ENOBUFS, true),
+            Delivery::Overflowed => Cause::Failed {
+                reason: libc::ENOBUFS,
+                shut_down: true,
+            },
             // A started frame whose rest could not be kept: end the stream, so the peer sees
             // EOF rather than a frame that never completes.
-            Delivery::Failed(errno) => (errno, errno == libc::ENOMEM),
+            Delivery::Failed(errno) => Cause::Failed {
+                reason: errno,
+                shut_down: errno == libc::ENOMEM,
+            },
+            Delivery::Reused => Cause::Reused,
             _ => return None,
         };
         Some(Eviction {
             peer: Arc::clone(peer),
-            reason,
-            shut_down,
+            cause,
         })
     }
 }
@@ -54,15 +69,12 @@ impl Registry {
     }
 
     /// Evicts a peer whose write failed or whose outbox overflowed under
-    /// [`Overflow::Evict`], then tells the host, with no lock held. A peer already forgotten
+    /// [`Overflow::Evict`], then tells the host, with no lock held; forgets one whose fd
+    /// number names another file now, telling no one. A peer already forgotten
     /// (by the host, or by another thread's eviction) is left alone and not reported twice.
     pub(super) fn evict(&self, eviction: Eviction) {
-        let Eviction {
-            peer,
-            reason,
-            shut_down,
-        } = eviction;
-        {
+        let Eviction { peer, cause } = eviction;
+        let reason = {
             let mut index = self.write_index();
             if !index
                 .peer(peer.fd)
@@ -71,10 +83,16 @@ impl Registry {
                 return;
             }
             self.forget(&mut index, peer.fd);
-            if shut_down {
-                io::shutdown(peer.fd, peer.identity.kind);
+            match cause {
+                Cause::Failed { reason, shut_down } => {
+                    if shut_down {
+                        io::shutdown(peer.fd, peer.identity.kind);
+                    }
+                    reason
+                }
+                Cause::Reused => return,
             }
-        }
+        };
         self.counters.evicted_fds.fetch_add(1, Ordering::Relaxed);
         let callback = self.on_evict.read().clone();
         if let Some(on_evict) = callback {

@@ -126,12 +126,14 @@ impl Registry {
     /// `totals` gathers the counters' share, for [`Registry::count_flushed`] to add once per
     /// batch of flushes.
     pub(super) fn flush_peer(&self, peer: &Arc<Peer>, totals: &mut Flushed) -> bool {
-        let outcome = peer.flush(&self.reactor);
-        let (Flush::Progress { bytes, frames, .. } | Flush::Failed { bytes, frames, .. }) = outcome;
-        totals.bytes += bytes as u64;
-        totals.frames += frames as u64;
+        let outcome = peer.flush(self.fd_check.load(Ordering::Relaxed), &self.reactor);
+        if let Flush::Progress { bytes, frames, .. } | Flush::Failed { bytes, frames, .. } = outcome
+        {
+            totals.bytes += bytes as u64;
+            totals.frames += frames as u64;
+        }
         match outcome {
-            Flush::Progress { drained, .. } => {
+            Flush::Progress { drained, bytes, .. } => {
                 // Only an fd without subscriptions is forgotten once drained; checking the
                 // count first keeps the index lock out of every corked flush.
                 if drained && peer.subscriptions() == 0 {
@@ -147,6 +149,10 @@ impl Registry {
             }
             Flush::Failed { errno, .. } => {
                 self.evict_if_failed(peer, &Delivery::Failed(errno));
+                false
+            }
+            Flush::Reused => {
+                self.evict_if_failed(peer, &Delivery::Reused);
                 false
             }
         }

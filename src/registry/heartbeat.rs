@@ -130,7 +130,13 @@ impl Registry {
                     continue;
                 }
             };
-            let next_check = match peer.heartbeat(frame, ended - 1, current, &self.reactor) {
+            let next_check = match peer.heartbeat(
+                frame,
+                ended - 1,
+                current,
+                self.fd_check.load(Ordering::Relaxed),
+                &self.reactor,
+            ) {
                 Beat::Closed => continue,
                 Beat::NotDue { next_check } => next_check,
                 Beat::Sent(Delivery::Queued { bytes }) => {

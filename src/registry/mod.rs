@@ -135,6 +135,8 @@ pub struct Registry {
     reactor: Reactor,
     outbox_limit: AtomicUsize,
     overflow_evicts: AtomicBool,
+    /// Whether every write first checks that its fd still names the same file.
+    fd_check: AtomicBool,
     corked: AtomicBool,
     /// Keep-alive settings and the queue of fds that may be due (heartbeat.rs); a leaf lock.
     heartbeat: Mutex<Heartbeat>,
@@ -165,6 +167,7 @@ impl Registry {
             reactor: Reactor::new()?,
             outbox_limit: AtomicUsize::new(DEFAULT_OUTBOX_LIMIT),
             overflow_evicts: AtomicBool::new(false),
+            fd_check: AtomicBool::new(false),
             corked: AtomicBool::new(false),
             heartbeat: Mutex::new(Heartbeat::default()),
             heartbeat_tick: AtomicU64::new(1),
@@ -302,6 +305,16 @@ impl Registry {
     pub fn set_overflow(&self, policy: Overflow) {
         self.overflow_evicts
             .store(policy == Overflow::Evict, Ordering::Relaxed);
+    }
+
+    /// Sets whether every write to an fd first checks (one `fstat`) that the fd still names
+    /// the file it named when fdcast first saw it. An fd the host closed without
+    /// [`Registry::unsubscribe_fd`] and whose number a new file took is then forgotten
+    /// before a byte meant for the old file reaches the new one, leaving only the instant
+    /// between the check and the write; without the check, that lasts until the fd's next
+    /// subscribe or send.
+    pub fn set_fd_check(&self, on: bool) {
+        self.fd_check.store(on, Ordering::Relaxed);
     }
 
     /// Sets (or, with `None`, removes) the authorizer that every subscribe consults.

@@ -61,7 +61,7 @@ impl Outcomes {
                 self.deferred.push(Arc::clone(peer));
             }
             Delivery::Dropped => self.dropped += 1,
-            Delivery::Overflowed | Delivery::Failed(_) => {
+            Delivery::Overflowed | Delivery::Failed(_) | Delivery::Reused => {
                 self.evictions.extend(Eviction::after(peer, &delivery));
             }
         }
@@ -292,6 +292,11 @@ impl Registry {
                 }
                 // Forgotten between lookup and write: look the fd up afresh.
                 Delivery::Closed => continue,
+                // Reused between lookup and write: forget the old file, then look up afresh.
+                Delivery::Reused => {
+                    self.evict_if_failed(&peer, &delivery);
+                    continue;
+                }
                 Delivery::Dropped => {
                     self.counters
                         .dropped_messages
@@ -309,6 +314,7 @@ impl Registry {
     pub(super) fn write_policy(&self) -> WritePolicy {
         WritePolicy {
             corked: self.corked.load(Ordering::Relaxed),
+            check_identity: self.fd_check.load(Ordering::Relaxed),
             heartbeat_tick: self.heartbeat_tick.load(Ordering::Relaxed),
             outbox_limit: self.outbox_limit.load(Ordering::Relaxed),
             overflow: if self.overflow_evicts.load(Ordering::Relaxed) {

@@ -312,6 +312,8 @@ static void test_null_handle(void) {
     CHECK_ERR(fdcast_pending_bytes(NULL, sv[0]), EINVAL);
     CHECK_ERR(fdcast_set_outbox_limit(NULL, 1024), EINVAL);
     CHECK_ERR(fdcast_set_overflow(NULL, FDCAST_EVICT), EINVAL);
+    CHECK_ERR(fdcast_set_fd_check(NULL, 1), EINVAL);
+    CHECK_ERR(fdcast_set_fd_check(NULL, 1), EINVAL);
 
     /* void functions: NULL handle (or NULL out pointer) is a no-op. */
     fdcast_free(NULL);
@@ -400,6 +402,10 @@ static void test_argument_errors(void) {
     CHECK_ERR(fdcast_set_overflow(fc, (fdcast_overflow)-1), EINVAL);
     CHECK_EQ(fdcast_set_overflow(fc, FDCAST_EVICT), 0);
     CHECK_EQ(fdcast_set_overflow(fc, FDCAST_DROP_MESSAGE), 0);
+    CHECK_ERR(fdcast_set_fd_check(fc, 2), EINVAL);
+    CHECK_ERR(fdcast_set_fd_check(fc, -1), EINVAL);
+    CHECK_EQ(fdcast_set_fd_check(fc, 1), 0);
+    CHECK_EQ(fdcast_set_fd_check(fc, 0), 0);
     CHECK_EQ(fdcast_set_outbox_limit(fc, 0), 0);
     CHECK_EQ(fdcast_set_outbox_limit(fc, (size_t)1 << 20), 0);
 
