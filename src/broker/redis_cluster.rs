@@ -24,10 +24,13 @@
 //! on different shards travel on different connections. Across a slot move, a publish in
 //! flight to the old owner comes back with `MOVED` and is sent again to the new owner, ahead
 //! of what that owner's queue holds; the publishes of that topic behind it meet the same
-//! `MOVED` in order, so order holds, unless a topology refresh (triggered by something else)
-//! routed later publishes to the new owner and they were written before the `MOVED` came
-//! back: those overtake the resent ones. Closing that window would hold every publish of a
-//! moved slot until the old owner has answered all it was sent; it is not done.
+//! `MOVED` in order. Publishes made after the slot was pointed at its new owner (by that
+//! first `MOVED` or by a map refresh) would overtake those still on their way back, so a
+//! [`Fence`] holds them until the old owner has answered every publish it was given before
+//! the change (counted, not searched: it holds for as long as the old owner has anything
+//! outstanding, of any slot). Order then holds across the move, except when the old owner
+//! has not answered within 10 s (the fence gives up), or when the slot moves again while
+//! fenced (the newer move is not fenced).
 //!
 //! # When the cluster changes
 //! - `MOVED` on a publish: the slot is pointed at the node named, the publish is sent there,
@@ -341,7 +344,20 @@ struct Shard {
     backlog: Backlog,
     /// Publishes another node redirected here, sent before what `outbound` holds.
     resend: VecDeque<Retained>,
+    /// Publishes given to the connection (queued or resent) since it was opened, and those
+    /// it answered with `MOVED`: with its own counts, what [`ClusterEngine::settled`] is.
+    handed: u64,
+    redirected: u64,
     stream: Option<StreamEngine<RedisProtocol>>,
+}
+
+/// The publishes of a slot whose owner changed, held until the old owner has answered
+/// every publish it was given before (`until`, in [`Shard::handed`]), or until `deadline`.
+struct Fence {
+    shard: usize,
+    until: u64,
+    deadline: Instant,
+    held: Publishes,
 }
 
 /// Publishes waiting for a connection, and their bytes (topics and payloads).
@@ -390,9 +406,11 @@ pub(crate) struct ClusterEngine {
     /// Control connection attempts failed since the last map was read.
     control_failures: usize,
     shards: Vec<Shard>,
-    /// Publishes waiting in every shard's queues: bounded together as the broker's queue
-    /// is, however many shards there are.
+    /// Publishes waiting in every shard's queues and fences: bounded together as the
+    /// broker's queue is, however many shards there are.
     backlog: Backlog,
+    /// Per slot that changed owner, its publishes held meanwhile (see [`Fence`]).
+    fences: HashMap<u16, Fence>,
     /// Per slot, the index in `shards` of its owner, or [`UNOWNED`].
     owners: Vec<u16>,
     topology_known: bool,
@@ -427,6 +445,7 @@ impl ClusterEngine {
             control_failures: 0,
             shards: Vec::new(),
             backlog: Backlog::default(),
+            fences: HashMap::new(),
             owners: vec![UNOWNED; SLOTS],
             topology_known: false,
             refresh: Refresh {
@@ -466,6 +485,8 @@ impl ClusterEngine {
                     outbound: Outbound::default(),
                     backlog: Backlog::default(),
                     resend: VecDeque::new(),
+                    handed: 0,
+                    redirected: 0,
                     stream: None,
                 });
                 self.shards.len() - 1
@@ -505,6 +526,14 @@ impl ClusterEngine {
         });
         for placed in self.interest.values_mut() {
             *placed = placed.and_then(|old| renumbered[old]);
+        }
+        let renumber = |old: usize| renumbered.get(old).copied().flatten();
+        for owner in &mut self.owners {
+            *owner = renumber(usize::from(*owner)).map_or(UNOWNED, |index| index as u16);
+        }
+        // A fence's shard has a connection, so it is kept.
+        for fence in self.fences.values_mut() {
+            fence.shard = renumber(fence.shard).unwrap_or(fence.shard);
         }
     }
 
@@ -595,6 +624,10 @@ impl ClusterEngine {
     /// read again) when no node owns it.
     fn owner_of(&mut self, topic: &[u8]) -> Option<usize> {
         let slot = self.slot_of(topic);
+        self.owner_in(slot)
+    }
+
+    fn owner_in(&mut self, slot: u16) -> Option<usize> {
         let owner = self.owners[usize::from(slot)];
         if owner == UNOWNED {
             self.want_refresh();
@@ -619,15 +652,90 @@ impl ClusterEngine {
     /// Queues a publish on its slot's owner; with no owner known, or no room left, it is
     /// dropped and counted.
     fn route(&mut self, topic: &[u8], payload: &[u8]) {
-        let Some(index) = self.owner_of(topic) else {
+        let bytes = topic.len() + payload.len();
+        let slot = self.slot_of(topic);
+        if !self.fences.is_empty() && self.fences.contains_key(&slot) {
+            if self.has_room(bytes)
+                && let Some(fence) = self.fences.get_mut(&slot)
+            {
+                fence.held.push(topic, payload);
+                self.backlog.add(bytes);
+            }
+            return;
+        }
+        let Some(index) = self.owner_in(slot) else {
             self.retired.dropped += 1;
             return;
         };
-        let bytes = topic.len() + payload.len();
         // A full shard queue counts the drop itself (it cannot be fuller than the bound).
         if self.has_room(bytes) && self.shards[index].outbound.push_publish(topic, payload) {
-            self.shards[index].backlog.add(bytes);
+            let shard = &mut self.shards[index];
+            shard.backlog.add(bytes);
+            shard.handed += 1;
             self.backlog.add(bytes);
+        }
+    }
+
+    /// Publishes shard `index` has finished with: answered (published, refused, redirected)
+    /// or lost with a connection.
+    fn settled(&self, index: usize) -> u64 {
+        let shard = &self.shards[index];
+        let answered = shard.stream.as_ref().map_or(0, |stream| {
+            let stats = stream.stats();
+            stats.published + stats.dropped
+        });
+        shard.redirected + answered
+    }
+
+    /// `slot` left shard `old`: while `old` may still send publishes of it back with `MOVED`,
+    /// the slot's new publishes wait, so that they do not overtake those.
+    fn fence(&mut self, slot: u16, old: usize) {
+        let until = self.shards[old].handed;
+        if self.fences.contains_key(&slot)
+            || self.shards[old].stream.is_none()
+            || self.settled(old) >= until
+        {
+            return;
+        }
+        let fence = Fence {
+            shard: old,
+            until,
+            deadline: Instant::now() + TOPOLOGY_TIMEOUT,
+            held: Publishes::default(),
+        };
+        self.fences.insert(slot, fence);
+    }
+
+    /// Routes what the fences whose old owner is done (or gone, or late) held.
+    fn release_fences(&mut self) {
+        if self.fences.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let done: Vec<u16> = self
+            .fences
+            .iter()
+            .filter(|(_, fence)| {
+                now >= fence.deadline
+                    || self.shards[fence.shard].stream.is_none()
+                    || self.settled(fence.shard) >= fence.until
+            })
+            .map(|(&slot, _)| slot)
+            .collect();
+        for slot in done {
+            if let Some(fence) = self.fences.remove(&slot) {
+                self.release(fence);
+            }
+        }
+    }
+
+    fn release(&mut self, fence: Fence) {
+        for (topic, payload) in fence.held.iter() {
+            self.backlog.remove(Backlog {
+                publishes: 1,
+                bytes: topic.len() + payload.len(),
+            });
+            self.route(topic, payload);
         }
     }
 
@@ -667,6 +775,7 @@ impl ClusterEngine {
         let Shard {
             outbound,
             resend,
+            handed,
             stream: Some(stream),
             ..
         } = &mut self.shards[index]
@@ -682,6 +791,7 @@ impl ClusterEngine {
                 bytes: publish.len(),
             });
             stream.send(|protocol, out| protocol.resend(publish, out));
+            *handed += 1;
         }
         stream.write(&mut Context {
             reactor: &self.inner,
@@ -712,7 +822,14 @@ impl ClusterEngine {
             };
             owners[usize::from(range.start)..=usize::from(range.end)].fill(index);
         }
-        self.owners = owners;
+        let previous = std::mem::replace(&mut self.owners, owners);
+        let moved: Vec<(u16, usize)> = (0..SLOTS)
+            .filter(|&slot| previous[slot] != self.owners[slot] && previous[slot] != UNOWNED)
+            .map(|slot| (slot as u16, usize::from(previous[slot])))
+            .collect();
+        for (slot, old) in moved {
+            self.fence(slot, old);
+        }
         self.topology_known = true;
         self.place_all();
         let mut owns = vec![false; self.shards.len()];
@@ -744,7 +861,21 @@ impl ClusterEngine {
         self.shards[index].outbound = Outbound::default();
         let backlog = std::mem::take(&mut self.shards[index].backlog);
         self.backlog.remove(backlog);
+        // Counted per connection: the next one starts from nothing.
+        self.shards[index].handed = 0;
+        self.shards[index].redirected = 0;
         let resend = std::mem::take(&mut self.shards[index].resend);
+        // What it had been given goes to the new owners first; then what its fences held.
+        let fenced: Vec<u16> = self
+            .fences
+            .iter()
+            .filter(|(_, fence)| fence.shard == index)
+            .map(|(&slot, _)| slot)
+            .collect();
+        let lifted: Vec<Fence> = fenced
+            .iter()
+            .filter_map(|slot| self.fences.remove(slot))
+            .collect();
         for publish in &resend {
             self.backlog.remove(Backlog {
                 publishes: 1,
@@ -760,11 +891,15 @@ impl ClusterEngine {
         for (topic, payload) in queued.iter() {
             self.route(topic, payload);
         }
+        for fence in lifted {
+            self.release(fence);
+        }
     }
 
     /// A publish refused with MOVED: the slot now belongs to the node named, and the publish
     /// goes there, unless it has been redirected too often already.
     fn redirect(&mut self, from: usize, redirect: Redirect) {
+        self.shards[from].redirected += 1;
         let mut publish = redirect.publish;
         publish.redirects = publish.redirects.saturating_add(1);
         if publish.redirects > MAX_REDIRECTS {
@@ -791,6 +926,9 @@ impl ClusterEngine {
         self.ensure_stream(index);
         self.queue_resend(index, publish);
         self.want_refresh();
+        if previous != owner && previous != UNOWNED {
+            self.fence(redirect.slot, from);
+        }
         // The slot's topics moved with the first publish that met MOVED; the ones behind it
         // only follow.
         if previous == owner {
@@ -1013,6 +1151,7 @@ impl Engine for ClusterEngine {
                 self.sync_backlog(index);
                 self.take_notes(index);
             }
+            self.release_fences();
             if !self.shards.iter().any(|shard| {
                 shard.stream.is_some() && (shard.outbound.is_dirty() || !shard.resend.is_empty())
             }) {
@@ -1050,7 +1189,8 @@ impl Engine for ClusterEngine {
                 (a, b) => a.or(b),
             };
         }
-        if let Some(due) = self.topology_overdue_at() {
+        let fences = self.fences.values().map(|fence| fence.deadline);
+        for due in self.topology_overdue_at().into_iter().chain(fences) {
             deadline = Some(deadline.map_or(due, |other| other.min(due)));
         }
         // Only an open control connection can ask; until then its own deadline is the one.
@@ -1078,6 +1218,11 @@ impl Engine for ClusterEngine {
     fn stats(&self) -> BrokerStats {
         let mut stats = self.retired;
         stats.malformed += self.control.stats().malformed;
+        stats.queued += self
+            .fences
+            .values()
+            .map(|fence| fence.held.len() as u64)
+            .sum::<u64>();
         for shard in &self.shards {
             let (queued, dropped) = shard.outbound.counts();
             stats.queued += queued + shard.resend.len() as u64;
@@ -1811,6 +1956,65 @@ mod tests {
         assert_eq!(engine.backlog.publishes, per_shard[1] as usize + 2);
     }
 
+    #[test]
+    fn publishes_of_a_moved_slot_wait_for_the_old_owners_moved_answers() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let node = |port| ("127.0.0.1".to_string(), port);
+        let range = |start, end, port| SlotRange {
+            start,
+            end,
+            node: node(port),
+        };
+        engine.apply_topology(&[range(0, 8191, 7000), range(8192, 16383, 7001)]);
+        let topic = (0..)
+            .map(|n| format!("t{n}").into_bytes())
+            .find(|topic| (1..8191).contains(&engine.slot_of(topic)))
+            .unwrap();
+        let slot = engine.slot_of(&topic);
+        engine.route(&topic, b"1");
+        engine.route(&topic, b"2");
+        // A refresh gives the slot to the other node before the first owner answered.
+        engine.apply_topology(&[
+            range(0, slot - 1, 7000),
+            range(slot, slot, 7001),
+            range(slot + 1, 8191, 7000),
+            range(8192, 16383, 7001),
+        ]);
+        let (old, new) = (0, 1);
+        assert_eq!(engine.shards[new].node, node(7001));
+        engine.route(&topic, b"3");
+        assert_eq!(engine.shards[new].outbound.counts(), (0, 0), "held");
+        assert_eq!(engine.stats().queued, 3);
+        // The old owner sends both back; only then does the third go, behind them.
+        for payload in [b"1", b"2"] {
+            engine.release_fences();
+            assert_eq!(engine.shards[new].outbound.counts(), (0, 0), "held");
+            engine.redirect(
+                old,
+                Redirect {
+                    publish: redis::Retained::new(&topic, payload),
+                    slot,
+                    node: node(7001),
+                },
+            );
+        }
+        engine.release_fences();
+        assert!(engine.fences.is_empty());
+        let resent: Vec<&[u8]> = engine.shards[new]
+            .resend
+            .iter()
+            .map(Retained::payload)
+            .collect();
+        assert_eq!(resent, [b"1", b"2"], "sent first");
+        assert_eq!(engine.shards[new].outbound.counts(), (1, 0));
+        assert_eq!(engine.stats().queued, 5, "two still queued at the old node");
+        // With nothing of the old owner's outstanding, a move holds nothing.
+        engine.retire(old);
+        engine.apply_topology(&[range(0, 16383, 7001)]);
+        engine.route(&topic, b"4");
+        assert!(engine.fences.is_empty());
+    }
+
     /// Three primaries that speak TLS only: two registries with `rediss+cluster://` each
     /// receive the other's publish on topics of every shard once, and their own once (the
     /// local delivery; the echo is filtered). Fails when redis-server is missing.
@@ -2392,10 +2596,17 @@ mod tests {
             on_target(&tagged[1]) == "1" && on_target(&tagged[0]) != "0"
         });
         // A has not looked at its connections since the move: its map is stale, so these
-        // go to the old owner, come back MOVED and are sent to the new one.
+        // go to the old owner, come back MOVED and are sent to the new one. More than
+        // HOLD_AFTER go before A reads its connections, then A reads between publishes:
+        // later ones, made once MOVED pointed the slot at the new owner while some were
+        // still on their way to the old one, wait for those to come back rather than
+        // overtake them.
         for i in 0..EACH {
             for topic in &tagged {
                 a.publish(topic, format!("a{i}").as_bytes());
+            }
+            if i >= EACH - 5 {
+                a.pump();
             }
         }
         pump_until(&mut [&mut a, &mut b], "delivery after the move", |sides| {

@@ -50,8 +50,8 @@ pub struct fdcast_broker_stats {
 ///
 /// With Redis Cluster a topic's traffic touches only the shard that owns its channel's slot
 /// (`SSUBSCRIBE`/`SPUBLISH`); the hosts are seeds for `CLUSTER SHARDS`, and one connection
-/// per primary is opened when a topic or a publish needs it. Order holds per topic (a
-/// publish resent after `MOVED` may be overtaken by one sent after a map refresh); a slot
+/// per primary is opened when a topic or a publish needs it. Order holds per topic, also
+/// across a slot move (for up to 10 s of waiting for the old owner's answers); a slot
 /// that moves (`MOVED`) or a failover re-routes subscriptions and publishes to the new
 /// owner, and a publish redirected more than 5 times is dropped and counted.
 /// `rediss://`, `rediss+cluster://` (every node) and NATS `tls://` are the same over TLS
