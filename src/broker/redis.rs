@@ -45,7 +45,7 @@
 //! filter. What a cluster adds is recorded in [`ClusterNotes`] for the engine to act on:
 //! a publish refused with `MOVED` (kept whole in the FIFO, so it can be sent to the new
 //! owner), a subscription the node gave up (its own `sunsubscribe` push when the slot moved
-//! away, or a refused SSUBSCRIBE), `CLUSTER SLOTS` replies, and conditions (`CLUSTERDOWN`,
+//! away, or a refused SSUBSCRIBE), `CLUSTER SHARDS` (or `CLUSTER SLOTS`) replies, and conditions (`CLUSTERDOWN`,
 //! `TRYAGAIN`, `ASK`) after which the topology should be read again. Because a node may
 //! unsubscribe us on its own, a sharded session pairs a `sunsubscribe` push with its
 //! command by the channel it names, not only by its place. When that push and our own
@@ -104,7 +104,7 @@ enum Expected {
     Unsubscribe(Box<[u8]>),
     /// A sharded session keeps the message, to send it again where `MOVED` points.
     Publish(Fingerprint, Option<Retained>),
-    /// `CLUSTER SLOTS`.
+    /// `CLUSTER SHARDS` or `CLUSTER SLOTS`.
     Topology,
 }
 
@@ -153,6 +153,8 @@ impl Flavor {
 pub(crate) struct Retained {
     bytes: Box<[u8]>,
     topic_len: usize,
+    /// Times a node answered it with `MOVED` and it was sent again.
+    pub(crate) redirects: u8,
 }
 
 impl Retained {
@@ -160,7 +162,13 @@ impl Retained {
         Retained {
             bytes: [topic, payload].concat().into_boxed_slice(),
             topic_len: topic.len(),
+            redirects: 0,
         }
+    }
+
+    /// Bytes of topic and payload.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes.len()
     }
 
     pub(crate) fn topic(&self) -> &[u8] {
@@ -170,6 +178,15 @@ impl Retained {
     pub(crate) fn payload(&self) -> &[u8] {
         &self.bytes[self.topic_len..]
     }
+}
+
+/// How a cluster's slot map is asked for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum TopologyCommand {
+    /// `CLUSTER SHARDS` (Redis 7+).
+    Shards,
+    /// `CLUSTER SLOTS`, for a server that refuses `CLUSTER SHARDS`.
+    Slots,
 }
 
 /// A publish a node refused with `MOVED slot host:port`.
@@ -188,7 +205,7 @@ pub(crate) struct ClusterNotes {
     pub(crate) redirected: Vec<Redirect>,
     /// Topics whose subscription the node dropped or refused: to be placed again.
     pub(crate) displaced: Vec<Box<[u8]>>,
-    /// Whole `CLUSTER SLOTS` reply frames (or error frames), in order.
+    /// Whole `CLUSTER SHARDS` or `CLUSTER SLOTS` reply frames (or error frames), in order.
     pub(crate) topology: Vec<Vec<u8>>,
     /// The node answered as if the slot map had changed or the cluster were down.
     pub(crate) refresh: bool,
@@ -357,9 +374,31 @@ impl RedisProtocol {
         key_slot(&self.channel) == slot
     }
 
+    /// Sends again a publish a node redirected, keeping its count of redirects.
+    pub(crate) fn resend(&mut self, publish: Retained, out: &mut Vec<u8>) {
+        let fingerprint = self.write_publish(publish.topic(), publish.payload(), out);
+        self.expected
+            .push_back(Expected::Publish(fingerprint, Some(publish)));
+    }
+
+    /// Writes a publish's command and counts it in flight; the caller queues what it expects.
+    fn write_publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Fingerprint {
+        topic::redis_channel(&self.prefix, topic, &mut self.channel);
+        write_command(
+            out,
+            &[self.flavor.publish_command(), &self.channel, payload],
+        );
+        self.publishes += 1;
+        self.fingerprint(&self.channel, payload)
+    }
+
     /// Asks for the cluster's slot map; the reply lands in `notes.topology`.
-    pub(crate) fn request_topology(&mut self, out: &mut Vec<u8>) {
-        write_command(out, &[b"CLUSTER", b"SLOTS"]);
+    pub(crate) fn request_topology(&mut self, command: TopologyCommand, out: &mut Vec<u8>) {
+        let subcommand: &[u8] = match command {
+            TopologyCommand::Shards => b"SHARDS",
+            TopologyCommand::Slots => b"SLOTS",
+        };
+        write_command(out, &[b"CLUSTER", subcommand]);
         self.expected.push_back(Expected::Topology);
     }
 
@@ -656,16 +695,10 @@ impl Protocol for RedisProtocol {
     }
 
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
-        topic::redis_channel(&self.prefix, topic, &mut self.channel);
-        write_command(
-            out,
-            &[self.flavor.publish_command(), &self.channel, payload],
-        );
-        let fingerprint = self.fingerprint(&self.channel, payload);
+        let fingerprint = self.write_publish(topic, payload, out);
         let retained = (self.flavor == Flavor::Sharded).then(|| Retained::new(topic, payload));
         self.expected
             .push_back(Expected::Publish(fingerprint, retained));
-        self.publishes += 1;
     }
 
     fn unconfirmed(&self) -> usize {

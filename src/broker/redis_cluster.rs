@@ -2,15 +2,19 @@
 //! `SPUBLISH`, so that a topic's traffic touches only the shard that owns its channel's slot.
 //!
 //! # Connections
-//! - One *control* connection, to the URL's seed nodes in turn, asks `CLUSTER SLOTS` at
-//!   start and whenever the slot map may have changed. It stays open (a refresh then costs
-//!   one round trip), and holds no subscription.
+//! - One *control* connection, to the URL's seed nodes in turn, asks `CLUSTER SHARDS` at
+//!   start and whenever the slot map may have changed (`CLUSTER SLOTS` instead, from the
+//!   first time a server refuses `CLUSTER SHARDS`). It stays open (a refresh then costs one
+//!   round trip), and holds no subscription.
 //! - One connection per primary, opened lazily: when a topic of interest or a publish is
 //!   routed to a slot it owns. Each is a [`StreamEngine`] speaking the sharded flavor of the
 //!   Redis session ([`RedisProtocol`], so the echo filter is the single-node engine's), fed
-//!   by a queue of its own ([`Outbound`], bounded like the broker's): it keeps the topics
-//!   placed on it, re-subscribes them after a reconnect, and sends publishes only while
-//!   subscribed.
+//!   by a queue of its own ([`Outbound`]): it keeps the topics placed on it, re-subscribes
+//!   them after a reconnect, and sends publishes only while subscribed.
+//! - With `rediss+cluster://`, every connection (control and primaries) is TLS from its
+//!   first byte, with the URL's `ca=`, `cert=` and `key=`; a primary is reached at the
+//!   `tls-port` the map gives it, and its certificate must name the address the map gives
+//!   (an IP address unless the cluster announces host names).
 //! - The connections live in an epoll of the engine's own (a second [`Reactor`]), whose one
 //!   fd is what the registry's reactor watches and what [`Engine::wait`] names.
 //!
@@ -18,14 +22,20 @@
 //! A channel's slot depends only on its bytes, so one topic always goes to one shard and one
 //! connection, in the order it was published. Across topics nothing is promised: two topics
 //! on different shards travel on different connections. Across a slot move, a publish in
-//! flight to the old owner comes back with `MOVED` and is sent again to the new owner; the
-//! publishes of that topic behind it meet the same `MOVED` in order, so order holds, unless
-//! a topology refresh (triggered by something else) routed later publishes to the new owner
-//! before the `MOVED` came back: those can overtake the resent ones.
+//! flight to the old owner comes back with `MOVED` and is sent again to the new owner, ahead
+//! of what that owner's queue holds; the publishes of that topic behind it meet the same
+//! `MOVED` in order. Publishes made after the slot was pointed at its new owner (by that
+//! first `MOVED` or by a map refresh) would overtake those still on their way back, so a
+//! [`Fence`] holds them until the old owner has answered every publish it was given before
+//! the change (counted, not searched: it holds for as long as the old owner has anything
+//! outstanding, of any slot). Order then holds across the move, except when the old owner
+//! has not answered within 10 s (the fence gives up), or when the slot moves again while
+//! fenced (the newer move is not fenced).
 //!
 //! # When the cluster changes
 //! - `MOVED` on a publish: the slot is pointed at the node named, the publish is sent there,
-//!   and the whole map is read again.
+//!   and the whole map is read again. A publish redirected [`MAX_REDIRECTS`] times and
+//!   refused again (nodes that point at each other) is dropped and counted.
 //! - A node's own `sunsubscribe` push (the slot moved away: the node unsubscribes every
 //!   client of its channels) or a refused `SSUBSCRIBE`: the topic is placed again, on the
 //!   owner the next map names.
@@ -37,13 +47,14 @@
 //!
 //! Map refreshes back off like reconnects (100 ms doubling to 5 s) while they keep being
 //! asked for, so after a failover the topics reach the promoted replica within a few
-//! seconds of the cluster electing it; a `CLUSTER SLOTS` unanswered for 10 s is given up
+//! seconds of the cluster electing it; a map question unanswered for 10 s is given up
 //! with its connection. A prefix holding a `{hashtag}` puts every topic in one slot, on one
 //! shard.
 //!
 //! # Limits
-//! - Each shard's queue is bounded like the broker's, so publishes waiting for a shard that
-//!   is down are bounded per shard, not in total.
+//! - Publishes waiting for shards that are down are bounded in total, as the broker's queue
+//!   is (65,536 publishes or 64 MiB), however many shards wait; beyond, they are dropped and
+//!   counted.
 //! - `ASK` (a slot being migrated) is not followed: Redis serves sharded pub/sub from the
 //!   slot's owner until the move ends, so it is not expected; if it comes the publish is
 //!   dropped and counted.
@@ -52,7 +63,7 @@
 //!   the next command is in the same slot, it takes that `MOVED` for its own, which is the
 //!   answer it gets anyway from a node that no longer owns the slot.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
@@ -60,9 +71,9 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use redis_protocol::resp3::types::RangeFrame;
 
-use super::outbound::{InterestChange, Publishes};
-use super::redis::{self, MAX_BULK_LEN, Redirect, RedisProtocol};
-use super::stream::StreamEngine;
+use super::outbound::{InterestChange, MAX_QUEUED_BYTES, MAX_QUEUED_PUBLISHES, Publishes};
+use super::redis::{self, MAX_BULK_LEN, Redirect, RedisProtocol, Retained, TopologyCommand};
+use super::stream::{StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
 use super::{
     BrokerStats, Context, Engine, FIRST_RETRY, MAX_RETRY, Outbound, Received, Wait, next_retry,
@@ -78,8 +89,11 @@ const UNOWNED: u16 = u16::MAX;
 /// Primaries a map may name at most (Redis Cluster's documented ceiling is 1000 nodes);
 /// beyond, the map is counted malformed. Keeps shard indices below [`UNOWNED`].
 const MAX_SHARDS: usize = 4096;
-/// A `CLUSTER SLOTS` unanswered this long is given up, with its connection.
+/// A map question unanswered this long is given up, with its connection.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Times a publish is sent again after `MOVED`; one more `MOVED` drops it (nodes that keep
+/// pointing at each other disagree about the slot until the cluster settles).
+const MAX_REDIRECTS: u8 = 5;
 /// Shard turns in one `advance` at most: a turn's redirects fill other shards' queues.
 const PASSES: usize = 3;
 
@@ -134,58 +148,60 @@ pub(crate) struct SlotRange {
     pub(crate) node: (String, u16),
 }
 
-/// Reads a `CLUSTER SLOTS` reply: per range, its first and last slot, then the primary's
-/// `[host, port, id, …]`, then its replicas (ignored). An empty host means the node asked.
-pub(crate) fn parse_slots(frame: &[u8], asked: &str) -> Result<Vec<SlotRange>, String> {
-    let decoded = redis::decode(frame).map_err(|err| err.to_string())?;
-    let entries = match &decoded {
-        RangeFrame::Array { data, .. } => data,
+/// The elements of a map question's reply, or why there are none.
+fn reply_entries(frame: &[u8], command: &str) -> Result<Vec<RangeFrame>, String> {
+    match redis::decode(frame).map_err(|err| err.to_string())? {
+        RangeFrame::Array { data, .. } => Ok(data),
         RangeFrame::SimpleError { data, .. } | RangeFrame::BlobError { data, .. } => {
             let message = frame.get(data.0..data.1).unwrap_or_default();
-            return Err(format!(
-                "CLUSTER SLOTS refused: {}",
+            Err(format!(
+                "{command} refused: {}",
                 String::from_utf8_lossy(message)
-            ));
+            ))
         }
-        _ => return Err("CLUSTER SLOTS answered with something else than an array".into()),
-    };
-    let number = |item: Option<&RangeFrame>| match item {
+        _ => Err(format!(
+            "{command} answered with something else than an array"
+        )),
+    }
+}
+
+fn number(item: Option<&RangeFrame>) -> Option<i64> {
+    match item {
         Some(RangeFrame::Number { data, .. }) => Some(*data),
         _ => None,
-    };
-    let mut ranges = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let malformed = || "a malformed CLUSTER SLOTS entry".to_string();
-        let RangeFrame::Array { data: items, .. } = entry else {
-            return Err(malformed());
-        };
-        let slot = |item| {
-            number(item)
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|&n| usize::from(n) < SLOTS)
-        };
-        let (Some(start), Some(end)) = (slot(items.first()), slot(items.get(1))) else {
-            return Err(malformed());
-        };
-        let Some(RangeFrame::Array { data: primary, .. }) = items.get(2) else {
-            return Err(malformed());
-        };
-        let host = primary
-            .first()
-            .and_then(|host| redis::bytes(host, 0, frame))
-            .and_then(|host| std::str::from_utf8(host).ok())
-            .ok_or_else(malformed)?;
-        let port = number(primary.get(1))
-            .and_then(|port| u16::try_from(port).ok())
-            .filter(|&port| port != 0)
-            .ok_or_else(malformed)?;
-        if start > end {
-            return Err(malformed());
-        }
-        // "?" is a node whose endpoint is unknown: its slots stay unowned until it is known.
-        if host == "?" {
-            continue;
-        }
+    }
+}
+
+fn slot_number(item: Option<&RangeFrame>) -> Option<u16> {
+    number(item)
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|&n| usize::from(n) < SLOTS)
+}
+
+fn port_number(item: Option<&RangeFrame>) -> Option<u16> {
+    number(item)
+        .and_then(|port| u16::try_from(port).ok())
+        .filter(|&port| port != 0)
+}
+
+fn text<'a>(item: Option<&RangeFrame>, frame: &'a [u8]) -> Option<&'a str> {
+    item.and_then(|item| redis::bytes(item, 0, frame))
+        .and_then(|text| std::str::from_utf8(text).ok())
+}
+
+/// Adds the range `start..=end` owned by the node at `host` (empty: the node asked; `?`:
+/// unknown, so its slots stay unowned until it is known).
+fn push_range(
+    ranges: &mut Vec<SlotRange>,
+    (start, end): (u16, u16),
+    host: &str,
+    port: u16,
+    asked: &str,
+) -> Result<(), ()> {
+    if start > end {
+        return Err(());
+    }
+    if host != "?" {
         let host = if host.is_empty() { asked } else { host };
         ranges.push(SlotRange {
             start,
@@ -193,19 +209,120 @@ pub(crate) fn parse_slots(frame: &[u8], asked: &str) -> Result<Vec<SlotRange>, S
             node: (host.to_string(), port),
         });
     }
+    Ok(())
+}
+
+/// Reads a `CLUSTER SLOTS` reply: per range, its first and last slot, then the primary's
+/// `[host, port, id, …]`, then its replicas (ignored).
+pub(crate) fn parse_slots(frame: &[u8], asked: &str) -> Result<Vec<SlotRange>, String> {
+    let entries = reply_entries(frame, "CLUSTER SLOTS")?;
+    let malformed = || "a malformed CLUSTER SLOTS entry".to_string();
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let RangeFrame::Array { data: items, .. } = entry else {
+            return Err(malformed());
+        };
+        let (Some(start), Some(end)) = (slot_number(items.first()), slot_number(items.get(1)))
+        else {
+            return Err(malformed());
+        };
+        let Some(RangeFrame::Array { data: primary, .. }) = items.get(2) else {
+            return Err(malformed());
+        };
+        let host = text(primary.first(), frame).ok_or_else(malformed)?;
+        let port = port_number(primary.get(1)).ok_or_else(malformed)?;
+        push_range(&mut ranges, (start, end), host, port, asked).map_err(|()| malformed())?;
+    }
     Ok(ranges)
 }
 
-/// The engine for `redis+cluster://[user[:password]@]host:port[,host:port…]`; `name` is the
-/// channel prefix. The limit it returns is Redis's default bulk limit.
+/// The `(name, value)` pairs of a RESP3 map, or of a RESP2 array of alternating names and
+/// values.
+fn fields<'a>(item: &'a RangeFrame, frame: &'a [u8]) -> Option<Vec<(&'a [u8], &'a RangeFrame)>> {
+    match item {
+        RangeFrame::Map { data, .. } => data
+            .iter()
+            .map(|(name, value)| Some((redis::bytes(name, 0, frame)?, value)))
+            .collect(),
+        RangeFrame::Array { data, .. } if data.len() % 2 == 0 => data
+            .chunks(2)
+            .map(|pair| Some((redis::bytes(&pair[0], 0, frame)?, &pair[1])))
+            .collect(),
+        _ => None,
+    }
+}
+
+fn field<'a>(fields: &[(&[u8], &'a RangeFrame)], name: &str) -> Option<&'a RangeFrame> {
+    fields
+        .iter()
+        .find(|(key, _)| *key == name.as_bytes())
+        .map(|(_, value)| *value)
+}
+
+/// Reads a `CLUSTER SHARDS` reply: per shard, `slots` (first and last slot of each range,
+/// flat) and `nodes`; the node whose `role` is `master` (an `online` one if there are two)
+/// owns the slots, at its `endpoint` and its `port`, or its `tls-port` when `tls`.
+pub(crate) fn parse_shards(frame: &[u8], asked: &str, tls: bool) -> Result<Vec<SlotRange>, String> {
+    let entries = reply_entries(frame, "CLUSTER SHARDS")?;
+    let malformed = || "a malformed CLUSTER SHARDS entry".to_string();
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let shard = fields(entry, frame).ok_or_else(malformed)?;
+        let (
+            Some(RangeFrame::Array { data: slots, .. }),
+            Some(RangeFrame::Array { data: nodes, .. }),
+        ) = (field(&shard, "slots"), field(&shard, "nodes"))
+        else {
+            return Err(malformed());
+        };
+        let mut primary = None;
+        for node in nodes {
+            let node = fields(node, frame).ok_or_else(malformed)?;
+            if text(field(&node, "role"), frame) == Some("master")
+                && (primary.is_none() || text(field(&node, "health"), frame) == Some("online"))
+            {
+                primary = Some(node);
+            }
+        }
+        // A shard without a primary (its slots are being failed over): unowned for now.
+        let Some(primary) = primary else {
+            continue;
+        };
+        let host = text(field(&primary, "endpoint").or(field(&primary, "ip")), frame)
+            .ok_or_else(malformed)?;
+        let ports = if tls {
+            ["tls-port", "port"]
+        } else {
+            ["port", "tls-port"]
+        };
+        let port = ports
+            .iter()
+            .find_map(|name| port_number(field(&primary, name)))
+            .ok_or_else(malformed)?;
+        if slots.len() % 2 != 0 {
+            return Err(malformed());
+        }
+        for pair in slots.chunks(2) {
+            let (Some(start), Some(end)) = (slot_number(pair.first()), slot_number(pair.get(1)))
+            else {
+                return Err(malformed());
+            };
+            push_range(&mut ranges, (start, end), host, port, asked).map_err(|()| malformed())?;
+        }
+    }
+    Ok(ranges)
+}
+
+/// The engine for `redis+cluster://[user[:password]@]host:port[,host:port…]`, or
+/// `rediss+cluster://` for TLS to every node (options `ca=`, `cert=`, `key=`, see `tls`);
+/// `name` is the channel prefix. The limit it returns is Redis's default bulk limit.
 pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
     let url = BrokerUrl::parse(url, 6379)?;
     match url.scheme.as_str() {
-        "redis+cluster" => {}
-        "rediss+cluster" => return Err(Error::NotSupported("TLS (rediss+cluster://)")),
+        "redis+cluster" | "rediss+cluster" => {}
         _ => {
             return Err(Error::InvalidArgument(
-                "a Redis Cluster URL starts with redis+cluster://",
+                "a Redis Cluster URL starts with redis+cluster:// or rediss+cluster://",
             ));
         }
     }
@@ -219,17 +336,53 @@ pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<Atom
     Ok((Box::new(engine), Arc::new(AtomicUsize::new(MAX_BULK_LEN))))
 }
 
-/// One primary: its address, its queue, and its connection while it is needed.
+/// One primary: its address, its queues, and its connection while it is needed.
 struct Shard {
     node: (String, u16),
     outbound: Outbound,
+    /// What this engine put in `outbound` and the connection has not taken yet.
+    backlog: Backlog,
+    /// Publishes another node redirected here, sent before what `outbound` holds.
+    resend: VecDeque<Retained>,
+    /// Publishes given to the connection (queued or resent) since it was opened, and those
+    /// it answered with `MOVED`: with its own counts, what [`ClusterEngine::settled`] is.
+    handed: u64,
+    redirected: u64,
     stream: Option<StreamEngine<RedisProtocol>>,
+}
+
+/// The publishes of a slot whose owner changed, held until the old owner has answered
+/// every publish it was given before (`until`, in [`Shard::handed`]), or until `deadline`.
+struct Fence {
+    shard: usize,
+    until: u64,
+    deadline: Instant,
+    held: Publishes,
+}
+
+/// Publishes waiting for a connection, and their bytes (topics and payloads).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+struct Backlog {
+    publishes: usize,
+    bytes: usize,
+}
+
+impl Backlog {
+    fn add(&mut self, bytes: usize) {
+        self.publishes += 1;
+        self.bytes += bytes;
+    }
+
+    fn remove(&mut self, taken: Backlog) {
+        self.publishes -= taken.publishes.min(self.publishes);
+        self.bytes -= taken.bytes.min(self.bytes);
+    }
 }
 
 /// When to read the slot map again.
 struct Refresh {
     wanted: bool,
-    /// A `CLUSTER SLOTS` is on the control connection, unanswered.
+    /// A map question is on the control connection, unanswered.
     asked: bool,
     not_before: Instant,
     delay: Duration,
@@ -240,6 +393,9 @@ pub(crate) struct ClusterEngine {
     url: BrokerUrl,
     /// The channel prefix.
     name: String,
+    /// The TLS of every connection (`rediss+cluster://`).
+    tls: Option<Tls>,
+    topology_command: TopologyCommand,
     /// The engine's own epoll: every connection is registered here, and its fd with the
     /// registry's reactor.
     inner: Reactor,
@@ -250,6 +406,11 @@ pub(crate) struct ClusterEngine {
     /// Control connection attempts failed since the last map was read.
     control_failures: usize,
     shards: Vec<Shard>,
+    /// Publishes waiting in every shard's queues and fences: bounded together as the
+    /// broker's queue is, however many shards there are.
+    backlog: Backlog,
+    /// Per slot that changed owner, its publishes held meanwhile (see [`Fence`]).
+    fences: HashMap<u16, Fence>,
     /// Per slot, the index in `shards` of its owner, or [`UNOWNED`].
     owners: Vec<u16>,
     topology_known: bool,
@@ -268,19 +429,23 @@ pub(crate) struct ClusterEngine {
 }
 
 impl ClusterEngine {
-    fn new(url: BrokerUrl, name: &str) -> Result<ClusterEngine, Error> {
-        // TLS (rediss+cluster://) is refused before this; so is any URL option.
-        url.no_options_left()?;
-        let control = StreamEngine::new(RedisProtocol::sharded(&url, name)?, &url.hosts, None)?;
+    fn new(mut url: BrokerUrl, name: &str) -> Result<ClusterEngine, Error> {
+        let secure = url.scheme == "rediss+cluster";
+        let tls = Tls::from_url(&mut url, secure, TlsStart::AtConnect)?;
+        let control = control_stream(&url, name, &tls)?;
         Ok(ClusterEngine {
             name: name.to_string(),
             url,
+            tls,
+            topology_command: TopologyCommand::Shards,
             inner: Reactor::new().map_err(Error::Io)?,
             watching: false,
             control,
             control_outbound: Outbound::default(),
             control_failures: 0,
             shards: Vec::new(),
+            backlog: Backlog::default(),
+            fences: HashMap::new(),
             owners: vec![UNOWNED; SLOTS],
             topology_known: false,
             refresh: Refresh {
@@ -318,6 +483,10 @@ impl ClusterEngine {
                 self.shards.push(Shard {
                     node: node.clone(),
                     outbound: Outbound::default(),
+                    backlog: Backlog::default(),
+                    resend: VecDeque::new(),
+                    handed: 0,
+                    redirected: 0,
                     stream: None,
                 });
                 self.shards.len() - 1
@@ -337,6 +506,7 @@ impl ClusterEngine {
                 shard.stream.is_some()
                     || shard.outbound.is_dirty()
                     || shard.outbound.counts().0 > 0
+                    || !shard.resend.is_empty()
                     || self.interest.values().any(|placed| *placed == Some(index))
             })
             .collect();
@@ -357,6 +527,14 @@ impl ClusterEngine {
         for placed in self.interest.values_mut() {
             *placed = placed.and_then(|old| renumbered[old]);
         }
+        let renumber = |old: usize| renumbered.get(old).copied().flatten();
+        for owner in &mut self.owners {
+            *owner = renumber(usize::from(*owner)).map_or(UNOWNED, |index| index as u16);
+        }
+        // A fence's shard has a connection, so it is kept.
+        for fence in self.fences.values_mut() {
+            fence.shard = renumber(fence.shard).unwrap_or(fence.shard);
+        }
     }
 
     /// Opens the shard's connection if it has none (the first attempt is made by the next
@@ -375,7 +553,7 @@ impl ClusterEngine {
         match StreamEngine::new(
             protocol,
             std::slice::from_ref(&self.shards[index].node),
-            None,
+            self.tls.clone(),
         ) {
             Ok(stream) => self.shards[index].stream = Some(stream),
             Err(err) => {
@@ -442,19 +620,184 @@ impl ClusterEngine {
         }
     }
 
-    /// Queues a publish on its slot's owner; with no owner known it is dropped and counted.
-    fn route(&mut self, topic: &[u8], payload: &[u8]) {
+    /// The shard owning `topic`'s slot, with its connection opened; `None` (and the map
+    /// read again) when no node owns it.
+    fn owner_of(&mut self, topic: &[u8]) -> Option<usize> {
         let slot = self.slot_of(topic);
+        self.owner_in(slot)
+    }
+
+    fn owner_in(&mut self, slot: u16) -> Option<usize> {
         let owner = self.owners[usize::from(slot)];
         if owner == UNOWNED {
-            self.retired.dropped += 1;
             self.want_refresh();
-            return;
+            return None;
         }
         let index = usize::from(owner);
         self.ensure_stream(index);
-        // A full queue counts the drop itself.
-        self.shards[index].outbound.push_publish(topic, payload);
+        Some(index)
+    }
+
+    /// Whether one more publish of `bytes` fits in the engine-wide bound; counts the drop
+    /// when it does not.
+    fn has_room(&mut self, bytes: usize) -> bool {
+        let fits = self.backlog.publishes < MAX_QUEUED_PUBLISHES
+            && self.backlog.bytes + bytes <= MAX_QUEUED_BYTES;
+        if !fits {
+            self.retired.dropped += 1;
+        }
+        fits
+    }
+
+    /// Queues a publish on its slot's owner; with no owner known, or no room left, it is
+    /// dropped and counted.
+    fn route(&mut self, topic: &[u8], payload: &[u8]) {
+        let bytes = topic.len() + payload.len();
+        let slot = self.slot_of(topic);
+        if !self.fences.is_empty() && self.fences.contains_key(&slot) {
+            if self.has_room(bytes)
+                && let Some(fence) = self.fences.get_mut(&slot)
+            {
+                fence.held.push(topic, payload);
+                self.backlog.add(bytes);
+            }
+            return;
+        }
+        let Some(index) = self.owner_in(slot) else {
+            self.retired.dropped += 1;
+            return;
+        };
+        // A full shard queue counts the drop itself (it cannot be fuller than the bound).
+        if self.has_room(bytes) && self.shards[index].outbound.push_publish(topic, payload) {
+            let shard = &mut self.shards[index];
+            shard.backlog.add(bytes);
+            shard.handed += 1;
+            self.backlog.add(bytes);
+        }
+    }
+
+    /// Publishes shard `index` has finished with: answered (published, refused, redirected)
+    /// or lost with a connection.
+    fn settled(&self, index: usize) -> u64 {
+        let shard = &self.shards[index];
+        let answered = shard.stream.as_ref().map_or(0, |stream| {
+            let stats = stream.stats();
+            stats.published + stats.dropped
+        });
+        shard.redirected + answered
+    }
+
+    /// `slot` left shard `old`: while `old` may still send publishes of it back with `MOVED`,
+    /// the slot's new publishes wait, so that they do not overtake those.
+    fn fence(&mut self, slot: u16, old: usize) {
+        let until = self.shards[old].handed;
+        if self.fences.contains_key(&slot)
+            || self.shards[old].stream.is_none()
+            || self.settled(old) >= until
+        {
+            return;
+        }
+        let fence = Fence {
+            shard: old,
+            until,
+            deadline: Instant::now() + TOPOLOGY_TIMEOUT,
+            held: Publishes::default(),
+        };
+        self.fences.insert(slot, fence);
+    }
+
+    /// Routes what the fences whose old owner is done (or gone, or late) held.
+    fn release_fences(&mut self) {
+        if self.fences.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let done: Vec<u16> = self
+            .fences
+            .iter()
+            .filter(|(_, fence)| {
+                now >= fence.deadline
+                    || self.shards[fence.shard].stream.is_none()
+                    || self.settled(fence.shard) >= fence.until
+            })
+            .map(|(&slot, _)| slot)
+            .collect();
+        for slot in done {
+            if let Some(fence) = self.fences.remove(&slot) {
+                self.release(fence);
+            }
+        }
+    }
+
+    fn release(&mut self, fence: Fence) {
+        for (topic, payload) in fence.held.iter() {
+            self.backlog.remove(Backlog {
+                publishes: 1,
+                bytes: topic.len() + payload.len(),
+            });
+            self.route(topic, payload);
+        }
+    }
+
+    /// Queues a redirected publish to be sent to shard `index` ahead of its queue.
+    fn queue_resend(&mut self, index: usize, publish: Retained) {
+        if self.has_room(publish.len()) {
+            self.backlog.add(publish.len());
+            self.shards[index].resend.push_back(publish);
+        }
+    }
+
+    /// Forgets, from the bound, what shard `index`'s connection took from its queue.
+    fn sync_backlog(&mut self, index: usize) {
+        let shard = &mut self.shards[index];
+        let left = shard.outbound.counts().0 as usize;
+        if left >= shard.backlog.publishes {
+            return;
+        }
+        let taken = shard.backlog.publishes - left;
+        // The queue is taken from its front; the bytes are the proportion when not all of it.
+        let bytes = if left == 0 {
+            shard.backlog.bytes
+        } else {
+            shard.backlog.bytes / shard.backlog.publishes * taken
+        };
+        let taken = Backlog {
+            publishes: taken,
+            bytes,
+        };
+        shard.backlog.remove(taken);
+        self.backlog.remove(taken);
+    }
+
+    /// Writes the publishes redirected to shard `index`, once its session is open, and
+    /// flushes them with what its queue holds.
+    fn send_resends(&mut self, index: usize, received: &mut Vec<Received>) {
+        let Shard {
+            outbound,
+            resend,
+            handed,
+            stream: Some(stream),
+            ..
+        } = &mut self.shards[index]
+        else {
+            return;
+        };
+        if resend.is_empty() || !stream.is_open() {
+            return;
+        }
+        for publish in resend.drain(..) {
+            self.backlog.remove(Backlog {
+                publishes: 1,
+                bytes: publish.len(),
+            });
+            stream.send(|protocol, out| protocol.resend(publish, out));
+            *handed += 1;
+        }
+        stream.write(&mut Context {
+            reactor: &self.inner,
+            outbound,
+            received,
+        });
     }
 
     fn route_taken(&mut self) {
@@ -479,7 +822,14 @@ impl ClusterEngine {
             };
             owners[usize::from(range.start)..=usize::from(range.end)].fill(index);
         }
-        self.owners = owners;
+        let previous = std::mem::replace(&mut self.owners, owners);
+        let moved: Vec<(u16, usize)> = (0..SLOTS)
+            .filter(|&slot| previous[slot] != self.owners[slot] && previous[slot] != UNOWNED)
+            .map(|slot| (slot as u16, usize::from(previous[slot])))
+            .collect();
+        for (slot, old) in moved {
+            self.fence(slot, old);
+        }
         self.topology_known = true;
         self.place_all();
         let mut owns = vec![false; self.shards.len()];
@@ -509,14 +859,59 @@ impl ClusterEngine {
         let (_, dropped) = self.shards[index].outbound.counts();
         self.retired.dropped += dropped;
         self.shards[index].outbound = Outbound::default();
+        let backlog = std::mem::take(&mut self.shards[index].backlog);
+        self.backlog.remove(backlog);
+        // Counted per connection: the next one starts from nothing.
+        self.shards[index].handed = 0;
+        self.shards[index].redirected = 0;
+        let resend = std::mem::take(&mut self.shards[index].resend);
+        // What it had been given goes to the new owners first; then what its fences held.
+        let fenced: Vec<u16> = self
+            .fences
+            .iter()
+            .filter(|(_, fence)| fence.shard == index)
+            .map(|(&slot, _)| slot)
+            .collect();
+        let lifted: Vec<Fence> = fenced
+            .iter()
+            .filter_map(|slot| self.fences.remove(slot))
+            .collect();
+        for publish in &resend {
+            self.backlog.remove(Backlog {
+                publishes: 1,
+                bytes: publish.len(),
+            });
+        }
+        for publish in resend {
+            match self.owner_of(publish.topic()) {
+                Some(owner) => self.queue_resend(owner, publish),
+                None => self.retired.dropped += 1,
+            }
+        }
         for (topic, payload) in queued.iter() {
             self.route(topic, payload);
+        }
+        for fence in lifted {
+            self.release(fence);
         }
     }
 
     /// A publish refused with MOVED: the slot now belongs to the node named, and the publish
-    /// goes there.
+    /// goes there, unless it has been redirected too often already.
     fn redirect(&mut self, from: usize, redirect: Redirect) {
+        self.shards[from].redirected += 1;
+        let mut publish = redirect.publish;
+        publish.redirects = publish.redirects.saturating_add(1);
+        if publish.redirects > MAX_REDIRECTS {
+            self.retired.dropped += 1;
+            self.failure = Some(Error::Backend(format!(
+                "Redis Cluster: a publish to slot {} was redirected (MOVED) {MAX_REDIRECTS} \
+                 times and refused again: dropped (the nodes disagree about the slot's owner)",
+                redirect.slot
+            )));
+            self.want_refresh();
+            return;
+        }
         let node = if redirect.node.0.is_empty() {
             (self.shards[from].node.0.clone(), redirect.node.1)
         } else {
@@ -529,11 +924,11 @@ impl ClusterEngine {
         let index = usize::from(owner);
         let previous = std::mem::replace(&mut self.owners[usize::from(redirect.slot)], owner);
         self.ensure_stream(index);
-        let publish = redirect.publish;
-        self.shards[index]
-            .outbound
-            .push_publish(publish.topic(), publish.payload());
+        self.queue_resend(index, publish);
         self.want_refresh();
+        if previous != owner && previous != UNOWNED {
+            self.fence(redirect.slot, from);
+        }
         // The slot's topics moved with the first publish that met MOVED; the ones behind it
         // only follow.
         if previous == owner {
@@ -586,9 +981,7 @@ impl ClusterEngine {
             // over on a new connection.
             self.control.shut_down(&self.inner);
             self.retired.malformed += self.control.stats().malformed;
-            let control = RedisProtocol::sharded(&self.url, &self.name)
-                .and_then(|protocol| StreamEngine::new(protocol, &self.url.hosts, None));
-            match control {
+            match control_stream(&self.url, &self.name, &self.tls) {
                 Ok(control) => self.control = control,
                 Err(err) => self.failure = Some(err),
             }
@@ -613,12 +1006,24 @@ impl ClusterEngine {
         let notes = std::mem::take(&mut self.control.protocol_mut().notes);
         for reply in notes.topology {
             self.refresh.asked = false;
+            let refused = matches!(reply.first(), Some(b'-' | b'!'));
+            if refused && self.topology_command == TopologyCommand::Shards {
+                // A server without CLUSTER SHARDS (or one that hides it): the older question.
+                self.topology_command = TopologyCommand::Slots;
+                self.refresh.wanted = true;
+                self.refresh.not_before = Instant::now();
+                continue;
+            }
             let asked = self
                 .control
                 .peer()
                 .map(|address| address.ip().to_string())
                 .unwrap_or_default();
-            match parse_slots(&reply, &asked) {
+            let parsed = match self.topology_command {
+                TopologyCommand::Shards => parse_shards(&reply, &asked, self.tls.is_some()),
+                TopologyCommand::Slots => parse_slots(&reply, &asked),
+            };
+            match parsed {
                 Ok(ranges) => {
                     self.control_failures = 0;
                     self.apply_topology(&ranges);
@@ -635,12 +1040,13 @@ impl ClusterEngine {
             }
         }
         let now = Instant::now();
+        let command = self.topology_command;
         if self.refresh.wanted
             && !self.refresh.asked
             && now >= self.refresh.not_before
             && self
                 .control
-                .send(|protocol, out| protocol.request_topology(out))
+                .send(|protocol, out| protocol.request_topology(command, out))
         {
             // Asked again long after the last time: the map had been stable.
             if self
@@ -663,7 +1069,7 @@ impl ClusterEngine {
         }
     }
 
-    /// When an unanswered `CLUSTER SLOTS` is given up.
+    /// When an unanswered map question is given up.
     fn topology_overdue_at(&self) -> Option<Instant> {
         let asked_at = self.refresh.last_asked.filter(|_| self.refresh.asked)?;
         Some(asked_at + TOPOLOGY_TIMEOUT)
@@ -702,6 +1108,15 @@ impl ClusterEngine {
     }
 }
 
+/// A connection to the URL's seeds, for the map questions.
+fn control_stream(
+    url: &BrokerUrl,
+    name: &str,
+    tls: &Option<Tls>,
+) -> Result<StreamEngine<RedisProtocol>, Error> {
+    StreamEngine::new(RedisProtocol::sharded(url, name)?, &url.hosts, tls.clone())
+}
+
 /// Adds the counters that accumulate (not the gauges) of `from` to `to`.
 fn add_counts(to: &mut BrokerStats, from: &BrokerStats) {
     to.published += from.published;
@@ -720,6 +1135,7 @@ impl Engine for ClusterEngine {
         self.drive_control(cx.received);
         for _ in 0..PASSES {
             for index in 0..self.shards.len() {
+                self.send_resends(index, cx.received);
                 let Shard {
                     outbound, stream, ..
                 } = &mut self.shards[index];
@@ -730,13 +1146,15 @@ impl Engine for ClusterEngine {
                         received: cx.received,
                     });
                 }
+                // The session may have opened in this turn.
+                self.send_resends(index, cx.received);
+                self.sync_backlog(index);
                 self.take_notes(index);
             }
-            if !self
-                .shards
-                .iter()
-                .any(|shard| shard.stream.is_some() && shard.outbound.is_dirty())
-            {
+            self.release_fences();
+            if !self.shards.iter().any(|shard| {
+                shard.stream.is_some() && (shard.outbound.is_dirty() || !shard.resend.is_empty())
+            }) {
                 break;
             }
         }
@@ -745,7 +1163,8 @@ impl Engine for ClusterEngine {
     fn write(&mut self, cx: &mut Context<'_>) {
         self.take(cx);
         let mut connecting = false;
-        for shard in &mut self.shards {
+        for index in 0..self.shards.len() {
+            let shard = &mut self.shards[index];
             if let Some(stream) = shard.stream.as_mut() {
                 stream.write(&mut Context {
                     reactor: &self.inner,
@@ -753,6 +1172,7 @@ impl Engine for ClusterEngine {
                     received: cx.received,
                 });
                 connecting |= !stream.is_open() || shard.outbound.is_dirty();
+                self.sync_backlog(index);
             }
         }
         if connecting || self.refresh.wanted {
@@ -769,7 +1189,8 @@ impl Engine for ClusterEngine {
                 (a, b) => a.or(b),
             };
         }
-        if let Some(due) = self.topology_overdue_at() {
+        let fences = self.fences.values().map(|fence| fence.deadline);
+        for due in self.topology_overdue_at().into_iter().chain(fences) {
             deadline = Some(deadline.map_or(due, |other| other.min(due)));
         }
         // Only an open control connection can ask; until then its own deadline is the one.
@@ -797,9 +1218,14 @@ impl Engine for ClusterEngine {
     fn stats(&self) -> BrokerStats {
         let mut stats = self.retired;
         stats.malformed += self.control.stats().malformed;
+        stats.queued += self
+            .fences
+            .values()
+            .map(|fence| fence.held.len() as u64)
+            .sum::<u64>();
         for shard in &self.shards {
             let (queued, dropped) = shard.outbound.counts();
-            stats.queued += queued;
+            stats.queued += queued + shard.resend.len() as u64;
             stats.dropped += dropped;
             if let Some(stream) = &shard.stream {
                 let own = stream.stats();
@@ -1048,8 +1474,9 @@ mod tests {
         assert_ne!(moved_to, first);
         assert_eq!(engine.shards[moved_to].node, ("127.0.0.1".into(), 7009));
         assert!(engine.shards[moved_to].stream.is_some(), "connected lazily");
-        // The publish and the subscription both went to the new owner's queue.
-        assert_eq!(engine.shards[moved_to].outbound.counts(), (1, 0));
+        // The publish goes to the new owner ahead of its queue; the subscription moves too.
+        assert_eq!(engine.shards[moved_to].resend.len(), 1);
+        assert_eq!(engine.stats().queued, 1);
         assert_eq!(engine.interest[t], Some(moved_to));
         let mut changes = Vec::new();
         engine.shards[first].outbound.take(&mut changes, None);
@@ -1275,9 +1702,15 @@ mod tests {
     fn engine_checks_the_url() {
         let errno = |url: &str| engine(url, "app:").err().map(|err| err.errno());
         assert_eq!(errno("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"), None);
+        assert_eq!(errno("rediss+cluster://127.0.0.1:7000"), None);
         assert_eq!(
-            errno("rediss+cluster://127.0.0.1:7000"),
-            Some(libc::ENOTSUP)
+            errno("rediss+cluster://127.0.0.1:7000?verify=none"),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(
+            errno("redis+cluster://127.0.0.1:7000?ca=/x.pem"),
+            Some(libc::EINVAL),
+            "a TLS option on a plain URL"
         );
         assert_eq!(
             errno("redis+cluster://127.0.0.1:7000/0"),
@@ -1291,12 +1724,401 @@ mod tests {
         );
     }
 
+    /// A shard: its slot ranges, and its nodes as "role port tls-port endpoint health".
+    type ShardText<'a> = (&'a [(u16, u16)], &'a [&'a str]);
+
+    /// A `CLUSTER SHARDS` reply as Redis 7 writes it in RESP3: a map per shard.
+    fn shards_reply(shards: &[ShardText<'_>]) -> Vec<u8> {
+        let bulk = |text: &str| format!("${}\r\n{text}\r\n", text.len());
+        let mut reply = format!("*{}\r\n", shards.len());
+        for (slots, nodes) in shards {
+            reply += &format!("%2\r\n{}*{}\r\n", bulk("slots"), slots.len() * 2);
+            for (start, end) in *slots {
+                reply += &format!(":{start}\r\n:{end}\r\n");
+            }
+            reply += &format!("{}*{}\r\n", bulk("nodes"), nodes.len());
+            for node in *nodes {
+                // "-" leaves a field out, "=" is an empty one.
+                let words: Vec<&str> = node.split(' ').collect();
+                let names = ["role", "port", "tls-port", "endpoint", "health"];
+                let present: Vec<(&str, &str)> = names
+                    .iter()
+                    .zip(&words)
+                    .filter(|(_, value)| **value != "-")
+                    .map(|(name, value)| (*name, *value))
+                    .collect();
+                reply += &format!("%{}\r\n{}{}", present.len() + 1, bulk("id"), bulk("abc"));
+                for (name, value) in present {
+                    reply += &bulk(name);
+                    reply += &match value {
+                        _ if name.ends_with("port") => format!(":{value}\r\n"),
+                        "=" => bulk(""),
+                        _ => bulk(value),
+                    };
+                }
+            }
+        }
+        reply.into_bytes()
+    }
+
+    #[test]
+    fn the_slot_map_is_read_from_cluster_shards() {
+        let reply = shards_reply(&[
+            (
+                &[(0, 100), (200, 5460)],
+                &[
+                    "replica 7003 17003 127.0.0.1 online",
+                    "master 7000 17000 127.0.0.1 online",
+                ],
+            ),
+            // The failed primary of a failover in progress; an empty endpoint.
+            (
+                &[(5461, 10922)],
+                &["master 7001 - - failed", "master 7004 - = online"],
+            ),
+            // No primary, or one whose endpoint is unknown: unowned.
+            (&[(10923, 11000)], &["replica 7005 - h online"]),
+            (&[(11001, 16383)], &["master 7002 - ? online"]),
+        ]);
+        let node = |host: &str, port| (host.to_string(), port);
+        let range = |start, end, host, port| SlotRange {
+            start,
+            end,
+            node: node(host, port),
+        };
+        assert_eq!(
+            parse_shards(&reply, "10.0.0.9", false).unwrap(),
+            vec![
+                range(0, 100, "127.0.0.1", 7000),
+                range(200, 5460, "127.0.0.1", 7000),
+                range(5461, 10922, "10.0.0.9", 7004),
+            ]
+        );
+        // Over TLS, the TLS port where the node has one.
+        let tls = parse_shards(&reply, "10.0.0.9", true).unwrap();
+        assert_eq!(tls[0].node, node("127.0.0.1", 17000));
+        assert_eq!(tls[2].node, node("10.0.0.9", 7004));
+        // A RESP2 reply (arrays of names and values) reads the same.
+        let resp2 = String::from_utf8(reply.clone())
+            .unwrap()
+            .replace("%2\r\n", "*4\r\n")
+            .replace("%6\r\n", "*12\r\n")
+            .replace("%5\r\n", "*10\r\n")
+            .into_bytes();
+        assert_eq!(
+            parse_shards(&resp2, "10.0.0.9", false),
+            parse_shards(&reply, "10.0.0.9", false)
+        );
+        for bad in [
+            b"-ERR unknown subcommand\r\n".to_vec(),
+            b"*1\r\n:1\r\n".to_vec(),
+            shards_reply(&[(&[(9, 1)], &["master 7000 - h online"])]),
+            shards_reply(&[(&[(0, 16384)], &["master 7000 - h online"])]),
+            shards_reply(&[(&[(0, 1)], &["master 0 - h online"])]),
+            shards_reply(&[(&[(0, 1)], &["master - - h online"])]),
+            b"*1\r\n%1\r\n$5\r\nslots\r\n*1\r\n:0\r\n".to_vec(),
+        ] {
+            assert!(
+                parse_shards(&bad, "h", false).is_err(),
+                "{}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_server_refusing_cluster_shards_is_asked_cluster_slots() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        assert_eq!(engine.topology_command, TopologyCommand::Shards);
+        let mut notes = &mut engine.control.protocol_mut().notes;
+        notes
+            .topology
+            .push(b"-ERR unknown subcommand 'SHARDS'\r\n".to_vec());
+        engine.refresh.wanted = false;
+        engine.refresh.asked = true;
+        engine.drive_control(&mut Vec::new());
+        assert_eq!(engine.topology_command, TopologyCommand::Slots);
+        assert!(engine.refresh.wanted && !engine.refresh.asked);
+        assert_eq!(
+            engine.retired.malformed, 0,
+            "a refusal is not a malformed map"
+        );
+        notes = &mut engine.control.protocol_mut().notes;
+        notes.topology.push(SLOTS_REPLY.to_vec());
+        engine.drive_control(&mut Vec::new());
+        assert!(engine.topology_known);
+        assert_eq!(engine.shards.len(), 2);
+    }
+
+    #[test]
+    fn a_publish_redirected_too_often_is_dropped_and_counted() {
+        // The protocol keeps the count of a publish it sends again.
+        let mut session = open_session();
+        let mut publish = redis::Retained::new(b"t", b"p");
+        publish.redirects = 3;
+        session.resend(publish, &mut Vec::new());
+        let moved = format!("-MOVED {} 127.0.0.1:7001\r\n", key_slot(b"app:t"));
+        Feed::default().all(&mut session, moved.as_bytes());
+        let redirected = std::mem::take(&mut session.notes.redirected);
+        assert_eq!(redirected[0].publish.redirects, 3);
+        assert_eq!(redirected[0].publish.payload(), b"p");
+
+        // Two nodes that each say the other owns the slot.
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let node = |port| ("127.0.0.1".to_string(), port);
+        engine.apply_topology(&[SlotRange {
+            start: 0,
+            end: 16383,
+            node: node(7000),
+        }]);
+        let slot = engine.slot_of(b"t");
+        let mut publish = redis::Retained::new(b"t", b"p");
+        let mut from = 0;
+        for hop in 1..=MAX_REDIRECTS {
+            let to = if from == 0 { 7001 } else { 7000 };
+            engine.redirect(
+                from,
+                Redirect {
+                    publish,
+                    slot,
+                    node: node(to),
+                },
+            );
+            from = engine
+                .shards
+                .iter()
+                .position(|s| s.node == node(to))
+                .unwrap();
+            publish = engine.shards[from].resend.pop_front().expect("sent again");
+            assert_eq!(publish.redirects, hop);
+        }
+        assert_eq!(engine.stats().dropped, 0);
+        engine.redirect(
+            from,
+            Redirect {
+                publish,
+                slot,
+                node: node(7000),
+            },
+        );
+        assert!(engine.shards.iter().all(|shard| shard.resend.is_empty()));
+        assert_eq!(engine.stats().dropped, 1);
+        let why = engine.take_failure().unwrap().to_string();
+        assert!(why.contains("redirected"), "{why}");
+    }
+
+    #[test]
+    fn publishes_queued_for_shards_that_are_down_are_bounded_together() {
+        // Two shards on ports nothing listens on: the outage outlasts the queue.
+        let closed = || {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let half = |start, end, port| SlotRange {
+            start,
+            end,
+            node: ("127.0.0.1".into(), port),
+        };
+        engine.apply_topology(&[half(0, 8191, closed()), half(8192, 16383, closed())]);
+        let reactor = Reactor::new().unwrap();
+        let registry_queue = Outbound::default();
+        const MORE: usize = 1000;
+        let total = MAX_QUEUED_PUBLISHES + MORE;
+        // Queued and taken in rounds, as dispatch would between publishes.
+        for round in 0..2 {
+            for n in (round * total / 2)..((round + 1) * total / 2) {
+                assert!(registry_queue.push_publish(format!("t{n}").as_bytes(), b"x"));
+            }
+            engine.take(&Context {
+                reactor: &reactor,
+                outbound: &registry_queue,
+                received: &mut Vec::new(),
+            });
+        }
+        let per_shard: Vec<u64> = engine
+            .shards
+            .iter()
+            .map(|shard| shard.outbound.counts().0)
+            .collect();
+        assert!(per_shard.iter().all(|&queued| queued > 0), "{per_shard:?}");
+        let stats = engine.stats();
+        assert_eq!(stats.queued, MAX_QUEUED_PUBLISHES as u64);
+        assert_eq!(stats.dropped, MORE as u64);
+        // Once a connection takes its queue, the room is there again.
+        engine.shards[0]
+            .outbound
+            .take(&mut Vec::new(), Some(&mut Publishes::default()));
+        engine.sync_backlog(0);
+        engine.route(b"t0", b"x");
+        engine.route(b"t1", b"x");
+        assert_eq!(engine.stats().dropped, MORE as u64);
+        assert_eq!(engine.backlog.publishes, per_shard[1] as usize + 2);
+    }
+
+    #[test]
+    fn publishes_of_a_moved_slot_wait_for_the_old_owners_moved_answers() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let node = |port| ("127.0.0.1".to_string(), port);
+        let range = |start, end, port| SlotRange {
+            start,
+            end,
+            node: node(port),
+        };
+        engine.apply_topology(&[range(0, 8191, 7000), range(8192, 16383, 7001)]);
+        let topic = (0..)
+            .map(|n| format!("t{n}").into_bytes())
+            .find(|topic| (1..8191).contains(&engine.slot_of(topic)))
+            .unwrap();
+        let slot = engine.slot_of(&topic);
+        engine.route(&topic, b"1");
+        engine.route(&topic, b"2");
+        // A refresh gives the slot to the other node before the first owner answered.
+        engine.apply_topology(&[
+            range(0, slot - 1, 7000),
+            range(slot, slot, 7001),
+            range(slot + 1, 8191, 7000),
+            range(8192, 16383, 7001),
+        ]);
+        let (old, new) = (0, 1);
+        assert_eq!(engine.shards[new].node, node(7001));
+        engine.route(&topic, b"3");
+        assert_eq!(engine.shards[new].outbound.counts(), (0, 0), "held");
+        assert_eq!(engine.stats().queued, 3);
+        // The old owner sends both back; only then does the third go, behind them.
+        for payload in [b"1", b"2"] {
+            engine.release_fences();
+            assert_eq!(engine.shards[new].outbound.counts(), (0, 0), "held");
+            engine.redirect(
+                old,
+                Redirect {
+                    publish: redis::Retained::new(&topic, payload),
+                    slot,
+                    node: node(7001),
+                },
+            );
+        }
+        engine.release_fences();
+        assert!(engine.fences.is_empty());
+        let resent: Vec<&[u8]> = engine.shards[new]
+            .resend
+            .iter()
+            .map(Retained::payload)
+            .collect();
+        assert_eq!(resent, [b"1", b"2"], "sent first");
+        assert_eq!(engine.shards[new].outbound.counts(), (1, 0));
+        assert_eq!(engine.stats().queued, 5, "two still queued at the old node");
+        // With nothing of the old owner's outstanding, a move holds nothing.
+        engine.retire(old);
+        engine.apply_topology(&[range(0, 16383, 7001)]);
+        engine.route(&topic, b"4");
+        assert!(engine.fences.is_empty());
+    }
+
+    /// Three primaries that speak TLS only: two registries with `rediss+cluster://` each
+    /// receive the other's publish on topics of every shard once, and their own once (the
+    /// local delivery; the echo is filtered). Fails when redis-server is missing.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn real_tls_cluster_delivers_between_two_registries_once_each() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+
+        let cluster = LocalCluster::start_with(0, true);
+        let certificate = cluster.certificate.as_ref().unwrap();
+        let url = format!(
+            "rediss+cluster://127.0.0.1:{}?ca={}",
+            cluster.ports[0],
+            certificate.display()
+        );
+        let prefix = format!("fdcast-tls-test-{}:", std::process::id());
+        let mut topics: Vec<Vec<u8>> = Vec::new();
+        let mut owners = std::collections::HashSet::new();
+        for n in 0.. {
+            let topic = format!("topic-{n}").into_bytes();
+            let slot = key_slot(&[prefix.as_bytes(), &topic].concat());
+            if owners.insert(cluster.owner(slot)) {
+                topics.push(topic);
+            }
+            if owners.len() == 3 {
+                break;
+            }
+        }
+        let registries = [
+            crate::Registry::new().unwrap(),
+            crate::Registry::new().unwrap(),
+        ];
+        let mut readers = Vec::new();
+        let mut writers = Vec::new();
+        for registry in &registries {
+            for topic in &topics {
+                let (reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
+                reader.set_nonblocking(true).unwrap();
+                registry
+                    .subscribe(topic, writer.as_raw_fd(), crate::Mode::Raw)
+                    .unwrap();
+                readers.push((reader, Vec::new()));
+                writers.push(writer);
+            }
+            registry.broker_enable(&url, &prefix).unwrap();
+            assert_eq!(registry.broker_stats().connected, 1);
+            assert_eq!(registry.broker_stats().topics, topics.len() as u64);
+        }
+        for (index, registry) in registries.iter().enumerate() {
+            for topic in &topics {
+                registry
+                    .publish(topic, format!("from-{index}").as_bytes())
+                    .unwrap();
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut quiet_polls = 0;
+        while quiet_polls < 20 {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            for registry in &registries {
+                registry
+                    .broker_poll_once(Some(Duration::from_millis(10)))
+                    .unwrap();
+            }
+            for (reader, seen) in &mut readers {
+                let mut chunk = [0u8; 64];
+                while let Ok(n @ 1..) = reader.read(&mut chunk) {
+                    seen.extend_from_slice(&chunk[..n]);
+                }
+            }
+            // Once everything arrived, a while longer: a duplicate would show.
+            if readers.iter().all(|(_, seen)| seen.len() >= 12) {
+                quiet_polls += 1;
+            }
+        }
+        for (_, seen) in &readers {
+            assert!(
+                seen == b"from-0from-1" || seen == b"from-1from-0",
+                "{}",
+                String::from_utf8_lossy(seen)
+            );
+        }
+        for registry in &registries {
+            let stats = registry.broker_stats();
+            let each = topics.len() as u64;
+            assert_eq!((stats.published, stats.received), (each, each));
+            assert_eq!(
+                (stats.ignored, stats.dropped, stats.malformed),
+                (each, 0, 0)
+            );
+            registry.broker_disable();
+        }
+        drop(cluster);
+    }
+
     /// Six `redis-server` processes in cluster mode (three primaries, a replica each), in a
     /// temporary directory; killed when dropped.
     struct LocalCluster {
         dir: std::path::PathBuf,
         servers: Vec<std::process::Child>,
         ports: Vec<u16>,
+        /// With TLS: the certificate every node serves, trusts and presents to the others.
+        certificate: Option<std::path::PathBuf>,
     }
 
     impl Drop for LocalCluster {
@@ -1321,7 +2143,13 @@ mod tests {
     }
 
     fn cli(port: u16, args: &[&str]) -> String {
+        cli_with(port, &[], args)
+    }
+
+    /// `redis-cli` with `options` (TLS) before the command.
+    fn cli_with(port: u16, options: &[String], args: &[&str]) -> String {
         let output = std::process::Command::new("redis-cli")
+            .args(options)
             .arg("-p")
             .arg(port.to_string())
             .args(args)
@@ -1338,8 +2166,62 @@ mod tests {
         }
     }
 
+    /// A self-signed certificate for 127.0.0.1 and its key, as `cert.pem` and `key.pem` in
+    /// `dir`; returns the certificate's path.
+    #[cfg(feature = "tls")]
+    fn self_signed_certificate(dir: &std::path::Path) -> std::path::PathBuf {
+        use openssl::asn1::Asn1Time;
+        use openssl::bn::BigNum;
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::hash::MessageDigest;
+        use openssl::nid::Nid;
+        use openssl::pkey::PKey;
+        use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+        use openssl::x509::{X509, X509NameBuilder};
+
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "fdcast cluster test")
+            .unwrap();
+        let name = name.build();
+        let mut builder = X509::builder().unwrap();
+        builder.set_version(2).unwrap();
+        let serial = BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap();
+        builder.set_serial_number(&serial).unwrap();
+        builder.set_subject_name(&name).unwrap();
+        builder.set_issuer_name(&name).unwrap();
+        builder.set_pubkey(&key).unwrap();
+        builder
+            .set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        builder
+            .set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        let constraints = BasicConstraints::new().critical().ca().build().unwrap();
+        builder.append_extension(constraints).unwrap();
+        let addresses = SubjectAlternativeName::new()
+            .ip("127.0.0.1")
+            .build(&builder.x509v3_context(None, None))
+            .unwrap();
+        builder.append_extension(addresses).unwrap();
+        builder.sign(&key, MessageDigest::sha256()).unwrap();
+        let certificate = dir.join("cert.pem");
+        std::fs::write(&certificate, builder.build().to_pem().unwrap()).unwrap();
+        let private_key = key.private_key_to_pem_pkcs8().unwrap();
+        std::fs::write(dir.join("key.pem"), private_key).unwrap();
+        certificate
+    }
+
     impl LocalCluster {
+        /// Three primaries with a replica each, plain TCP.
         fn start() -> LocalCluster {
+            LocalCluster::start_with(1, false)
+        }
+
+        /// Three primaries with `replicas` replicas each; with `tls`, every node speaks TLS
+        /// only (clients and cluster bus), with a certificate made for the occasion.
+        fn start_with(replicas: usize, tls: bool) -> LocalCluster {
             let dir = std::env::temp_dir().join(format!(
                 "fdcast-cluster-{}-{}",
                 std::process::id(),
@@ -1353,11 +2235,34 @@ mod tests {
                 dir,
                 servers: Vec::new(),
                 ports: Vec::new(),
+                certificate: None,
             };
-            for _ in 0..6 {
+            #[cfg(feature = "tls")]
+            if tls {
+                cluster.certificate = Some(self_signed_certificate(&cluster.dir));
+            }
+            assert_eq!(
+                tls,
+                cluster.certificate.is_some(),
+                "TLS needs the tls feature"
+            );
+            for _ in 0..3 * (1 + replicas) {
                 let port = free_port();
-                let server = std::process::Command::new("redis-server")
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                let mut server = std::process::Command::new("redis-server");
+                match &cluster.certificate {
+                    None => server.args(["--port", &port.to_string()]),
+                    Some(certificate) => server
+                        .args(["--port", "0", "--tls-port", &port.to_string()])
+                        .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                        .arg("--tls-cert-file")
+                        .arg(certificate)
+                        .arg("--tls-ca-cert-file")
+                        .arg(certificate)
+                        .arg("--tls-key-file")
+                        .arg(cluster.dir.join("key.pem")),
+                };
+                let server = server
+                    .args(["--bind", "127.0.0.1"])
                     .args(["--cluster-enabled", "yes", "--cluster-config-file"])
                     .arg(cluster.dir.join(format!("nodes-{port}.conf")))
                     .args(["--save", "", "--appendonly", "no", "--dir"])
@@ -1374,7 +2279,7 @@ mod tests {
             }
             for &port in &cluster.ports {
                 wait_until("redis-server answers PING", 10, || {
-                    cli(port, &["PING"]) == "PONG"
+                    cluster.cli(port, &["PING"]) == "PONG"
                 });
             }
             let nodes: Vec<String> = cluster
@@ -1383,9 +2288,10 @@ mod tests {
                 .map(|port| format!("127.0.0.1:{port}"))
                 .collect();
             let created = std::process::Command::new("redis-cli")
+                .args(cluster.cli_options())
                 .args(["--cluster", "create"])
                 .args(&nodes)
-                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
                 .output()
                 .expect("redis-cli is required");
             assert!(
@@ -1395,10 +2301,12 @@ mod tests {
             );
             for &port in &cluster.ports {
                 wait_until("cluster_state:ok", 30, || {
-                    cli(port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    cluster
+                        .cli(port, &["CLUSTER", "INFO"])
+                        .contains("cluster_state:ok")
                 });
                 wait_until("every replica linked to its primary", 30, || {
-                    let replication = cli(port, &["INFO", "replication"]);
+                    let replication = cluster.cli(port, &["INFO", "replication"]);
                     replication.contains("role:master")
                         || replication.contains("master_link_status:up")
                 });
@@ -1406,8 +2314,24 @@ mod tests {
             cluster
         }
 
+        /// What `redis-cli` needs to reach the nodes.
+        fn cli_options(&self) -> Vec<String> {
+            match &self.certificate {
+                None => Vec::new(),
+                Some(certificate) => vec![
+                    "--tls".into(),
+                    "--cacert".into(),
+                    certificate.display().to_string(),
+                ],
+            }
+        }
+
+        fn cli(&self, port: u16, args: &[&str]) -> String {
+            cli_with(port, &self.cli_options(), args)
+        }
+
         fn is_primary(&self, port: u16) -> bool {
-            cli(port, &["ROLE"]).lines().next() == Some("master")
+            self.cli(port, &["ROLE"]).lines().next() == Some("master")
         }
 
         fn kill(&mut self, port: u16) {
@@ -1419,7 +2343,7 @@ mod tests {
         /// The port of the node owning `slot`, as that node's own map says.
         /// The port of the primary owning `slot`, as the node at `asked` maps it.
         fn owner_for(&self, asked: u16, slot: u16) -> u16 {
-            let reply = cli(asked, &["CLUSTER", "SLOTS"]);
+            let reply = self.cli(asked, &["CLUSTER", "SLOTS"]);
             // redis-cli prints one value per line: start, end, host, port, id, ...
             let lines: Vec<&str> = reply.lines().map(str::trim).collect();
             for window in lines.windows(4) {
@@ -1672,10 +2596,17 @@ mod tests {
             on_target(&tagged[1]) == "1" && on_target(&tagged[0]) != "0"
         });
         // A has not looked at its connections since the move: its map is stale, so these
-        // go to the old owner, come back MOVED and are sent to the new one.
+        // go to the old owner, come back MOVED and are sent to the new one. More than
+        // HOLD_AFTER go before A reads its connections, then A reads between publishes:
+        // later ones, made once MOVED pointed the slot at the new owner while some were
+        // still on their way to the old one, wait for those to come back rather than
+        // overtake them.
         for i in 0..EACH {
             for topic in &tagged {
                 a.publish(topic, format!("a{i}").as_bytes());
+            }
+            if i >= EACH - 5 {
+                a.pump();
             }
         }
         pump_until(&mut [&mut a, &mut b], "delivery after the move", |sides| {

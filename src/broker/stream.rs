@@ -105,7 +105,8 @@ pub(crate) enum TlsStart {
     AfterGreeting,
 }
 
-/// A TLS connection's settings, and when it starts.
+/// A TLS connection's settings, and when it starts (cloned for each node of a cluster).
+#[derive(Clone)]
 pub(crate) struct Tls {
     settings: TlsSettings,
     start: TlsStart,

@@ -72,6 +72,7 @@ mod openssl_tls {
     use super::*;
 
     /// What a TLS connection is made with: built once per engine, from the URL.
+    #[derive(Clone)]
     pub(crate) struct TlsSettings {
         connector: SslConnector,
     }
@@ -159,6 +160,7 @@ mod openssl_tls {
 pub(crate) use openssl_tls::TlsSettings;
 
 #[cfg(not(feature = "tls"))]
+#[derive(Clone)]
 pub(crate) struct TlsSettings;
 
 #[cfg(not(feature = "tls"))]

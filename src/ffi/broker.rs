@@ -49,10 +49,13 @@ pub struct fdcast_broker_stats {
 /// | `redis+cluster://host:port[,host:port…]`          | Redis Cluster 7+ sharded pub/sub | the channel prefix     |
 ///
 /// With Redis Cluster a topic's traffic touches only the shard that owns its channel's slot
-/// (`SSUBSCRIBE`/`SPUBLISH`); the hosts are seeds for `CLUSTER SLOTS`, and one connection per
-/// primary is opened when a topic or a publish needs it. Order holds per topic; a slot that
-/// moves (`MOVED`) or a failover re-routes subscriptions and publishes to the new owner.
-/// `rediss://` and NATS `tls://` are the same over TLS (1.2 or later). The server's
+/// (`SSUBSCRIBE`/`SPUBLISH`); the hosts are seeds for `CLUSTER SHARDS`, and one connection
+/// per primary is opened when a topic or a publish needs it. Order holds per topic, also
+/// across a slot move (for up to 10 s of waiting for the old owner's answers); a slot
+/// that moves (`MOVED`) or a failover re-routes subscriptions and publishes to the new
+/// owner, and a publish redirected more than 5 times is dropped and counted.
+/// `rediss://`, `rediss+cluster://` (every node) and NATS `tls://` are the same over TLS
+/// (1.2 or later). The server's
 /// certificate is always verified, chain and name, against the system's trust store or the
 /// PEM file of the `ca=` option; `cert=` and `key=` name a client certificate and its key
 /// (PEM): `rediss://cache:6380?ca=/etc/ssl/my-ca.pem&cert=/etc/app.pem&key=/etc/app.key`.
@@ -79,11 +82,12 @@ pub struct fdcast_broker_stats {
 /// from other publishers are delivered by fdcast_dispatch() (the engine's socket is inside
 /// fdcast_fd()) or fdcast_broker_poll_once(). A lost connection is re-established with
 /// backoff (100 ms doubling to 5 s) and every subscription re-issued; publishes meanwhile
-/// wait in a bounded queue (65536 publishes or 64 MiB, then counted drops).
+/// wait in a bounded queue (65536 publishes or 64 MiB, then counted drops; for a Redis
+/// Cluster, in total over its shards).
 ///
 /// Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
 /// parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad
-/// name), -ENOTSUP (the engine or TLS is compiled out; TLS to a Redis Cluster, `rediss+cluster://`),
+/// name), -ENOTSUP (the engine or TLS is compiled out),
 /// -EALREADY (a broker is already enabled: one per registry), -ECONNREFUSED (no address of
 /// the server could be reached, or it refused the connection, the TLS handshake, the
 /// certificate or the authentication, or did not answer in time), -EIO (the server refused
