@@ -63,6 +63,8 @@
 //!   the next command is in the same slot, it takes that `MOVED` for its own, which is the
 //!   answer it gets anyway from a node that no longer owns the slot.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
