@@ -114,18 +114,63 @@ static inline int accept_next(int lfd) {
     }
 }
 
+/* Fds fdcast evicted. Its evict callback runs inside publish, send or
+ * dispatch, in the middle of the loop's batch of events (perhaps in a callback
+ * for that very connection), so closing there would pull the fd out from under
+ * the batch: the callback only records the fd, and the loop closes the
+ * recorded ones once the batch is done. */
+struct evictions {
+    int fds[MAX_FDS];
+    int reasons[MAX_FDS];
+    size_t n;
+    bool pending[MAX_FDS]; /* recorded, and neither reaped nor closed since */
+};
+
+static inline void evictions_record(void *user, int fd, int reason) {
+    struct evictions *ev = user;
+    if (fd < 0 || fd >= MAX_FDS || ev->pending[fd]) return;
+    ev->pending[fd] = true;
+    ev->fds[ev->n] = fd;
+    ev->reasons[ev->n++] = reason;
+}
+
+static inline bool evictions_pending(const struct evictions *ev, int fd) {
+    return fd >= 0 && fd < MAX_FDS && ev->pending[fd];
+}
+
+/* The connection on `fd` closes for another reason: its recorded eviction must
+ * not close the connection that gets the number next, within the same batch. */
+static inline void evictions_forget(struct evictions *ev, int fd) {
+    if (fd >= 0 && fd < MAX_FDS) ev->pending[fd] = false;
+}
+
+/* The next recorded fd still to close, and its reason (a positive errno); -1
+ * when there is none left. */
+static inline int evictions_next(struct evictions *ev, int *reason) {
+    while (ev->n > 0) {
+        size_t i = --ev->n;
+        int fd = ev->fds[i];
+        if (ev->pending[fd]) {
+            ev->pending[fd] = false;
+            *reason = ev->reasons[i];
+            return fd;
+        }
+    }
+    return -1;
+}
+
 /* A registry whose overflow policy is FDCAST_EVICT: a client more than the
- * outbox limit behind is disconnected (on_evict hears of it) rather than
- * silently missing frames. *fcfd is fdcast_fd(), for the loop to watch.
- * Exits with a message when fdcast cannot start. */
-static inline fdcast *evicting_fdcast(fdcast_evict_fn on_evict, int *fcfd) {
+ * outbox limit behind is disconnected (recorded in `ev`, for the loop to close)
+ * rather than silently missing frames. *fcfd is fdcast_fd(), for the loop to
+ * watch. Exits with a message when fdcast cannot start. */
+static inline fdcast *evicting_fdcast(struct evictions *ev, int *fcfd) {
     fdcast *fc = fdcast_new();
     if (fc == NULL) {
         fprintf(stderr, "%s: fdcast_new: %s\n", program_invocation_short_name,
                 fdcast_last_error());
         exit(1);
     }
-    fdcast_set_evict_callback(fc, on_evict, NULL);
+    fdcast_set_evict_callback(fc, evictions_record, ev);
     if (fdcast_set_overflow(fc, FDCAST_EVICT) < 0) {
         fprintf(stderr, "%s: fdcast_set_overflow: %s\n", program_invocation_short_name,
                 fdcast_last_error());

@@ -47,15 +47,13 @@
 static const char TOPIC[] = "log";
 #define TOPIC_LEN (sizeof TOPIC - 1)
 
-enum client_state { FREE, CONNECTED, EVICTED };
+enum client_state { FREE, CONNECTED };
 
 static fdcast *fc;
 static int ep = -1;
 static enum client_state clients[MAX_FDS];
 static int n_clients;
-static int evicted[MAX_FDS]; /* fds reported by the evict callback */
-static int evicted_reason[MAX_FDS];
-static size_t n_evicted;
+static struct evictions evictions;
 
 static char line[MAX_LINE + 1]; /* the line being assembled, + room for '\n' */
 static size_t line_len;
@@ -69,6 +67,7 @@ static void close_client(int fd, const char *why) {
      * next accept(), and fdcast must not write old lines to it. */
     int64_t dropped = fdcast_unsubscribe_fd(fc, fd);
     (void)dropped;
+    evictions_forget(&evictions, fd);
     epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
     close(fd);
     clients[fd] = FREE;
@@ -76,28 +75,15 @@ static void close_client(int fd, const char *why) {
     fprintf(stderr, "log_fanout: client %d %s (%d clients)\n", fd, why, n_clients);
 }
 
-/* Called by fdcast inside publish or dispatch, on this thread, when a client
- * is gone or too slow. Closing here would pull the fd out from under the epoll
- * batch we are in the middle of, so only record it. */
-static void on_evict(void *user, int fd, int reason) {
-    (void)user;
-    if (fd >= 0 && fd < MAX_FDS && clients[fd] == CONNECTED) {
-        clients[fd] = EVICTED;
-        evicted_reason[n_evicted] = reason;
-        evicted[n_evicted++] = fd;
-    }
-}
-
+/* Clients fdcast evicted during the batch close after it. */
 static void reap_evicted(void) {
-    for (size_t i = 0; i < n_evicted; i++) {
-        /* The state guards against an fd closed and reused in the batch. */
-        if (clients[evicted[i]] == EVICTED) {
-            char why[128];
-            snprintf(why, sizeof why, "evicted: %s", strerror(evicted_reason[i]));
-            close_client(evicted[i], why);
-        }
+    int reason;
+    for (int fd; (fd = evictions_next(&evictions, &reason)) >= 0;) {
+        if (clients[fd] != CONNECTED) continue;
+        char why[128];
+        snprintf(why, sizeof why, "evicted: %s", strerror(reason));
+        close_client(fd, why);
     }
-    n_evicted = 0;
 }
 
 /* Clients have nothing to say: drain and ignore what they send; EOF or an
@@ -257,7 +243,7 @@ int main(int argc, char **argv) {
     /* A client that stopped reading is disconnected rather than silently
      * missing lines: a tail that reconnects knows it has a gap. */
     int fcfd;
-    fc = evicting_fdcast(on_evict, &fcfd);
+    fc = evicting_fdcast(&evictions, &fcfd);
     if (outbox_limit >= 0 && fdcast_set_outbox_limit(fc, (size_t)outbox_limit) < 0) {
         fprintf(stderr, "log_fanout: configuring fdcast: %s\n", fdcast_last_error());
         return 1;
@@ -327,7 +313,8 @@ int main(int argc, char **argv) {
                 int64_t served = fdcast_dispatch(fc, 0);
                 if (served < 0)
                     fprintf(stderr, "log_fanout: dispatch: %s\n", strerror((int)-served));
-            } else if (fd >= 0 && fd < MAX_FDS && clients[fd] == CONNECTED) {
+            } else if (fd >= 0 && fd < MAX_FDS && clients[fd] == CONNECTED &&
+                       !evictions_pending(&evictions, fd)) {
                 on_client(fd);
             }
         }

@@ -28,14 +28,12 @@
 
 struct conn {
     struct fanout_client client;
-    bool evicted; /* set by the evict callback; reaped after the batch */
 };
 
 static fdcast *fc;
 static int ep = -1;
 static struct conn *conns[MAX_FDS];
-static int evicted[MAX_FDS]; /* fds reported by the evict callback */
-static size_t n_evicted;
+static struct evictions evictions;
 static size_t n_closing;
 
 /* ------------------------------------------------------------------------ */
@@ -48,6 +46,7 @@ static void close_conn(struct conn *c) {
     int64_t dropped = fdcast_unsubscribe_fd(fc, fd);
     (void)dropped;
     if (c->client.state == FANOUT_CLOSING) n_closing--;
+    evictions_forget(&evictions, fd);
     epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
     close(fd);
     conns[fd] = NULL;
@@ -55,26 +54,10 @@ static void close_conn(struct conn *c) {
     free(c);
 }
 
-/* Called by fdcast inside publish/send/dispatch, on this thread, when a peer
- * is gone or too slow. Closing here would pull the fd out from under the
- * epoll batch we are in the middle of, so only record it. */
-static void on_evict(void *user, int fd, int reason) {
-    (void)user;
-    (void)reason;
-    if (fd >= 0 && fd < MAX_FDS && conns[fd] != NULL && !conns[fd]->evicted) {
-        conns[fd]->evicted = true;
-        evicted[n_evicted++] = fd;
-    }
-}
-
 static void reap_evicted(void) {
-    for (size_t i = 0; i < n_evicted; i++) {
-        struct conn *c = conns[evicted[i]];
-        /* The flag guards against a connection that was closed and whose
-         * number was reused by accept() within the same batch. */
-        if (c != NULL && c->evicted) close_conn(c);
-    }
-    n_evicted = 0;
+    int reason;
+    for (int fd; (fd = evictions_next(&evictions, &reason)) >= 0;)
+        if (conns[fd] != NULL) close_conn(conns[fd]);
 }
 
 /* Close connections whose last response bytes have left fdcast's outbox. */
@@ -141,7 +124,7 @@ int main(int argc, char **argv) {
     /* A client more than the outbox limit (1 MiB) behind is disconnected
      * rather than silently missing events; EventSource then reconnects. */
     int fcfd;
-    fc = evicting_fdcast(on_evict, &fcfd);
+    fc = evicting_fdcast(&evictions, &fcfd);
     fanout_enable_broker(fc);
     int watch[] = {lfd, sfd, fcfd};
     ep = epoll_watching(watch, sizeof watch / sizeof watch[0]);

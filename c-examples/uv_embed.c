@@ -50,7 +50,6 @@
 struct conn {
     uv_tcp_t tcp; /* first member: a handle pointer is a conn pointer */
     struct fanout_client client; /* client.fd is uv_fileno(tcp): where fdcast writes */
-    bool evicted; /* set by the evict callback; reaped by the check handle */
     bool closed;  /* uv_close() called; freed in its callback */
 };
 
@@ -61,8 +60,7 @@ static uv_check_t reaper;        /* after each poll phase: close evicted/done co
 static uv_signal_t sigint_watcher, sigterm_watcher;
 static fdcast *fc;
 static struct conn *conns[MAX_FDS];
-static int evicted[MAX_FDS]; /* fds reported by the evict callback */
-static size_t n_evicted;
+static struct evictions evictions; /* closed by the check handle */
 static size_t n_closing;
 
 /* ------------------------------------------------------------------------ */
@@ -82,20 +80,9 @@ static void close_conn(struct conn *c) {
     int64_t dropped = fdcast_unsubscribe_fd(fc, c->client.fd);
     (void)dropped;
     if (c->client.state == FANOUT_CLOSING) n_closing--;
+    evictions_forget(&evictions, c->client.fd);
     conns[c->client.fd] = NULL;
     uv_close((uv_handle_t *)&c->tcp, free_conn);
-}
-
-/* Called by fdcast inside publish/send/dispatch, on the loop thread, when a
- * peer is gone or too slow. We may be inside a callback for that very
- * connection, so only record it; the check handle closes it. */
-static void on_evict(void *user, int fd, int reason) {
-    (void)user;
-    (void)reason;
-    if (fd >= 0 && fd < MAX_FDS && conns[fd] != NULL && !conns[fd]->evicted) {
-        conns[fd]->evicted = true;
-        evicted[n_evicted++] = fd;
-    }
 }
 
 /* uv_check_t: runs once per loop iteration, right after the poll phase, so
@@ -103,11 +90,9 @@ static void on_evict(void *user, int fd, int reason) {
  * epoll batch. */
 static void on_check(uv_check_t *h) {
     (void)h;
-    for (size_t i = 0; i < n_evicted; i++) {
-        struct conn *c = conns[evicted[i]];
-        if (c != NULL && c->evicted) close_conn(c);
-    }
-    n_evicted = 0;
+    int reason;
+    for (int fd; (fd = evictions_next(&evictions, &reason)) >= 0;)
+        if (conns[fd] != NULL) close_conn(conns[fd]);
     /* Close connections whose last response bytes have left the outbox. */
     for (int fd = 0; fd < MAX_FDS && n_closing > 0; fd++) {
         struct conn *c = conns[fd];
@@ -222,7 +207,7 @@ int main(int argc, char **argv) {
      * rather than silently missing events; EventSource then reconnects. The
      * broker's socket is inside fdcast_fd(): the poll below covers it. */
     int fcfd;
-    fc = evicting_fdcast(on_evict, &fcfd);
+    fc = evicting_fdcast(&evictions, &fcfd);
     fanout_enable_broker(fc);
     /* The whole embedding: fdcast's fd in the loop, dispatch when readable. */
     check_uv(uv_poll_init(&loop, &fdcast_watcher, fcfd), "uv_poll_init");

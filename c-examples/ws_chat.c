@@ -55,7 +55,6 @@ enum state {
 struct conn {
     int fd;
     enum state state;
-    bool evicted; /* set by the evict callback; reaped after the batch */
     bool shut;    /* CLOSING: our side is shut down, waiting for the client's EOF */
     bool peer_done; /* CLOSING: the client already hung up */
     long long deadline; /* CLOSING and shut: close at this monotonic time (ms) */
@@ -76,8 +75,7 @@ static fdcast *fc;
 static int ep = -1;
 static struct conn *conns[MAX_FDS];
 static int max_fd = -1; /* highest fd in conns */
-static int evicted[MAX_FDS];
-static size_t n_evicted;
+static struct evictions evictions;
 static size_t n_closing;
 
 /* ------------------------------------------------------------------------ */
@@ -201,6 +199,7 @@ static void close_conn(struct conn *c) {
     int64_t dropped = fdcast_unsubscribe_fd(fc, c->fd);
     (void)dropped;
     if (c->state == CLOSING) n_closing--;
+    evictions_forget(&evictions, c->fd);
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     conns[c->fd] = NULL;
@@ -209,26 +208,15 @@ static void close_conn(struct conn *c) {
     free(c);
 }
 
-/* Called by fdcast inside publish/send/dispatch, on this thread, when a peer
- * is gone or too slow. Closing here would pull the fd out from under the
- * epoll batch (or the publish loop) we are in, so only record it. */
-static void on_evict(void *user, int fd, int reason) {
-    (void)user;
-    (void)reason;
-    if (fd >= 0 && fd < MAX_FDS && conns[fd] != NULL && !conns[fd]->evicted) {
-        conns[fd]->evicted = true;
-        evicted[n_evicted++] = fd;
-    }
+/* Connections fdcast evicted during the batch (or the publish loop) close
+ * after it. */
+static void reap_evicted(void) {
+    int reason;
+    for (int fd; (fd = evictions_next(&evictions, &reason)) >= 0;)
+        if (conns[fd] != NULL) close_conn(conns[fd]);
 }
 
-static void reap_evicted(void) {
-    for (size_t i = 0; i < n_evicted; i++) {
-        struct conn *c = conns[evicted[i]];
-        /* The flag guards against a number closed and reused in one batch. */
-        if (c != NULL && c->evicted) close_conn(c);
-    }
-    n_evicted = 0;
-}
+static bool evicted(const struct conn *c) { return evictions_pending(&evictions, c->fd); }
 
 /* A closing connection whose last bytes have left fdcast's outbox: send our
  * FIN, and wait for the client's before closing. Closing at once could turn
@@ -246,7 +234,7 @@ static void reap_closing(void) {
     long long now = now_ms();
     for (int fd = 0; fd <= max_fd && n_closing > 0; fd++) {
         struct conn *c = conns[fd];
-        if (c == NULL || c->state != CLOSING || c->evicted) continue;
+        if (c == NULL || c->state != CLOSING || evicted(c)) continue;
         if (!c->shut && fdcast_pending_bytes(fc, fd) == 0) {
             if (c->peer_done) close_conn(c);
             else linger(c);
@@ -266,7 +254,7 @@ static void finish(struct conn *c) {
     }
     if (c->state != CLOSING) n_closing++;
     c->state = CLOSING;
-    if (!c->evicted && fdcast_pending_bytes(fc, c->fd) == 0) linger(c);
+    if (!evicted(c) && fdcast_pending_bytes(fc, c->fd) == 0) linger(c);
 }
 
 /* Any failure (peer gone, outbox full) means the connection is done; the
@@ -373,7 +361,7 @@ static bool ws_frame(struct conn *c, const fdcast_ws_frame *f) {
 /* Decodes every whole frame in c->in; keeps the incomplete rest. */
 static void ws_input(struct conn *c) {
     size_t off = 0;
-    while (c->state == WEBSOCKET && !c->evicted) {
+    while (c->state == WEBSOCKET && !evicted(c)) {
         fdcast_ws_frame f;
         int64_t n = fdcast_ws_read(&c->reader, c->in + off, c->in_len - off, &f);
         if (n == 0) break;
@@ -593,7 +581,7 @@ int main(int argc, char **argv) {
     /* A client more than the outbox limit (1 MiB) behind is disconnected
      * rather than silently missing messages. */
     int fcfd;
-    fc = evicting_fdcast(on_evict, &fcfd);
+    fc = evicting_fdcast(&evictions, &fcfd);
     int watch[] = {lfd, sfd, fcfd};
     ep = epoll_watching(watch, sizeof watch / sizeof watch[0]);
 
@@ -621,7 +609,7 @@ int main(int argc, char **argv) {
                 /* Slow clients became writable: let fdcast flush them. */
                 int64_t served = fdcast_dispatch(fc, 0);
                 if (served < 0) fprintf(stderr, "ws_chat: dispatch: %s\n", fdcast_last_error());
-            } else if (fd >= 0 && fd < MAX_FDS && conns[fd] != NULL && !conns[fd]->evicted) {
+            } else if (fd >= 0 && fd < MAX_FDS && conns[fd] != NULL && !evicted(conns[fd])) {
                 on_client(conns[fd]);
             }
         }
