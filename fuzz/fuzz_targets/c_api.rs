@@ -96,6 +96,7 @@ unsafe extern "C" {
     fn fdcast_pending_bytes(fc: *const Fdcast, fd: c_int) -> i64;
     fn fdcast_set_outbox_limit(fc: *mut Fdcast, bytes: usize) -> c_int;
     fn fdcast_set_overflow(fc: *mut Fdcast, policy: c_int) -> c_int;
+    fn fdcast_set_fd_check(fc: *mut Fdcast, on: c_int) -> c_int;
     fn fdcast_get_stats(fc: *const Fdcast, out: *mut Stats);
     fn fdcast_cork(fc: *mut Fdcast) -> c_int;
     fn fdcast_uncork(fc: *mut Fdcast) -> i64;
@@ -668,6 +669,13 @@ fn step(w: &mut World, input: &mut Input) {
                 let fc = w.handle(input);
                 let rc = fdcast_set_heartbeat(fc, u32::from(input.byte() % 3));
                 assert_eq!(rc, if fc.is_null() { -libc::EINVAL } else { 0 });
+            }
+            28 => {
+                let fc = w.handle(input);
+                let on = World::mode(input);
+                let rc = fdcast_set_fd_check(fc, on);
+                let valid = !fc.is_null() && (0..2).contains(&on);
+                assert_eq!(rc, if valid { 0 } else { -libc::EINVAL });
             }
             _ => {
                 assert!(!fdcast_version().is_null());
