@@ -829,6 +829,7 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::stream::testing::{self, Feed};
     use crate::broker::topic::MAX_SUBJECT_LEN;
 
     fn protocol(url: &str, prefix: &str) -> NatsProtocol {
@@ -869,47 +870,6 @@ mod tests {
         line.extend_from_slice(payload);
         line.extend_from_slice(b"\r\n");
         line
-    }
-
-    /// The engine's side of `read`: an input buffer that keeps what was not used.
-    #[derive(Default)]
-    struct Feed {
-        input: Vec<u8>,
-        out: Vec<u8>,
-        received: Vec<Received>,
-        stats: BrokerStats,
-    }
-
-    impl Feed {
-        fn bytes(&mut self, nats: &mut NatsProtocol, bytes: &[u8]) -> Result<(), Error> {
-            self.input.extend_from_slice(bytes);
-            let mut sink = Sink {
-                received: &mut self.received,
-                stats: &mut self.stats,
-            };
-            let used = nats.read(&self.input, &mut self.out, &mut sink)?;
-            assert!(used <= self.input.len());
-            self.input.drain(..used);
-            Ok(())
-        }
-
-        /// Feeds `bytes`, which must be whole commands.
-        fn all(&mut self, nats: &mut NatsProtocol, bytes: &[u8]) -> Result<(), Error> {
-            self.bytes(nats, bytes)?;
-            assert!(
-                self.input.is_empty(),
-                "left unused: {:?}",
-                String::from_utf8_lossy(&self.input)
-            );
-            Ok(())
-        }
-
-        fn delivered(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-            self.received
-                .iter()
-                .map(|message| (message.topic().to_vec(), message.payload().to_vec()))
-                .collect()
-        }
     }
 
     fn connect_line(credentials: &str) -> Vec<u8> {
@@ -1549,51 +1509,17 @@ mod tests {
             std::env::var("FDCAST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
         let parsed = BrokerUrl::parse(&url, 4222).unwrap();
         let address = (parsed.hosts[0].0.as_str(), parsed.hosts[0].1);
-        let prefix = format!(
-            "fdcast-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
+        let prefix = testing::unique_name();
         let limit = Arc::new(AtomicUsize::new(0));
         let mut nats = NatsProtocol::new(&parsed, &prefix, Arc::clone(&limit)).unwrap();
-        let connect = |what: &str| {
-            let socket = TcpStream::connect(address)
-                .unwrap_or_else(|err| panic!("{what}: NATS at {url} is required: {err}"));
-            socket
-                .set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            socket
-        };
-        let mut ours = connect("our connection");
+        let connect = || testing::connect_to(address, "NATS", &url);
+        let mut ours = connect();
         let mut feed = Feed::default();
-        // Writes `out`, then reads until `done`, or fails after 5 s.
         let mut pump = |nats: &mut NatsProtocol,
                         feed: &mut Feed,
                         out: &mut Vec<u8>,
                         done: &dyn Fn(&NatsProtocol, &Feed) -> bool| {
-            ours.write_all(out).unwrap();
-            out.clear();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !done(nats, feed) {
-                assert!(Instant::now() < deadline, "no answer from NATS in 5 s");
-                let mut chunk = [0u8; 4096];
-                match ours.read(&mut chunk) {
-                    Ok(0) => panic!("NATS closed the connection"),
-                    Ok(n) => feed.bytes(nats, &chunk[..n]).unwrap(),
-                    Err(err)
-                        if matches!(
-                            err.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(err) => panic!("{err}"),
-                }
-                // What the protocol answers (CONNECT, PONG) goes out as the engine would.
-                ours.write_all(&feed.out).unwrap();
-                feed.out.clear();
-            }
+            testing::pump(&mut ours, nats, feed, out, done)
         };
         let mut out = Vec::new();
         nats.start(&mut out);
@@ -1615,7 +1541,7 @@ mod tests {
         assert_eq!(nats.subscribed(), 3);
 
         // Another client publishes on the subjects, computed as a plain client would.
-        let mut other = connect("a second connection");
+        let mut other = connect();
         other
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();

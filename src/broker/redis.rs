@@ -877,7 +877,7 @@ fn protocol_error(what: String) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::BrokerStats;
+    use crate::broker::stream::testing::{self, Feed};
 
     fn protocol(url: &str, prefix: &str) -> RedisProtocol {
         RedisProtocol::new(&BrokerUrl::parse(url, 6379).unwrap(), prefix).unwrap()
@@ -912,45 +912,6 @@ mod tests {
             channel.len()
         )
         .into_bytes()
-    }
-
-    /// The engine's side of `read`: an input buffer that keeps what was not used.
-    #[derive(Default)]
-    struct Feed {
-        input: Vec<u8>,
-        received: Vec<Received>,
-        stats: BrokerStats,
-    }
-
-    impl Feed {
-        fn bytes(&mut self, redis: &mut RedisProtocol, bytes: &[u8]) -> Result<(), Error> {
-            self.input.extend_from_slice(bytes);
-            let mut sink = Sink {
-                received: &mut self.received,
-                stats: &mut self.stats,
-            };
-            let used = redis.read(&self.input, &mut Vec::new(), &mut sink)?;
-            self.input.drain(..used);
-            Ok(())
-        }
-
-        /// Feeds `bytes` whole, then asserts that every frame was used.
-        fn all(&mut self, redis: &mut RedisProtocol, bytes: &[u8]) -> Result<(), Error> {
-            self.bytes(redis, bytes)?;
-            assert!(
-                self.input.is_empty(),
-                "unused: {:?}",
-                String::from_utf8_lossy(&self.input)
-            );
-            Ok(())
-        }
-
-        fn delivered(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-            self.received
-                .iter()
-                .map(|r| (r.topic().to_vec(), r.payload().to_vec()))
-                .collect()
-        }
     }
 
     fn concat(parts: &[&[u8]]) -> Vec<u8> {
@@ -1439,54 +1400,22 @@ mod tests {
     #[test]
     fn real_redis_delivers_others_messages_and_ignores_our_echo() {
         use std::io::{Read, Write};
-        use std::net::TcpStream;
-        use std::time::{Duration, Instant};
+        use std::time::Duration;
 
         let url =
             std::env::var("FDCAST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let parsed = BrokerUrl::parse(&url, 6379).unwrap();
         let address = (parsed.hosts[0].0.as_str(), parsed.hosts[0].1);
-        let unique = format!(
-            "fdcast-test-{}-{}:",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
+        let unique = format!("{}:", testing::unique_name());
         let mut redis = RedisProtocol::new(&parsed, &unique).unwrap();
-        let connect = |what: &str| {
-            let socket = TcpStream::connect(address)
-                .unwrap_or_else(|err| panic!("{what}: Redis at {url} is required: {err}"));
-            socket
-                .set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            socket
-        };
-        let mut ours = connect("our connection");
+        let connect = || testing::connect_to(address, "Redis", &url);
+        let mut ours = connect();
         let mut feed = Feed::default();
-        // Reads until `done`, or fails after 5 s.
         let mut pump = |redis: &mut RedisProtocol,
                         feed: &mut Feed,
                         out: &mut Vec<u8>,
                         done: &dyn Fn(&RedisProtocol, &Feed) -> bool| {
-            ours.write_all(out).unwrap();
-            out.clear();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !done(redis, feed) {
-                assert!(Instant::now() < deadline, "no answer from Redis in 5 s");
-                let mut chunk = [0u8; 4096];
-                match ours.read(&mut chunk) {
-                    Ok(0) => panic!("Redis closed the connection"),
-                    Ok(n) => feed.bytes(redis, &chunk[..n]).unwrap(),
-                    Err(err)
-                        if matches!(
-                            err.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(err) => panic!("{err}"),
-                }
-            }
+            testing::pump(&mut ours, redis, feed, out, done)
         };
         let mut out = Vec::new();
         redis.start(&mut out);
@@ -1497,7 +1426,7 @@ mod tests {
         });
         assert_eq!(redis.subscribed(), 1);
 
-        let mut other = connect("a second connection");
+        let mut other = connect();
         let channel = format!("{unique}news");
         let command = format!("PUBLISH {channel} theirs\r\n");
         other.write_all(command.as_bytes()).unwrap();

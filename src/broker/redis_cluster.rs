@@ -1257,6 +1257,7 @@ impl Engine for ClusterEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::stream::testing::Feed;
     use crate::broker::stream::{Protocol, Sink};
 
     const HELLO_REPLY: &[u8] =
@@ -1270,7 +1271,7 @@ mod tests {
     fn open_session() -> RedisProtocol {
         let mut session = RedisProtocol::sharded(&url(), "app:").unwrap();
         session.start(&mut Vec::new());
-        Feed::default().all(&mut session, HELLO_REPLY);
+        Feed::default().bytes(&mut session, HELLO_REPLY).unwrap();
         assert!(session.is_open());
         session
     }
@@ -1294,34 +1295,6 @@ mod tests {
 
     fn count_push(kind: &[u8], channel: &[u8], count: usize) -> Vec<u8> {
         push(kind, channel, format!(":{count}\r\n").as_bytes())
-    }
-
-    #[derive(Default)]
-    struct Feed {
-        input: Vec<u8>,
-        received: Vec<Received>,
-        stats: BrokerStats,
-    }
-
-    impl Feed {
-        fn all(&mut self, session: &mut RedisProtocol, bytes: &[u8]) {
-            self.input.extend_from_slice(bytes);
-            let mut sink = Sink {
-                received: &mut self.received,
-                stats: &mut self.stats,
-            };
-            let used = session
-                .read(&self.input, &mut Vec::new(), &mut sink)
-                .unwrap();
-            self.input.drain(..used);
-        }
-
-        fn delivered(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-            self.received
-                .iter()
-                .map(|m| (m.topic().to_vec(), m.payload().to_vec()))
-                .collect()
-        }
     }
 
     #[test]
@@ -1428,14 +1401,15 @@ mod tests {
         session.publish(b"t", b"three", &mut out);
         assert!(out.starts_with(b"*3\r\n$8\r\nSPUBLISH\r\n$5\r\napp:t\r\n$3\r\none\r\n"));
         let mut feed = Feed::default();
-        feed.all(
+        feed.bytes(
             &mut session,
             format!(
                 "-MOVED {} 127.0.0.1:7001\r\n:0\r\n-CLUSTERDOWN The cluster is down\r\n",
                 key_slot(b"app:t")
             )
             .as_bytes(),
-        );
+        )
+        .unwrap();
         let notes = std::mem::take(&mut session.notes);
         assert_eq!(notes.redirected.len(), 1);
         let redirect = &notes.redirected[0];
@@ -1597,7 +1571,8 @@ mod tests {
         assert_ne!(slot_of(gone), slot_of(other));
         let mut feed = Feed::default();
         session.subscribe(gone, &mut Vec::new());
-        feed.all(&mut session, &count_push(b"ssubscribe", b"app:a", 1));
+        feed.bytes(&mut session, &count_push(b"ssubscribe", b"app:a", 1))
+            .unwrap();
         // We unsubscribe `a` and publish on `b`; the node had just given `a`'s slot away.
         session.unsubscribe(gone, &mut Vec::new());
         session.publish(other, b"x", &mut Vec::new());
@@ -1608,12 +1583,12 @@ mod tests {
             b":0\r\n".to_vec(),
         ]
         .concat();
-        feed.all(&mut session, &stream);
+        feed.bytes(&mut session, &stream).unwrap();
         assert_eq!((feed.stats.published, feed.stats.dropped), (1, 0));
         assert!(session.notes.redirected.is_empty());
         assert_eq!((session.unconfirmed(), session.in_flight()), (0, 0));
         // Nothing waiting at all: skipped too, rather than ending the connection.
-        feed.all(&mut session, moved.as_bytes());
+        feed.bytes(&mut session, moved.as_bytes()).unwrap();
         assert_eq!(feed.stats.malformed, 0);
     }
 
@@ -1640,7 +1615,7 @@ mod tests {
             session.publish(b"t", b"mine", &mut Vec::new());
             let mut feed = Feed::default();
             for chunk in stream.chunks(step) {
-                feed.all(&mut session, chunk);
+                feed.bytes(&mut session, chunk).unwrap();
             }
             assert_eq!(
                 feed.delivered(),
@@ -1663,14 +1638,18 @@ mod tests {
             &b"*2\r\n$10\r\nSSUBSCRIBE\r\n$5\r\napp:a\r\n*2\r\n$10\r\nSSUBSCRIBE\r\n$5\r\napp:b\r\n"[..]
         );
         let mut feed = Feed::default();
-        feed.all(&mut session, &count_push(b"ssubscribe", b"app:a", 1));
-        feed.all(&mut session, &count_push(b"ssubscribe", b"app:b", 2));
+        feed.bytes(&mut session, &count_push(b"ssubscribe", b"app:a", 1))
+            .unwrap();
+        feed.bytes(&mut session, &count_push(b"ssubscribe", b"app:b", 2))
+            .unwrap();
         assert_eq!((session.unconfirmed(), session.subscribed()), (0, 2));
         // We unsubscribe `b`; meanwhile the node gives `a`'s slot away.
         session.unsubscribe(b"b", &mut Vec::new());
-        feed.all(&mut session, &count_push(b"sunsubscribe", b"app:a", 1));
+        feed.bytes(&mut session, &count_push(b"sunsubscribe", b"app:a", 1))
+            .unwrap();
         assert_eq!(session.unconfirmed(), 1, "not taken for b's confirmation");
-        feed.all(&mut session, &count_push(b"sunsubscribe", b"app:b", 0));
+        feed.bytes(&mut session, &count_push(b"sunsubscribe", b"app:b", 0))
+            .unwrap();
         assert_eq!((session.unconfirmed(), session.subscribed()), (0, 0));
         let notes = std::mem::take(&mut session.notes);
         assert_eq!(notes.displaced, vec![Box::from(&b"a"[..])]);
@@ -1684,7 +1663,7 @@ mod tests {
             key_slot(b"app:c"),
             key_slot(b"app:d")
         );
-        feed.all(&mut session, refusals.as_bytes());
+        feed.bytes(&mut session, refusals.as_bytes()).unwrap();
         assert_eq!(session.unconfirmed(), 0);
         assert_eq!(session.notes.displaced, vec![Box::from(&b"c"[..])]);
         // Any other refusal still ends the connection.
@@ -1860,7 +1839,9 @@ mod tests {
         publish.redirects = 3;
         session.resend(publish, &mut Vec::new());
         let moved = format!("-MOVED {} 127.0.0.1:7001\r\n", key_slot(b"app:t"));
-        Feed::default().all(&mut session, moved.as_bytes());
+        Feed::default()
+            .bytes(&mut session, moved.as_bytes())
+            .unwrap();
         let redirected = std::mem::take(&mut session.notes.redirected);
         assert_eq!(redirected[0].publish.redirects, 3);
         assert_eq!(redirected[0].publish.payload(), b"p");

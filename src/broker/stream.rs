@@ -753,6 +753,121 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     }
 }
 
+/// A protocol's reads as the stream engine drives them, for the engines' protocol tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use super::{Protocol, Sink};
+    use crate::broker::{BrokerStats, Received};
+    use crate::error::Error;
+
+    /// An input buffer that keeps what the protocol did not use, what it wrote back, and
+    /// what it delivered.
+    #[derive(Default)]
+    pub(crate) struct Feed {
+        pub(crate) input: Vec<u8>,
+        pub(crate) out: Vec<u8>,
+        pub(crate) received: Vec<Received>,
+        pub(crate) stats: BrokerStats,
+    }
+
+    impl Feed {
+        pub(crate) fn bytes<P: Protocol>(
+            &mut self,
+            protocol: &mut P,
+            bytes: &[u8],
+        ) -> Result<(), Error> {
+            self.input.extend_from_slice(bytes);
+            let mut sink = Sink {
+                received: &mut self.received,
+                stats: &mut self.stats,
+            };
+            let used = protocol.read(&self.input, &mut self.out, &mut sink)?;
+            assert!(used <= self.input.len());
+            self.input.drain(..used);
+            Ok(())
+        }
+
+        /// Feeds `bytes`, which must be whole frames or commands: every byte is used.
+        pub(crate) fn all<P: Protocol>(
+            &mut self,
+            protocol: &mut P,
+            bytes: &[u8],
+        ) -> Result<(), Error> {
+            self.bytes(protocol, bytes)?;
+            assert!(
+                self.input.is_empty(),
+                "left unused: {:?}",
+                String::from_utf8_lossy(&self.input)
+            );
+            Ok(())
+        }
+
+        /// (topic, payload) of every message delivered so far.
+        pub(crate) fn delivered(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+            self.received
+                .iter()
+                .map(|message| (message.topic().to_vec(), message.payload().to_vec()))
+                .collect()
+        }
+    }
+
+    /// A name no other test run shares, so that runs against one server never meet.
+    pub(crate) fn unique_name() -> String {
+        format!(
+            "fdcast-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        )
+    }
+
+    /// A connection to the test server at `address`, reads timing out after 100 ms; fails,
+    /// naming `engine` and `url`, when the server is down.
+    pub(crate) fn connect_to(address: (&str, u16), engine: &str, url: &str) -> TcpStream {
+        let socket = TcpStream::connect(address)
+            .unwrap_or_else(|err| panic!("{engine} at {url} is required: {err}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        socket
+    }
+
+    /// Writes `out` to `socket`, then reads into `feed` until `done`, writing back what the
+    /// protocol answers as the engine would; fails after 5 s.
+    pub(crate) fn pump<P: Protocol>(
+        socket: &mut TcpStream,
+        protocol: &mut P,
+        feed: &mut Feed,
+        out: &mut Vec<u8>,
+        done: &dyn Fn(&P, &Feed) -> bool,
+    ) {
+        socket.write_all(out).unwrap();
+        out.clear();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(protocol, feed) {
+            assert!(
+                Instant::now() < deadline,
+                "no answer from the server in 5 s"
+            );
+            let mut chunk = [0u8; 4096];
+            match socket.read(&mut chunk) {
+                Ok(0) => panic!("the server closed the connection"),
+                Ok(n) => feed.bytes(protocol, &chunk[..n]).unwrap(),
+                Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(err) => panic!("{err}"),
+            }
+            socket.write_all(&feed.out).unwrap();
+            feed.out.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
