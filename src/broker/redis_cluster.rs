@@ -1178,8 +1178,9 @@ impl Engine for ClusterEngine {
             }
         }
         if connecting || self.refresh.wanted {
-            // Connecting and reading the map are `advance`'s: have dispatch come.
-            cx.reactor.wake();
+            // Connecting and reading the map are `advance`'s: have dispatch come and service
+            // the engine (a plain wake returns from the wait without it).
+            cx.reactor.wake_backend();
         }
     }
 
@@ -2417,6 +2418,36 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// A registry that only publishes has no connection to a primary until its first
+    /// publish to that primary's slot: a host's plain dispatch loop must open it and send the
+    /// publishes (a publisher once woke dispatch without having it service the engine, and
+    /// its publishes waited forever). Fails when redis-server is missing.
+    #[test]
+    fn a_publish_only_registry_reaches_the_shard_through_dispatch() {
+        let cluster = LocalCluster::start_with(0, false);
+        let url = format!("redis+cluster://127.0.0.1:{}", cluster.ports[0]);
+        let prefix = format!("fdcast-test-{}-publisher:", std::process::id());
+        let mut subscriber = Side::connect(&url, &prefix);
+        subscriber.subscribe(&[b"news".to_vec()]);
+        let publisher = crate::Registry::new().unwrap();
+        publisher.broker_enable(&url, &prefix).unwrap();
+        let sent: Vec<Vec<u8>> = (0..10).map(|n| format!("m{n}").into_bytes()).collect();
+        for payload in &sent {
+            publisher.publish(b"news", payload).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while subscriber.of(b"news").len() < sent.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "publishes never reached the shard: {:?}",
+                publisher.broker_stats()
+            );
+            publisher.dispatch(Some(Duration::from_millis(10))).unwrap();
+            subscriber.pump();
+        }
+        assert_eq!(subscriber.of(b"news"), sent);
     }
 
     /// A real Redis 7 cluster (three primaries, a replica each): topics on every shard
