@@ -1,5 +1,6 @@
 //! Cross-process fan-out through each broker engine (PostgreSQL LISTEN/NOTIFY, Redis pub/sub,
-//! NATS core), against a baseline publisher of the same engine, in one run.
+//! Redis Cluster sharded pub/sub, NATS core), against a baseline publisher of the same engine,
+//! in one run.
 //!
 //! `cargo run --release --example broker_bench -- [--quick]` prints markdown tables:
 //! 1. sustained publishes/s from one publisher process to two receiving processes, each with
@@ -8,8 +9,10 @@
 //!    `redis-benchmark -c 1 -P 16 … PUBLISH` (redis-tools) and a plain client pipelining
 //!    PUBLISH 256 per write; NATS: a bare publisher writing `PUB` in 64 KiB writes;
 //!    PostgreSQL: fdcast's first design, one `SELECT pg_notify($1, $2)` transaction per
-//!    publish through libpq's pipeline. Ratios against the targets (Redis, NATS ≥ 0.8×,
-//!    PostgreSQL ≥ 5×);
+//!    publish through libpq's pipeline; Redis Cluster: a plain client pipelining SPUBLISH
+//!    to the primary owning each channel's slot, one connection per primary, on one topic
+//!    and on 6 topics spread over the 3 primaries (each socket subscribed to one of them).
+//!    Ratios against the targets (Redis, Redis Cluster, NATS ≥ 0.8×, PostgreSQL ≥ 5×);
 //! 2. latency from `publish` in this process to the bytes on each socket in the others at
 //!    10,000 publishes/s (CLOCK_MONOTONIC, which every process shares; target p99 ≤ 2 ms for
 //!    Redis and NATS);
@@ -22,15 +25,17 @@
 //! program exit 1 (never a time). Servers: FDCAST_PG_URL (default
 //! postgresql://127.0.0.1:5432/test), FDCAST_REDIS_URL (redis://127.0.0.1:6379),
 //! FDCAST_NATS_URL (nats://127.0.0.1:4222); an engine whose server is down is skipped with a
-//! note.
+//! note. Redis Cluster: three primaries of the bench's own (`redis-server --cluster-enabled
+//! yes` on free ports, joined by `redis-cli --cluster create`), stopped when it ends or dies;
+//! failing to start them fails the bench.
 //!
-//! Knobs: BROKER_BENCH_ENGINES=pg,redis runs only those; BROKER_BENCH_VERBOSE=1 prints the
+//! Knobs: BROKER_BENCH_ENGINES=pg,redis runs only those (keys pg, redis, cluster, nats); BROKER_BENCH_VERBOSE=1 prints the
 //! publisher's own time; BROKER_BENCH_PG_BATCH=n makes the old PostgreSQL publisher sync
 //! every n publishes instead of every one (what batching alone buys, without fdcast).
 //!
 //! Roles (this binary runs itself as the other processes):
-//! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted` (fdcast), `bystander URL
-//! NAME` (fdcast, subscribed to another topic until stdin says stop); and, to profile a
+//! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted TOPIC[,TOPIC…]` (fdcast),
+//! `bystander URL NAME` (fdcast, subscribed to another topic until stdin says stop); and, to profile a
 //! publisher alone (`perf record -g broker_bench publish …`, no receivers), `publish URL
 //! NAME N SIZE` (fdcast's, any engine) and `publish-bare URL NAME N SIZE` (the bare NATS
 //! publisher).
@@ -64,6 +69,9 @@ fn env_url(var: &str, default: &str) -> String {
 
 fn fail(message: &str) -> ! {
     eprintln!("broker_bench: FAILED: {message}");
+    if let Some(dir) = CLUSTER_DIR.lock().ok().and_then(|mut dir| dir.take()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     std::process::exit(1);
 }
 
@@ -125,6 +133,13 @@ fn message(seq: u64, size: usize) -> Vec<u8> {
     out.resize(size - 1, b'x');
     out.push(b'\n');
     out
+}
+
+/// Publish `i` of a run over `topics` topics goes to topic `i % topics`, as that topic's
+/// message `i / topics`: each topic's messages are numbered from 0. How many topic `topic`
+/// gets of `messages`:
+fn messages_on(topic: usize, topics: usize, messages: u64) -> u64 {
+    (messages + (topics - 1 - topic) as u64) / topics as u64
 }
 
 /// Checks one socket's messages: once, in order (or, from a publisher whose payloads carry no
@@ -249,19 +264,19 @@ fn say(line: &str) {
 
 // --- child processes ---------------------------------------------------------------------
 
-/// Reads every socket until each has `messages` records of `size` bytes, checking them as
-/// they come; counts the records read in `progress`.
+/// Reads every socket until socket `i` has `expected[i]` records of `size` bytes, checking
+/// them as they come; counts the records read in `progress`.
 fn drain(
     sockets: Vec<UnixStream>,
-    messages: u64,
+    expected: &[u64],
     size: usize,
     ordered: bool,
     timed: bool,
     progress: &AtomicU64,
 ) -> Vec<Checker> {
-    let mut checkers: Vec<Checker> = sockets
+    let mut checkers: Vec<Checker> = expected
         .iter()
-        .map(|_| Checker::new(messages, size, ordered, timed))
+        .map(|&messages| Checker::new(messages, size, ordered, timed))
         .collect();
     let mut pollfds: Vec<libc::pollfd> = sockets
         .iter()
@@ -294,8 +309,8 @@ fn drain(
                     break;
                 }
             }
-            if checker.expected >= messages {
-                if checker.expected > messages || !checker.partial.is_empty() {
+            if checker.expected >= expected[i] {
+                if checker.expected > expected[i] || !checker.partial.is_empty() {
                     fail("a socket got more than every message");
                 }
                 // Done with this one: poll ignores a negative fd.
@@ -307,11 +322,18 @@ fn drain(
     checkers
 }
 
-/// fdcast receiver: `subscribers` socketpairs subscribed (RAW) to the topic through its own
-/// registry and broker connection, their other ends read and checked by a thread. Prints
-/// "ready", then the report over every socket, its broker's `received` and the bytes its
-/// broker connection received.
-fn receiver(url: &str, name: &str, messages: u64, size: usize, subscribers: usize, how: &str) {
+/// fdcast receiver: `subscribers` socketpairs subscribed (RAW) through its own registry and
+/// broker connection, socket `i` to `topics[i % topics.len()]`, their other ends read and
+/// checked by a thread. Prints "ready", then the report over every socket, its broker's
+/// `received` and the bytes its broker connection received.
+fn receiver(
+    url: &str,
+    name: &str,
+    (messages, size): (u64, usize),
+    subscribers: usize,
+    how: &str,
+    topics: &[&str],
+) {
     let (ordered, timed) = match how {
         "timed" => (true, true),
         "ordered" => (true, false),
@@ -320,14 +342,17 @@ fn receiver(url: &str, name: &str, messages: u64, size: usize, subscribers: usiz
     let registry = Registry::new().unwrap();
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
-    for _ in 0..subscribers {
+    let mut expected = Vec::new();
+    for i in 0..subscribers {
+        let topic = i % topics.len();
         let (our, their) = UnixStream::pair().unwrap();
         their.set_nonblocking(true).unwrap();
         // Subscribed before the broker is enabled: enable returns once the subscription is
         // in effect on the engine, so nothing published after "ready" is missed.
         registry
-            .subscribe(TOPIC.as_bytes(), our.as_raw_fd(), Mode::Raw)
+            .subscribe(topics[topic].as_bytes(), our.as_raw_fd(), Mode::Raw)
             .unwrap();
+        expected.push(messages_on(topic, topics.len(), messages));
         ours.push(our);
         theirs.push(their);
     }
@@ -341,8 +366,11 @@ fn receiver(url: &str, name: &str, messages: u64, size: usize, subscribers: usiz
     let progress = Arc::new(AtomicU64::new(0));
     let reader = {
         let progress = Arc::clone(&progress);
-        std::thread::spawn(move || drain(theirs, messages, size, ordered, timed, &progress))
+        std::thread::spawn(move || drain(theirs, &expected, size, ordered, timed, &progress))
     };
+    let total: u64 = (0..subscribers)
+        .map(|i| messages_on(i % topics.len(), topics.len(), messages))
+        .sum();
     say("ready");
     let mut last = (0, Instant::now());
     while !reader.is_finished() {
@@ -352,15 +380,15 @@ fn receiver(url: &str, name: &str, messages: u64, size: usize, subscribers: usiz
             last = (read, Instant::now());
         } else if last.1.elapsed() > STALL {
             fail(&format!(
-                "receiver: {read} of {} messages read, then nothing for {STALL:?} ({:?})",
-                messages * subscribers as u64,
+                "receiver: {read} of {total} messages read, then nothing for {STALL:?} ({:?})",
                 registry.broker_stats()
             ));
         }
     }
     let checkers = reader.join().unwrap();
     let received = registry.broker_stats().received;
-    let bytes = tcp_bytes_received() - bytes_before;
+    // Saturating: a cluster engine may close a connection meanwhile, its bytes with it.
+    let bytes = tcp_bytes_received().saturating_sub(bytes_before);
     drop(ours);
     say(&format!("{} {received} {bytes}", report(checkers)));
 }
@@ -404,7 +432,7 @@ fn bystander(url: &str, name: &str) {
     say(&format!(
         "{} {}",
         last.0 - received_before,
-        last.1 - bytes_before
+        last.1.saturating_sub(bytes_before)
     ));
 }
 
@@ -524,41 +552,120 @@ fn wait_pong(stream: &mut TcpStream, input: &mut Vec<u8>, buf: &mut [u8]) {
     }
 }
 
-/// Plain Redis publisher: PUBLISH pipelined in batches of 256, at most two batches
-/// unanswered. Returns when every PUBLISH is answered.
-fn plain_redis_publish(url: &str, name: &str, messages: u64, size: usize) -> Published {
-    const BATCH: u64 = 256;
-    let mut stream = connect(url);
-    let channel = subject("redis", name);
-    let mut buf = vec![0u8; 1 << 16];
-    let (mut sent, mut answered) = (0u64, 0u64);
-    let mut out = Vec::new();
-    let start_ns = monotonic_ns();
-    while answered < messages {
-        if sent < messages && sent - answered < 2 * BATCH {
-            out.clear();
-            for seq in sent..(sent + BATCH).min(messages) {
-                out.extend_from_slice(&resp_command(&[
-                    b"PUBLISH",
-                    channel.as_bytes(),
-                    &message(seq, size),
-                ]));
+/// One connection of a plain Redis publisher: the commands written and answered on it.
+struct Pipe {
+    stream: TcpStream,
+    out: Vec<u8>,
+    sent: u64,
+    answered: u64,
+}
+
+impl Pipe {
+    /// Reads answers until at most `unanswered` commands wait for theirs.
+    fn await_answers(&mut self, unanswered: u64, buf: &mut [u8]) {
+        while self.sent - self.answered > unanswered {
+            let n = self.stream.read(buf).unwrap();
+            if n == 0 {
+                fail("plain Redis publisher: the server closed the connection");
             }
-            stream.write_all(&out).unwrap();
-            sent = (sent + BATCH).min(messages);
-            continue;
+            if buf[..n].contains(&b'-') {
+                fail(&format!(
+                    "plain Redis publisher: an error reply: {}",
+                    String::from_utf8_lossy(&buf[..n])
+                ));
+            }
+            // Every reply is one `:<receivers>\r\n` line.
+            self.answered += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
         }
-        let n = stream.read(&mut buf).unwrap();
-        if n == 0 {
-            fail("plain Redis publisher: the server closed the connection");
+    }
+}
+
+/// Plain Redis publisher: `command` (PUBLISH or SPUBLISH) of topic `i` written to the server
+/// at `routes[i].0` on channel `routes[i].1`, one connection per server, the messages spread
+/// over the topics as fdcast's publisher spreads them ([`messages_on`]). Pipelined in batches
+/// of 256 commands, at most two batches unanswered on a connection; returns when every
+/// command is answered.
+fn plain_redis_publish(
+    command: &str,
+    routes: &[(String, String)],
+    messages: u64,
+    size: usize,
+) -> Published {
+    const BATCH: u64 = 256;
+    let mut servers: Vec<&str> = routes.iter().map(|(server, _)| server.as_str()).collect();
+    servers.sort_unstable();
+    servers.dedup();
+    let pipe_of: Vec<usize> = routes
+        .iter()
+        .map(|(server, _)| servers.iter().position(|s| s == server).unwrap())
+        .collect();
+    let mut pipes: Vec<Pipe> = servers
+        .iter()
+        .map(|server| Pipe {
+            stream: connect(server),
+            out: Vec::new(),
+            sent: 0,
+            answered: 0,
+        })
+        .collect();
+    let topics = routes.len() as u64;
+    let mut buf = vec![0u8; 1 << 16];
+    let start_ns = monotonic_ns();
+    let mut seq = 0;
+    while seq < messages {
+        for i in seq..(seq + BATCH).min(messages) {
+            let topic = (i % topics) as usize;
+            let pipe = &mut pipes[pipe_of[topic]];
+            pipe.out.extend_from_slice(&resp_command(&[
+                command.as_bytes(),
+                routes[topic].1.as_bytes(),
+                &message(i / topics, size),
+            ]));
+            pipe.sent += 1;
         }
-        if buf[..n].contains(&b'-') {
-            fail("plain Redis publisher: an error reply");
+        seq = (seq + BATCH).min(messages);
+        for pipe in &mut pipes {
+            pipe.stream.write_all(&pipe.out).unwrap();
+            pipe.out.clear();
+            pipe.await_answers(2 * BATCH, &mut buf);
         }
-        // Every reply is one `:<receivers>\r\n` line.
-        answered += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+    for pipe in &mut pipes {
+        pipe.await_answers(0, &mut buf);
     }
     Published::since(start_ns)
+}
+
+/// The `host:port` of the primary owning each channel's slot, asked of the cluster node at
+/// `seed`: a key command on the channel's name (EXISTS) is answered by the slot's owner and
+/// redirected (`-MOVED <slot> <host:port>`) by every other node.
+fn slot_owners(seed: &str, channels: &[String]) -> Vec<String> {
+    let mut stream = connect(seed);
+    let mut input = Vec::new();
+    let mut buf = vec![0u8; 1 << 12];
+    channels
+        .iter()
+        .map(|channel| {
+            stream
+                .write_all(&resp_command(&[b"EXISTS", channel.as_bytes()]))
+                .unwrap();
+            let end = loop {
+                match line_end(&input) {
+                    Some(end) => break end,
+                    None => read_more(&mut stream, &mut input, &mut buf),
+                }
+            };
+            let reply = String::from_utf8_lossy(&input[..end]).into_owned();
+            input.drain(..end + 2);
+            if reply.starts_with(':') {
+                seed.to_string()
+            } else if let Some(redirect) = reply.strip_prefix("-MOVED ") {
+                redirect.split(' ').nth(1).unwrap_or_default().to_string()
+            } else {
+                fail(&format!("slot owner of {channel}: {reply}"))
+            }
+        })
+        .collect()
 }
 
 /// `redis-benchmark -c 1 -P 16 -n messages PUBLISH channel payload`: one connection, 16
@@ -617,6 +724,161 @@ fn plain_nats_publish(url: &str, name: &str, messages: u64, size: usize) -> Publ
     stream.write_all(&out).unwrap();
     wait_pong(&mut stream, &mut input, &mut buf);
     Published::since(start_ns)
+}
+
+// --- a Redis Cluster of the bench's own ------------------------------------------------
+
+/// `count` topics (`bench0`, `bench1`, …) whose channels under `name` spread evenly over the
+/// primaries of the cluster that the node at `seed` belongs to, listed a primary at a time in
+/// turn, so that consecutive publishes go to different shards.
+fn spread_topics(seed: &str, name: &str, count: usize) -> Vec<String> {
+    let candidates: Vec<String> = (0..64 * count).map(|i| format!("{TOPIC}{i}")).collect();
+    let channels: Vec<String> = candidates.iter().map(|t| format!("{name}{t}")).collect();
+    let mut by_owner: Vec<(String, Vec<&String>)> = Vec::new();
+    for (owner, topic) in slot_owners(seed, &channels).into_iter().zip(&candidates) {
+        match by_owner.iter_mut().find(|(o, _)| *o == owner) {
+            Some((_, topics)) => topics.push(topic),
+            None => by_owner.push((owner, vec![topic])),
+        }
+    }
+    let per_owner = count.div_ceil(by_owner.len());
+    let spread: Vec<String> = (0..per_owner)
+        .flat_map(|round| by_owner.iter().filter_map(move |(_, t)| t.get(round)))
+        .take(count)
+        .map(|topic| topic.to_string())
+        .collect();
+    if spread.len() < count {
+        fail(&format!("no {count} topics spread over {by_owner:?}"));
+    }
+    spread
+}
+
+/// The directory of the cluster the bench started, removed by [`fail`] (whose exit skips
+/// destructors; the servers die with this process, see [`LocalCluster::start`]).
+static CLUSTER_DIR: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Three `redis-server` primaries in cluster mode, no replicas, on free ports, in a temporary
+/// directory; stopped when dropped, or when this process dies.
+struct LocalCluster {
+    dir: std::path::PathBuf,
+    servers: Vec<Child>,
+    ports: Vec<u16>,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        CLUSTER_DIR.lock().unwrap().take();
+    }
+}
+
+/// A port free now whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| fail(&format!("redis-cli: {e} (install redis-tools)")));
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+impl LocalCluster {
+    fn start() -> LocalCluster {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("fdcast-bench-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| fail(&format!("cluster directory {}: {e}", dir.display())));
+        *CLUSTER_DIR.lock().unwrap() = Some(dir.clone());
+        let mut cluster = LocalCluster {
+            dir,
+            servers: Vec::new(),
+            ports: Vec::new(),
+        };
+        for _ in 0..3 {
+            let port = free_cluster_port();
+            let mut server = Command::new("redis-server");
+            server
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&cluster.dir)
+                .arg("--logfile")
+                .arg(cluster.dir.join(format!("{port}.log")))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
+            // the parent; it runs in the forked child before exec.
+            unsafe {
+                server.pre_exec(|| {
+                    // Killed when the bench dies, however it dies.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+            let server = server
+                .spawn()
+                .unwrap_or_else(|e| fail(&format!("redis-server: {e} (Redis 7 is needed)")));
+            cluster.servers.push(server);
+            cluster.ports.push(port);
+        }
+        cluster.wait_for("PING", &["PING"], |reply| reply == "PONG");
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| fail(&format!("redis-cli: {e} (install redis-tools)")));
+        if !created.status.success() {
+            fail(&format!(
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&created.stdout)
+            ));
+        }
+        cluster.wait_for("cluster_state:ok", &["CLUSTER", "INFO"], |reply| {
+            reply.contains("cluster_state:ok")
+        });
+        cluster
+    }
+
+    /// Waits (at most 30 s) until every node's answer to `command` satisfies `done`.
+    fn wait_for(&self, what: &str, command: &[&str], done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &self.ports {
+            while !done(&redis_cli(port, command)) {
+                if Instant::now() > deadline {
+                    fail(&format!("cluster node {port}: no {what} in 30 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.ports[0])
+    }
 }
 
 // --- the old PostgreSQL design, through libpq --------------------------------------------
@@ -739,10 +1001,16 @@ fn old_pg_publish(url: &str, channel: &str, messages: u64, size: usize) -> Publi
 
 // --- fdcast publisher --------------------------------------------------------------------
 
-/// Publishes `messages` through a fresh registry and broker connection, `rate` per second
-/// (0: as fast as the window allows). Returns when the engine has taken every publish and
-/// the server has answered everything written.
-fn fdcast_publish(url: &str, name: &str, messages: u64, size: usize, rate: u64) -> Published {
+/// Publishes `messages` over `topics` (see [`messages_on`]) through a fresh registry and
+/// broker connection, `rate` per second (0: as fast as the window allows). Returns when the
+/// engine has taken every publish and the server has answered everything written.
+fn fdcast_publish(
+    url: &str,
+    name: &str,
+    topics: &[&str],
+    (messages, size): (u64, usize),
+    rate: u64,
+) -> Published {
     let registry = Registry::new().unwrap();
     registry
         .broker_enable(url, name)
@@ -763,8 +1031,9 @@ fn fdcast_publish(url: &str, name: &str, messages: u64, size: usize, rate: u64) 
                     .unwrap();
             }
         }
+        let topic = topics[seq as usize % topics.len()];
         registry
-            .publish(TOPIC.as_bytes(), &message(seq, size))
+            .publish(topic.as_bytes(), &message(seq / topics.len() as u64, size))
             .unwrap();
         // A dispatch turn (which reads the server's answers and writes what they released)
         // per 64 KiB published: the bare NATS publisher's write size.
@@ -823,6 +1092,8 @@ enum Publisher {
     OldPg,
     RedisBenchmark,
     PlainRedis,
+    /// SPUBLISH pipelined to the primary owning each channel's slot.
+    PlainCluster,
     PlainNats,
 }
 
@@ -833,16 +1104,39 @@ impl Publisher {
             Publisher::OldPg => "one transaction per publish",
             Publisher::RedisBenchmark => "`redis-benchmark -c 1 -P 16`",
             Publisher::PlainRedis => "pipelined client",
+            Publisher::PlainCluster => "pipelined client, SPUBLISH to each slot's primary",
             Publisher::PlainNats => "bare pipelined publisher",
         }
     }
 
-    fn publish(self, url: &str, name: &str, messages: u64, size: usize, rate: u64) -> Published {
+    /// Publishes `messages` of `size` bytes over `topics` (only fdcast's publisher and the
+    /// plain cluster client take more than one).
+    fn publish(
+        self,
+        url: &str,
+        name: &str,
+        topics: &[&str],
+        (messages, size): (u64, usize),
+        rate: u64,
+    ) -> Published {
+        if topics.len() > 1 && !matches!(self, Publisher::Fdcast | Publisher::PlainCluster) {
+            fail(&format!("{} publishes on one topic only", self.label()));
+        }
+        let channels: Vec<String> = topics.iter().map(|t| format!("{name}{t}")).collect();
         match self {
-            Publisher::Fdcast => fdcast_publish(url, name, messages, size, rate),
+            Publisher::Fdcast => fdcast_publish(url, name, topics, (messages, size), rate),
             Publisher::OldPg => old_pg_publish(url, name, messages, size),
             Publisher::RedisBenchmark => redis_benchmark_publish(url, name, messages, size),
-            Publisher::PlainRedis => plain_redis_publish(url, name, messages, size),
+            Publisher::PlainRedis => {
+                let routes = [(host_port(url, 6379), channels[0].clone())];
+                plain_redis_publish("PUBLISH", &routes, messages, size)
+            }
+            Publisher::PlainCluster => {
+                let seed = host_port(url, 6379);
+                let owners = slot_owners(&seed, &channels);
+                let routes: Vec<_> = owners.into_iter().zip(channels).collect();
+                plain_redis_publish("SPUBLISH", &routes, messages, size)
+            }
             Publisher::PlainNats => plain_nats_publish(url, name, messages, size),
         }
     }
@@ -855,6 +1149,29 @@ struct Engine {
     /// What fdcast's publisher is compared with, and the ratio it should reach.
     baselines: &'static [Publisher],
     target: f64,
+    /// Topics published on: 1 (TOPIC), or on a cluster, this many spread evenly over its
+    /// primaries ([`spread_topics`]).
+    topics: usize,
+}
+
+impl Engine {
+    /// The Redis channel prefix, NATS subject prefix or PostgreSQL channel of run `run`.
+    fn name(&self, run: u64) -> String {
+        let pid = std::process::id();
+        match self.key {
+            "pg" => format!("fdcast_bench_{pid}_{run}"),
+            "redis" | "cluster" => format!("fdcast_bench:{pid}:{run}:"),
+            _ => format!("fdcast_bench.{pid}.{run}"),
+        }
+    }
+
+    fn topics(&self, name: &str) -> Vec<String> {
+        if self.topics == 1 {
+            vec![TOPIC.to_string()]
+        } else {
+            spread_topics(&host_port(&self.url, 6379), name, self.topics)
+        }
+    }
 }
 
 struct Outcome {
@@ -915,12 +1232,10 @@ fn run(
     (rate, subscribers): (u64, usize),
     with_bystander: bool,
 ) -> Outcome {
-    let run = RUN.fetch_add(1, Ordering::Relaxed);
-    let name = match engine.key {
-        "pg" => format!("fdcast_bench_{}_{run}", std::process::id()),
-        "redis" => format!("fdcast_bench:{}:{run}:", std::process::id()),
-        _ => format!("fdcast_bench.{}.{run}", std::process::id()),
-    };
+    let name = engine.name(RUN.fetch_add(1, Ordering::Relaxed));
+    let topics = engine.topics(&name);
+    let topic_list = topics.join(",");
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     let (n, s, subscribers) = (
         messages.to_string(),
         size.to_string(),
@@ -932,10 +1247,21 @@ fn run(
         _ => "ordered",
     };
     let receivers: Vec<_> = (0..RECEIVERS)
-        .map(|_| spawn(&["receiver", &engine.url, &name, &n, &s, &subscribers, how]))
+        .map(|_| {
+            spawn(&[
+                "receiver",
+                &engine.url,
+                &name,
+                &n,
+                &s,
+                &subscribers,
+                how,
+                &topic_list,
+            ])
+        })
         .collect();
     let mut bystander = with_bystander.then(|| spawn(&["bystander", &engine.url, &name]));
-    let published = publisher.publish(&engine.url, &name, messages, size, rate);
+    let published = publisher.publish(&engine.url, &name, &topics, (messages, size), rate);
     let reports: Vec<Vec<f64>> = receivers.into_iter().map(finish).collect();
     let bystander = bystander.take().map(|(mut child, lines)| {
         let mut stdin: ChildStdin = child.stdin.take().unwrap();
@@ -965,12 +1291,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn reachable(engine: &Engine) -> bool {
     let registry = Registry::new().unwrap();
-    let name = match engine.key {
-        "pg" => "fdcast_bench_probe",
-        "redis" => "fdcast_bench_probe:",
-        _ => "fdcast_bench_probe",
-    };
-    match registry.broker_enable(&engine.url, name) {
+    match registry.broker_enable(&engine.url, &engine.name(u64::MAX)) {
         Ok(()) => {
             registry.broker_disable();
             true
@@ -991,13 +1312,14 @@ fn main() {
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
     match arg(1) {
         "receiver" => {
+            let topics: Vec<&str> = arg(8).split(',').collect();
             return receiver(
                 arg(2),
                 arg(3),
-                arg(4).parse().unwrap(),
-                arg(5).parse().unwrap(),
+                (arg(4).parse().unwrap(), arg(5).parse().unwrap()),
                 arg(6).parse().unwrap(),
                 arg(7),
+                &topics,
             );
         }
         "bystander" => return bystander(arg(2), arg(3)),
@@ -1005,7 +1327,7 @@ fn main() {
             let messages = arg(4).parse().unwrap();
             let size = arg(5).parse().unwrap();
             let published = if arg(1) == "publish" {
-                fdcast_publish(arg(2), arg(3), messages, size, 0)
+                fdcast_publish(arg(2), arg(3), &[TOPIC], (messages, size), 0)
             } else {
                 plain_nats_publish(arg(2), arg(3), messages, size)
             };
@@ -1019,6 +1341,11 @@ fn main() {
         }
     }
     let quick = arg(1) == "--quick";
+    // BROKER_BENCH_ENGINES=pg,redis: only those.
+    let only = std::env::var("BROKER_BENCH_ENGINES").unwrap_or_default();
+    let wanted = |key: &str| only.is_empty() || only.split(',').any(|k| k == key);
+    let cluster = wanted("cluster").then(LocalCluster::start);
+    let cluster_url = cluster.as_ref().map(LocalCluster::url).unwrap_or_default();
     let engines = [
         Engine {
             key: "pg",
@@ -1026,6 +1353,7 @@ fn main() {
             url: env_url("FDCAST_PG_URL", "postgresql://127.0.0.1:5432/test"),
             baselines: &[Publisher::OldPg],
             target: 5.0,
+            topics: 1,
         },
         Engine {
             key: "redis",
@@ -1033,6 +1361,23 @@ fn main() {
             url: env_url("FDCAST_REDIS_URL", "redis://127.0.0.1:6379"),
             baselines: &[Publisher::RedisBenchmark, Publisher::PlainRedis],
             target: 0.8,
+            topics: 1,
+        },
+        Engine {
+            key: "cluster",
+            label: "Redis Cluster",
+            url: cluster_url.clone(),
+            baselines: &[Publisher::PlainCluster],
+            target: 0.8,
+            topics: 1,
+        },
+        Engine {
+            key: "cluster",
+            label: "Redis Cluster, 6 topics",
+            url: cluster_url,
+            baselines: &[Publisher::PlainCluster],
+            target: 0.8,
+            topics: 6,
         },
         Engine {
             key: "nats",
@@ -1040,13 +1385,12 @@ fn main() {
             url: env_url("FDCAST_NATS_URL", "nats://127.0.0.1:4222"),
             baselines: &[Publisher::PlainNats],
             target: 0.8,
+            topics: 1,
         },
     ];
-    // BROKER_BENCH_ENGINES=pg,redis: only those.
-    let only = std::env::var("BROKER_BENCH_ENGINES").unwrap_or_default();
     let (engines, skipped): (Vec<&Engine>, Vec<&Engine>) = engines
         .iter()
-        .filter(|e| only.is_empty() || only.split(',').any(|k| k == e.key))
+        .filter(|e| wanted(e.key))
         .partition(|e| reachable(e));
     let reps = if quick { 1 } else { 5 };
     let sizes = [64usize, 1024];
@@ -1062,7 +1406,9 @@ fn main() {
         if quick { full / 10 } else { full }
     };
 
-    say("## 7. Cross-process through PostgreSQL, Redis and NATS (bench/brokers.rs)\n");
+    say(
+        "## 7. Cross-process through PostgreSQL, Redis, Redis Cluster and NATS (bench/brokers.rs)\n",
+    );
     say(&format!(
         "One publisher process, {RECEIVERS} receiving processes, each with its own connection \
          to the local server and {SUBSCRIBERS} local subscribers (socketpairs, RAW framing) \
@@ -1074,7 +1420,9 @@ fn main() {
          last (PostgreSQL, Redis: its replies; NATS: the PONG of a PING written after it; \
          fdcast: until `broker_disable` returned; redis-benchmark: its own rate); \
          `delivered/s`: until the last socket of the slower receiver read the last message. \
-         Median of {reps} alternating run(s).\n"
+         Redis Cluster: three primaries started by the bench, fdcast on `redis+cluster://` \
+         (SPUBLISH, SSUBSCRIBE); with 6 topics, two on each primary, published in turn, \
+         each socket subscribed to one of them. Median of {reps} alternating run(s).\n"
     ));
     for engine in &skipped {
         say(&format!(
@@ -1158,7 +1506,7 @@ fn main() {
     ));
     say("| engine | sockets per receiver | p50 µs | p99 µs | max µs | target p99 |");
     say("|---|---|---|---|---|---|");
-    for engine in &engines {
+    for engine in engines.iter().filter(|e| e.topics == 1) {
         for subscribers in [1, SUBSCRIBERS] {
             let o = run(
                 engine,

@@ -9,11 +9,12 @@
 # Programs (see the comment at the top of each): bench/fanout.c (part 1, physical limit),
 # bench/pubsub.c + bench/fdcast_server.c (part 2, Redis), bench/registry.rs (parts 3 and 4,
 # registry costs and contention), bench/slow.c (part 5, slow consumers),
-# bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis and NATS
-# from one process to two others, against a baseline publisher of each). Each runs its contenders alternating, reps
+# bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis, Redis Cluster
+# (three primaries it starts itself) and NATS from one process to two others, against a
+# baseline publisher of each). Each runs its contenders alternating, reps
 # times, and reports medians; bench/report.py makes the tables of parts 1-5.
-# Needs redis-server and redis-benchmark (redis-tools; both installed with apt-get when
-# missing), PostgreSQL and NATS for parts 6-7
+# Needs redis-server, redis-cli and redis-benchmark (redis-tools; installed with apt-get when
+# missing; Redis 7 for the cluster's sharded pub/sub), PostgreSQL and NATS for parts 6-7
 # (FDCAST_PG_URL, FDCAST_REDIS_URL, FDCAST_NATS_URL; broker_bench skips, with a note, an
 # engine whose server does not answer) and, for the plot, matplotlib (installed with pip when
 # missing; the quick run makes no plot).
@@ -29,7 +30,9 @@ esac
 
 redis_packages=()
 command -v redis-server >/dev/null 2>&1 || redis_packages+=(redis-server)
-command -v redis-benchmark >/dev/null 2>&1 || redis_packages+=(redis-tools)
+if ! command -v redis-benchmark >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  redis_packages+=(redis-tools)
+fi
 if ((${#redis_packages[@]})); then
   echo "bench: installing ${redis_packages[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${redis_packages[@]}" >/dev/null
@@ -127,7 +130,8 @@ for r in "${pg_runs[@]}"; do
   fi
 done
 
-# Cross-process through PostgreSQL, Redis and NATS against a baseline publisher of each
+# Cross-process through PostgreSQL, Redis, Redis Cluster and NATS against a baseline publisher
+# of each
 # (bench/brokers.rs): throughput, latency at 10,000/s, interest routing. Every receiver checks
 # every message on every socket (once, in order).
 broker_args=()
