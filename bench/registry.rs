@@ -1,4 +1,4 @@
-//! Registry and contention benchmarks (issue 5, parts 3 and 4), through the Rust API, which
+//! Registry and contention benchmarks (benchmark parts 3 and 4), through the Rust API, which
 //! the C API wraps one to one. Run by `bench/run.sh`; alone:
 //! `cargo run --release --example registry_bench [--quick] [--memory | --heartbeat]` (only
 //! the memory per subscription, or only subscribe latency during heartbeat ticks).
