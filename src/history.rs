@@ -11,9 +11,6 @@
 //! per reader on replay), and takes the time as an argument, so that age limits are tested
 //! without sleeping.
 
-// The registry does not keep histories yet: only the ids are public so far.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -102,6 +99,8 @@ pub(crate) struct Replay<'a, T> {
     pub(crate) recovered: bool,
     /// Messages after the id that are no longer kept, when the epoch is the same (a foreign
     /// epoch's loss is unknown, and counted as 0).
+    // Read by the tests only until per-fd gap accounting reports it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) lost: u64,
     pub(crate) messages: Vec<(EventId, &'a T)>,
 }
@@ -131,6 +130,19 @@ impl<T> Ring<T> {
         self.id(self.last_offset)
     }
 
+    /// The id the next message pushed will get.
+    pub(crate) fn next_id(&self) -> EventId {
+        self.id(self.last_offset + 1)
+    }
+
+    /// Applies new limits (not all 0) and evicts what they no longer allow.
+    pub(crate) fn set_limits(&mut self, limits: HistoryLimits, now: Instant) {
+        self.limits = limits;
+        self.evict(now);
+    }
+
+    // Read by the tests only until per-fd stats report it.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn kept_bytes(&self) -> usize {
         self.kept_bytes
     }
