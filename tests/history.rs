@@ -366,3 +366,19 @@ fn resumes_mid_stream_see_every_message_once_in_order_while_threads_publish() {
         );
     }
 }
+
+#[test]
+fn corked_publishes_keep_order_between_replay_and_live() {
+    let reg = registry_keeping(keep_messages(100));
+    let (live, live_peer) = socketpair();
+    reg.subscribe(b"t", live.as_raw_fd(), Mode::Raw).unwrap();
+    reg.cork();
+    let ids = publish_all(&reg, b"t", &["a", "b", "c"]);
+    let (fd, peer) = socketpair();
+    reg.subscribe_since(b"t", fd.as_raw_fd(), Mode::Raw, ids[0])
+        .unwrap();
+    publish_all(&reg, b"t", &["d", "e"]);
+    reg.uncork();
+    assert_eq!(read_exact_timeout(peer.as_raw_fd(), 4, T), b"bcde");
+    assert_eq!(read_exact_timeout(live_peer.as_raw_fd(), 5, T), b"abcde");
+}
