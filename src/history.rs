@@ -11,8 +11,12 @@
 //! per reader on replay), and takes the time as an argument, so that age limits are tested
 //! without sleeping.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
+use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 /// Where a message sits in its topic's history; its text form, `<epoch>-<offset>` in decimal
@@ -245,17 +249,11 @@ impl<T> Ring<T> {
     }
 }
 
-/// A fresh epoch from the kernel's random source, falling back to the clock when it fails.
+/// A fresh epoch. `RandomState` draws its keys from the operating system's random source
+/// (once per thread) and changes them for every instance, so hashing nothing with a new one
+/// gives an unpredictable number without any `unsafe` here.
 pub(crate) fn random_epoch() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
-    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if filled == bytes.len() as isize {
-        return u64::from_ne_bytes(bytes);
-    }
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |since| since.as_nanos() as u64)
+    RandomState::new().build_hasher().finish()
 }
 
 #[cfg(test)]
