@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::cell::OnceCell;
+use std::io::Write;
 use std::sync::Arc;
 
 use crate::history::{EventId, MAX_EVENT_ID_LEN};
@@ -256,7 +257,8 @@ fn sse_event(payload: &[u8], id: Option<EventId>) -> Option<Vec<u8>> {
         .ok()?;
     if let Some(id) = id {
         event.extend_from_slice(SSE_ID_PREFIX);
-        event.extend_from_slice(id.to_string().as_bytes());
+        // Writing to a Vec cannot fail; the reservation above covers the longest id.
+        let _ = write!(event, "{id}");
         event.push(b'\n');
     }
     for line in sse_lines(payload) {

@@ -272,6 +272,25 @@ fn a_replay_over_the_outbox_limit_drops_what_does_not_fit() {
         50,
         "every replayed frame is delivered or counted as dropped"
     );
+    let after = reg.stats();
+    assert_eq!(after.deliveries, got.len() as u64 / 1000);
+    assert_eq!(after.queued_bytes, 0);
+}
+
+#[test]
+fn a_replay_is_counted_as_deliveries_and_leaves_nothing_queued() {
+    let reg = registry_keeping(keep_messages(1000));
+    for n in 0..600 {
+        reg.publish(b"t", format!("{n:04}").as_bytes()).unwrap();
+    }
+    let (fd, peer) = socketpair();
+    reg.subscribe_tail(b"t", fd.as_raw_fd(), Mode::Raw, 1000)
+        .unwrap();
+    let got = read_exact_timeout(peer.as_raw_fd(), 2400, T);
+    let expected: String = (0..600).map(|n| format!("{n:04}")).collect();
+    assert_eq!(String::from_utf8(got).unwrap(), expected);
+    let stats = reg.stats();
+    assert_eq!((stats.deliveries, stats.queued_bytes), (600, 0));
 }
 
 /// A tiny deterministic generator, so a failure replays the same schedule.

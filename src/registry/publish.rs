@@ -13,7 +13,7 @@ use crate::batch::Batch;
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::history::EventId;
-use crate::outbox::{Delivery, InBatch, Overflow, Peer, WritePolicy};
+use crate::outbox::{Delivery, Flush, InBatch, Overflow, Peer, WritePolicy};
 
 /// A publish on its way to this registry's subscribers.
 #[derive(Clone, Copy)]
@@ -32,6 +32,8 @@ pub(super) struct Outcomes {
     delivered: u64,
     dropped: u64,
     queued: u64,
+    /// Bytes queued earlier and written since, off the queued gauge.
+    written_from_queue: u64,
     /// Peers that just got their first corked frame: they go on the flush list.
     deferred: Vec<Arc<Peer>>,
     evictions: Vec<Eviction>,
@@ -40,6 +42,36 @@ pub(super) struct Outcomes {
 }
 
 impl Outcomes {
+    /// Records a write of `peer`'s outbox made by the caller rather than by a flush: its
+    /// frames count as delivered, a failure as an eviction (run by `settle`, with no lock
+    /// held), and the peer no longer awaits a flush (a write that could not finish left it
+    /// watched for writability). Returns whether the fd is still usable.
+    pub(super) fn record_write(&mut self, peer: &Arc<Peer>, written: Flush) -> bool {
+        self.deferred
+            .retain(|deferred| !Arc::ptr_eq(deferred, peer));
+        match written {
+            Flush::Progress { bytes, frames, .. } => {
+                self.written_from_queue += bytes as u64;
+                self.delivered += frames as u64;
+                true
+            }
+            Flush::Failed {
+                errno,
+                bytes,
+                frames,
+            } => {
+                self.written_from_queue += bytes as u64;
+                self.delivered += frames as u64;
+                self.record(peer, Delivery::Failed(errno));
+                false
+            }
+            Flush::Reused => {
+                self.record(peer, Delivery::Reused);
+                false
+            }
+        }
+    }
+
     /// The per-subscriber step of every publish: hands the mode's frame (`None`: no memory
     /// could be had to encode it, a drop) to `deliver`, and records the outcome.
     #[inline(always)]
@@ -296,6 +328,11 @@ impl Registry {
             if value > 0 {
                 counter.fetch_add(value, Ordering::Relaxed);
             }
+        }
+        if outcomes.written_from_queue > 0 {
+            self.counters
+                .queued_bytes
+                .fetch_sub(outcomes.written_from_queue, Ordering::Relaxed);
         }
         if !outcomes.deferred.is_empty() {
             self.await_flush(outcomes.deferred);
