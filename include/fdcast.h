@@ -549,10 +549,11 @@ int64_t fdcast_publish_id(struct fdcast *fc, const char *topic, size_t topic_len
  * message still kept is replayed, and the host decides what to tell its client. With
  * history off, nothing is replayed and `*recovered` is 0.
  *
- * Replayed frames go through the fd's outbox like live ones: a replay larger than the
- * outbox limit queues what fits and meets the overflow policy for the rest (under
- * FDCAST_DROP_MESSAGE the frames that do not fit are dropped and counted; under
- * FDCAST_EVICT the fd is evicted). A kept payload that is not valid UTF-8 is skipped for a
+ * Replayed frames go through the fd's outbox like live ones, written a few hundred at a time
+ * in one writev: the kernel takes what it can, the outbox queues what fits under the outbox
+ * limit, and the overflow policy meets the rest (under FDCAST_DROP_MESSAGE those frames are
+ * dropped and counted; under FDCAST_EVICT the fd is evicted). Size the outbox limit for the
+ * replays you allow (about max_bytes of history) if none may be dropped. A kept payload that is not valid UTF-8 is skipped for a
  * FDCAST_WS_TEXT or FDCAST_SSE subscriber. Subscribing a (topic, fd) pair that already
  * subscribes replays all the same.
  *
