@@ -219,3 +219,49 @@ impl Registry {
         Ok((subscription, recovered))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn topics_whose_messages_aged_out_are_dropped_when_the_topic_count_doubles() {
+        let registry = Registry::new().unwrap();
+        registry.set_history(HistoryLimits {
+            max_age: Some(Duration::from_millis(1)),
+            ..HistoryLimits::default()
+        });
+        for n in 0..MIN_SWEEP_TOPICS {
+            registry
+                .publish(format!("old{n}").as_bytes(), b"x")
+                .unwrap();
+        }
+        let held = registry.topic_history(b"old0").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        registry.publish(b"new", b"x").unwrap();
+        let histories = registry.histories.lock();
+        let mut kept: Vec<&[u8]> = histories.topics.keys().map(|topic| &topic[..]).collect();
+        kept.sort();
+        // The one a caller still holds stays, whatever it keeps.
+        assert_eq!(kept, [&b"new"[..], b"old0"]);
+        drop(histories);
+        drop(held);
+    }
+
+    #[test]
+    fn turning_history_off_forgets_every_topic() {
+        let registry = Registry::new().unwrap();
+        registry.set_history(HistoryLimits {
+            max_messages: 4,
+            ..HistoryLimits::default()
+        });
+        registry.publish(b"a", b"x").unwrap();
+        assert!(registry.history_on.load(Ordering::Relaxed));
+        registry.set_history(HistoryLimits::default());
+        assert!(registry.histories.lock().topics.is_empty());
+        assert!(registry.topic_history(b"a").is_none());
+        assert!(!registry.history_on.load(Ordering::Relaxed));
+    }
+}
