@@ -125,6 +125,7 @@ unsafe extern "C" {
     fn fdcast_pending_bytes(fc: *const Fdcast, fd: c_int) -> i64;
     fn fdcast_set_outbox_limit(fc: *mut Fdcast, bytes: usize) -> c_int;
     fn fdcast_set_overflow(fc: *mut Fdcast, policy: c_int) -> c_int;
+    fn fdcast_set_fd_check(fc: *mut Fdcast, on: c_int) -> c_int;
     fn fdcast_get_stats(fc: *const Fdcast, out: *mut Stats);
     fn fdcast_cork(fc: *mut Fdcast) -> c_int;
     fn fdcast_uncork(fc: *mut Fdcast) -> i64;
@@ -407,7 +408,7 @@ fn expect_in(rc: i64, allowed: &[i64], what: &str) {
 fn step(w: &mut World, input: &mut Input) {
     let mut topic_bytes = Vec::new();
     let mut payload_bytes = Vec::new();
-    let op = input.byte() % 31;
+    let op = input.byte() % 32;
     // SAFETY (for the calls below): every pointer passed is NULL or points to at least the
     // length passed with it, as the contract requires; the handle is live or NULL.
     unsafe {
@@ -700,6 +701,13 @@ fn step(w: &mut World, input: &mut Input) {
             }
             28 => {
                 let fc = w.handle(input);
+                let on = World::mode(input);
+                let rc = fdcast_set_fd_check(fc, on);
+                let valid = !fc.is_null() && (0..2).contains(&on);
+                assert_eq!(rc, if valid { 0 } else { -libc::EINVAL });
+            }
+            29 => {
+                let fc = w.handle(input);
                 let limits = input.byte();
                 let rc = fdcast_set_history(
                     fc,
@@ -709,7 +717,7 @@ fn step(w: &mut World, input: &mut Input) {
                 );
                 assert_eq!(rc, if fc.is_null() { -libc::EINVAL } else { 0 });
             }
-            29 => {
+            30 => {
                 let fc = w.handle(input);
                 let (t, tl, kind) = w.topic(input, &mut topic_bytes);
                 let (p, len, ok) = w.payload(input, &mut payload_bytes);
@@ -734,7 +742,7 @@ fn step(w: &mut World, input: &mut Input) {
                     );
                 }
             }
-            30 => {
+            31 => {
                 let fc = w.handle(input);
                 let (t, tl, kind) = w.topic(input, &mut topic_bytes);
                 let fd = w.fd(input);
