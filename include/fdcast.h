@@ -420,7 +420,7 @@ int64_t fdcast_unsubscribe_fd(struct fdcast *fc, int fd);
 
 /**
  * Drops every subscription and every queued byte. NULL is a no-op. The evict callback is not
- * called.
+ * called. Kept history stays (fdcast_set_history(fc, 0, 0, 0) drops it).
  *
  * Thread: any.
  */

@@ -251,7 +251,7 @@ impl Registry {
         Ok(self.forget(&mut index, fd))
     }
 
-    /// Drops every subscription and every queued byte.
+    /// Drops every subscription and every queued byte; kept history stays.
     pub fn clear(&self) {
         let mut index = self.write_index();
         for peer in index.take_all() {
