@@ -35,6 +35,12 @@
 #define FDCAST_DEFAULT_OUTBOX_LIMIT 1048576
 
 /**
+ * The longest event id's text, in bytes, without a NUL: `<epoch>-<offset>`, two decimal
+ * numbers of up to 20 digits each.
+ */
+#define FDCAST_MAX_EVENT_ID_LEN 41
+
+/**
  * The size of the buffer fdcast_ws_accept_key() writes: 28 characters and a NUL.
  */
 #define FDCAST_WS_ACCEPT_KEY_SIZE 29
@@ -414,7 +420,7 @@ int64_t fdcast_unsubscribe_fd(struct fdcast *fc, int fd);
 
 /**
  * Drops every subscription and every queued byte. NULL is a no-op. The evict callback is not
- * called.
+ * called. Kept history stays (fdcast_set_history(fc, 0, 0, 0) drops it).
  *
  * Thread: any.
  */
@@ -490,6 +496,85 @@ int64_t fdcast_publish_except(struct fdcast *fc, const char *topic, size_t topic
  * Thread: any.
  */
 int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload, size_t len);
+
+/**
+ * Sets how much history every topic keeps; all three 0 (the default) turn history off and
+ * drop every kept message. A limit of 0 does not bound: `max_messages` messages,
+ * `max_bytes` payload bytes, `max_age_ms` milliseconds per topic, the oldest going first;
+ * the newest message of a topic is kept even when it alone is over `max_bytes`. Memory is
+ * bounded per topic; topics whose messages all aged out are dropped lazily (a later resume
+ * from one of their ids then reports a foreign epoch).
+ *
+ * With history on, every publish to a topic (subscribed or not, and those a broker brings
+ * from other processes) keeps its payload once, however many readers, and gets an id:
+ * `<epoch>-<offset>` in decimal, the epoch random per topic per registry life (so an id from
+ * a restarted process or an earlier history is never mistaken for a current one), the
+ * offset 1, 2, 3, ... per topic. FDCAST_SSE frames then start with the line
+ * `id: <epoch>-<offset>\n` before their `data: ` lines, e.g. "id: 42-7\ndata: hi\n\n";
+ * FDCAST_RAW and WebSocket frames are unchanged. Publishes to one topic with history are
+ * serialized with each other (publishes to other topics still run in parallel). Ids are
+ * per process: a broker's other processes number the same messages their own way.
+ *
+ * Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
+ *
+ * Returns 0 or -EINVAL (NULL `fc`).
+ *
+ * Thread: any.
+ */
+int fdcast_set_history(struct fdcast *fc, size_t max_messages, size_t max_bytes, uint64_t max_age_ms);
+
+/**
+ * fdcast_publish_except(), which also writes the id the topic's history gave the message
+ * into `id_out`, as NUL-terminated text (e.g. "42-7", what SSE clients send back as
+ * Last-Event-ID), or "" when history is off. `id_out` must hold FDCAST_MAX_EVENT_ID_LEN + 1
+ * bytes; `id_out_len` says how many it holds.
+ *
+ * Returns as fdcast_publish(), and -EINVAL also for a NULL `id_out` or an `id_out_len`
+ * under FDCAST_MAX_EVENT_ID_LEN + 1 (nothing published). `id_out` is written only on
+ * success.
+ *
+ * Thread: any.
+ */
+int64_t fdcast_publish_id(struct fdcast *fc, const char *topic, size_t topic_len, const void *payload, size_t len, int except_fd, char *id_out, size_t id_out_len);
+
+/**
+ * fdcast_subscribe(), then queues for `fd`, before any live message, every message the
+ * topic's history keeps after `last_id[0..id_len)` (an id as fdcast_publish_id() writes it
+ * and SSE frames carry it, without a NUL; a browser's Last-Event-ID header), in order, framed
+ * per `mode` (SSE frames with their `id:` lines). No message is missed or repeated between
+ * the replay and the live ones, even while other threads publish to the topic.
+ *
+ * `*recovered` (if `recovered` is not NULL) is set to 1 when the history still held every
+ * message after `last_id` (same epoch, nothing after it evicted), else 0; when 0, every
+ * message still kept is replayed, and the host decides what to tell its client. With
+ * history off, nothing is replayed and `*recovered` is 0.
+ *
+ * Replayed frames go through the fd's outbox like live ones, written a few hundred at a time
+ * in one writev: the kernel takes what it can, the outbox queues what fits under the outbox
+ * limit, and the overflow policy meets the rest (under FDCAST_DROP_MESSAGE those frames are
+ * dropped and counted; under FDCAST_EVICT the fd is evicted). Size the outbox limit for the
+ * replays you allow (about max_bytes of history) if none may be dropped. A kept payload that is not valid UTF-8 is skipped for a
+ * FDCAST_WS_TEXT or FDCAST_SSE subscriber. Subscribing a (topic, fd) pair that already
+ * subscribes replays all the same.
+ *
+ * Returns the subscription id (> 0), or as fdcast_subscribe(), and -EINVAL also for a NULL
+ * `last_id` or an id that does not parse (two decimal numbers without sign or leading zero,
+ * joined by one '-'): then nothing changes.
+ *
+ * Thread: any.
+ */
+FDCAST_MUST_USE int64_t fdcast_subscribe_since(struct fdcast *fc, const char *topic, size_t topic_len, int fd, fdcast_mode mode, const char *last_id, size_t id_len, int *recovered);
+
+/**
+ * fdcast_subscribe(), then queues for `fd` the last `n` messages the topic's history keeps
+ * (fewer if it keeps fewer), oldest first, before any live one: `tail -n N -f`. Replay and
+ * live join as in fdcast_subscribe_since(), whose outbox rules apply.
+ *
+ * Returns as fdcast_subscribe().
+ *
+ * Thread: any.
+ */
+FDCAST_MUST_USE int64_t fdcast_subscribe_tail(struct fdcast *fc, const char *topic, size_t topic_len, int fd, fdcast_mode mode, size_t n);
 
 /**
  * An fd for the host's own poll/epoll/select/libuv loop, to watch for readability: it

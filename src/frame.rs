@@ -9,7 +9,10 @@
 #![forbid(unsafe_code)]
 
 use std::cell::OnceCell;
+use std::io::Write;
 use std::sync::Arc;
+
+use crate::history::{EventId, MAX_EVENT_ID_LEN};
 
 /// How a payload is framed for one subscriber.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -90,13 +93,23 @@ impl<'a> Frame<'a> {
     /// Encodes `payload` for `mode`; `None` if the memory for an SSE body cannot be had (a
     /// huge payload under a memory limit), which the caller reports instead of aborting.
     pub(crate) fn encode(mode: Mode, payload: &'a [u8]) -> Option<Frame<'a>> {
+        Frame::encode_with_id(mode, payload, None)
+    }
+
+    /// [`Frame::encode`] for a message its topic's history numbered: an SSE event then starts
+    /// with `id: <epoch>-<offset>\n`; the other modes do not carry the id.
+    pub(crate) fn encode_with_id(
+        mode: Mode,
+        payload: &'a [u8],
+        id: Option<EventId>,
+    ) -> Option<Frame<'a>> {
         let (header, body) = match mode {
             Mode::Raw => (Header::default(), Body::Borrowed(payload)),
             Mode::WsText => websocket(WS_OPCODE_TEXT, payload),
             Mode::WsBinary => websocket(WS_OPCODE_BINARY, payload),
             Mode::Sse => (
                 Header::default(),
-                Body::Whole(Arc::new(sse_event(payload)?)),
+                Body::Whole(Arc::new(sse_event(payload, id)?)),
             ),
         };
         let len = header.as_slice().len()
@@ -180,13 +193,16 @@ fn websocket(opcode: u8, payload: &[u8]) -> (Header, Body<'_>) {
 /// that mode needs it.
 pub(crate) struct FrameSet<'a> {
     payload: &'a [u8],
+    id: Option<EventId>,
     frames: [OnceCell<Option<Frame<'a>>>; 4],
 }
 
 impl<'a> FrameSet<'a> {
-    pub(crate) fn new(payload: &'a [u8]) -> FrameSet<'a> {
+    /// The frames of one publish; `id` is the position its topic's history gave it, if any.
+    pub(crate) fn with_id(payload: &'a [u8], id: Option<EventId>) -> FrameSet<'a> {
         FrameSet {
             payload,
+            id,
             frames: Default::default(),
         }
     }
@@ -194,7 +210,7 @@ impl<'a> FrameSet<'a> {
     /// The frame for `mode`, or `None` if it could not be encoded for lack of memory.
     pub(crate) fn get(&self, mode: Mode) -> Option<&Frame<'a>> {
         self.frames[mode.index()]
-            .get_or_init(|| Frame::encode(mode, self.payload))
+            .get_or_init(|| Frame::encode_with_id(mode, self.payload, self.id))
             .as_ref()
     }
 }
@@ -225,16 +241,26 @@ fn sse_lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 const SSE_DATA_PREFIX: &[u8] = b"data: ";
+const SSE_ID_PREFIX: &[u8] = b"id: ";
 
-fn sse_event(payload: &[u8]) -> Option<Vec<u8>> {
+fn sse_event(payload: &[u8], id: Option<EventId>) -> Option<Vec<u8>> {
     let line_count = 1 + payload
         .iter()
         .filter(|&&b| b == b'\n' || b == b'\r')
         .count();
+    let id_line_len = id.map_or(0, |_| SSE_ID_PREFIX.len() + MAX_EVENT_ID_LEN + 1);
     let mut event = Vec::new();
     event
-        .try_reserve_exact(payload.len() + line_count * (SSE_DATA_PREFIX.len() + 1) + 1)
+        .try_reserve_exact(
+            id_line_len + payload.len() + line_count * (SSE_DATA_PREFIX.len() + 1) + 1,
+        )
         .ok()?;
+    if let Some(id) = id {
+        event.extend_from_slice(SSE_ID_PREFIX);
+        // Writing to a Vec cannot fail; the reservation above covers the longest id.
+        let _ = write!(event, "{id}");
+        event.push(b'\n');
+    }
     for line in sse_lines(payload) {
         event.extend_from_slice(SSE_DATA_PREFIX);
         event.extend_from_slice(line);
@@ -254,6 +280,18 @@ mod tests {
             .shared()
             .unwrap()
             .to_vec()
+    }
+
+    #[test]
+    fn sse_event_with_an_id_starts_with_its_id_line() {
+        let id = EventId {
+            epoch: 42,
+            offset: 7,
+        };
+        let frame = Frame::encode_with_id(Mode::Sse, b"a\nb", Some(id)).unwrap();
+        assert_eq!(frame.body(), b"id: 42-7\ndata: a\ndata: b\n\n");
+        let raw = Frame::encode_with_id(Mode::Raw, b"a\nb", Some(id)).unwrap();
+        assert_eq!(raw.body(), b"a\nb");
     }
 
     #[test]
@@ -357,7 +395,7 @@ mod tests {
 
     #[test]
     fn frame_set_encodes_each_mode_once() {
-        let set = FrameSet::new(b"x");
+        let set = FrameSet::with_id(b"x", None);
         let first: *const Frame = set.get(Mode::Sse).unwrap();
         let again: *const Frame = set.get(Mode::Sse).unwrap();
         assert_eq!(first, again);

@@ -5,11 +5,11 @@
 //! on each other's locks. This test first proves the detector works here (a deliberate
 //! two-lock deadlock must be found), then hammers one registry from every angle at once:
 //! publishers, senders, subscribe/unsubscribe churn with fds closed and reused, a dispatch
-//! thread, cork/flush/uncork, limit and policy changes, clear, heartbeats, peers that stop
-//! reading or vanish, and callbacks that call back into the registry. A checker thread calls
-//! `parking_lot::deadlock::check_deadlock()` every 10 ms and fails the test with the
-//! threads' backtraces if it finds a cycle; a watchdog fails it if the threads stop finishing
-//! (a hang the detector cannot see).
+//! thread, cork/flush/uncork, limit and policy changes, clear, heartbeats, history on and off
+//! with resumes, peers that stop reading or vanish, and callbacks that call back into the
+//! registry. A checker thread calls `parking_lot::deadlock::check_deadlock()` every 10 ms and
+//! fails the test with the threads' backtraces if it finds a cycle; a watchdog fails it if the
+//! threads stop finishing (a hang the detector cannot see).
 //!
 //! Duration: FDCAST_DEADLOCK_SECS (default 5).
 
@@ -23,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{make_slow, read_now};
-use fdcast::{Mode, Overflow, Registry};
+use fdcast::{EventId, HistoryLimits, Mode, Overflow, Registry};
 
 fn main() {
     detector_finds_a_deliberate_deadlock();
@@ -180,7 +180,19 @@ fn stress_with_detector(duration: Duration) -> u64 {
             while !stop.load(Ordering::Relaxed) {
                 let (w, r) = UnixStream::pair().unwrap();
                 let fd = w.as_raw_fd();
-                let id = reg.subscribe(b"t0", fd, Mode::Sse).unwrap();
+                // Resumes take the topic's history lock around the subscribe (when history
+                // is on: the control thread turns it on and off).
+                let id = match n % 3 {
+                    0 => reg.subscribe(b"t0", fd, Mode::Sse).unwrap(),
+                    1 => reg.subscribe_tail(b"t0", fd, Mode::Sse, 5).unwrap(),
+                    _ => {
+                        let start = EventId {
+                            epoch: n,
+                            offset: 0,
+                        };
+                        reg.subscribe_since(b"t0", fd, Mode::Sse, start).unwrap().0
+                    }
+                };
                 let _ = reg.subscribe(format!("c{}", n % 7).as_bytes(), fd, Mode::Raw);
                 let _ = reg.publish(format!("c{}", n % 7).as_bytes(), b"churn");
                 let _ = reg.subscribers_for(b"t0");
@@ -256,6 +268,15 @@ fn stress_with_detector(duration: Duration) -> u64 {
                             }
                         }
                     }
+                    8 => reg.set_history(if n % 2 == 0 {
+                        HistoryLimits {
+                            max_messages: 50,
+                            max_bytes: 0,
+                            max_age: Some(Duration::from_millis(5)),
+                        }
+                    } else {
+                        HistoryLimits::default()
+                    }),
                     _ => thread::sleep(Duration::from_micros(200)),
                 }
                 counts.controls.fetch_add(1, Ordering::Relaxed);

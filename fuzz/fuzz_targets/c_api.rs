@@ -93,6 +93,35 @@ unsafe extern "C" {
     fn fdcast_dispatch(fc: *mut Fdcast, timeout_ms: c_int) -> i64;
     fn fdcast_wake(fc: *mut Fdcast) -> c_int;
     fn fdcast_set_heartbeat(fc: *mut Fdcast, interval_ms: u32) -> c_int;
+    fn fdcast_set_history(fc: *mut Fdcast, messages: usize, bytes: usize, age_ms: u64) -> c_int;
+    fn fdcast_publish_id(
+        fc: *mut Fdcast,
+        t: *const c_char,
+        tl: usize,
+        p: *const c_void,
+        len: usize,
+        except_fd: c_int,
+        id_out: *mut c_char,
+        id_out_len: usize,
+    ) -> i64;
+    fn fdcast_subscribe_since(
+        fc: *mut Fdcast,
+        t: *const c_char,
+        tl: usize,
+        fd: c_int,
+        mode: c_int,
+        last_id: *const c_char,
+        id_len: usize,
+        recovered: *mut c_int,
+    ) -> i64;
+    fn fdcast_subscribe_tail(
+        fc: *mut Fdcast,
+        t: *const c_char,
+        tl: usize,
+        fd: c_int,
+        mode: c_int,
+        n: usize,
+    ) -> i64;
     fn fdcast_pending_bytes(fc: *const Fdcast, fd: c_int) -> i64;
     fn fdcast_set_outbox_limit(fc: *mut Fdcast, bytes: usize) -> c_int;
     fn fdcast_set_overflow(fc: *mut Fdcast, policy: c_int) -> c_int;
@@ -379,7 +408,7 @@ fn expect_in(rc: i64, allowed: &[i64], what: &str) {
 fn step(w: &mut World, input: &mut Input) {
     let mut topic_bytes = Vec::new();
     let mut payload_bytes = Vec::new();
-    let op = input.byte() % 30;
+    let op = input.byte() % 32;
     // SAFETY (for the calls below): every pointer passed is NULL or points to at least the
     // length passed with it, as the contract requires; the handle is live or NULL.
     unsafe {
@@ -676,6 +705,87 @@ fn step(w: &mut World, input: &mut Input) {
                 let rc = fdcast_set_fd_check(fc, on);
                 let valid = !fc.is_null() && (0..2).contains(&on);
                 assert_eq!(rc, if valid { 0 } else { -libc::EINVAL });
+            }
+            29 => {
+                let fc = w.handle(input);
+                let limits = input.byte();
+                let rc = fdcast_set_history(
+                    fc,
+                    usize::from(limits % 4),
+                    usize::from(limits / 4 % 3) * 64,
+                    u64::from(limits / 16 % 3),
+                );
+                assert_eq!(rc, if fc.is_null() { -libc::EINVAL } else { 0 });
+            }
+            30 => {
+                let fc = w.handle(input);
+                let (t, tl, kind) = w.topic(input, &mut topic_bytes);
+                let (p, len, ok) = w.payload(input, &mut payload_bytes);
+                let mut id = [0x55 as c_char; 64];
+                let (out, cap) = match input.byte() % 4 {
+                    0 => (ptr::null_mut(), 42),
+                    1 => (id.as_mut_ptr(), 41),
+                    2 => (id.as_mut_ptr(), 42),
+                    _ => (id.as_mut_ptr(), id.len()),
+                };
+                let rc = fdcast_publish_id(fc, t, tl, p, len, -1, out, cap);
+                if fc.is_null() || kind != TopicKind::Valid || !ok || out.is_null() || cap < 42 {
+                    assert_eq!(rc, -EINVAL, "publish_id with invalid arguments");
+                } else {
+                    expect_in(rc, &[0, -i64::from(libc::EILSEQ)], "publish_id");
+                }
+                if rc >= 0 {
+                    let text = CStr::from_ptr(id.as_ptr()).to_bytes();
+                    assert!(
+                        text.is_empty() || fdcast::EventId::parse(text).is_some(),
+                        "publish_id wrote {text:?}"
+                    );
+                }
+            }
+            31 => {
+                let fc = w.handle(input);
+                let (t, tl, kind) = w.topic(input, &mut topic_bytes);
+                let fd = w.fd(input);
+                let mode = World::mode(input);
+                let mut recovered: c_int = 7;
+                let how = input.byte() % 5;
+                let id_bytes = input.bytes(45);
+                let (id, id_len, id_ok) = match how {
+                    0 => (ptr::null(), 3, false),
+                    1 => (b"0-0".as_ptr(), 3, true),
+                    2 => (
+                        id_bytes.as_ptr(),
+                        id_bytes.len(),
+                        fdcast::EventId::parse(&id_bytes).is_some(),
+                    ),
+                    _ => (ptr::null(), 0, true),
+                };
+                let rc = if how >= 3 {
+                    fdcast_subscribe_tail(fc, t, tl, fd, mode, usize::from(input.byte()))
+                } else {
+                    let out = if how == 1 {
+                        ptr::null_mut()
+                    } else {
+                        &mut recovered
+                    };
+                    fdcast_subscribe_since(fc, t, tl, fd, mode, id.cast(), id_len, out)
+                };
+                let invalid =
+                    fc.is_null() || kind != TopicKind::Valid || !(0..4).contains(&mode) || !id_ok;
+                if invalid {
+                    assert_eq!(rc, -EINVAL, "resume with invalid arguments");
+                    assert_eq!(recovered, 7, "a refused resume wrote recovered");
+                } else {
+                    expect_in(
+                        rc,
+                        &[0, -EBADF, -i64::from(libc::EACCES)],
+                        "subscribe_since/_tail",
+                    );
+                }
+                if rc > 0 {
+                    w.ids.push(rc);
+                    assert!(how != 2 || recovered == 0 || recovered == 1);
+                }
             }
             _ => {
                 assert!(!fdcast_version().is_null());

@@ -11,11 +11,13 @@
 //! - every function may be called from any thread, concurrently on the same handle, except
 //!   `fdcast_free` (no call may be in flight) and `fdcast_dispatch` (one thread at a time).
 
-// In the order the header presents them: a registry, publishing, the event loop, batching,
-// hooks, brokers, PostgreSQL, WebSocket helpers.
+// In the order the header presents them: a registry, publishing, history, the event loop,
+// batching, hooks, brokers, PostgreSQL, WebSocket helpers.
 mod registry;
 
 mod publish;
+
+mod history;
 
 mod event_loop;
 
@@ -44,10 +46,15 @@ pub const FDCAST_MAX_TOPIC_LEN: usize = 4096;
 /// The per-fd outbox limit of a new registry, in bytes (1 MiB).
 pub const FDCAST_DEFAULT_OUTBOX_LIMIT: usize = 1048576;
 
+/// The longest event id's text, in bytes, without a NUL: `<epoch>-<offset>`, two decimal
+/// numbers of up to 20 digits each.
+pub const FDCAST_MAX_EVENT_ID_LEN: usize = 41;
+
 // The header's constants are literals (cbindgen cannot follow paths into the core); these
 // keep them equal to the core's.
 const _: () = assert!(FDCAST_MAX_TOPIC_LEN == crate::registry::MAX_TOPIC_LEN);
 const _: () = assert!(FDCAST_DEFAULT_OUTBOX_LIMIT == crate::registry::DEFAULT_OUTBOX_LIMIT);
+const _: () = assert!(FDCAST_MAX_EVENT_ID_LEN == crate::history::MAX_EVENT_ID_LEN);
 
 /// A registry of topic → fd subscriptions, with its outboxes and its poller. Opaque: create
 /// it with fdcast_new(), release it with fdcast_free().

@@ -135,7 +135,7 @@ pub unsafe extern "C" fn fdcast_unsubscribe_fd(fc: *mut fdcast, fd: c_int) -> i6
 }
 
 /// Drops every subscription and every queued byte. NULL is a no-op. The evict callback is not
-/// called.
+/// called. Kept history stays (fdcast_set_history(fc, 0, 0, 0) drops it).
 ///
 /// Thread: any.
 #[unsafe(no_mangle)]

@@ -1,9 +1,16 @@
 //! The public `Registry`: the struct, its lock order, subscriptions and stats. The other jobs
 //! have a file each: `publish` (fan-out and `send`), `flush` (cork, flush, dispatch),
-//! `heartbeat` (keep-alive timers), `evict` (forgetting and evicting fds) and `broker`
-//! (cross-process fan-out).
+//! `heartbeat` (keep-alive timers), `evict` (forgetting and evicting fds), `broker`
+//! (cross-process fan-out) and `history` (per-topic history and resume).
 //!
 //! Locks, always taken in this order and never the other way round:
+//! 0. with history on, `histories` (the map of topics to rings): held only to find or make a
+//!    topic's ring, to sweep emptied rings (taking only rings nobody else holds, with
+//!    `try_lock`), and by `set_history` to give every ring its new limits; then one topic's
+//!    ring lock: held by a publish to that topic from the choice of its id through its
+//!    fan-out (so publishes to one topic with history serialize, publishes to other topics do
+//!    not), and by a resume from its subscribe through its replay. Nobody takes `histories`
+//!    while holding a ring, nor a second ring while holding one;
 //! 1. `index` (an `RwLock`): read briefly by an immediate publish to clone a topic's
 //!    subscriber list, for the whole of a corked publish (which writes nothing), and by
 //!    `set_heartbeat` to queue every fd when heartbeats start; written by subscribe,
@@ -17,7 +24,8 @@
 //! publishes to other topics run in parallel, and no cycle can form. `heartbeat` and
 //! `flush_list` are leaf locks: nothing else is taken while either is held. The reactor's poll
 //! mutex is only held for the wait itself, and the hook slots are read-locked only to clone
-//! the callback out; callbacks run with no lock held.
+//! the callback out; callbacks run with no lock held (a publish or resume settles its evictions
+//! after releasing its topic's ring).
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +33,7 @@ mod broker;
 mod evict;
 mod flush;
 mod heartbeat;
+mod history;
 mod publish;
 
 use std::os::fd::RawFd;
@@ -156,6 +165,10 @@ pub struct Registry {
     broker_enabling: AtomicBool,
     authorizer: RwLock<Option<Arc<Authorizer>>>,
     on_evict: RwLock<Option<Arc<EvictCallback>>>,
+    /// Whether history is on, so a publish checks it without the lock.
+    history_on: AtomicBool,
+    /// Every topic's kept messages (history.rs).
+    histories: Mutex<history::Histories>,
     counters: Counters,
 }
 
@@ -178,6 +191,8 @@ impl Registry {
             broker_enabling: AtomicBool::new(false),
             authorizer: RwLock::new(None),
             on_evict: RwLock::new(None),
+            history_on: AtomicBool::new(false),
+            histories: Mutex::new(history::Histories::default()),
             counters: Counters::default(),
         })
     }
@@ -236,7 +251,7 @@ impl Registry {
         Ok(self.forget(&mut index, fd))
     }
 
-    /// Drops every subscription and every queued byte.
+    /// Drops every subscription and every queued byte; kept history stays.
     pub fn clear(&self) {
         let mut index = self.write_index();
         for peer in index.take_all() {

@@ -5,13 +5,15 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::evict::Eviction;
 use super::{Registry, check_topic, identify};
 use crate::batch::Batch;
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
-use crate::outbox::{Delivery, InBatch, Overflow, Peer, WritePolicy};
+use crate::history::EventId;
+use crate::outbox::{Delivery, Flush, InBatch, Overflow, Peer, WritePolicy};
 
 /// A publish on its way to this registry's subscribers.
 #[derive(Clone, Copy)]
@@ -20,6 +22,8 @@ struct Message<'a> {
     payload: &'a [u8],
     /// The sender: it gets nothing and is not counted.
     except: Option<RawFd>,
+    /// The position its topic's history gave it, when history is on.
+    id: Option<EventId>,
 }
 
 /// What one publish's deliveries came to, settled once the publish holds no lock.
@@ -28,16 +32,50 @@ pub(super) struct Outcomes {
     delivered: u64,
     dropped: u64,
     queued: u64,
+    /// Bytes queued earlier and written since, off the queued gauge.
+    written_from_queue: u64,
     /// Peers that just got their first corked frame: they go on the flush list.
     deferred: Vec<Arc<Peer>>,
     evictions: Vec<Eviction>,
+    /// A corked publish started gathering: `poll_fd` must turn readable.
+    first_gathered: bool,
 }
 
 impl Outcomes {
+    /// Records a write of `peer`'s outbox made by the caller rather than by a flush: its
+    /// frames count as delivered, a failure as an eviction (run by `settle`, with no lock
+    /// held), and the peer no longer awaits a flush (a write that could not finish left it
+    /// watched for writability). Returns whether the fd is still usable.
+    pub(super) fn record_write(&mut self, peer: &Arc<Peer>, written: Flush) -> bool {
+        self.deferred
+            .retain(|deferred| !Arc::ptr_eq(deferred, peer));
+        match written {
+            Flush::Progress { bytes, frames, .. } => {
+                self.written_from_queue += bytes as u64;
+                self.delivered += frames as u64;
+                true
+            }
+            Flush::Failed {
+                errno,
+                bytes,
+                frames,
+            } => {
+                self.written_from_queue += bytes as u64;
+                self.delivered += frames as u64;
+                self.record(peer, Delivery::Failed(errno));
+                false
+            }
+            Flush::Reused => {
+                self.record(peer, Delivery::Reused);
+                false
+            }
+        }
+    }
+
     /// The per-subscriber step of every publish: hands the mode's frame (`None`: no memory
     /// could be had to encode it, a drop) to `deliver`, and records the outcome.
     #[inline(always)]
-    fn deliver(
+    pub(super) fn deliver(
         &mut self,
         peer: &Arc<Peer>,
         frame: Option<&Frame<'_>>,
@@ -84,6 +122,18 @@ impl Registry {
         payload: &[u8],
         except: Option<RawFd>,
     ) -> Result<usize, Error> {
+        self.publish_with_id(topic, payload, except)
+            .map(|(matched, _)| matched)
+    }
+
+    /// [`Registry::publish_except`], which also returns the id the topic's history gave the
+    /// message (`None` when history is off; see [`Registry::set_history`]).
+    pub fn publish_with_id(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> Result<(usize, Option<EventId>), Error> {
         check_topic(topic)?;
         let broker = if self.broker_enabled.load(Ordering::Acquire) {
             self.broker.read().clone()
@@ -93,26 +143,16 @@ impl Registry {
         if let Some(broker) = &broker {
             broker.check(topic, payload)?;
         }
-        let matched = self.deliver_local(topic, payload, except)?;
+        let delivered = self.deliver_numbered(topic, payload, except, self.write_policy())?;
         self.counters.publishes.fetch_add(1, Ordering::Relaxed);
         if let Some(broker) = broker {
             broker.publish(topic, payload, &self.reactor);
         }
-        Ok(matched)
+        Ok(delivered)
     }
 
     /// Writes `payload` to this registry's subscribers of `topic`, framed per subscriber (or,
-    /// corked, queues it); returns how many matched.
-    pub(super) fn deliver_local(
-        &self,
-        topic: &[u8],
-        payload: &[u8],
-        except: Option<RawFd>,
-    ) -> Result<usize, Error> {
-        self.deliver_with(topic, payload, except, self.write_policy())
-    }
-
-    /// `deliver_local` under a policy of the caller's.
+    /// corked, queues it), under `policy`; returns how many matched.
     pub(super) fn deliver_with(
         &self,
         topic: &[u8],
@@ -120,19 +160,69 @@ impl Registry {
         except: Option<RawFd>,
         policy: WritePolicy,
     ) -> Result<usize, Error> {
-        let message = Message {
+        self.deliver_numbered(topic, payload, except, policy)
+            .map(|(matched, _)| matched)
+    }
+
+    /// `deliver_with`, which also keeps the message in its topic's history when history is
+    /// on, and returns the id it got there.
+    pub(super) fn deliver_numbered(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        policy: WritePolicy,
+    ) -> Result<(usize, Option<EventId>), Error> {
+        let mut message = Message {
             topic,
             payload,
             except,
+            id: None,
         };
-        if policy.corked {
-            self.deliver_corked(message, policy)
+        let mut outcomes = Outcomes::default();
+        let history = if self.history_on.load(Ordering::Relaxed) {
+            self.topic_history(topic)
         } else {
-            self.deliver_immediate(message, policy)
+            None
+        };
+        let result = match history {
+            None => self.deliver_message(message, policy, &mut outcomes),
+            // The topic's ring stays locked from the id's choice through the fan-out, so a
+            // resuming reader (history.rs) sees each message either in its replay or live.
+            Some(ring) => {
+                let mut ring = ring.lock();
+                let id = ring.next_id();
+                message.id = Some(id);
+                let result = self.deliver_message(message, policy, &mut outcomes);
+                if result.is_ok() {
+                    ring.push(Arc::from(payload), payload.len(), Instant::now());
+                }
+                result
+            }
+        };
+        self.settle(outcomes);
+        result.map(|matched| (matched, message.id))
+    }
+
+    fn deliver_message(
+        &self,
+        message: Message<'_>,
+        policy: WritePolicy,
+        outcomes: &mut Outcomes,
+    ) -> Result<usize, Error> {
+        if policy.corked {
+            self.deliver_corked(message, policy, outcomes)
+        } else {
+            self.deliver_immediate(message, policy, outcomes)
         }
     }
 
-    fn deliver_immediate(&self, message: Message<'_>, policy: WritePolicy) -> Result<usize, Error> {
+    fn deliver_immediate(
+        &self,
+        message: Message<'_>,
+        policy: WritePolicy,
+        outcomes: &mut Outcomes,
+    ) -> Result<usize, Error> {
         let (list, except_mode) = {
             let index = self.index.read();
             let except_mode = message
@@ -145,9 +235,8 @@ impl Registry {
         };
         check_utf8(message.payload, list.utf8_subscribers(), except_mode)?;
 
-        let frames = FrameSet::new(message.payload);
+        let frames = FrameSet::with_id(message.payload, message.id);
         let mut matched = 0;
-        let mut outcomes = Outcomes::default();
         for subscriber in list.subscribers() {
             if Some(subscriber.fd) == message.except {
                 continue;
@@ -158,17 +247,20 @@ impl Registry {
             });
         }
         drop(list);
-        self.settle(outcomes);
         Ok(matched)
     }
 
     /// A corked publish: appends the frames to the topic's batch, and queues them for the
     /// subscribers that cannot be members (see batch.rs). Holds the index's read lock
     /// throughout, so that the batch's members stay what the index says.
-    fn deliver_corked(&self, message: Message<'_>, policy: WritePolicy) -> Result<usize, Error> {
+    fn deliver_corked(
+        &self,
+        message: Message<'_>,
+        policy: WritePolicy,
+        outcomes: &mut Outcomes,
+    ) -> Result<usize, Error> {
         let index = self.index.read();
-        let frames = FrameSet::new(message.payload);
-        let mut outcomes = Outcomes::default();
+        let frames = FrameSet::with_id(message.payload, message.id);
         let mut batches = self.batches.lock();
         let gauge = &self.counters.queued_bytes;
         let batch = match batches.fitting(
@@ -181,9 +273,6 @@ impl Registry {
             Ok(batch) => batch,
             Err(vacant) => {
                 let Some(list) = index.snapshot(message.topic) else {
-                    drop(batches);
-                    drop(index);
-                    self.settle(outcomes);
                     return Ok(0);
                 };
                 let batch = Batch::new(
@@ -199,13 +288,9 @@ impl Registry {
         let except_mode = message
             .except
             .and_then(|fd| index.mode_of(message.topic, fd));
-        if let Err(refused) = check_utf8(message.payload, batch.utf8_subscribers(), except_mode) {
-            drop(batches);
-            drop(index);
-            // A batch the publish spilled still has to reach the flush list.
-            self.settle(outcomes);
-            return Err(refused);
-        }
+        // On refusal, a batch the publish spilled still reaches the flush list: the caller
+        // settles the outcomes either way.
+        check_utf8(message.payload, batch.utf8_subscribers(), except_mode)?;
         let matched = batch.subscriber_count() - usize::from(except_mode.is_some());
         for direct in batch.direct() {
             if Some(direct.fd) == message.except {
@@ -221,17 +306,12 @@ impl Registry {
             });
         }
         let appended = batch.append(&frames, message.except);
-        let first_gathered = appended.queued > 0 && batches.start_gathering();
+        outcomes.first_gathered |= appended.queued > 0 && batches.start_gathering();
         drop(batches);
         drop(index);
         outcomes.queued += appended.queued;
         outcomes.delivered += appended.delivered;
         outcomes.dropped += appended.dropped;
-        self.settle(outcomes);
-        if first_gathered {
-            // While corked, poll_fd turns readable as soon as frames wait.
-            self.reactor.wake();
-        }
         Ok(matched)
     }
 
@@ -249,11 +329,20 @@ impl Registry {
                 counter.fetch_add(value, Ordering::Relaxed);
             }
         }
+        if outcomes.written_from_queue > 0 {
+            self.counters
+                .queued_bytes
+                .fetch_sub(outcomes.written_from_queue, Ordering::Relaxed);
+        }
         if !outcomes.deferred.is_empty() {
             self.await_flush(outcomes.deferred);
         }
         for eviction in outcomes.evictions {
             self.evict(eviction);
+        }
+        if outcomes.first_gathered {
+            // While corked, poll_fd turns readable as soon as frames wait.
+            self.reactor.wake();
         }
     }
 
