@@ -13,6 +13,8 @@
  *   corked    fdcast corked, fdcast_flush after every K publishes (RAW)
  *   raw-checked, corked-checked
  *             raw and corked with fdcast_set_fd_check on (an fstat before each write)
+ *   raw-history, corked-history
+ *             raw and corked with a history of 1000 messages (fdcast_set_history)
  *
  * fdcast runs get a fresh registry, an outbox limit so large that nothing can drop, and the
  * host's side of back-pressure: when queued_bytes passes a high-water mark (checked once per
@@ -40,7 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { MAX_CONTENDERS = 10, MAX_REPS = 32 };
+enum { MAX_CONTENDERS = 12, MAX_REPS = 32 };
 
 typedef struct ctx {
     int n, *tx;
@@ -85,10 +87,14 @@ static void run_coalesce_iov(const ctx *c) {
 
 /* --- fdcast ---------------------------------------------------------------------------------- */
 
-static fdcast *subscribed_registry(const ctx *c, fdcast_mode mode, int fd_check) {
+/* What a contender turns on besides its mode. */
+enum option { PLAIN, FD_CHECK, HISTORY };
+
+static fdcast *subscribed_registry(const ctx *c, fdcast_mode mode, enum option option) {
     fdcast *fc = fdcast_new();
     if (!fc || fdcast_set_outbox_limit(fc, (size_t)1 << 40) != 0) die("fdcast_new");
-    if (fdcast_set_fd_check(fc, fd_check) != 0) die("fdcast_set_fd_check");
+    if (option == FD_CHECK && fdcast_set_fd_check(fc, 1) != 0) die("fdcast_set_fd_check");
+    if (option == HISTORY && fdcast_set_history(fc, 1000, 0, 0) != 0) die("fdcast_set_history");
     for (int i = 0; i < c->n; i++)
         if (fdcast_subscribe(fc, "t", 1, c->tx[i], mode) <= 0) die("fdcast_subscribe");
     return fc;
@@ -111,8 +117,8 @@ static void finish(const ctx *c, fdcast *fc) {
     fdcast_free(fc);
 }
 
-static void run_fdcast(const ctx *c, fdcast_mode mode, int fd_check) {
-    fdcast *fc = subscribed_registry(c, mode, fd_check);
+static void run_fdcast(const ctx *c, fdcast_mode mode, enum option option) {
+    fdcast *fc = subscribed_registry(c, mode, option);
     uint64_t high = high_water(c);
     int every = (64 + c->n - 1) / c->n, since = 0;
     for (uint32_t m = 0; m < c->m; m++) {
@@ -126,13 +132,14 @@ static void run_fdcast(const ctx *c, fdcast_mode mode, int fd_check) {
     finish(c, fc);
 }
 
-static void run_raw(const ctx *c) { run_fdcast(c, FDCAST_RAW, 0); }
-static void run_raw_checked(const ctx *c) { run_fdcast(c, FDCAST_RAW, 1); }
-static void run_ws(const ctx *c) { run_fdcast(c, FDCAST_WS_TEXT, 0); }
-static void run_sse(const ctx *c) { run_fdcast(c, FDCAST_SSE, 0); }
+static void run_raw(const ctx *c) { run_fdcast(c, FDCAST_RAW, PLAIN); }
+static void run_raw_checked(const ctx *c) { run_fdcast(c, FDCAST_RAW, FD_CHECK); }
+static void run_raw_history(const ctx *c) { run_fdcast(c, FDCAST_RAW, HISTORY); }
+static void run_ws(const ctx *c) { run_fdcast(c, FDCAST_WS_TEXT, PLAIN); }
+static void run_sse(const ctx *c) { run_fdcast(c, FDCAST_SSE, PLAIN); }
 
-static void run_corked_with(const ctx *c, int fd_check) {
-    fdcast *fc = subscribed_registry(c, FDCAST_RAW, fd_check);
+static void run_corked_with(const ctx *c, enum option option) {
+    fdcast *fc = subscribed_registry(c, FDCAST_RAW, option);
     uint64_t high = high_water(c);
     if (fdcast_cork(fc) != 0) die("fdcast_cork");
     for (uint32_t m = 0; m < c->m; m++) {
@@ -147,8 +154,9 @@ static void run_corked_with(const ctx *c, int fd_check) {
     finish(c, fc);
 }
 
-static void run_corked(const ctx *c) { run_corked_with(c, 0); }
-static void run_corked_checked(const ctx *c) { run_corked_with(c, 1); }
+static void run_corked(const ctx *c) { run_corked_with(c, PLAIN); }
+static void run_corked_checked(const ctx *c) { run_corked_with(c, FD_CHECK); }
+static void run_corked_history(const ctx *c) { run_corked_with(c, HISTORY); }
 
 /* --- driver ---------------------------------------------------------------------------------- */
 
@@ -166,6 +174,8 @@ static const struct {
     {"corked", run_corked, F_RAW},
     {"raw-checked", run_raw_checked, F_RAW},
     {"corked-checked", run_corked_checked, F_RAW},
+    {"raw-history", run_raw_history, F_RAW},
+    {"corked-history", run_corked_history, F_RAW},
 };
 enum { N_KNOWN = sizeof CONTENDERS / sizeof CONTENDERS[0] };
 

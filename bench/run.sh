@@ -77,6 +77,8 @@ if ((quick)); then
   for t in unix tcp; do run $B/fanout transport=$t n=100 s=1024 deliveries=20000 reps=1; done
   run $B/fanout part=fdcheck transport=unix n=100 s=64 deliveries=20000 reps=1 \
     contenders=raw,raw-checked,corked,corked-checked
+  run $B/fanout part=history transport=unix n=100 s=64 deliveries=20000 reps=1 \
+    contenders=raw,raw-history,corked,corked-history
   run $B/pubsub n=100 s=64 deliveries=50000 reps=1 server=$B/fdcast_server
   run $B/registry_bench --quick
   run $B/slow n=100 s=1024 m=1400 reps=1
@@ -94,6 +96,8 @@ else
   for n in 100 1000; do
     run $B/fanout part=fdcheck transport=unix n=$n s=64 deliveries=100000 reps=5 \
       contenders=raw,raw-checked,corked,corked-checked
+    run $B/fanout part=history transport=unix n=$n s=64 deliveries=100000 reps=5 \
+      contenders=raw,raw-history,corked,corked-history
   done
   for n in 100 1000; do run $B/pubsub n=$n s=64 deliveries=1000000 reps=3 server=$B/fdcast_server; done
   run $B/registry_bench
