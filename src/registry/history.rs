@@ -79,7 +79,7 @@ impl Registry {
     /// and let readers resume with [`Registry::subscribe_since`]. Changing the limits keeps
     /// each topic's epoch and applies the new limits to what it keeps.
     pub fn set_history(&self, limits: HistoryLimits) {
-        let mut histories = self.histories.lock();
+        let mut histories = self.histories.write();
         histories.limits = limits;
         if limits.is_off() {
             histories.topics.clear();
@@ -97,7 +97,17 @@ impl Registry {
     /// The ring of `topic`, made (with a fresh epoch) if it has none; `None` when history is
     /// off.
     pub(super) fn topic_history(&self, topic: &[u8]) -> Option<Arc<Mutex<TopicRing>>> {
-        let mut histories = self.histories.lock();
+        {
+            // Publishers of different topics meet only here, and only to read.
+            let histories = self.histories.read();
+            if histories.limits.is_off() {
+                return None;
+            }
+            if let Some(ring) = histories.topics.get(topic) {
+                return Some(Arc::clone(ring));
+            }
+        }
+        let mut histories = self.histories.write();
         if histories.limits.is_off() {
             return None;
         }
@@ -241,7 +251,7 @@ mod tests {
         let held = registry.topic_history(b"old0").unwrap();
         std::thread::sleep(Duration::from_millis(20));
         registry.publish(b"new", b"x").unwrap();
-        let histories = registry.histories.lock();
+        let histories = registry.histories.read();
         let mut kept: Vec<&[u8]> = histories.topics.keys().map(|topic| &topic[..]).collect();
         kept.sort();
         // The one a caller still holds stays, whatever it keeps.
@@ -260,7 +270,7 @@ mod tests {
         registry.publish(b"a", b"x").unwrap();
         assert!(registry.history_on.load(Ordering::Relaxed));
         registry.set_history(HistoryLimits::default());
-        assert!(registry.histories.lock().topics.is_empty());
+        assert!(registry.histories.read().topics.is_empty());
         assert!(registry.topic_history(b"a").is_none());
         assert!(!registry.history_on.load(Ordering::Relaxed));
     }

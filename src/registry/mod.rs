@@ -4,9 +4,10 @@
 //! (cross-process fan-out) and `history` (per-topic history and resume).
 //!
 //! Locks, always taken in this order and never the other way round:
-//! 0. with history on, `histories` (the map of topics to rings): held only to find or make a
-//!    topic's ring, to sweep emptied rings (taking only rings nobody else holds, with
-//!    `try_lock`), and by `set_history` to give every ring its new limits; then one topic's
+//! 0. with history on, `histories` (an `RwLock`, the map of topics to rings): read to find a
+//!    topic's ring; written only to make one, to sweep emptied rings (taking only rings
+//!    nobody else holds, with `try_lock`), and by `set_history` to give every ring its new
+//!    limits; then one topic's
 //!    ring lock: held by a publish to that topic from the choice of its id through its
 //!    fan-out (so publishes to one topic with history serialize, publishes to other topics do
 //!    not), and by a resume from its subscribe through its replay. Nobody takes `histories`
@@ -168,7 +169,7 @@ pub struct Registry {
     /// Whether history is on, so a publish checks it without the lock.
     history_on: AtomicBool,
     /// Every topic's kept messages (history.rs).
-    histories: Mutex<history::Histories>,
+    histories: RwLock<history::Histories>,
     counters: Counters,
 }
 
@@ -192,7 +193,7 @@ impl Registry {
             authorizer: RwLock::new(None),
             on_evict: RwLock::new(None),
             history_on: AtomicBool::new(false),
-            histories: Mutex::new(history::Histories::default()),
+            histories: RwLock::new(history::Histories::default()),
             counters: Counters::default(),
         })
     }
