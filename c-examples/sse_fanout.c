@@ -26,31 +26,27 @@
 
 #include <sys/epoll.h>
 
-struct conn {
-    struct fanout_client client;
-};
-
 static fdcast *fc;
 static int ep = -1;
-static struct conn *conns[MAX_FDS];
+static struct fanout_client *conns[MAX_FDS];
 static struct evictions evictions;
 static size_t n_closing;
 
 /* ------------------------------------------------------------------------ */
 /* connections                                                              */
 
-static void close_conn(struct conn *c) {
+static void close_conn(struct fanout_client *c) {
     /* Forget the fd before close(2): the number may be reused by the very
      * next accept(), and fdcast must not write old frames to it. */
-    int fd = c->client.fd;
+    int fd = c->fd;
     int64_t dropped = fdcast_unsubscribe_fd(fc, fd);
     (void)dropped;
-    if (c->client.state == FANOUT_CLOSING) n_closing--;
+    if (c->state == FANOUT_CLOSING) n_closing--;
     evictions_forget(&evictions, fd);
     epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
     close(fd);
     conns[fd] = NULL;
-    free(c->client.body);
+    free(c->body);
     free(c);
 }
 
@@ -63,34 +59,34 @@ static void reap_evicted(void) {
 /* Close connections whose last response bytes have left fdcast's outbox. */
 static void reap_closing(void) {
     for (int fd = 0; fd < MAX_FDS && n_closing > 0; fd++) {
-        struct conn *c = conns[fd];
-        if (c != NULL && c->client.state == FANOUT_CLOSING && fdcast_pending_bytes(fc, fd) == 0)
+        struct fanout_client *c = conns[fd];
+        if (c != NULL && c->state == FANOUT_CLOSING && fdcast_pending_bytes(fc, fd) == 0)
             close_conn(c);
     }
 }
 
 /* Reads what the client sent, in whatever pieces it arrives. */
-static void on_client(struct conn *c) {
+static void on_client(struct fanout_client *c) {
     for (;;) {
         size_t room;
-        char *dst = fanout_buffer(&c->client, &room);
-        ssize_t r = recv(c->client.fd, dst, room, 0);
+        char *dst = fanout_buffer(c, &room);
+        ssize_t r = recv(c->fd, dst, room, 0);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
         if (r <= 0) {
             /* EOF or error. A closing response still being flushed is kept
              * until reap_closing sees it leave (the client may have only
              * shut down its sending side). */
-            if (r == 0 && c->client.state == FANOUT_CLOSING &&
-                fdcast_pending_bytes(fc, c->client.fd) > 0) {
-                struct epoll_event e = {.events = 0, .data.fd = c->client.fd};
-                epoll_ctl(ep, EPOLL_CTL_MOD, c->client.fd, &e);
+            if (r == 0 && c->state == FANOUT_CLOSING &&
+                fdcast_pending_bytes(fc, c->fd) > 0) {
+                struct epoll_event e = {.events = 0, .data.fd = c->fd};
+                epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
                 return;
             }
             close_conn(c);
             return;
         }
-        switch (fanout_input(fc, &c->client, (size_t)r)) {
+        switch (fanout_input(fc, c, (size_t)r)) {
         case FANOUT_READ_MORE: continue;
         case FANOUT_CLOSE_WHEN_FLUSHED: n_closing++; return; /* reap_closing closes it */
         case FANOUT_CLOSE: close_conn(c); return;
@@ -100,14 +96,14 @@ static void on_client(struct conn *c) {
 
 static void accept_all(int lfd) {
     for (int fd; (fd = accept_next(lfd)) >= 0;) {
-        struct conn *c = calloc(1, sizeof *c);
+        struct fanout_client *c = calloc(1, sizeof *c);
         if (c == NULL || !epoll_watch(ep, fd)) {
             close(fd);
             free(c);
             continue;
         }
-        c->client.fd = fd;
-        c->client.state = FANOUT_READING_HEAD;
+        c->fd = fd;
+        c->state = FANOUT_READING_HEAD;
         conns[fd] = c;
     }
 }
