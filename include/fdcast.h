@@ -76,9 +76,27 @@ typedef enum fdcast_mode {
   FDCAST_WS_BINARY = 2,
   /**
    * text/event-stream: one "data: " line per payload line (split on CRLF, LF and CR),
-   * then a blank line. Payloads must be valid UTF-8.
+   * then a blank line. Payloads must be valid UTF-8. With history on, the event starts
+   * with an "id: <epoch>-<offset>" line (see fdcast_set_history()).
    */
   FDCAST_SSE = 3,
+  /**
+   * FDCAST_WS_TEXT whose frame payload is the message's event id, a LF (0x0A), then the
+   * payload: a client splits at the first LF, keeps the id, and resumes after it with
+   * fdcast_subscribe_since() when it reconnects. The id is "<epoch>-<offset>" as
+   * fdcast_publish_id() writes it when the topic keeps history (see fdcast_set_history()),
+   * and empty otherwise (and for fdcast_send()), so the payload always follows the first
+   * LF. Byte for byte, "hi" published as message 7 of epoch 42 is
+   * 0x81 0x07 '4' '2' '-' '7' 0x0A 'h' 'i', and without history 0x81 0x03 0x0A 'h' 'i'
+   * (the RFC 6455 length counts the id and the LF). Replays use the same form. Payloads
+   * must be valid UTF-8 (ids are ASCII).
+   */
+  FDCAST_WS_TEXT_ID = 4,
+  /**
+   * FDCAST_WS_BINARY with the id before the payload as in FDCAST_WS_TEXT_ID:
+   * 0x82 0x07 '4' '2' '-' '7' 0x0A 'h' 'i' for "hi", message 7 of epoch 42.
+   */
+  FDCAST_WS_BINARY_ID = 5,
 } fdcast_mode;
 
 /**
@@ -462,8 +480,8 @@ int64_t fdcast_subscribers_for(const struct fdcast *fc, const char *topic, size_
  *
  * Returns how many subscribers matched (0 when none; evicted and overflowing ones count),
  * or -EINVAL (NULL `fc`; NULL `topic`; bad `topic_len`; NULL `payload` with `len` > 0),
- * -EILSEQ (the payload is not valid UTF-8 and a FDCAST_WS_TEXT or FDCAST_SSE subscriber would
- * receive it: nothing was written to anyone).
+ * -EILSEQ (the payload is not valid UTF-8 and a FDCAST_WS_TEXT, FDCAST_WS_TEXT_ID or
+ * FDCAST_SSE subscriber would receive it: nothing was written to anyone).
  *
  * Thread: any; publishes to different topics run in parallel.
  */
@@ -484,12 +502,13 @@ int64_t fdcast_publish_except(struct fdcast *fc, const char *topic, size_t topic
  * through the same outbox as broadcasts, so it never overtakes or splits queued frames. Use
  * it instead of write(2) on any fd fdcast may hold queued bytes for (e.g. to answer an HTTP
  * request on a connection that is also subscribed). Like fdcast_subscribe, it sets
- * O_NONBLOCK on an fd that is not a socket, and applies the fd-reuse guard.
+ * O_NONBLOCK on an fd that is not a socket, and applies the fd-reuse guard. A frame sent
+ * in FDCAST_WS_TEXT_ID or FDCAST_WS_BINARY_ID has an empty id: a LF, then the payload.
  *
  * Returns 0 when the frame was written or queued, or -EINVAL (NULL `fc`; NULL `payload`
  * with `len` > 0; `mode` not an fdcast_mode), -EBADF (`fd` negative or not open), -EILSEQ
- * (FDCAST_WS_TEXT or FDCAST_SSE with a payload that is not valid UTF-8), -ENOBUFS (the
- * outbox is full: the frame was dropped, or under FDCAST_EVICT the fd was evicted), or the
+ * (FDCAST_WS_TEXT, FDCAST_WS_TEXT_ID or FDCAST_SSE with a payload that is not valid UTF-8),
+ * -ENOBUFS (the outbox is full: the frame was dropped, or under FDCAST_EVICT the fd was evicted), or the
  * peer's errno (e.g. -EPIPE, -ECONNRESET) when the peer is gone, after evicting the fd and
  * calling the evict callback.
  *
@@ -511,9 +530,11 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  * a restarted process or an earlier history is never mistaken for a current one), the
  * offset 1, 2, 3, ... per topic. FDCAST_SSE frames then start with the line
  * `id: <epoch>-<offset>\n` before their `data: ` lines, e.g. "id: 42-7\ndata: hi\n\n";
- * FDCAST_RAW and WebSocket frames are unchanged. Publishes to one topic with history are
- * serialized with each other (publishes to other topics still run in parallel). Ids are
- * per process: a broker's other processes number the same messages their own way.
+ * FDCAST_WS_TEXT_ID and FDCAST_WS_BINARY_ID frames carry "42-7\nhi" as their WebSocket
+ * payload (see fdcast_mode); FDCAST_RAW, FDCAST_WS_TEXT and FDCAST_WS_BINARY frames are
+ * unchanged. Publishes to one topic with history are serialized with each other
+ * (publishes to other topics still run in parallel). Ids are per process: a broker's other
+ * processes number the same messages their own way.
  *
  * Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
  *
@@ -540,9 +561,11 @@ int64_t fdcast_publish_id(struct fdcast *fc, const char *topic, size_t topic_len
 /**
  * fdcast_subscribe(), then queues for `fd`, before any live message, every message the
  * topic's history keeps after `last_id[0..id_len)` (an id as fdcast_publish_id() writes it
- * and SSE frames carry it, without a NUL; a browser's Last-Event-ID header), in order, framed
- * per `mode` (SSE frames with their `id:` lines). No message is missed or repeated between
- * the replay and the live ones, even while other threads publish to the topic.
+ * and SSE frames carry it, without a NUL: a browser's Last-Event-ID header, or what a
+ * FDCAST_WS_TEXT_ID/FDCAST_WS_BINARY_ID client found before the first LF of the last frame
+ * it got), in order, framed per `mode` (SSE frames with their `id:` lines, WebSocket id
+ * modes with their ids). No message is missed or repeated between the replay and the live
+ * ones, even while other threads publish to the topic.
  *
  * `*recovered` (if `recovered` is not NULL) is set to 1 when the history still held every
  * message after `last_id` (same epoch, nothing after it evicted), else 0; when 0, every
@@ -553,8 +576,9 @@ int64_t fdcast_publish_id(struct fdcast *fc, const char *topic, size_t topic_len
  * in one writev: the kernel takes what it can, the outbox queues what fits under the outbox
  * limit, and the overflow policy meets the rest (under FDCAST_DROP_MESSAGE those frames are
  * dropped and counted; under FDCAST_EVICT the fd is evicted). Size the outbox limit for the
- * replays you allow (about max_bytes of history) if none may be dropped. A kept payload that is not valid UTF-8 is skipped for a
- * FDCAST_WS_TEXT or FDCAST_SSE subscriber. Subscribing a (topic, fd) pair that already
+ * replays you allow (about max_bytes of history) if none may be dropped. A kept payload
+ * that is not valid UTF-8 is skipped for a FDCAST_WS_TEXT, FDCAST_WS_TEXT_ID or FDCAST_SSE
+ * subscriber. Subscribing a (topic, fd) pair that already
  * subscribes replays all the same.
  *
  * Returns the subscription id (> 0), or as fdcast_subscribe(), and -EINVAL also for a NULL
@@ -618,7 +642,7 @@ int fdcast_wake(struct fdcast *fc);
 /**
  * Keeps idle streams alive through proxies that cut silent connections: every
  * `interval_ms` milliseconds (0 turns it off, the default), fdcast_dispatch() sends an empty
- * WebSocket ping (0x89 0x00) to each FDCAST_WS_TEXT/FDCAST_WS_BINARY subscriber and an SSE
+ * WebSocket ping (0x89 0x00) to each WebSocket-mode subscriber (the _ID modes too) and an SSE
  * comment line (":\n\n", which EventSource ignores) to each FDCAST_SSE subscriber that has
  * taken no frame for a whole interval and has nothing queued. A timerfd inside fdcast_fd()
  * makes it readable when a heartbeat is due, so the host needs no timer. Keep-alive frames

@@ -94,7 +94,7 @@ pub(crate) struct Batch {
     room: usize,
     utf8_subscribers: usize,
     direct: Vec<Direct>,
-    modes: [ModeBatch; 4],
+    modes: [ModeBatch; Mode::COUNT],
     /// Whether a publish came since the last flush: a batch without one ends at the flush,
     /// so that its members, idle, get heartbeats again.
     published: bool,

@@ -1,15 +1,19 @@
-//! Encoders for the three wire framings. Pure functions: no I/O, no locks.
+//! Encoders for the wire framings (RAW, WebSocket with or without the event id, SSE). Pure
+//! functions: no I/O, no locks.
 //!
 //! A frame is a small header plus a body. RAW frames and large WebSocket frames borrow the
 //! caller's payload as their body, so an immediate write costs no copy, and are joined into
 //! one shared buffer only when some fd has to queue them (see [`Frame::shared`]). SSE frames,
 //! which rewrite line endings, and small WebSocket frames, joined with their header for a
 //! one-buffer `send`, are built whole, straight into that shared buffer.
+//!
+//! A replay encodes a frame per kept message for one fd, which queues it by copy: there the
+//! encoder builds nothing shared ([`Frame::encode_for_replay`]): WebSocket frames keep their
+//! header apart and SSE events are written into a buffer the replay reuses.
 
 #![forbid(unsafe_code)]
 
 use std::cell::OnceCell;
-use std::io::Write;
 use std::sync::Arc;
 
 use crate::history::{EventId, MAX_EVENT_ID_LEN};
@@ -25,15 +29,40 @@ pub enum Mode {
     WsBinary,
     /// A `text/event-stream` event: one `data: ` line per payload line, then a blank line.
     Sse,
+    /// [`Mode::WsText`] whose frame payload is the message's event id, a LF, then the
+    /// payload (an empty id when its topic keeps no history), so a client splits at the first
+    /// LF and resumes from the id.
+    WsTextId,
+    /// [`Mode::WsBinary`] whose frame payload is the event id, a LF, then the payload, as
+    /// [`Mode::WsTextId`].
+    WsBinaryId,
 }
 
 impl Mode {
-    /// Every mode, in the order of [`Mode::index`].
-    pub const ALL: [Mode; 4] = [Mode::Raw, Mode::WsText, Mode::WsBinary, Mode::Sse];
+    /// How many modes there are.
+    pub const COUNT: usize = 6;
+
+    /// Every mode, in the order of [`Mode::index`] (the C enum's values).
+    pub const ALL: [Mode; Mode::COUNT] = [
+        Mode::Raw,
+        Mode::WsText,
+        Mode::WsBinary,
+        Mode::Sse,
+        Mode::WsTextId,
+        Mode::WsBinaryId,
+    ];
 
     /// Whether payloads for this mode must be valid UTF-8.
     pub fn requires_utf8(self) -> bool {
-        matches!(self, Mode::WsText | Mode::Sse)
+        matches!(self, Mode::WsText | Mode::WsTextId | Mode::Sse)
+    }
+
+    /// Whether this mode's frames are WebSocket frames (which get pings as keep-alive).
+    pub fn is_websocket(self) -> bool {
+        matches!(
+            self,
+            Mode::WsText | Mode::WsBinary | Mode::WsTextId | Mode::WsBinaryId
+        )
     }
 
     pub(crate) fn index(self) -> usize {
@@ -44,7 +73,10 @@ impl Mode {
 const WS_OPCODE_TEXT: u8 = 0x1;
 const WS_OPCODE_BINARY: u8 = 0x2;
 /// The longest WebSocket header a server writes: 2 bytes + a 64-bit extended length.
-const MAX_HEADER_LEN: usize = crate::ws::MAX_SERVER_HEADER_LEN;
+const MAX_WS_HEADER_LEN: usize = crate::ws::MAX_SERVER_HEADER_LEN;
+/// The longest header a frame keeps apart from its body: a WebSocket header, then, in the id
+/// modes, the longest id and its LF.
+const MAX_HEADER_LEN: usize = MAX_WS_HEADER_LEN + MAX_EVENT_ID_LEN + 1;
 /// WebSocket frames up to this size are joined with their header into one buffer when
 /// encoded: one copy per publish buys every subscriber a one-buffer `send` instead of a
 /// two-iovec `sendmsg`. Larger frames keep the payload borrowed, since copying them would
@@ -52,10 +84,19 @@ const MAX_HEADER_LEN: usize = crate::ws::MAX_SERVER_HEADER_LEN;
 const WS_JOIN_MAX: usize = 16 * 1024;
 
 /// A frame's leading bytes, held inline so building one allocates nothing.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 pub(crate) struct Header {
     bytes: [u8; MAX_HEADER_LEN],
     len: u8,
+}
+
+impl Default for Header {
+    fn default() -> Header {
+        Header {
+            bytes: [0; MAX_HEADER_LEN],
+            len: 0,
+        }
+    }
 }
 
 impl Header {
@@ -63,11 +104,67 @@ impl Header {
         &self.bytes[..usize::from(self.len)]
     }
 
-    /// RFC 6455 §5.2 base framing for an unmasked server frame.
-    fn websocket(opcode: u8, payload_len: usize) -> Header {
+    /// RFC 6455 §5.2 base framing for an unmasked server frame whose payload starts with
+    /// `prefix` (an id line, or nothing) and goes on with `payload_len` more bytes; the
+    /// prefix is part of the header.
+    fn websocket(opcode: u8, prefix: &[u8], payload_len: usize) -> Header {
         let mut header = Header::default();
-        header.len = crate::ws::write_server_header(opcode, payload_len, &mut header.bytes) as u8;
+        let ws_len =
+            crate::ws::write_server_header(opcode, prefix.len() + payload_len, &mut header.bytes);
+        header.bytes[ws_len..ws_len + prefix.len()].copy_from_slice(prefix);
+        header.len = (ws_len + prefix.len()) as u8;
         header
+    }
+}
+
+/// The text of an event id (`<epoch>-<offset>`), written without the formatting machinery: a
+/// replay writes one per frame.
+#[derive(Clone, Copy)]
+struct IdText {
+    bytes: [u8; MAX_EVENT_ID_LEN + 1],
+    len: u8,
+}
+
+impl IdText {
+    /// `id`'s text followed by a LF; a LF alone for no id.
+    fn line(id: Option<EventId>) -> IdText {
+        let mut text = IdText {
+            bytes: [0; MAX_EVENT_ID_LEN + 1],
+            len: 0,
+        };
+        if let Some(id) = id {
+            text.push_decimal(id.epoch);
+            text.push(b'-');
+            text.push_decimal(id.offset);
+        }
+        text.push(b'\n');
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.bytes[usize::from(self.len)] = byte;
+        self.len += 1;
+    }
+
+    fn push_decimal(&mut self, mut value: u64) {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (value % 10) as u8;
+            value /= 10;
+            if value == 0 {
+                break;
+            }
+        }
+        let at = usize::from(self.len);
+        let count = digits.len() - start;
+        self.bytes[at..at + count].copy_from_slice(&digits[start..]);
+        self.len += count as u8;
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 
@@ -97,7 +194,8 @@ impl<'a> Frame<'a> {
     }
 
     /// [`Frame::encode`] for a message its topic's history numbered: an SSE event then starts
-    /// with `id: <epoch>-<offset>\n`; the other modes do not carry the id.
+    /// with `id: <epoch>-<offset>\n`, and a WebSocket id mode's payload with `<epoch>-<offset>\n`
+    /// (with no id, a LF alone); RAW and the plain WebSocket modes do not carry the id.
     pub(crate) fn encode_with_id(
         mode: Mode,
         payload: &'a [u8],
@@ -105,24 +203,61 @@ impl<'a> Frame<'a> {
     ) -> Option<Frame<'a>> {
         let (header, body) = match mode {
             Mode::Raw => (Header::default(), Body::Borrowed(payload)),
-            Mode::WsText => websocket(WS_OPCODE_TEXT, payload),
-            Mode::WsBinary => websocket(WS_OPCODE_BINARY, payload),
-            Mode::Sse => (
-                Header::default(),
-                Body::Whole(Arc::new(sse_event(payload, id)?)),
-            ),
+            Mode::WsText => websocket(WS_OPCODE_TEXT, b"", payload),
+            Mode::WsBinary => websocket(WS_OPCODE_BINARY, b"", payload),
+            Mode::WsTextId => websocket(WS_OPCODE_TEXT, IdText::line(id).as_slice(), payload),
+            Mode::WsBinaryId => websocket(WS_OPCODE_BINARY, IdText::line(id).as_slice(), payload),
+            Mode::Sse => {
+                let mut event = Vec::new();
+                write_sse_event(payload, id, &mut event)?;
+                (Header::default(), Body::Whole(Arc::new(event)))
+            }
         };
+        Some(Frame::new(header, body))
+    }
+
+    /// The frame of a replayed message, for one fd that queues it by copy, so nothing is
+    /// built to be shared: RAW and WebSocket frames borrow `payload` behind an inline header
+    /// (id line included), and an SSE event is written into `scratch`, which the caller
+    /// reuses from frame to frame. Bytes as [`Frame::encode_with_id`]'s; `None` if the memory
+    /// for an SSE event cannot be had.
+    pub(crate) fn encode_for_replay(
+        mode: Mode,
+        payload: &'a [u8],
+        id: Option<EventId>,
+        scratch: &'a mut Vec<u8>,
+    ) -> Option<Frame<'a>> {
+        let header = match mode {
+            Mode::Raw => Header::default(),
+            Mode::WsText => Header::websocket(WS_OPCODE_TEXT, b"", payload.len()),
+            Mode::WsBinary => Header::websocket(WS_OPCODE_BINARY, b"", payload.len()),
+            Mode::WsTextId => {
+                Header::websocket(WS_OPCODE_TEXT, IdText::line(id).as_slice(), payload.len())
+            }
+            Mode::WsBinaryId => {
+                Header::websocket(WS_OPCODE_BINARY, IdText::line(id).as_slice(), payload.len())
+            }
+            Mode::Sse => {
+                scratch.clear();
+                write_sse_event(payload, id, scratch)?;
+                return Some(Frame::new(Header::default(), Body::Borrowed(scratch)));
+            }
+        };
+        Some(Frame::new(header, Body::Borrowed(payload)))
+    }
+
+    fn new(header: Header, body: Body<'a>) -> Frame<'a> {
         let len = header.as_slice().len()
             + match &body {
                 Body::Borrowed(bytes) => bytes.len(),
                 Body::Whole(bytes) => bytes.len(),
             };
-        Some(Frame {
+        Frame {
             header,
             body,
             len,
             shared: OnceCell::new(),
-        })
+        }
     }
 
     /// The frame's leading bytes when they are kept apart from the body (empty otherwise).
@@ -171,10 +306,11 @@ impl<'a> Frame<'a> {
     }
 }
 
-/// A WebSocket frame's header and body: joined into one buffer when small (see
-/// [`WS_JOIN_MAX`]) and the memory is there, else the header apart and the payload borrowed.
-fn websocket(opcode: u8, payload: &[u8]) -> (Header, Body<'_>) {
-    let header = Header::websocket(opcode, payload.len());
+/// A WebSocket frame's header and body, the frame payload being `prefix` (an id line, or
+/// nothing) then `payload`: joined into one buffer when small (see [`WS_JOIN_MAX`]) and the
+/// memory is there, else the header (prefix included) apart and the payload borrowed.
+fn websocket<'a>(opcode: u8, prefix: &[u8], payload: &'a [u8]) -> (Header, Body<'a>) {
+    let header = Header::websocket(opcode, prefix, payload.len());
     if payload.len() <= WS_JOIN_MAX {
         let mut joined = Vec::new();
         if joined
@@ -194,7 +330,7 @@ fn websocket(opcode: u8, payload: &[u8]) -> (Header, Body<'_>) {
 pub(crate) struct FrameSet<'a> {
     payload: &'a [u8],
     id: Option<EventId>,
-    frames: [OnceCell<Option<Frame<'a>>>; 4],
+    frames: [OnceCell<Option<Frame<'a>>>; Mode::COUNT],
 }
 
 impl<'a> FrameSet<'a> {
@@ -243,31 +379,37 @@ fn sse_lines(payload: &[u8]) -> impl Iterator<Item = &[u8]> {
 const SSE_DATA_PREFIX: &[u8] = b"data: ";
 const SSE_ID_PREFIX: &[u8] = b"id: ";
 
-fn sse_event(payload: &[u8], id: Option<EventId>) -> Option<Vec<u8>> {
-    let line_count = 1 + payload
+/// Appends the SSE event of `payload` (after its `id:` line, if it has an id) to `event`;
+/// `None`, with `event` unchanged, if the memory for it cannot be had.
+fn write_sse_event(payload: &[u8], id: Option<EventId>, event: &mut Vec<u8>) -> Option<()> {
+    let line_breaks = payload
         .iter()
         .filter(|&&b| b == b'\n' || b == b'\r')
         .count();
-    let id_line_len = id.map_or(0, |_| SSE_ID_PREFIX.len() + MAX_EVENT_ID_LEN + 1);
-    let mut event = Vec::new();
+    let id_line = id.map(|id| IdText::line(Some(id)));
+    let id_line_len = id_line.map_or(0, |line| SSE_ID_PREFIX.len() + line.as_slice().len());
     event
-        .try_reserve_exact(
-            id_line_len + payload.len() + line_count * (SSE_DATA_PREFIX.len() + 1) + 1,
+        .try_reserve(
+            id_line_len + payload.len() + (line_breaks + 1) * (SSE_DATA_PREFIX.len() + 1) + 1,
         )
         .ok()?;
-    if let Some(id) = id {
+    if let Some(line) = id_line {
         event.extend_from_slice(SSE_ID_PREFIX);
-        // Writing to a Vec cannot fail; the reservation above covers the longest id.
-        let _ = write!(event, "{id}");
-        event.push(b'\n');
+        event.extend_from_slice(line.as_slice());
     }
-    for line in sse_lines(payload) {
+    if line_breaks == 0 {
         event.extend_from_slice(SSE_DATA_PREFIX);
-        event.extend_from_slice(line);
+        event.extend_from_slice(payload);
         event.push(b'\n');
+    } else {
+        for line in sse_lines(payload) {
+            event.extend_from_slice(SSE_DATA_PREFIX);
+            event.extend_from_slice(line);
+            event.push(b'\n');
+        }
     }
     event.push(b'\n');
-    Some(event)
+    Some(())
 }
 
 #[cfg(test)]
@@ -292,6 +434,104 @@ mod tests {
         assert_eq!(frame.body(), b"id: 42-7\ndata: a\ndata: b\n\n");
         let raw = Frame::encode_with_id(Mode::Raw, b"a\nb", Some(id)).unwrap();
         assert_eq!(raw.body(), b"a\nb");
+    }
+
+    #[test]
+    fn websocket_id_modes_put_the_id_and_a_lf_before_the_payload() {
+        let id = EventId {
+            epoch: 42,
+            offset: 7,
+        };
+        let text = Frame::encode_with_id(Mode::WsTextId, b"hi", Some(id)).unwrap();
+        assert_eq!(text.shared().unwrap()[..], *b"\x81\x0742-7\nhi");
+        let binary = Frame::encode_with_id(Mode::WsBinaryId, b"hi", Some(id)).unwrap();
+        assert_eq!(binary.shared().unwrap()[..], *b"\x82\x0742-7\nhi");
+        let plain = Frame::encode_with_id(Mode::WsText, b"hi", Some(id)).unwrap();
+        assert_eq!(
+            plain.shared().unwrap()[..],
+            *b"\x81\x02hi",
+            "WS_TEXT carries no id"
+        );
+    }
+
+    #[test]
+    fn websocket_id_modes_without_an_id_start_with_a_lf() {
+        assert_eq!(bytes(Mode::WsTextId, b"hi"), b"\x81\x03\nhi");
+        assert_eq!(bytes(Mode::WsBinaryId, b""), b"\x82\x01\n");
+        assert_eq!(bytes(Mode::WsTextId, b"a\nb"), b"\x81\x04\na\nb");
+    }
+
+    #[test]
+    fn websocket_id_length_counts_the_id_line() {
+        let id = EventId {
+            epoch: u64::MAX,
+            offset: u64::MAX,
+        };
+        let id_line = b"18446744073709551615-18446744073709551615\n";
+        assert_eq!(id_line.len(), MAX_EVENT_ID_LEN + 1);
+        for payload_len in [0, 125 - id_line.len(), 126 - id_line.len(), 70_000] {
+            let payload = vec![b'x'; payload_len];
+            let frame = Frame::encode_with_id(Mode::WsBinaryId, &payload, Some(id)).unwrap();
+            let bytes = frame.shared().unwrap();
+            let length = id_line.len() + payload_len;
+            let header_len = crate::ws::encoded_len(length) - length;
+            let mut expected = vec![0u8; header_len];
+            crate::ws::write_server_header(WS_OPCODE_BINARY, length, &mut expected);
+            expected.extend_from_slice(id_line);
+            expected.extend_from_slice(&payload);
+            assert_eq!(bytes[..], expected[..], "payload of {payload_len} bytes");
+        }
+    }
+
+    #[test]
+    fn id_text_is_the_display_form() {
+        for (epoch, offset) in [(0, 0), (9, 10), (8149602338162316459, 7), (u64::MAX, 1)] {
+            let id = EventId { epoch, offset };
+            let line = IdText::line(Some(id));
+            assert_eq!(line.as_slice(), format!("{id}\n").as_bytes());
+            assert_eq!(
+                EventId::parse(&line.as_slice()[..line.as_slice().len() - 1]),
+                Some(id)
+            );
+        }
+        assert_eq!(IdText::line(None).as_slice(), b"\n");
+    }
+
+    #[test]
+    fn replay_frames_are_byte_for_byte_the_published_ones() {
+        let id = EventId {
+            epoch: 8149602338162316459,
+            offset: 12,
+        };
+        let long = vec![b'y'; WS_JOIN_MAX + 3];
+        let payloads: [&[u8]; 6] = [
+            b"",
+            b"hello",
+            b"a\r\nb\rc\n",
+            &[b'z'; 126],
+            &[0xff; 3],
+            &long,
+        ];
+        let mut scratch = Vec::new();
+        for mode in Mode::ALL {
+            for payload in payloads {
+                for id in [None, Some(id)] {
+                    let published = Frame::encode_with_id(mode, payload, id).unwrap();
+                    let published = published.shared().unwrap().to_vec();
+                    let replayed =
+                        Frame::encode_for_replay(mode, payload, id, &mut scratch).unwrap();
+                    let mut bytes = Vec::new();
+                    replayed.copy_from(0, &mut bytes);
+                    assert_eq!(bytes.len(), replayed.len());
+                    assert_eq!(
+                        bytes,
+                        published,
+                        "{mode:?}, {} bytes, id {id:?}",
+                        payload.len()
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -400,5 +640,6 @@ mod tests {
         let again: *const Frame = set.get(Mode::Sse).unwrap();
         assert_eq!(first, again);
         assert_eq!(set.get(Mode::WsBinary).unwrap().len(), 3);
+        assert_eq!(set.get(Mode::WsBinaryId).unwrap().len(), 4);
     }
 }

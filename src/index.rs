@@ -270,9 +270,11 @@ struct PeerEntry<P> {
 impl<P> PeerEntry<P> {
     fn mode_count(&mut self, mode: Mode) -> Option<&mut u32> {
         match mode {
-            Mode::WsText | Mode::WsBinary => Some(&mut self.websocket_subscriptions),
-            Mode::Sse => Some(&mut self.sse_subscriptions),
             Mode::Raw => None,
+            Mode::Sse => Some(&mut self.sse_subscriptions),
+            Mode::WsText | Mode::WsBinary | Mode::WsTextId | Mode::WsBinaryId => {
+                Some(&mut self.websocket_subscriptions)
+            }
         }
     }
 

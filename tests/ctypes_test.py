@@ -39,7 +39,7 @@ import time
 LIB = sys.argv[1] if len(sys.argv) > 1 else "target/release/libfdcast.so"
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "include", "fdcast.h")
 
-RAW, WS_TEXT, WS_BINARY, SSE = 0, 1, 2, 3
+RAW, WS_TEXT, WS_BINARY, SSE, WS_TEXT_ID, WS_BINARY_ID = 0, 1, 2, 3, 4, 5
 
 
 class TestFailure(Exception):
@@ -201,7 +201,14 @@ def run_with(lib, fc, pairs):
     rc = lib.fdcast_send(fc, spare.fileno(), WS_BINARY, b"direct", 6)
     check(rc == 0, f"fdcast_send returned {rc}")
     check(recv_exact(spare_peer, 8) == b"\x82\x06direct", "fdcast_send frame")
-    ok("publish_except skips the sender; fdcast_send frames one message for one fd")
+    # The id modes without history: an empty id, its LF, then the payload.
+    for mode, first in ((WS_TEXT_ID, 0x81), (WS_BINARY_ID, 0x82)):
+        rc = lib.fdcast_send(fc, spare.fileno(), mode, b"hi", 2)
+        check(rc == 0, f"fdcast_send(mode {mode}) returned {rc}")
+        got = recv_exact(spare_peer, 5)
+        check(got == bytes([first, 3]) + b"\nhi", f"mode {mode} frame {got!r}")
+    ok("publish_except skips the sender; fdcast_send frames one message for one fd, "
+       "WS_TEXT_ID and WS_BINARY_ID too")
 
     # Errors: negative errno values, with a detail text.
     e = expect_error(lib, lib.fdcast_subscribe(None, topic, len(topic), raw.fileno(), RAW),
@@ -219,6 +226,8 @@ def run_with(lib, fc, pairs):
                  errno.EINVAL, "subscribe(4097-byte topic)")
     expect_error(lib, lib.fdcast_subscribe(fc, topic, len(topic), raw.fileno(), 7),
                  errno.EINVAL, "subscribe(mode 7)")
+    expect_error(lib, lib.fdcast_subscribe(fc, topic, len(topic), raw.fileno(), 6),
+                 errno.EINVAL, "subscribe(mode 6, one past WS_BINARY_ID)")
     expect_error(lib, lib.fdcast_subscribe(fc, topic, len(topic), -1, RAW), errno.EBADF,
                  "subscribe(fd -1)")
     closed_fd = os.dup(spare.fileno())

@@ -1,5 +1,6 @@
-//! Per-topic history: ids in SSE frames, resume by id and by tail, recovered or not, and no
-//! gap or duplicate between replay and live while other threads publish.
+//! Per-topic history: ids in SSE and WebSocket id-mode frames, resume by id and by tail,
+//! recovered or not, and no gap or duplicate between replay and live while other threads
+//! publish.
 
 mod common;
 
@@ -400,4 +401,168 @@ fn corked_publishes_keep_order_between_replay_and_live() {
     reg.uncork();
     assert_eq!(read_exact_timeout(peer.as_raw_fd(), 4, T), b"bcde");
     assert_eq!(read_exact_timeout(live_peer.as_raw_fd(), 5, T), b"abcde");
+}
+
+/// The id and payload of a WebSocket id-mode frame's payload: split at the first LF.
+fn split_id(frame_payload: &[u8]) -> (&[u8], &[u8]) {
+    let lf = frame_payload
+        .iter()
+        .position(|&byte| byte == b'\n')
+        .expect("an id-mode frame has a LF");
+    (&frame_payload[..lf], &frame_payload[lf + 1..])
+}
+
+fn ws_with_id(opcode: u8, id: EventId, payload: &str) -> Vec<u8> {
+    ws_encode(opcode, format!("{id}\n{payload}").as_bytes())
+}
+
+#[test]
+fn websocket_id_frames_carry_the_id_before_the_payload_live_and_replayed() {
+    let reg = registry_keeping(keep_messages(100));
+    let (live, live_peer) = socketpair();
+    reg.subscribe(b"t", live.as_raw_fd(), Mode::WsTextId)
+        .unwrap();
+    let ids = publish_all(&reg, b"t", &["one", "two\nlines", ""]);
+    let expected_live = [
+        ws_with_id(0x1, ids[0], "one"),
+        ws_with_id(0x1, ids[1], "two\nlines"),
+        ws_with_id(0x1, ids[2], ""),
+    ]
+    .concat();
+    assert_eq!(
+        read_exact_timeout(live_peer.as_raw_fd(), expected_live.len(), T),
+        expected_live
+    );
+
+    let (binary, binary_peer) = socketpair();
+    let (_, recovered) = reg
+        .subscribe_since(b"t", binary.as_raw_fd(), Mode::WsBinaryId, ids[0])
+        .unwrap();
+    assert!(recovered);
+    let (tail, tail_peer) = socketpair();
+    reg.subscribe_tail(b"t", tail.as_raw_fd(), Mode::WsTextId, 1)
+        .unwrap();
+    let expected_replay = [
+        ws_with_id(0x2, ids[1], "two\nlines"),
+        ws_with_id(0x2, ids[2], ""),
+    ]
+    .concat();
+    assert_eq!(
+        read_exact_timeout(binary_peer.as_raw_fd(), expected_replay.len(), T),
+        expected_replay
+    );
+    let expected_tail = ws_with_id(0x1, ids[2], "");
+    assert_eq!(
+        read_exact_timeout(tail_peer.as_raw_fd(), expected_tail.len(), T),
+        expected_tail
+    );
+    for peer in [&live_peer, &binary_peer, &tail_peer] {
+        assert!(read_quiet(peer.as_raw_fd()).is_empty());
+    }
+}
+
+#[test]
+fn a_websocket_client_resumes_from_the_id_in_the_last_frame_it_got() {
+    let reg = registry_keeping(keep_messages(100));
+    let (first, first_peer) = socketpair();
+    reg.subscribe(b"chat", first.as_raw_fd(), Mode::WsBinaryId)
+        .unwrap();
+    publish_all(&reg, b"chat", &["m1", "m2", "m3"]);
+    let seen = read_available(first_peer.as_raw_fd(), Duration::from_millis(50), T).0;
+    let frames = parse_ws_all(&seen);
+    let payloads: Vec<&[u8]> = frames
+        .iter()
+        .map(|frame| split_id(&frame.payload).1)
+        .collect();
+    assert_eq!(payloads, [&b"m1"[..], b"m2", b"m3"]);
+    let last_id = split_id(&frames[2].payload).0.to_vec();
+
+    // The connection drops; messages go on; the client comes back with its last id.
+    assert_eq!(reg.unsubscribe_fd(first.as_raw_fd()).unwrap(), 1);
+    drop((first, first_peer));
+    publish_all(&reg, b"chat", &["m4", "m5"]);
+    let (again, again_peer) = socketpair();
+    let last = EventId::parse(&last_id).expect("the frame's id parses");
+    let (_, recovered) = reg
+        .subscribe_since(b"chat", again.as_raw_fd(), Mode::WsBinaryId, last)
+        .unwrap();
+    assert!(recovered);
+    publish_all(&reg, b"chat", &["m6"]);
+    let got = read_available(again_peer.as_raw_fd(), Duration::from_millis(50), T).0;
+    let frames = parse_ws_all(&got);
+    let payloads: Vec<&[u8]> = frames
+        .iter()
+        .map(|frame| split_id(&frame.payload).1)
+        .collect();
+    assert_eq!(
+        payloads,
+        [&b"m4"[..], b"m5", b"m6"],
+        "each missed one once, then live"
+    );
+    let offsets: Vec<u64> = frames
+        .iter()
+        .map(|frame| EventId::parse(split_id(&frame.payload).0).unwrap().offset)
+        .collect();
+    assert_eq!(offsets, [4, 5, 6]);
+}
+
+#[test]
+fn websocket_id_frames_without_history_start_with_an_empty_id() {
+    let reg = Registry::new().unwrap();
+    let (fd, peer) = socketpair();
+    reg.subscribe(b"t", fd.as_raw_fd(), Mode::WsTextId).unwrap();
+    reg.publish(b"t", b"hi").unwrap();
+    reg.send(fd.as_raw_fd(), Mode::WsBinaryId, b"direct")
+        .unwrap();
+    let expected = [ws_encode(0x1, b"\nhi"), ws_encode(0x2, b"\ndirect")].concat();
+    assert_eq!(
+        read_exact_timeout(peer.as_raw_fd(), expected.len(), T),
+        expected
+    );
+}
+
+#[test]
+fn websocket_text_id_needs_utf8_and_its_replay_skips_what_is_not() {
+    let reg = registry_keeping(keep_messages(10));
+    let (text, _text_peer) = socketpair();
+    reg.subscribe(b"t", text.as_raw_fd(), Mode::WsTextId)
+        .unwrap();
+    assert_eq!(
+        reg.publish(b"t", b"\xff").unwrap_err().errno(),
+        libc::EILSEQ
+    );
+    assert_eq!(
+        reg.send(text.as_raw_fd(), Mode::WsTextId, b"\xff")
+            .unwrap_err()
+            .errno(),
+        libc::EILSEQ
+    );
+    assert_eq!(reg.unsubscribe_fd(text.as_raw_fd()).unwrap(), 1);
+    let ids = publish_all(&reg, b"t", &["a"]);
+    reg.publish(b"t", b"\xfe").unwrap();
+    let (binary, binary_peer) = socketpair();
+    reg.subscribe_tail(b"t", binary.as_raw_fd(), Mode::WsBinaryId, 10)
+        .unwrap();
+    let (text, text_peer) = socketpair();
+    reg.subscribe_tail(b"t", text.as_raw_fd(), Mode::WsTextId, 10)
+        .unwrap();
+    let second = EventId {
+        offset: 2,
+        ..ids[0]
+    };
+    let expected_binary = [
+        ws_with_id(0x2, ids[0], "a"),
+        ws_encode(0x2, &[format!("{second}\n").as_bytes(), b"\xfe"].concat()),
+    ]
+    .concat();
+    assert_eq!(
+        read_exact_timeout(binary_peer.as_raw_fd(), expected_binary.len(), T),
+        expected_binary
+    );
+    let expected_text = ws_with_id(0x1, ids[0], "a");
+    assert_eq!(
+        read_exact_timeout(text_peer.as_raw_fd(), expected_text.len(), T),
+        expected_text
+    );
+    assert!(read_quiet(text_peer.as_raw_fd()).is_empty());
 }

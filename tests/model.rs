@@ -93,7 +93,7 @@ fn topic(index: usize) -> Vec<u8> {
 }
 
 fn mode(index: u8) -> Mode {
-    Mode::ALL[usize::from(index) % 4]
+    Mode::ALL[usize::from(index) % Mode::ALL.len()]
 }
 
 // -------------------------------------------------------------------------------------------
@@ -434,6 +434,9 @@ fn encode(mode: Mode, payload: &[u8]) -> Vec<u8> {
         Mode::WsText => ws_encode(1, payload),
         Mode::WsBinary => ws_encode(2, payload),
         Mode::Sse => sse_encode(payload),
+        // The model keeps no history: an id mode's frame starts with an empty id and its LF.
+        Mode::WsTextId => ws_encode(1, &[b"\n", payload].concat()),
+        Mode::WsBinaryId => ws_encode(2, &[b"\n", payload].concat()),
     }
 }
 

@@ -149,6 +149,8 @@ unsafe extern "C" {
 const EINVAL: i64 = libc::EINVAL as i64;
 const EBADF: i64 = libc::EBADF as i64;
 const MAX_TOPIC: usize = 4096;
+/// fdcast_mode's values are 0 to MODES - 1.
+const MODES: c_int = 6;
 
 /// The topics an authorizer refuses: those starting with 'D'.
 unsafe extern "C" fn authorize(
@@ -159,7 +161,7 @@ unsafe extern "C" fn authorize(
     mode: c_int,
 ) -> bool {
     assert!((1..=MAX_TOPIC).contains(&len) && !topic.is_null() && fd >= 0);
-    assert!((0..4).contains(&mode), "authorizer got mode {mode}");
+    assert!((0..MODES).contains(&mode), "authorizer got mode {mode}");
     // Reentrant: callbacks run with no lock held and may call fdcast.
     // SAFETY: `user` is the live handle; `topic` is `len` readable bytes for the call.
     unsafe {
@@ -355,14 +357,14 @@ impl World {
     }
 
     fn mode(input: &mut Input) -> c_int {
-        match input.byte() % 10 {
-            m @ 0..=3 => c_int::from(m),
-            4 => 4,
-            5 => -1,
-            6 => c_int::MAX,
-            7 => c_int::MIN,
-            8 => 255,
-            _ => c_int::from(input.byte() % 4),
+        match input.byte() % 12 {
+            m @ 0..=5 => c_int::from(m),
+            6 => MODES,
+            7 => -1,
+            8 => c_int::MAX,
+            9 => c_int::MIN,
+            10 => 255,
+            _ => c_int::from(input.byte()) % MODES,
         }
     }
 
@@ -419,7 +421,7 @@ fn step(w: &mut World, input: &mut Input) {
                 let fd = w.fd(input);
                 let mode = World::mode(input);
                 let rc = fdcast_subscribe(fc, t, tl, fd, mode);
-                let invalid = fc.is_null() || kind != TopicKind::Valid || !(0..4).contains(&mode);
+                let invalid = fc.is_null() || kind != TopicKind::Valid || !(0..MODES).contains(&mode);
                 if invalid {
                     assert_eq!(rc, -EINVAL, "subscribe with invalid arguments");
                 } else if fd < 0 || fd == w.closed_fd || fd == i32::MAX {
@@ -518,7 +520,7 @@ fn step(w: &mut World, input: &mut Input) {
                 let mode = World::mode(input);
                 let (p, len, ok) = w.payload(input, &mut payload_bytes);
                 let rc = i64::from(fdcast_send(fc, fd, mode, p, len));
-                if fc.is_null() || !ok || !(0..4).contains(&mode) {
+                if fc.is_null() || !ok || !(0..MODES).contains(&mode) {
                     assert_eq!(rc, -EINVAL, "send with invalid arguments");
                 } else if rc < 0 {
                     // A bad fd, not UTF-8, a full outbox, or a write error of the fd (a dead
@@ -526,7 +528,7 @@ fn step(w: &mut World, input: &mut Input) {
                     assert!(rc > -4096, "send returned {rc}");
                     last_error();
                 }
-                if fd < 0 && !fc.is_null() && ok && (0..4).contains(&mode) {
+                if fd < 0 && !fc.is_null() && ok && (0..MODES).contains(&mode) {
                     assert!(
                         rc == -EBADF || rc == -i64::from(libc::EILSEQ),
                         "send to fd {fd}: {rc}"
@@ -771,7 +773,7 @@ fn step(w: &mut World, input: &mut Input) {
                     fdcast_subscribe_since(fc, t, tl, fd, mode, id.cast(), id_len, out)
                 };
                 let invalid =
-                    fc.is_null() || kind != TopicKind::Valid || !(0..4).contains(&mode) || !id_ok;
+                    fc.is_null() || kind != TopicKind::Valid || !(0..MODES).contains(&mode) || !id_ok;
                 if invalid {
                     assert_eq!(rc, -EINVAL, "resume with invalid arguments");
                     assert_eq!(recovered, 7, "a refused resume wrote recovered");

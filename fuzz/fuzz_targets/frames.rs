@@ -196,7 +196,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let matched = result.expect("publish");
-    assert_eq!(matched, if topic == b"all" { 4 } else { 2 });
+    let expected_matches = Mode::ALL
+        .iter()
+        .filter(|mode| topic == b"all" || !mode.requires_utf8())
+        .count();
+    assert_eq!(matched, expected_matches);
     assert_eq!(
         setup.reg.stats().queued_bytes,
         0,
@@ -228,6 +232,13 @@ fuzz_target!(|data: &[u8]| {
                     "ws::encode vs. the broadcast frame"
                 );
                 client_round_trip(bytes, &payload, op);
+            }
+            Mode::WsTextId | Mode::WsBinaryId => {
+                // No history here: the frame payload is an empty id, its LF, the payload.
+                let opcode = if mode == Mode::WsTextId { 1 } else { 2 };
+                let framed = parse_server_frame(bytes, opcode);
+                assert_eq!(framed.first(), Some(&b'\n'), "{mode:?}: an empty id first");
+                assert_eq!(&framed[1..], &payload[..], "{mode:?} payload");
             }
             Mode::Sse => {
                 assert_eq!(

@@ -66,7 +66,7 @@ pub unsafe extern "C" fn fdcast_wake(fc: *mut fdcast) -> c_int {
 
 /// Keeps idle streams alive through proxies that cut silent connections: every
 /// `interval_ms` milliseconds (0 turns it off, the default), fdcast_dispatch() sends an empty
-/// WebSocket ping (0x89 0x00) to each FDCAST_WS_TEXT/FDCAST_WS_BINARY subscriber and an SSE
+/// WebSocket ping (0x89 0x00) to each WebSocket-mode subscriber (the _ID modes too) and an SSE
 /// comment line (":\n\n", which EventSource ignores) to each FDCAST_SSE subscriber that has
 /// taken no frame for a whole interval and has nothing queued. A timerfd inside fdcast_fd()
 /// makes it readable when a heartbeat is due, so the host needs no timer. Keep-alive frames

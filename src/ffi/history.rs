@@ -23,9 +23,11 @@ use crate::registry::Registry;
 /// a restarted process or an earlier history is never mistaken for a current one), the
 /// offset 1, 2, 3, ... per topic. FDCAST_SSE frames then start with the line
 /// `id: <epoch>-<offset>\n` before their `data: ` lines, e.g. "id: 42-7\ndata: hi\n\n";
-/// FDCAST_RAW and WebSocket frames are unchanged. Publishes to one topic with history are
-/// serialized with each other (publishes to other topics still run in parallel). Ids are
-/// per process: a broker's other processes number the same messages their own way.
+/// FDCAST_WS_TEXT_ID and FDCAST_WS_BINARY_ID frames carry "42-7\nhi" as their WebSocket
+/// payload (see fdcast_mode); FDCAST_RAW, FDCAST_WS_TEXT and FDCAST_WS_BINARY frames are
+/// unchanged. Publishes to one topic with history are serialized with each other
+/// (publishes to other topics still run in parallel). Ids are per process: a broker's other
+/// processes number the same messages their own way.
 ///
 /// Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
 ///
@@ -99,9 +101,11 @@ pub unsafe extern "C" fn fdcast_publish_id(
 
 /// fdcast_subscribe(), then queues for `fd`, before any live message, every message the
 /// topic's history keeps after `last_id[0..id_len)` (an id as fdcast_publish_id() writes it
-/// and SSE frames carry it, without a NUL; a browser's Last-Event-ID header), in order, framed
-/// per `mode` (SSE frames with their `id:` lines). No message is missed or repeated between
-/// the replay and the live ones, even while other threads publish to the topic.
+/// and SSE frames carry it, without a NUL: a browser's Last-Event-ID header, or what a
+/// FDCAST_WS_TEXT_ID/FDCAST_WS_BINARY_ID client found before the first LF of the last frame
+/// it got), in order, framed per `mode` (SSE frames with their `id:` lines, WebSocket id
+/// modes with their ids). No message is missed or repeated between the replay and the live
+/// ones, even while other threads publish to the topic.
 ///
 /// `*recovered` (if `recovered` is not NULL) is set to 1 when the history still held every
 /// message after `last_id` (same epoch, nothing after it evicted), else 0; when 0, every
@@ -112,8 +116,9 @@ pub unsafe extern "C" fn fdcast_publish_id(
 /// in one writev: the kernel takes what it can, the outbox queues what fits under the outbox
 /// limit, and the overflow policy meets the rest (under FDCAST_DROP_MESSAGE those frames are
 /// dropped and counted; under FDCAST_EVICT the fd is evicted). Size the outbox limit for the
-/// replays you allow (about max_bytes of history) if none may be dropped. A kept payload that is not valid UTF-8 is skipped for a
-/// FDCAST_WS_TEXT or FDCAST_SSE subscriber. Subscribing a (topic, fd) pair that already
+/// replays you allow (about max_bytes of history) if none may be dropped. A kept payload
+/// that is not valid UTF-8 is skipped for a FDCAST_WS_TEXT, FDCAST_WS_TEXT_ID or FDCAST_SSE
+/// subscriber. Subscribing a (topic, fd) pair that already
 /// subscribes replays all the same.
 ///
 /// Returns the subscription id (> 0), or as fdcast_subscribe(), and -EINVAL also for a NULL

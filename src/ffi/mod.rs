@@ -74,8 +74,22 @@ pub enum fdcast_mode {
     /// RFC 6455 server frame: FIN + opcode 0x2, unmasked.
     FDCAST_WS_BINARY = 2,
     /// text/event-stream: one "data: " line per payload line (split on CRLF, LF and CR),
-    /// then a blank line. Payloads must be valid UTF-8.
+    /// then a blank line. Payloads must be valid UTF-8. With history on, the event starts
+    /// with an "id: <epoch>-<offset>" line (see fdcast_set_history()).
     FDCAST_SSE = 3,
+    /// FDCAST_WS_TEXT whose frame payload is the message's event id, a LF (0x0A), then the
+    /// payload: a client splits at the first LF, keeps the id, and resumes after it with
+    /// fdcast_subscribe_since() when it reconnects. The id is "<epoch>-<offset>" as
+    /// fdcast_publish_id() writes it when the topic keeps history (see fdcast_set_history()),
+    /// and empty otherwise (and for fdcast_send()), so the payload always follows the first
+    /// LF. Byte for byte, "hi" published as message 7 of epoch 42 is
+    /// 0x81 0x07 '4' '2' '-' '7' 0x0A 'h' 'i', and without history 0x81 0x03 0x0A 'h' 'i'
+    /// (the RFC 6455 length counts the id and the LF). Replays use the same form. Payloads
+    /// must be valid UTF-8 (ids are ASCII).
+    FDCAST_WS_TEXT_ID = 4,
+    /// FDCAST_WS_BINARY with the id before the payload as in FDCAST_WS_TEXT_ID:
+    /// 0x82 0x07 '4' '2' '-' '7' 0x0A 'h' 'i' for "hi", message 7 of epoch 42.
+    FDCAST_WS_BINARY_ID = 5,
 }
 
 /// What happens to a frame that would push an fd's queued bytes past the outbox limit.
@@ -131,6 +145,8 @@ fn mode_to_c(mode: Mode) -> fdcast_mode {
         Mode::WsText => fdcast_mode::FDCAST_WS_TEXT,
         Mode::WsBinary => fdcast_mode::FDCAST_WS_BINARY,
         Mode::Sse => fdcast_mode::FDCAST_SSE,
+        Mode::WsTextId => fdcast_mode::FDCAST_WS_TEXT_ID,
+        Mode::WsBinaryId => fdcast_mode::FDCAST_WS_BINARY_ID,
     }
 }
 
@@ -153,7 +169,7 @@ mod tests {
         for mode in Mode::ALL {
             assert_eq!(mode_from_c(mode_to_c(mode) as c_int).unwrap(), mode);
         }
-        for bad in [-1, 4, 7, c_int::MAX, c_int::MIN] {
+        for bad in [-1, 6, 7, c_int::MAX, c_int::MIN] {
             assert_eq!(mode_from_c(bad).unwrap_err().errno(), libc::EINVAL);
         }
     }

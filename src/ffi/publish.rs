@@ -21,8 +21,8 @@ use super::{ModeArg, fdcast, mode_from_c};
 ///
 /// Returns how many subscribers matched (0 when none; evicted and overflowing ones count),
 /// or -EINVAL (NULL `fc`; NULL `topic`; bad `topic_len`; NULL `payload` with `len` > 0),
-/// -EILSEQ (the payload is not valid UTF-8 and a FDCAST_WS_TEXT or FDCAST_SSE subscriber would
-/// receive it: nothing was written to anyone).
+/// -EILSEQ (the payload is not valid UTF-8 and a FDCAST_WS_TEXT, FDCAST_WS_TEXT_ID or
+/// FDCAST_SSE subscriber would receive it: nothing was written to anyone).
 ///
 /// Thread: any; publishes to different topics run in parallel.
 #[unsafe(no_mangle)]
@@ -72,12 +72,13 @@ pub unsafe extern "C" fn fdcast_publish_except(
 /// through the same outbox as broadcasts, so it never overtakes or splits queued frames. Use
 /// it instead of write(2) on any fd fdcast may hold queued bytes for (e.g. to answer an HTTP
 /// request on a connection that is also subscribed). Like fdcast_subscribe, it sets
-/// O_NONBLOCK on an fd that is not a socket, and applies the fd-reuse guard.
+/// O_NONBLOCK on an fd that is not a socket, and applies the fd-reuse guard. A frame sent
+/// in FDCAST_WS_TEXT_ID or FDCAST_WS_BINARY_ID has an empty id: a LF, then the payload.
 ///
 /// Returns 0 when the frame was written or queued, or -EINVAL (NULL `fc`; NULL `payload`
 /// with `len` > 0; `mode` not an fdcast_mode), -EBADF (`fd` negative or not open), -EILSEQ
-/// (FDCAST_WS_TEXT or FDCAST_SSE with a payload that is not valid UTF-8), -ENOBUFS (the
-/// outbox is full: the frame was dropped, or under FDCAST_EVICT the fd was evicted), or the
+/// (FDCAST_WS_TEXT, FDCAST_WS_TEXT_ID or FDCAST_SSE with a payload that is not valid UTF-8),
+/// -ENOBUFS (the outbox is full: the frame was dropped, or under FDCAST_EVICT the fd was evicted), or the
 /// peer's errno (e.g. -EPIPE, -ECONNRESET) when the peer is gone, after evicting the fd and
 /// calling the evict callback.
 ///

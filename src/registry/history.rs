@@ -174,8 +174,10 @@ impl Registry {
         };
         let write_at = (policy.outbox_limit / 2).max(1);
         let (mut frames, mut bytes) = (0, 0);
+        // Every frame is queued by copy: one buffer serves each SSE event's encoding in turn.
+        let mut scratch = Vec::new();
         for (id, payload) in messages {
-            let frame = Frame::encode_with_id(mode, payload, Some(id));
+            let frame = Frame::encode_for_replay(mode, payload, Some(id), &mut scratch);
             bytes += frame.as_ref().map_or(0, Frame::len);
             frames += 1;
             outcomes.deliver(peer, frame.as_ref(), |frame| {

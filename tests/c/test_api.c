@@ -394,7 +394,7 @@ static void test_argument_errors(void) {
 
     /* Enum values outside the enum. */
     CHECK_ERR(fdcast_subscribe(fc, T("t"), sv[0], (fdcast_mode)7), EINVAL);
-    CHECK_ERR(fdcast_subscribe(fc, T("t"), sv[0], (fdcast_mode)4), EINVAL);
+    CHECK_ERR(fdcast_subscribe(fc, T("t"), sv[0], (fdcast_mode)6), EINVAL); /* one past FDCAST_WS_BINARY_ID */
     CHECK_ERR(fdcast_subscribe(fc, T("t"), sv[0], (fdcast_mode)-1), EINVAL);
     CHECK_ERR(fdcast_send(fc, sv[0], (fdcast_mode)7, "x", 1), EINVAL);
     CHECK_ERR(fdcast_send(fc, sv[0], (fdcast_mode)-1, "x", 1), EINVAL);

@@ -1,8 +1,10 @@
 /*
  * test_history.c: per-topic history from C. Ids from fdcast_publish_id, SSE frames carrying
- * them, resume with fdcast_subscribe_since (recovered or not), fdcast_subscribe_tail, and
- * ids that do not parse refused with -EINVAL and no change. Run by `make c-test` under
- * ASan+UBSan and valgrind.
+ * them, resume with fdcast_subscribe_since (recovered or not), fdcast_subscribe_tail, ids
+ * that do not parse refused with -EINVAL and no change, and the WebSocket id modes
+ * (FDCAST_WS_TEXT_ID, FDCAST_WS_BINARY_ID: "<id>\n<payload>" as the frame payload) live, in
+ * replay, resumed from an id read out of a frame, and without history. Run by `make c-test`
+ * under ASan+UBSan and valgrind.
  */
 #define _GNU_SOURCE
 #include "check.h"
@@ -10,6 +12,19 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+
+/* An unmasked server frame (FIN, `opcode`) whose payload is `id`, a LF, then `payload`, all
+ * under 126 bytes; returns its length. */
+static size_t ws_id_frame(char *out, unsigned opcode, const char *id, const char *payload) {
+    size_t id_len = strlen(id), payload_len = strlen(payload);
+    CHECK(id_len + 1 + payload_len < 126);
+    out[0] = (char)(0x80 | opcode);
+    out[1] = (char)(id_len + 1 + payload_len);
+    memcpy(out + 2, id, id_len);
+    out[2 + id_len] = '\n';
+    memcpy(out + 3 + id_len, payload, payload_len);
+    return 3 + id_len + payload_len;
+}
 
 int main(void) {
     char id[FDCAST_MAX_EVENT_ID_LEN + 1];
@@ -93,6 +108,44 @@ int main(void) {
     CHECK_EQ(read_now(tail[1], buf, sizeof buf), 6);
     CHECK(memcmp(buf, "m5m6m7", 6) == 0);
 
+    /* WebSocket id modes. A client that got m6 (its id is in `id`) resumes in
+     * FDCAST_WS_TEXT_ID: m7 (kept: m5 m6 m7) is replayed, then m8 live, each frame's payload
+     * "<id>\n<payload>". */
+    char m7_id[FDCAST_MAX_EVENT_ID_LEN + 1], m8_id[FDCAST_MAX_EVENT_ID_LEN + 1];
+    snprintf(m7_id, sizeof m7_id, "%.*s-7", (int)(dash - ids[0]), ids[0]);
+    int ws[2];
+    make_pair(ws);
+    CHECK(fdcast_subscribe_since(fc, T("t"), ws[0], FDCAST_WS_TEXT_ID, id, strlen(id),
+                                 &recovered) > 0);
+    CHECK_EQ(recovered, 1);
+    CHECK_EQ(fdcast_publish_id(fc, T("t"), T("m8"), -1, m8_id, sizeof m8_id), 4);
+    size_t n = ws_id_frame(expected, 0x1, m7_id, "m7");
+    n += ws_id_frame(expected + n, 0x1, m8_id, "m8");
+    CHECK_EQ(read_now(ws[1], buf, sizeof buf), n);
+    CHECK(memcmp(buf, expected, n) == 0);
+
+    /* The client drops; m9 comes; it resumes in FDCAST_WS_BINARY_ID from the id before the
+     * first LF of the last frame it got (m8's): m9 only, recovered. */
+    CHECK_EQ(fdcast_unsubscribe_fd(fc, ws[0]), 1);
+    CHECK_EQ(fdcast_publish(fc, T("t"), T("m9")), 3);
+    const char *frame_id = buf + n - (2 + strlen(m8_id) + 1 + 2) + 2;
+    const char *lf = memchr(frame_id, '\n', strlen(m8_id) + 1);
+    CHECK(lf != NULL);
+    CHECK(fdcast_subscribe_since(fc, T("t"), ws[0], FDCAST_WS_BINARY_ID, frame_id,
+                                 (size_t)(lf - frame_id), &recovered) > 0);
+    CHECK_EQ(recovered, 1);
+    char m9_id[FDCAST_MAX_EVENT_ID_LEN + 1];
+    snprintf(m9_id, sizeof m9_id, "%.*s-9", (int)(dash - ids[0]), ids[0]);
+    n = ws_id_frame(expected, 0x2, m9_id, "m9");
+    CHECK_EQ(read_now(ws[1], buf, sizeof buf), n);
+    CHECK(memcmp(buf, expected, n) == 0);
+
+    /* TEXT_ID needs UTF-8; modes past FDCAST_WS_BINARY_ID are refused. */
+    CHECK_EQ(fdcast_send(fc, ws[0], FDCAST_WS_TEXT_ID, "\xff", 1), -EILSEQ);
+    CHECK_EQ(fdcast_send(fc, ws[0], (fdcast_mode)6, T("x")), -EINVAL);
+    CHECK_EQ(fdcast_subscribe(fc, T("u"), ws[0], (fdcast_mode)6), -EINVAL);
+    CHECK_EQ(read_now(ws[1], buf, sizeof buf), 0);
+
     /* Off again: what was kept is gone. */
     CHECK_EQ(fdcast_set_history(fc, 0, 0, 0), 0);
     CHECK_EQ(fdcast_set_history(fc, 3, 0, 0), 0);
@@ -101,8 +154,16 @@ int main(void) {
     CHECK(fdcast_subscribe_tail(fc, T("t"), late[0], FDCAST_RAW, 10) > 0);
     CHECK_EQ(read_now(late[1], buf, sizeof buf), 0);
 
+    /* A topic without history: an id mode's frame starts with an empty id, its LF alone. */
+    CHECK(fdcast_subscribe(fc, T("plain"), late[0], FDCAST_WS_TEXT_ID) > 0);
+    CHECK_EQ(fdcast_set_history(fc, 0, 0, 0), 0);
+    CHECK_EQ(fdcast_publish(fc, T("plain"), T("hi")), 1);
+    CHECK_EQ(fdcast_send(fc, late[0], FDCAST_WS_BINARY_ID, T("yo")), 0);
+    CHECK_EQ(read_now(late[1], buf, sizeof buf), 10);
+    CHECK(memcmp(buf, "\x81\x03\nhi\x82\x03\nyo", 10) == 0);
+
     fdcast_free(fc);
-    int *pairs[] = {sse, raw, bad, tail, late};
+    int *pairs[] = {sse, raw, bad, tail, ws, late};
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++) {
         close(pairs[i][0]);
         close(pairs[i][1]);
