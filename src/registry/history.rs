@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use super::publish::Outcomes;
 use super::{Registry, check_topic};
 use crate::error::Error;
-use crate::frame::{Frame, Mode};
+use crate::frame::{Frame, Mode, ReplayEncoder};
 use crate::history::{EventId, HistoryLimits, Ring, random_epoch};
 use crate::index::SubscriptionId;
 use crate::outbox::{Peer, WritePolicy};
@@ -174,10 +174,9 @@ impl Registry {
         };
         let write_at = (policy.outbox_limit / 2).max(1);
         let (mut frames, mut bytes) = (0, 0);
-        // Every frame is queued by copy: one buffer serves each SSE event's encoding in turn.
-        let mut scratch = Vec::new();
+        let mut encoder = ReplayEncoder::new(mode);
         for (id, payload) in messages {
-            let frame = Frame::encode_for_replay(mode, payload, Some(id), &mut scratch);
+            let frame = encoder.encode(payload, id);
             bytes += frame.as_ref().map_or(0, Frame::len);
             frames += 1;
             outcomes.deliver(peer, frame.as_ref(), |frame| {
