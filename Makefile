@@ -162,7 +162,8 @@ example-test: lib
 
 # ws_chat (ASan+UBSan build) against real clients: Python `websockets` and raw
 # sockets, then headless Chromium (Debian's /usr/bin/chromium) driven by
-# playwright-core. .ci/run installs all three; `npm ci` runs here if needed.
+# playwright-core: the chat, and pages that resume by id after the server drops
+# them (resume.test.mjs). .ci/run installs all three; `npm ci` runs here if needed.
 ws-chat-test: lib
 	mkdir -p $(OUT)/static
 	$(CC) $(CFLAGS) $(SANITIZE) -o $(OUT)/static/ws_chat c-examples/ws_chat.c \
@@ -170,7 +171,7 @@ ws-chat-test: lib
 	$(PYTHON) tests/ws_chat_test.py $(OUT)/static/ws_chat
 	test -d tests/browser/node_modules/playwright-core || \
 	  (cd tests/browser && npm ci --no-audit --no-fund)
-	cd tests/browser && WS_CHAT_BIN=$(abspath $(OUT)/static/ws_chat) node --test ws_chat.test.mjs
+	cd tests/browser && WS_CHAT_BIN=$(abspath $(OUT)/static/ws_chat) node --test ws_chat.test.mjs resume.test.mjs
 
 # log_fanout (ASan+UBSan build) with 100 nc, socat and Python clients.
 log-fanout-test: lib

@@ -9,12 +9,35 @@
  *                            published to every other member of the room (no
  *                            echo to the sender: the page shows its own
  *                            messages itself)
- *   GET /events?room=<r>     text/event-stream of the room's messages
+ *   GET /events?room=<r>     text/event-stream of the room's messages, each
+ *                            event with its id; a request with a Last-Event-ID
+ *                            header (an EventSource reconnecting) first gets
+ *                            every kept message after that id
+ *   GET /resume.html?room=<r>  a read-only page on the WebSocket below that
+ *                            reconnects by itself with the last id it saw
+ *   GET /ws?room=<r>&last_id=<id>  WebSocket in FDCAST_WS_TEXT_ID: each message
+ *                            arrives as "<id>\n<text>" (split at the first LF);
+ *                            first every kept message after <id> (empty: none).
+ *                            Read-only in spirit: what it sends is published too
+ *   POST /admin/drop?room=<r>  closes every connection that can resume (event
+ *                            streams and last_id WebSockets) in the room at
+ *                            once, as a network failure would; answers their
+ *                            count. For tests and demos: the server listens on
+ *                            127.0.0.1 only
+ *
+ * History: each room keeps its last HISTORY_MESSAGES messages (at most
+ * HISTORY_BYTES bytes), so a client that lost its connection resumes without a
+ * gap or a duplicate: an EventSource on its own (it sends Last-Event-ID; the
+ * stream's "retry: 250" makes it come back after 250 ms), resume.html by
+ * putting its last id in the URL. Each resume is logged on stdout ("ws_chat:
+ * resume ..."). $WS_CHAT_HISTORY=0 turns history off.
  *
  * Usage: ws_chat [port]     (default 8081, or $FDCAST_PORT; 0 picks a free
  *                            port, printed on stdout)
  *   open http://127.0.0.1:8081/?room=a in two browser tabs and chat, or
  *   curl -N 'localhost:8081/events?room=a'
+ *   curl -N -H 'Last-Event-ID: <an id it printed>' 'localhost:8081/events?room=a'
+ *   curl -X POST 'localhost:8081/admin/drop?room=a'
  *
  * Room names are 1 to 64 characters of [A-Za-z0-9._~-]. Text messages are at
  * most MAX_MESSAGE bytes (longer: close 1009); binary messages are refused
@@ -34,6 +57,9 @@
 #define MAX_MESSAGE (64 * 1024)  /* bytes in one text message */
 #define IN_CAP (MAX_MESSAGE + 14) /* one whole frame of the largest message */
 #define LINGER_MS 5000           /* how long a closing client may take to hang up */
+#define HISTORY_MESSAGES 1000    /* kept per room, for clients that resume */
+#define HISTORY_BYTES (1 << 20)  /* as much as the outbox limit: a replay fits */
+#define SSE_RETRY "retry: 250\n\n" /* EventSource reconnects after 250 ms, not ~3 s */
 
 /* WebSocket close status codes (RFC 6455 7.4.1). */
 enum {
@@ -41,6 +67,7 @@ enum {
     WS_PROTOCOL_ERROR = 1002,
     WS_UNSUPPORTED_DATA = 1003,
     WS_INVALID_PAYLOAD = 1007,
+    WS_POLICY_VIOLATION = 1008,
     WS_TOO_BIG = 1009,
 };
 
@@ -59,6 +86,7 @@ struct conn {
     bool peer_done; /* CLOSING: the client already hung up */
     long long deadline; /* CLOSING and shut: close at this monotonic time (ms) */
     int64_t sub;  /* subscription id, 0 when none */
+    bool resumable; /* an event stream or a last_id WebSocket: /admin/drop closes it */
     char topic[sizeof "room:" + MAX_ROOM];
     size_t topic_len;
     char head[HTTP_MAX_HEAD + 1];
@@ -172,9 +200,11 @@ static const char *const SSE_PAGE[] = {
     "const state = document.getElementById('state');\n"
     "document.getElementById('room').textContent = room;\n"
     "const es = new EventSource('/events?room=' + encodeURIComponent(room));\n"
+    "let opens = 0;\n"
     "es.onopen = () => {\n"
     "  state.textContent = 'connected';\n"
     "  document.body.dataset.state = 'open';\n"
+    "  document.body.dataset.opens = ++opens;\n"
     "};\n"
     "es.onerror = () => {\n"
     "  state.textContent = 'reconnecting';\n"
@@ -183,8 +213,62 @@ static const char *const SSE_PAGE[] = {
     "es.onmessage = (event) => {\n"
     "  const li = document.createElement('li');\n"
     "  li.textContent = event.data;\n"
+    "  li.dataset.id = event.lastEventId;\n"
     "  log.append(li);\n"
     "};\n"
+    "</script>\n"
+    "</body></html>\n",
+    NULL,
+};
+
+/* What an EventSource does by itself, by hand over a WebSocket: remember the
+ * id of the last message, and reconnect with it. */
+static const char *const RESUME_PAGE[] = {
+    "<!doctype html>\n"
+    "<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+    "<title>fdcast room (WebSocket, resuming)</title>\n"
+    "<style>\n"
+    "body{font:15px/1.4 system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em}\n"
+    "h1{font-size:1.3em}#room{color:#0a5}#state{font-size:.85em;color:#777}\n"
+    "#log{list-style:none;padding:.5em;border:1px solid #ccc;border-radius:6px}\n"
+    "#log li{margin:.2em 0;padding:.2em .5em;background:#e4f0fe;border-radius:4px;"
+    "white-space:pre-wrap}\n"
+    "</style></head>\n"
+    "<body>\n"
+    "<h1>Room <span id=\"room\"></span>, read-only, over a WebSocket that resumes</h1>\n"
+    "<div id=\"state\">connecting&hellip;</div>\n"
+    "<ul id=\"log\"></ul>\n"
+    "<script>\n"
+    "'use strict';\n"
+    "const room = new URLSearchParams(location.search).get('room') || 'lobby';\n"
+    "const log = document.getElementById('log');\n"
+    "const state = document.getElementById('state');\n"
+    "document.getElementById('room').textContent = room;\n"
+    "let lastId = '';\n"
+    "let opens = 0;\n"
+    "function connect() {\n"
+    "  const ws = new WebSocket('ws://' + location.host + '/ws?room=' +\n"
+    "                           encodeURIComponent(room) + '&last_id=' + lastId);\n"
+    "  ws.onopen = () => {\n"
+    "    state.textContent = lastId ? 'connected, resumed after ' + lastId : 'connected';\n"
+    "    document.body.dataset.state = 'open';\n"
+    "    document.body.dataset.opens = ++opens;\n"
+    "  };\n"
+    "  ws.onmessage = (event) => {\n"
+    "    const lf = event.data.indexOf('\\n');\n"
+    "    lastId = event.data.slice(0, lf);\n"
+    "    const li = document.createElement('li');\n"
+    "    li.textContent = event.data.slice(lf + 1);\n"
+    "    li.dataset.id = lastId;\n"
+    "    log.append(li);\n"
+    "  };\n"
+    "  ws.onclose = () => {\n"
+    "    state.textContent = 'reconnecting';\n"
+    "    document.body.dataset.state = 'closed';\n"
+    "    setTimeout(connect, 250);\n"
+    "  };\n"
+    "}\n"
+    "connect();\n"
     "</script>\n"
     "</body></html>\n",
     NULL,
@@ -385,19 +469,29 @@ static void ws_input(struct conn *c) {
 /* ------------------------------------------------------------------------ */
 /* HTTP                                                                     */
 
-/* Sets c->topic to "room:<r>" from the query string. False for a bad name. */
-static bool parse_room(struct conn *c, const char *query, size_t qlen) {
-    const char *room = "lobby";
-    size_t rlen = 5;
-    const char *p = query, *end = query + qlen;
+/* The value of `name` ("name=value") in the query string, NULL when absent. */
+static const char *query_value(const char *query, size_t qlen, const char *name, size_t *len) {
+    size_t nlen = strlen(name);
+    const char *p = query, *end = query + qlen, *found = NULL;
     while (p < end) {
         const char *amp = memchr(p, '&', (size_t)(end - p));
         const char *pe = amp != NULL ? amp : end;
-        if (pe - p >= 5 && memcmp(p, "room=", 5) == 0) {
-            room = p + 5;
-            rlen = (size_t)(pe - room);
+        if ((size_t)(pe - p) > nlen && memcmp(p, name, nlen) == 0 && p[nlen] == '=') {
+            found = p + nlen + 1;
+            *len = (size_t)(pe - found);
         }
         p = pe + 1;
+    }
+    return found;
+}
+
+/* Sets c->topic to "room:<r>" from the query string. False for a bad name. */
+static bool parse_room(struct conn *c, const char *query, size_t qlen) {
+    size_t rlen = 5;
+    const char *room = query_value(query, qlen, "room", &rlen);
+    if (room == NULL) {
+        room = "lobby";
+        rlen = 5;
     }
     if (rlen == 0 || rlen > MAX_ROOM) return false;
     for (size_t i = 0; i < rlen; i++) {
@@ -420,20 +514,60 @@ static bool subscribe(struct conn *c, fdcast_mode mode) {
     return true;
 }
 
+/* Subscribes, first replaying every kept message after `last_id` (a client's
+ * last id, not NUL-terminated). Returns the subscription id, or -EINVAL for
+ * an id that does not parse (nothing changed), or another negative errno. */
+static int64_t subscribe_after(struct conn *c, fdcast_mode mode, const char *last_id,
+                               size_t id_len) {
+    int recovered = 0;
+    int64_t id = fdcast_subscribe_since(fc, c->topic, c->topic_len, c->fd, mode, last_id,
+                                        id_len, &recovered);
+    if (id > 0) {
+        c->sub = id;
+        /* Not recovered: messages after the id are gone (evicted, or the id is
+         * from before a restart); the client still gets every one kept. */
+        printf("ws_chat: resume %s %.*s after %.*s%s\n", mode == FDCAST_SSE ? "SSE" : "WebSocket",
+               (int)c->topic_len, c->topic, (int)id_len, last_id,
+               recovered ? "" : " (messages lost)");
+        fflush(stdout);
+    }
+    return id;
+}
+
 static void start_events(struct conn *c) {
-    static const char head[] = HTTP_SSE_HEAD;
+    static const char head[] = HTTP_SSE_HEAD SSE_RETRY;
     /* Headers first, then subscribe: everything runs on this thread, so no
      * publish comes in between and the first event follows the headers. */
-    if (!send_raw(c, head, sizeof head - 1) || !subscribe(c, FDCAST_SSE)) {
+    if (!send_raw(c, head, sizeof head - 1)) {
         finish(c);
         return;
     }
+    size_t id_len = 0;
+    const char *last_id = http_header(c->head, "Last-Event-ID", &id_len);
+    bool subscribed = false;
+    if (last_id != NULL) {
+        int64_t id = subscribe_after(c, FDCAST_SSE, last_id, id_len);
+        if (id == -EINVAL) fprintf(stderr, "ws_chat: fd %d: Last-Event-ID is no id of ours\n", c->fd);
+        subscribed = id > 0;
+        if (id < 0 && id != -EINVAL) {
+            finish(c);
+            return;
+        }
+    }
+    if (!subscribed && !subscribe(c, FDCAST_SSE)) {
+        finish(c);
+        return;
+    }
+    c->resumable = true;
     c->state = SSE;
 }
 
-/* RFC 6455 4.2: checks the opening handshake, answers 101 and joins the room.
- * `extra` bytes after the head are the client's first frames. */
-static void upgrade(struct conn *c, const char *extra, size_t extra_len) {
+/* RFC 6455 4.2: checks the opening handshake, answers 101 and joins the room:
+ * with `last_id` (from the query; may be empty), in FDCAST_WS_TEXT_ID after
+ * replaying what came after it. `extra` bytes after the head are the client's
+ * first frames. */
+static void upgrade(struct conn *c, const char *last_id, size_t id_len, const char *extra,
+                    size_t extra_len) {
     size_t ulen = 0, clen = 0, vlen = 0, klen = 0;
     const char *up = http_header(c->head, "Upgrade", &ulen);
     const char *conn = http_header(c->head, "Connection", &clen);
@@ -466,15 +600,55 @@ static void upgrade(struct conn *c, const char *extra, size_t extra_len) {
                      "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
                      accept);
-    if (!send_raw(c, resp, (size_t)n) || !subscribe(c, FDCAST_WS_TEXT)) {
+    if (!send_raw(c, resp, (size_t)n)) {
         finish(c);
         return;
     }
     c->state = WEBSOCKET;
+    if (last_id == NULL) {
+        if (!subscribe(c, FDCAST_WS_TEXT)) {
+            finish(c);
+            return;
+        }
+    } else if (id_len == 0) {
+        if (!subscribe(c, FDCAST_WS_TEXT_ID)) {
+            finish(c);
+            return;
+        }
+        c->resumable = true;
+    } else {
+        int64_t id = subscribe_after(c, FDCAST_WS_TEXT_ID, last_id, id_len);
+        if (id == -EINVAL) {
+            ws_close(c, WS_POLICY_VIOLATION, "last_id is no id of ours");
+            return;
+        }
+        if (id < 0) {
+            finish(c);
+            return;
+        }
+        c->resumable = true;
+    }
     memset(&c->reader, 0, sizeof c->reader);
     memcpy(c->in, extra, extra_len);
     c->in_len = extra_len;
     ws_input(c);
+}
+
+/* POST /admin/drop: closes every resumable connection in c's room at once,
+ * without a goodbye, as a lost network would, and answers how many. */
+static void drop_room(struct conn *c) {
+    int dropped = 0;
+    for (int fd = 0; fd <= max_fd; fd++) {
+        struct conn *other = conns[fd];
+        if (other == NULL || other == c || !other->resumable || other->state == CLOSING ||
+            other->topic_len != c->topic_len || memcmp(other->topic, c->topic, c->topic_len) != 0)
+            continue;
+        close_conn(other);
+        dropped++;
+    }
+    char text[32];
+    snprintf(text, sizeof text, "%d\n", dropped);
+    respond(c, "200 OK", "", text);
 }
 
 /* Parses the request head (NUL-terminated, blank line at head_end) and acts
@@ -485,6 +659,15 @@ static void handle_request(struct conn *c, size_t head_end) {
         respond(c, "400 Bad Request", "", "bad request line\n");
         return;
     }
+    if (http_path_is(&req, "/admin/drop")) {
+        if (!http_method_is(&req, "POST"))
+            respond(c, "405 Method Not Allowed", "Allow: POST\r\n", "POST only\n");
+        else if (!parse_room(c, req.query, req.query_len))
+            respond(c, "400 Bad Request", "", "room names are 1-64 of [A-Za-z0-9._~-]\n");
+        else
+            drop_room(c);
+        return;
+    }
     if (!http_method_is(&req, "GET")) {
         respond(c, "405 Method Not Allowed", "Allow: GET\r\n", "GET only\n");
         return;
@@ -493,11 +676,15 @@ static void handle_request(struct conn *c, size_t head_end) {
         serve_page(c, CHAT_PAGE);
     } else if (http_path_is(&req, "/sse.html")) {
         serve_page(c, SSE_PAGE);
+    } else if (http_path_is(&req, "/resume.html")) {
+        serve_page(c, RESUME_PAGE);
     } else if (http_path_is(&req, "/ws") || http_path_is(&req, "/events")) {
         if (!parse_room(c, req.query, req.query_len)) {
             respond(c, "400 Bad Request", "", "room names are 1-64 of [A-Za-z0-9._~-]\n");
         } else if (http_path_is(&req, "/ws")) {
-            upgrade(c, c->head + head_end, c->head_len - head_end);
+            size_t id_len = 0;
+            const char *last_id = query_value(req.query, req.query_len, "last_id", &id_len);
+            upgrade(c, last_id, id_len, c->head + head_end, c->head_len - head_end);
         } else {
             start_events(c);
         }
@@ -582,6 +769,10 @@ int main(int argc, char **argv) {
      * rather than silently missing messages. */
     int fcfd;
     fc = evicting_fdcast(&evictions, &fcfd);
+    const char *history = getenv("WS_CHAT_HISTORY");
+    if ((history == NULL || strcmp(history, "0") != 0) &&
+        fdcast_set_history(fc, HISTORY_MESSAGES, HISTORY_BYTES, 0) != 0)
+        die("fdcast_set_history");
     int watch[] = {lfd, sfd, fcfd};
     ep = epoll_watching(watch, sizeof watch / sizeof watch[0]);
 

@@ -97,12 +97,17 @@ class SseReader:
         return self
 
     async def event(self):
-        """The next event's data (data lines joined by LF)."""
-        raw = await within(self.reader.readuntil(b"\n\n"), f"{self.name}: next event")
-        lines = raw[:-2].split(b"\n")
-        for line in lines:
-            check(line.startswith(b"data: "), f"{self.name}: line {line!r}")
-        return b"\n".join(line[6:] for line in lines).decode("utf-8")
+        """The next event's data (data lines joined by LF). The room keeps history, so
+        events start with an "id: " line; the stream starts with a "retry: " block."""
+        while True:
+            raw = await within(self.reader.readuntil(b"\n\n"), f"{self.name}: next event")
+            lines = raw[:-2].split(b"\n")
+            if lines[0].startswith(b"retry: ") and len(lines) == 1:
+                continue
+            check(lines[0].startswith(b"id: "), f"{self.name}: first line {lines[0]!r}")
+            for line in lines[1:]:
+                check(line.startswith(b"data: "), f"{self.name}: line {line!r}")
+            return b"\n".join(line[6:] for line in lines[1:]).decode("utf-8")
 
     async def eof(self):
         rest = await within(self.reader.read(), f"{self.name}: EOF")
