@@ -184,6 +184,9 @@ fn framed(mode: Mode, payload: &[u8]) -> Vec<u8> {
         Mode::WsText => ws_encode(0x1, payload),
         Mode::WsBinary => ws_encode(0x2, payload),
         Mode::Sse => sse_encode(payload),
+        // No history here: an id mode's frame starts with an empty id and its LF.
+        Mode::WsTextId => ws_encode(0x1, &[b"\n", payload].concat()),
+        Mode::WsBinaryId => ws_encode(0x2, &[b"\n", payload].concat()),
     }
 }
 
@@ -687,7 +690,7 @@ fn every_mode(kind: Kind) {
 
     // The parent's own publish: delivered here once, and once in the agent.
     let ours = b"from the parent";
-    assert_eq!(local.reg.publish(topic, ours).unwrap(), 4);
+    assert_eq!(local.reg.publish(topic, ours).unwrap(), Mode::ALL.len());
     for (i, mode) in Mode::ALL.into_iter().enumerate() {
         local.expect(i, &framed(mode, ours), &format!("{mode:?}, own publish"));
     }

@@ -165,6 +165,9 @@ fn encode(mode: Mode, payload: &[u8]) -> Vec<u8> {
         Mode::WsText => common::ws_encode(1, payload),
         Mode::WsBinary => common::ws_encode(2, payload),
         Mode::Sse => common::sse_encode(payload),
+        // No history in the soak: an id mode's frame starts with an empty id and its LF.
+        Mode::WsTextId => common::ws_encode(1, &[b"\n", payload].concat()),
+        Mode::WsBinaryId => common::ws_encode(2, &[b"\n", payload].concat()),
     }
 }
 
@@ -173,11 +176,19 @@ fn encode(mode: Mode, payload: &[u8]) -> Vec<u8> {
 fn take_frame(mode: Mode, buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, String> {
     match mode {
         Mode::Raw => Ok(take_lp(buf)),
-        Mode::WsText | Mode::WsBinary => {
+        Mode::WsText | Mode::WsBinary | Mode::WsTextId | Mode::WsBinaryId => {
             let (frames, used) = parse_one_ws(buf)?;
             match frames {
                 None => Ok(None),
                 Some(payload) => {
+                    let payload = if matches!(mode, Mode::WsTextId | Mode::WsBinaryId) {
+                        payload
+                            .strip_prefix(b"\n")
+                            .ok_or("WebSocket id-mode payload without its empty id")?
+                            .to_vec()
+                    } else {
+                        payload
+                    };
                     let inner = take_lp(&payload).ok_or("WebSocket payload is not one frame")?;
                     if inner.1 != payload.len() {
                         return Err("WebSocket payload longer than its frame".into());
@@ -352,7 +363,7 @@ impl Host {
             self.fig.numbers_reused += 1;
         }
         self.closed_numbers.insert(fd);
-        let mode = Mode::ALL[self.rand(4) as usize];
+        let mode = Mode::ALL[self.rand(Mode::ALL.len() as u64) as usize];
         let pace = match self.rand(10) {
             0 => Pace::Stalled,
             1 | 2 => Pace::Slow,
