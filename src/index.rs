@@ -948,6 +948,15 @@ mod tests {
         assert_eq!(index.keepalive_of(2), Some(Keepalive::Ping));
         index.remove_peer(2);
         assert_eq!(index.keepalive_of(2), None);
+        for mode in [Mode::WsTextId, Mode::WsBinaryId] {
+            let id_mode = index.subscribe(b"c", 1, mode).unwrap();
+            assert_eq!(
+                index.keepalive_of(1),
+                Some(Keepalive::Ping),
+                "{mode:?} is WebSocket"
+            );
+            index.unsubscribe(id_mode);
+        }
     }
 
     #[test]
