@@ -11,7 +11,8 @@
 # registry costs and contention), bench/slow.c (part 5, slow consumers),
 # bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis, Redis Cluster
 # (three primaries it starts itself) and NATS from one process to two others, against a
-# baseline publisher of each). Each runs its contenders alternating, reps
+# baseline publisher of each), bench/lagging.c (part 8: RSS of readers that stop reading, with
+# history on and off). Each runs its contenders alternating, reps
 # times, and reports medians; bench/report.py makes the tables of parts 1-5.
 # Needs redis-server, redis-cli and redis-benchmark (redis-tools; installed with apt-get when
 # missing; Redis 7 for the cluster's sharded pub/sub), PostgreSQL and NATS for parts 6-7
@@ -48,7 +49,7 @@ make -s bench-build >&2
 B=$(mktemp -d target/bench/run.XXXXXX)
 trap 'rm -rf "$B"' EXIT
 cargo build --release -q --example pg_crossprocess
-cp target/bench/{fanout,pubsub,fdcast_server,slow} \
+cp target/bench/{fanout,pubsub,fdcast_server,slow,lagging} \
   target/release/examples/{registry_bench,pg_crossprocess,broker_bench} "$B"/
 raw=$B/results.txt
 if ((quick)); then
@@ -145,6 +146,17 @@ printf '+ broker_bench %s\n' "${broker_args[*]}" >&2
 t0=$SECONDS
 if ! $B/broker_bench ${broker_args[@]+"${broker_args[@]}"} >>"$md"; then
   echo "bench: FAILED: broker_bench ${broker_args[*]}" >&2
+  failed=1
+fi
+printf '  (%d s)\n' $((SECONDS - t0)) >&2
+
+# Readers that stop reading, inside a history as long as the run, with history on and off
+# (bench/lagging.c): RSS, and one reader that then catches up with every message, in order.
+if ((quick)); then lagging_args=(n=1000 m=1000); else lagging_args=(n=10000 m=10000); fi
+printf '+ lagging %s\n' "${lagging_args[*]}" >&2
+t0=$SECONDS
+if ! $B/lagging "${lagging_args[@]}" >>"$md"; then
+  echo "bench: FAILED: lagging ${lagging_args[*]}" >&2
   failed=1
 fi
 printf '  (%d s)\n' $((SECONDS - t0)) >&2

@@ -177,12 +177,13 @@ typedef struct fdcast_stats {
 } fdcast_stats;
 
 /**
- * One fd's counters, filled by fdcast_fd_stats(). Every frame a publish, replay or send
+ * One fd's counters, filled by fdcast_fd_stats() (the struct is named apart from the
+ * function: C has one namespace for both). Every frame a publish, replay or send
  * meant for the fd ends in exactly one of `delivered`, `dropped` or `lost_to_gaps`, is still
  * queued, or is still owed from a topic's history (`catching_up`); the registry-wide
  * fdcast_stats counts the same events for all fds together.
  */
-typedef struct fdcast_fd_stats {
+typedef struct fdcast_fd_counters {
   /**
    * Frames whose last byte reached the kernel (keep-alive frames aside).
    */
@@ -204,7 +205,7 @@ typedef struct fdcast_fd_stats {
    * Topics the fd is behind on now, catching up from their history.
    */
   uint64_t catching_up;
-} fdcast_fd_stats;
+} fdcast_fd_counters;
 
 /**
  * Decides whether `fd` may subscribe to `topic[0..topic_len)` in `mode`: return true to
@@ -740,7 +741,7 @@ int fdcast_set_fd_check(struct fdcast *fc, int on);
 void fdcast_get_stats(const struct fdcast *fc, struct fdcast_stats *out);
 
 /**
- * Fills `*out` with `fd`'s counters (see fdcast_fd_stats). Counters start when fdcast first
+ * Fills `*out` with `fd`'s counters (see fdcast_fd_counters). Counters start when fdcast first
  * sees the fd (its first subscribe or send) and end when it forgets the fd (unsubscribe_fd,
  * clear, eviction, or an fd with no subscriptions whose outbox drained).
  *
@@ -750,7 +751,7 @@ void fdcast_get_stats(const struct fdcast *fc, struct fdcast_stats *out);
  * Thread: any; the fields are read together under the fd's lock, `queued_bytes` a moment
  * later.
  */
-FDCAST_MUST_USE int fdcast_fd_stats(const struct fdcast *fc, int fd, struct fdcast_fd_stats *out);
+FDCAST_MUST_USE int fdcast_fd_stats(const struct fdcast *fc, int fd, struct fdcast_fd_counters *out);
 
 /**
  * Corks the registry: from now on fdcast_publish, fdcast_publish_except and fdcast_send

@@ -759,6 +759,11 @@ impl Peer {
                 cursor = id.offset + 1;
                 continue;
             }
+            if payload.is_empty() && mode == Mode::Raw {
+                // An empty frame writes nothing: `deliver` counted it when it was published.
+                cursor = id.offset + 1;
+                continue;
+            }
             let Some(frame) = Frame::encode_with_id(mode, payload, Some(id)) else {
                 outbox.dropped += 1;
                 caught.dropped += 1;

@@ -272,7 +272,11 @@ fn a_replay_over_the_outbox_limit_catches_up_instead_of_dropping() {
         got.extend(read_now(peer.as_raw_fd()).0);
         reg.dispatch(Some(Duration::from_millis(5))).unwrap();
     }
-    assert_eq!(got, payload.repeat(50).as_bytes(), "every replayed frame, whole");
+    assert_eq!(
+        got,
+        payload.repeat(50).as_bytes(),
+        "every replayed frame, whole"
+    );
     let after = reg.stats();
     assert_eq!((after.deliveries, after.dropped_messages), (50, 0));
     assert_eq!(after.queued_bytes, 0);

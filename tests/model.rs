@@ -670,6 +670,7 @@ impl World {
             publishes: self.publishes,
             deliveries: self.deliveries,
             dropped_messages: self.dropped,
+            lost_to_gaps: 0,
             evicted_fds: self.evicted,
             queued_bytes: queued as u64,
             subscriptions: self.subs.len() as u64,

@@ -5,14 +5,15 @@ use std::ffi::c_int;
 use super::boundary::{out_param, registry, returning_status};
 use super::fdcast;
 
-/// One fd's counters, filled by fdcast_fd_stats(). Every frame a publish, replay or send
+/// One fd's counters, filled by fdcast_fd_stats() (the struct is named apart from the
+/// function: C has one namespace for both). Every frame a publish, replay or send
 /// meant for the fd ends in exactly one of `delivered`, `dropped` or `lost_to_gaps`, is still
 /// queued, or is still owed from a topic's history (`catching_up`); the registry-wide
 /// fdcast_stats counts the same events for all fds together.
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct fdcast_fd_stats {
+pub struct fdcast_fd_counters {
     /// Frames whose last byte reached the kernel (keep-alive frames aside).
     pub delivered: u64,
     /// Frames dropped by FDCAST_DROP_MESSAGE, or for lack of memory.
@@ -26,7 +27,7 @@ pub struct fdcast_fd_stats {
     pub catching_up: u64,
 }
 
-/// Fills `*out` with `fd`'s counters (see fdcast_fd_stats). Counters start when fdcast first
+/// Fills `*out` with `fd`'s counters (see fdcast_fd_counters). Counters start when fdcast first
 /// sees the fd (its first subscribe or send) and end when it forgets the fd (unsubscribe_fd,
 /// clear, eviction, or an fd with no subscriptions whose outbox drained).
 ///
@@ -40,14 +41,14 @@ pub struct fdcast_fd_stats {
 pub unsafe extern "C" fn fdcast_fd_stats(
     fc: *const fdcast,
     fd: c_int,
-    out: *mut fdcast_fd_stats,
+    out: *mut fdcast_fd_counters,
 ) -> c_int {
     returning_status(|| {
         // SAFETY: the header requires NULL or a live handle.
         let registry = unsafe { registry(fc)? };
         let out = out_param(out, "out is NULL")?;
         let stats = registry.fd_stats(fd)?;
-        let stats = fdcast_fd_stats {
+        let stats = fdcast_fd_counters {
             delivered: stats.delivered,
             dropped: stats.dropped,
             lost_to_gaps: stats.lost_to_gaps,
@@ -55,7 +56,7 @@ pub unsafe extern "C" fn fdcast_fd_stats(
             catching_up: stats.catching_up,
         };
         // SAFETY: `out` is non-NULL, and the header requires it to point to a writable
-        // fdcast_fd_stats.
+        // fdcast_fd_counters.
         unsafe { out.write(stats) };
         Ok(())
     })
