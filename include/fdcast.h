@@ -238,11 +238,14 @@ typedef void (*fdcast_evict_fn)(void *user, int fd, int reason);
  * is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
  * only valid during the call.
  *
- * A gap is found when the fd's outbox drains enough to be refilled (inside
- * fdcast_dispatch, fdcast_flush or fdcast_uncork) or when a publish to the topic finds the
- * fd's cursor already past the history (inside fdcast_publish and its variants); it runs on
- * that thread, with no fdcast lock held (neither the topic's history nor the fd's outbox):
- * it may call any fdcast function except fdcast_free.
+ * When: with FDCAST_DROP_MESSAGE, when the fd takes bytes again and fdcast refills its
+ * outbox (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
+ * stalled reader lost; with FDCAST_EVICT, as soon as a publish to the topic finds that the
+ * history dropped a message the fd is owed (inside fdcast_publish and its variants), or at
+ * the refill; with either, when a publish finds the topic's history made anew (turned off
+ * and on) while the fd was behind (everything it was owed is lost). It runs on that
+ * thread, with no fdcast lock held (neither the topic's history nor the fd's outbox): it may
+ * call any fdcast function except fdcast_free.
  */
 typedef void (*fdcast_gap_fn)(void *user, int fd, const char *topic, size_t topic_len, uint64_t lost);
 
@@ -570,6 +573,19 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  * per process: a broker's other processes number the same messages their own way.
  *
  * Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
+ *
+ * Slow readers: with history on, a frame of a topic that would overflow an fd's outbox (live
+ * or replayed) is not dropped: the fd falls behind on the topic, keeping a cursor into its
+ * history (no copy), and the topic's live messages skip it; whenever fdcast writes some of
+ * the fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
+ * the history, in order, up to the outbox limit, until the fd has the newest message and is
+ * live again, with no gap or duplicate. Messages that leave the history before the fd gets
+ * them are a gap (see fdcast_gap_fn); then the overflow policy applies. Order: per topic,
+ * each message once in publish order, always (gaps aside). Across the topics of one fd:
+ * publish order while the fd is live on them; while it is behind on a topic, that topic's
+ * older messages arrive after newer ones of topics it is live on, and topics it is behind on
+ * are refilled one after another. Turning history off ends every catching up: what a
+ * behind fd was still owed is lost (counted as a gap when the fd next takes bytes).
  *
  * Returns 0 or -EINVAL (NULL `fc`).
  *

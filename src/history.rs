@@ -233,7 +233,7 @@ impl<T> Ring<T> {
 
     /// The kept messages from `offset` on, oldest first, without copying them out: a reader
     /// catching up walks them one outbox at a time.
-    pub(crate) fn from_offset(&self, offset: u64) -> impl Iterator<Item = (EventId, &T)> {
+    pub(crate) fn kept_from(&self, offset: u64) -> impl Iterator<Item = (EventId, &T)> {
         let start = offset.saturating_sub(self.oldest_offset());
         self.kept
             .iter()

@@ -753,7 +753,7 @@ impl Peer {
             }
             cursor = oldest;
         }
-        for (id, payload) in ring.from_offset(cursor) {
+        for (id, payload) in ring.kept_from(cursor) {
             if mode.requires_utf8() && std::str::from_utf8(payload).is_err() {
                 // As a replay does: a publish could not have sent it in this mode either.
                 cursor = id.offset + 1;

@@ -42,11 +42,14 @@ pub type fdcast_evict_fn =
 /// is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
 /// only valid during the call.
 ///
-/// A gap is found when the fd's outbox drains enough to be refilled (inside
-/// fdcast_dispatch, fdcast_flush or fdcast_uncork) or when a publish to the topic finds the
-/// fd's cursor already past the history (inside fdcast_publish and its variants); it runs on
-/// that thread, with no fdcast lock held (neither the topic's history nor the fd's outbox):
-/// it may call any fdcast function except fdcast_free.
+/// When: with FDCAST_DROP_MESSAGE, when the fd takes bytes again and fdcast refills its
+/// outbox (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
+/// stalled reader lost; with FDCAST_EVICT, as soon as a publish to the topic finds that the
+/// history dropped a message the fd is owed (inside fdcast_publish and its variants), or at
+/// the refill; with either, when a publish finds the topic's history made anew (turned off
+/// and on) while the fd was behind (everything it was owed is lost). It runs on that
+/// thread, with no fdcast lock held (neither the topic's history nor the fd's outbox): it may
+/// call any fdcast function except fdcast_free.
 #[allow(non_camel_case_types)]
 pub type fdcast_gap_fn = Option<
     unsafe extern "C" fn(

@@ -11,7 +11,8 @@
 //!    limits; then one topic's
 //!    ring lock: held by a publish to that topic from the choice of its id through its
 //!    fan-out (so publishes to one topic with history serialize, publishes to other topics do
-//!    not), and by a resume from its subscribe through its replay. Nobody takes `histories`
+//!    not), by a resume from its subscribe through its replay, and by a flush refilling a
+//!    lagging fd's outbox from it (catch_up.rs). Nobody takes `histories`
 //!    while holding a ring, nor a second ring while holding one;
 //! 1. `index` (an `RwLock`): read briefly by an immediate publish to clone a topic's
 //!    subscriber list, for the whole of a corked publish (which writes nothing), and by
