@@ -238,8 +238,8 @@ typedef void (*fdcast_evict_fn)(void *user, int fd, int reason);
  * is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
  * only valid during the call.
  *
- * When: with FDCAST_DROP_MESSAGE, when the fd takes bytes again and fdcast refills its
- * outbox (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
+ * When: with FDCAST_DROP_MESSAGE, when the fd's outbox drains and fdcast refills it
+ * from the history (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
  * stalled reader lost; with FDCAST_EVICT, as soon as a publish to the topic finds that the
  * history dropped a message the fd is owed (inside fdcast_publish and its variants), or at
  * the refill; with either, when a publish finds the topic's history made anew (turned off
@@ -576,8 +576,8 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  *
  * Slow readers: with history on, a frame of a topic that would overflow an fd's outbox (live
  * or replayed) is not dropped: the fd falls behind on the topic, keeping a cursor into its
- * history (no copy), and the topic's live messages skip it; whenever fdcast writes some of
- * the fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
+ * history (no copy), and the topic's live messages skip it; whenever fdcast drains the
+ * fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
  * the history, in order, up to the outbox limit, until the fd has the newest message and is
  * live again, with no gap or duplicate. Messages that leave the history before the fd gets
  * them are a gap (see fdcast_gap_fn); then the overflow policy applies. Order: per topic,

@@ -407,6 +407,7 @@ impl Peer {
         }
         let frame_len = frame.len();
         if frame_len == 0 {
+            outbox.delivered += 1;
             return Ok(Delivery::Written);
         }
         if outbox.in_batch {

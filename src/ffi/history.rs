@@ -31,8 +31,8 @@ use crate::registry::Registry;
 ///
 /// Slow readers: with history on, a frame of a topic that would overflow an fd's outbox (live
 /// or replayed) is not dropped: the fd falls behind on the topic, keeping a cursor into its
-/// history (no copy), and the topic's live messages skip it; whenever fdcast writes some of
-/// the fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
+/// history (no copy), and the topic's live messages skip it; whenever fdcast drains the
+/// fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
 /// the history, in order, up to the outbox limit, until the fd has the newest message and is
 /// live again, with no gap or duplicate. Messages that leave the history before the fd gets
 /// them are a gap (see fdcast_gap_fn); then the overflow policy applies. Order: per topic,

@@ -42,8 +42,8 @@ pub type fdcast_evict_fn =
 /// is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
 /// only valid during the call.
 ///
-/// When: with FDCAST_DROP_MESSAGE, when the fd takes bytes again and fdcast refills its
-/// outbox (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
+/// When: with FDCAST_DROP_MESSAGE, when the fd's outbox drains and fdcast refills it
+/// from the history (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
 /// stalled reader lost; with FDCAST_EVICT, as soon as a publish to the topic finds that the
 /// history dropped a message the fd is owed (inside fdcast_publish and its variants), or at
 /// the refill; with either, when a publish finds the topic's history made anew (turned off

@@ -2,8 +2,8 @@
 //!
 //! A subscriber whose outbox cannot take a message of a topic that keeps history is not
 //! dropped from it: it falls behind, keeping a cursor into the topic's history (outbox.rs),
-//! and the topic's live messages skip it. Each time a flush has written some of its outbox,
-//! the flush refills the outbox from the history, from the cursor on, under the topic's ring
+//! and the topic's live messages skip it. Each time a flush drains its outbox, the flush
+//! refills the outbox from the history, from the cursor on, under the topic's ring
 //! lock, which every publish to the topic holds from its id through its fan-out: the fd is
 //! live again once the cursor passes the newest message, with no gap and no duplicate.
 //!

@@ -123,7 +123,7 @@ impl Registry {
 
     /// Writes what `peer` has queued and settles the outcome: deliveries counted, an fd left
     /// with nothing to do forgotten, a dead one evicted. An fd behind on topics with history
-    /// is refilled from them as it takes bytes, and written again. Returns whether any byte
+    /// is refilled from them each time its outbox drains, and written again. Returns whether any byte
     /// was written. `totals` gathers the counters' share, for [`Registry::count_flushed`] to
     /// add once per batch of flushes.
     pub(super) fn flush_peer(&self, peer: &Arc<Peer>, totals: &mut Flushed) -> bool {
@@ -139,7 +139,10 @@ impl Registry {
             }
             match outcome {
                 Flush::Progress { drained, .. } => {
-                    if peer.lagging() > 0 && self.catch_up(peer) {
+                    // Refilled only once drained: whole refills of up to the outbox limit, and
+                    // a refill's size that depends only on what was queued, not on how much
+                    // the kernel happened to take.
+                    if drained && peer.lagging() > 0 && self.catch_up(peer) {
                         continue;
                     }
                     // Only an fd without subscriptions is forgotten once drained; checking
