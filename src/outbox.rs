@@ -689,6 +689,12 @@ impl Peer {
         self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
     }
 
+    /// Counts empty frames a corked batch delivered (they write nothing, so no flush counts
+    /// them).
+    pub(crate) fn count_delivered(&self, frames: u64) {
+        self.outbox.lock().delivered += frames;
+    }
+
     /// Counts a frame dropped before it reached the outbox (no memory to encode it).
     pub(crate) fn count_dropped(&self, frames: u64) {
         self.outbox.lock().dropped += frames;
