@@ -4,8 +4,8 @@
 //!
 //! A subscription whose topic keeps history does not lose a frame that overflows the outbox:
 //! the fd falls behind on that topic instead, keeping only a cursor into the topic's history,
-//! and live messages of the topic skip it until a flush has refilled the outbox from the
-//! history up to the cursor's reaching the newest message (`Peer::catch_up`).
+//! and live messages of the topic skip it; each time its outbox drains, a flush refills it
+//! from the history (`Peer::catch_up`), until the cursor passes the newest message.
 
 #![forbid(unsafe_code)]
 
