@@ -8,8 +8,9 @@ use super::fdcast;
 /// One fd's counters, filled by fdcast_fd_stats() (the struct is named apart from the
 /// function: C has one namespace for both). Every frame a publish, replay or send
 /// meant for the fd ends in exactly one of `delivered`, `dropped` or `lost_to_gaps`, is still
-/// queued, or is still owed from a topic's history (`catching_up`); the registry-wide
-/// fdcast_stats counts the same events for all fds together.
+/// queued, or is still owed from a topic's history (`catching_up`), unless the host let it go
+/// (unsubscribing the topic while the fd is behind on it, or forgetting the fd with bytes
+/// queued); the registry-wide fdcast_stats counts the same events for all fds together.
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
