@@ -387,3 +387,30 @@ fn fd_stats_know_only_the_fds_fdcast_knows() {
         }
     );
 }
+
+#[test]
+fn history_made_anew_while_a_reader_is_behind_is_a_gap_of_everything_it_skipped() {
+    let reg = registry(keep_messages(10_000), Overflow::DropMessage);
+    let gaps = log_gaps(&reg);
+    let (sub, reader) = slow_pair();
+    let fd = sub.as_raw_fd();
+    reg.subscribe(b"t", fd, Mode::Raw).unwrap();
+    publish_lines(&reg, "t", 1..=3000);
+    assert_eq!(reg.fd_stats(fd).unwrap().catching_up, 1);
+    // Off and on again: a new epoch, and what it was owed is gone.
+    reg.set_history(HistoryLimits::default());
+    reg.set_history(keep_messages(10_000));
+    publish_lines(&reg, "t", 3001..=3100);
+    let got = numbers(&read_until_caught_up(&reg, fd, &reader), "t");
+    let before = got.iter().take_while(|&&n| n <= 3000).count();
+    let mut want: Vec<u64> = (1..=before as u64).collect();
+    want.extend(3001..=3100);
+    assert_eq!(got, want);
+    let lost = 3000 - before as u64;
+    assert_eq!(*gaps.lock().unwrap(), [(fd, b"t".to_vec(), lost)]);
+    let stats = reg.fd_stats(fd).unwrap();
+    assert_eq!(
+        (stats.lost_to_gaps, stats.delivered),
+        (lost, got.len() as u64)
+    );
+}
