@@ -414,3 +414,28 @@ fn history_made_anew_while_a_reader_is_behind_is_a_gap_of_everything_it_skipped(
         (lost, got.len() as u64)
     );
 }
+
+#[test]
+fn what_ages_out_of_the_history_while_a_reader_is_behind_is_a_gap() {
+    let reg = registry(
+        HistoryLimits {
+            max_age: Some(Duration::from_millis(300)),
+            ..HistoryLimits::default()
+        },
+        Overflow::DropMessage,
+    );
+    let gaps = log_gaps(&reg);
+    let (sub, reader) = slow_pair();
+    let fd = sub.as_raw_fd();
+    reg.subscribe(b"t", fd, Mode::Raw).unwrap();
+    publish_lines(&reg, "t", 1..=3000);
+    assert_eq!(reg.fd_stats(fd).unwrap().catching_up, 1);
+    thread::sleep(Duration::from_millis(400));
+    // No publish since: only the refill can tell that the history aged out.
+    let got = numbers(&read_until_caught_up(&reg, fd, &reader), "t");
+    assert!(got.iter().copied().eq(1..=got.len() as u64));
+    let lost = 3000 - got.len() as u64;
+    assert!(lost > 0);
+    assert_eq!(*gaps.lock().unwrap(), [(fd, b"t".to_vec(), lost)]);
+    assert_eq!(reg.fd_stats(fd).unwrap().lost_to_gaps, lost);
+}

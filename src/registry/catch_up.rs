@@ -17,6 +17,7 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::Registry;
 use super::evict::{Cause, Eviction};
@@ -34,7 +35,11 @@ impl Registry {
         for topic in peer.lagging_topics() {
             let ring = self.existing_history(&topic);
             // Ring, index, outbox: the lock order a publish follows.
-            let ring = ring.as_ref().map(|ring| ring.lock());
+            let mut ring = ring.as_ref().map(|ring| ring.lock());
+            if let Some(ring) = &mut ring {
+                // As a resume does: what is past the age limit is not caught up on.
+                ring.evict(Instant::now());
+            }
             let mode = self.index.read().mode_of(&topic, peer.fd);
             let caught = peer.catch_up(&topic, ring.as_deref(), mode, policy);
             drop(ring);
