@@ -212,7 +212,7 @@ install-test: lib
 # --- benchmarks --------------------------------------------------------------
 # bench-build: the C bench programs (target/bench/), the registry and broker bench examples.
 # bench: bench/run.sh (BENCH_ARGS=--quick for the one-minute smoke run).
-BENCH_C := fanout pubsub fdcast_server slow replay
+BENCH_C := fanout pubsub fdcast_server slow replay lagging
 .PHONY: bench bench-build
 bench-build: lib
 	mkdir -p target/bench

@@ -12,7 +12,8 @@
 # bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis, Redis Cluster
 # (three primaries it starts itself) and NATS from one process to two others, against a
 # baseline publisher of each), bench/replay.c (part 8: CPU of replaying 1,000 missed messages
-# to one fd, per mode, against its 100 µs target). Each runs its contenders alternating, reps
+# to one fd, per mode, against its 100 µs target), bench/lagging.c (part 9: RSS of readers
+# that stop reading, with history on and off). Each runs its contenders alternating, reps
 # times, and reports medians; bench/report.py makes the tables of parts 1-5.
 # Needs redis-server, redis-cli and redis-benchmark (redis-tools; installed with apt-get when
 # missing; Redis 7 for the cluster's sharded pub/sub), PostgreSQL and NATS for parts 6-7
@@ -49,7 +50,7 @@ make -s bench-build >&2
 B=$(mktemp -d target/bench/run.XXXXXX)
 trap 'rm -rf "$B"' EXIT
 cargo build --release -q --example pg_crossprocess
-cp target/bench/{fanout,pubsub,fdcast_server,slow,replay} \
+cp target/bench/{fanout,pubsub,fdcast_server,slow,replay,lagging} \
   target/release/examples/{registry_bench,pg_crossprocess,broker_bench} "$B"/
 raw=$B/results.txt
 if ((quick)); then
@@ -158,6 +159,17 @@ printf '+ replay m=1000 s=64 reps=%d\n' "$replay_reps" >&2
 t0=$SECONDS
 if ! $B/replay m=1000 s=64 reps=$replay_reps >>"$md"; then
   echo "bench: FAILED: replay" >&2
+  failed=1
+fi
+printf '  (%d s)\n' $((SECONDS - t0)) >&2
+# Readers that stop reading, inside a history as long as the run, with history on and off
+# (bench/lagging.c): RSS, and one reader that then catches up with every message, in order.
+if ((quick)); then lagging_args=(n=1000 m=1000); else lagging_args=(n=10000 m=10000); fi
+echo >>"$md"
+printf '+ lagging %s\n' "${lagging_args[*]}" >&2
+t0=$SECONDS
+if ! $B/lagging "${lagging_args[@]}" >>"$md"; then
+  echo "bench: FAILED: lagging ${lagging_args[*]}" >&2
   failed=1
 fi
 printf '  (%d s)\n' $((SECONDS - t0)) >&2

@@ -187,7 +187,44 @@ typedef struct fdcast_stats {
    * Distinct fds with at least one subscription or queued bytes.
    */
   uint64_t fds;
+  /**
+   * Messages owed to fds that fell behind on a topic with history and left the history
+   * before those fds caught up (see fdcast_gap_fn).
+   */
+  uint64_t lost_to_gaps;
 } fdcast_stats;
+
+/**
+ * One fd's counters, filled by fdcast_fd_stats() (the struct is named apart from the
+ * function: C has one namespace for both). Every frame a publish, replay or send
+ * meant for the fd ends in exactly one of `delivered`, `dropped` or `lost_to_gaps`, is still
+ * queued, or is still owed from a topic's history (`catching_up`), unless the host let it go
+ * (unsubscribing the topic while the fd is behind on it, or forgetting the fd with bytes
+ * queued); the registry-wide fdcast_stats counts the same events for all fds together.
+ */
+typedef struct fdcast_fd_counters {
+  /**
+   * Frames whose last byte reached the kernel (keep-alive frames aside).
+   */
+  uint64_t delivered;
+  /**
+   * Frames dropped by FDCAST_DROP_MESSAGE, or for lack of memory.
+   */
+  uint64_t dropped;
+  /**
+   * Messages of topics with history that the fd, having fallen behind, was owed and never
+   * got because they left the history first (each also told to the gap callback).
+   */
+  uint64_t lost_to_gaps;
+  /**
+   * Bytes waiting for the fd now (in its outbox, or gathered for it while corked).
+   */
+  uint64_t queued_bytes;
+  /**
+   * Topics the fd is behind on now, catching up from their history.
+   */
+  uint64_t catching_up;
+} fdcast_fd_counters;
 
 /**
  * Decides whether `fd` may subscribe to `topic[0..topic_len)` in `mode`: return true to
@@ -209,6 +246,27 @@ typedef bool (*fdcast_authorize_fn)(void *user, const char *topic, size_t topic_
  * fdcast_free. Not called for fdcast_unsubscribe_fd, fdcast_clear or the fd-reuse guard.
  */
 typedef void (*fdcast_evict_fn)(void *user, int fd, int reason);
+
+/**
+ * Told that `fd` lost `lost` messages of `topic[0..topic_len)`: with history on, an fd whose
+ * outbox could not take a message of the topic fell behind instead of dropping it, catching up
+ * from the topic's history as it drained, and these messages left the history (its count,
+ * byte or age limit) before the fd got them. They are counted in lost_to_gaps of the fd's
+ * fdcast_fd_stats and of fdcast_stats. Then the overflow policy applies: with
+ * FDCAST_DROP_MESSAGE the fd goes on from the oldest message still kept; with FDCAST_EVICT it
+ * is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
+ * only valid during the call.
+ *
+ * When: with FDCAST_DROP_MESSAGE, when the fd's outbox drains and fdcast refills it
+ * from the history (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a
+ * stalled reader lost; with FDCAST_EVICT, as soon as a publish to the topic finds that the
+ * history dropped a message the fd is owed (inside fdcast_publish and its variants), or at
+ * the refill; with either, when a publish finds the topic's history made anew (turned off
+ * and on) while the fd was behind (everything it was owed is lost). It runs on that
+ * thread, with no fdcast lock held (neither the topic's history nor the fd's outbox): it may
+ * call any fdcast function except fdcast_free.
+ */
+typedef void (*fdcast_gap_fn)(void *user, int fd, const char *topic, size_t topic_len, uint64_t lost);
 
 /**
  * Counters of the broker, filled by fdcast_broker_get_stats(). The same fields for every
@@ -538,6 +596,19 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  *
  * Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
  *
+ * Slow readers: with history on, a frame of a topic that would overflow an fd's outbox (live
+ * or replayed) is not dropped: the fd falls behind on the topic, keeping a cursor into its
+ * history (no copy), and the topic's live messages skip it; whenever fdcast drains the
+ * fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
+ * the history, in order, up to the outbox limit, until the fd has the newest message and is
+ * live again, with no gap or duplicate. Messages that leave the history before the fd gets
+ * them are a gap (see fdcast_gap_fn); then the overflow policy applies. Order: per topic,
+ * each message once in publish order, always (gaps aside). Across the topics of one fd:
+ * publish order while the fd is live on them; while it is behind on a topic, that topic's
+ * older messages arrive after newer ones of topics it is live on, and topics it is behind on
+ * are refilled one after another. Turning history off ends every catching up: what a
+ * behind fd was still owed is lost (counted as a gap when the fd next takes bytes).
+ *
  * Returns 0 or -EINVAL (NULL `fc`).
  *
  * Thread: any.
@@ -711,6 +782,19 @@ int fdcast_set_fd_check(struct fdcast *fc, int on);
 void fdcast_get_stats(const struct fdcast *fc, struct fdcast_stats *out);
 
 /**
+ * Fills `*out` with `fd`'s counters (see fdcast_fd_counters). Counters start when fdcast first
+ * sees the fd (its first subscribe or send) and end when it forgets the fd (unsubscribe_fd,
+ * clear, eviction, or an fd with no subscriptions whose outbox drained).
+ *
+ * Returns 0, -EINVAL (NULL `fc` or `out`), -EBADF (negative `fd`) or -ENOENT (an fd fdcast
+ * does not know). `*out` is written only on success.
+ *
+ * Thread: any; the fields are read together under the fd's lock, `queued_bytes` a moment
+ * later.
+ */
+FDCAST_MUST_USE int fdcast_fd_stats(const struct fdcast *fc, int fd, struct fdcast_fd_counters *out);
+
+/**
  * Corks the registry: from now on fdcast_publish, fdcast_publish_except and fdcast_send
  * queue their frames instead of writing them (the outbox limit and overflow policy still
  * apply, and nothing is torn). fdcast_fd() becomes readable as soon as frames are queued, and
@@ -769,6 +853,16 @@ void fdcast_set_authorizer(struct fdcast *fc, fdcast_authorize_fn authorize, voi
  * Thread: any; an eviction already running may still call the previous callback.
  */
 void fdcast_set_evict_callback(struct fdcast *fc, fdcast_evict_fn on_evict, void *user);
+
+/**
+ * Sets the callback told of each gap (see fdcast_gap_fn), with `user` passed back to it. NULL
+ * `fn` removes it; gaps are still counted.
+ *
+ * Returns 0 or -EINVAL (NULL `fc`).
+ *
+ * Thread: any; a gap already being reported may still call the previous callback.
+ */
+int fdcast_set_gap_callback(struct fdcast *fc, fdcast_gap_fn on_gap, void *user);
 
 /**
  * Connects this registry to a broker, so that its publishes reach every other registry (in

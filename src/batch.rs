@@ -299,6 +299,11 @@ impl Batch {
             };
             if frame.len() == 0 {
                 appended.delivered += recipients;
+                for (at, member) in batch.members.iter().enumerate() {
+                    if Some(at) != excepted {
+                        member.peer.count_delivered(1);
+                    }
+                }
                 continue;
             }
             let separated = excepted.is_none_or(|member| batch.separate(member));

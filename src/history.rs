@@ -219,6 +219,28 @@ impl<T> Ring<T> {
         }
     }
 
+    /// The epoch of this history's ids.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The offset of the oldest kept message; the next offset when nothing is kept.
+    pub(crate) fn oldest_offset(&self) -> u64 {
+        self.kept
+            .front()
+            .map_or(self.last_offset + 1, |kept| kept.offset)
+    }
+
+    /// The kept messages from `offset` on, oldest first, without copying them out: a reader
+    /// catching up walks them one outbox at a time.
+    pub(crate) fn kept_from(&self, offset: u64) -> impl Iterator<Item = (EventId, &T)> {
+        let start = offset.saturating_sub(self.oldest_offset());
+        self.kept
+            .iter()
+            .skip(usize::try_from(start).unwrap_or(usize::MAX))
+            .map(|kept| (self.id(kept.offset), &kept.message))
+    }
+
     /// The last `n` kept messages, oldest first.
     pub(crate) fn tail(&self, n: usize) -> Vec<(EventId, &T)> {
         let skip = self.kept.len().saturating_sub(n);

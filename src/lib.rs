@@ -27,9 +27,9 @@ pub use error::Error;
 pub use frame::Mode;
 pub use history::{EventId, HistoryLimits, MAX_EVENT_ID_LEN};
 pub use index::SubscriptionId;
-pub use outbox::Overflow;
+pub use outbox::{FdStats, Overflow};
 pub use registry::{
-    Authorizer, DEFAULT_OUTBOX_LIMIT, EvictCallback, MAX_TOPIC_LEN, Registry, Stats,
+    Authorizer, DEFAULT_OUTBOX_LIMIT, EvictCallback, GapCallback, MAX_TOPIC_LEN, Registry, Stats,
 };
 
 /// The NATS protocol parser, for the fuzz target (fuzz/fuzz_targets/nats_parse.rs).

@@ -1,6 +1,11 @@
 //! One fd as fdcast knows it: its identity and its outbox, the bounded queue of frames the
 //! kernel has not taken yet. Every write to the fd happens here, under the fd's own lock, which
 //! is what keeps frames whole and in order when several threads publish at once.
+//!
+//! A subscription whose topic keeps history does not lose a frame that overflows the outbox:
+//! the fd falls behind on that topic instead, keeping only a cursor into the topic's history,
+//! and live messages of the topic skip it; each time its outbox drains, a flush refills it
+//! from the history (`Peer::catch_up`), until the cursor passes the newest message.
 
 #![forbid(unsafe_code)]
 
@@ -11,7 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::frame::Frame;
+use crate::frame::{Frame, Mode};
+use crate::history::{EventId, Ring};
 use crate::index::Keepalive;
 use crate::io::{self, FileIdentity};
 use crate::reactor::Reactor;
@@ -52,6 +58,12 @@ pub(crate) enum Delivery {
     Deferred { bytes: usize },
     /// `Overflow::DropMessage` dropped the frame, or there was no memory to queue it.
     Dropped,
+    /// The fd is behind on the message's topic: the message reaches it from the topic's
+    /// history once its outbox drains, and is counted then.
+    Behind,
+    /// As `Behind`, after finding that `lost` messages the fd was owed on the topic have left
+    /// the history; `evict` says the overflow policy evicts the fd for that.
+    Gap { lost: u64, evict: bool },
     /// `Overflow::Evict` applies: the caller evicts the fd.
     Overflowed,
     /// The write failed with this errno: the caller evicts the fd.
@@ -61,6 +73,64 @@ pub(crate) enum Delivery {
     /// The fd number names another file now (closed by the host without
     /// `fdcast_unsubscribe_fd`, and reused): nothing was written; the caller forgets the fd.
     Reused,
+}
+
+/// Where a message sits in its topic's history: what lets a subscriber that cannot take it
+/// now fall behind instead of losing it.
+#[derive(Clone, Copy)]
+pub(crate) struct InHistory<'a> {
+    pub(crate) topic: &'a [u8],
+    pub(crate) id: EventId,
+    /// The offset of the oldest message the topic's history still keeps (this one aside).
+    pub(crate) oldest_kept: u64,
+}
+
+/// A subscription that fell behind: the fd gets its topic's messages from the history, from
+/// `cursor` on, rather than live.
+struct Lag {
+    topic: Box<[u8]>,
+    epoch: u64,
+    /// The offset of the first message the fd was not given.
+    cursor: u64,
+    /// The offset of the newest message it skipped live: with the history gone, what it was
+    /// owed from `cursor` through here is lost.
+    newest: u64,
+}
+
+impl Lag {
+    /// What the fd loses if the history it was following is gone.
+    fn owed(&self) -> u64 {
+        (self.newest + 1).saturating_sub(self.cursor)
+    }
+}
+
+/// What one refill from a topic's history came to.
+#[derive(Default)]
+pub(crate) struct CatchUp {
+    /// Bytes queued, for the registry's gauge.
+    pub(crate) queued: usize,
+    /// Kept messages no frame could be encoded for (no memory): dropped and counted.
+    pub(crate) dropped: u64,
+    /// Messages the fd was owed that the history no longer keeps.
+    pub(crate) lost: u64,
+    /// The overflow policy evicts the fd for that loss.
+    pub(crate) evict: bool,
+}
+
+/// One fd's counters, as `fdcast_fd_stats` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdStats {
+    /// Frames whose last byte reached the kernel (keep-alive frames aside).
+    pub delivered: u64,
+    /// Frames dropped by [`Overflow::DropMessage`] (or for lack of memory).
+    pub dropped: u64,
+    /// Messages the fd was owed on a topic with history that left the history before the
+    /// fd caught up.
+    pub lost_to_gaps: u64,
+    /// Bytes waiting in the fd's outbox now.
+    pub queued_bytes: u64,
+    /// Topics the fd is behind on, catching up from their history.
+    pub catching_up: u64,
 }
 
 /// `Peer::deliver`'s refusal: the fd takes part in a corked batch that holds frames older
@@ -234,6 +304,12 @@ struct Outbox {
     in_batch: bool,
     /// The heartbeat period of the last frame handed to this fd.
     last_active_tick: u64,
+    /// Topics the fd fell behind on (mostly none).
+    lags: Vec<Lag>,
+    /// Counted here, under the lock every delivery takes anyway, rather than with atomics.
+    delivered: u64,
+    dropped: u64,
+    lost_to_gaps: u64,
 }
 
 pub(crate) struct Peer {
@@ -249,6 +325,9 @@ pub(crate) struct Peer {
     /// Whether the registry's heartbeat queue holds this peer; read and written only under
     /// the registry's heartbeat lock.
     heartbeat_queued: AtomicBool,
+    /// How many topics the fd is behind on (`Outbox::lags`), so a flush tells without the
+    /// lock whether to catch up.
+    lagging: AtomicUsize,
     outbox: Mutex<Outbox>,
 }
 
@@ -274,6 +353,7 @@ impl Peer {
             subscriptions: AtomicUsize::new(0),
             keepalive: AtomicU8::new(keepalive_code(None)),
             heartbeat_queued: AtomicBool::new(false),
+            lagging: AtomicUsize::new(0),
             outbox: Mutex::new(Outbox::default()),
         }
     }
@@ -309,11 +389,15 @@ impl Peer {
     }
 
     /// Writes `frame`, or queues it behind bytes already waiting; a frame that would take the
-    /// queue past the outbox limit meets the overflow policy. The bytes it queues are reported in the outcome, for the caller to add
-    /// to the registry-wide gauge once per publish rather than once per fd.
+    /// queue past the outbox limit meets the overflow policy, unless its topic keeps history
+    /// (`history`): then the fd falls behind on the topic and gets the message, and those
+    /// after it, from the history (see [`Peer::catch_up`]). The bytes it queues are reported
+    /// in the outcome, for the caller to add to the registry-wide gauge once per publish
+    /// rather than once per fd.
     pub(crate) fn deliver(
         &self,
         frame: &Frame<'_>,
+        history: Option<InHistory<'_>>,
         policy: WritePolicy,
         reactor: &Reactor,
     ) -> Result<Delivery, InBatch> {
@@ -323,20 +407,41 @@ impl Peer {
         }
         let frame_len = frame.len();
         if frame_len == 0 {
+            outbox.delivered += 1;
             return Ok(Delivery::Written);
         }
         if outbox.in_batch {
             return Err(InBatch);
         }
+        if let Some(at) = history
+            && !outbox.lags.is_empty()
+            && let Some(behind) = outbox.skip_if_behind(at, policy.overflow)
+        {
+            return Ok(behind);
+        }
         if !outbox.chunks.is_empty() && outbox.queued_bytes + frame_len > policy.outbox_limit {
+            if let Some(at) = history {
+                outbox.lags.push(Lag {
+                    topic: Box::from(at.topic),
+                    epoch: at.id.epoch,
+                    cursor: at.id.offset,
+                    newest: at.id.offset,
+                });
+                self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
+                return Ok(Delivery::Behind);
+            }
             return Ok(match policy.overflow {
-                Overflow::DropMessage => Delivery::Dropped,
+                Overflow::DropMessage => {
+                    outbox.dropped += 1;
+                    Delivery::Dropped
+                }
                 Overflow::Evict => Delivery::Overflowed,
             });
         }
         outbox.last_active_tick = policy.heartbeat_tick;
         if policy.corked {
             if !outbox.push(frame, 0, true) {
+                outbox.dropped += 1;
                 return Ok(Delivery::Dropped);
             }
             if outbox.awaiting_flush {
@@ -347,6 +452,7 @@ impl Peer {
         }
         if !outbox.chunks.is_empty() {
             if !outbox.push(frame, 0, true) {
+                outbox.dropped += 1;
                 return Ok(Delivery::Dropped);
             }
             return Ok(Delivery::Queued { bytes: frame_len });
@@ -396,7 +502,9 @@ impl Peer {
     /// can take. Taking part in a batch counts as activity for the heartbeat.
     pub(crate) fn join_batch(&self, required: usize, limit: usize, tick: u64) -> Option<usize> {
         let mut outbox = self.outbox.lock();
-        if outbox.closed || outbox.in_batch {
+        // A batch member's frames bypass `deliver`, which is what skips a topic the fd is
+        // behind on.
+        if outbox.closed || outbox.in_batch || !outbox.lags.is_empty() {
             return None;
         }
         let room = room(&outbox, limit);
@@ -499,7 +607,20 @@ impl Peer {
             bytes += written;
             frames += outbox.consume(written);
         }
-        if outbox.watched {
+        if !outbox.lags.is_empty() {
+            // Drained while behind on a topic: whoever drained it (a flush from dispatch
+            // catches up at once; a replay's write, which holds a ring, cannot) leaves the fd
+            // watched, and re-arming it reports the writable fd to the next dispatch, which
+            // refills the outbox from the history.
+            if let Err(err) = reactor.watch(self.fd) {
+                return Flush::Failed {
+                    errno: errno_of(&err),
+                    bytes,
+                    frames,
+                };
+            }
+            outbox.watched = true;
+        } else if outbox.watched {
             reactor.unwatch(self.fd);
             outbox.watched = false;
         }
@@ -521,6 +642,8 @@ impl Peer {
         outbox.queued_bytes = 0;
         outbox.chunks = VecDeque::new();
         outbox.frame_ends = VecDeque::new();
+        outbox.lags = Vec::new();
+        self.lagging.store(0, Ordering::Relaxed);
         if outbox.watched {
             reactor.unwatch(self.fd);
             outbox.watched = false;
@@ -531,7 +654,7 @@ impl Peer {
     /// forgotten without losing bytes. Returns whether it closed.
     pub(crate) fn close_if_idle(&self, reactor: &Reactor) -> bool {
         let mut outbox = self.outbox.lock();
-        if !outbox.chunks.is_empty() || outbox.in_batch {
+        if !outbox.chunks.is_empty() || outbox.in_batch || !outbox.lags.is_empty() {
             return false;
         }
         outbox.closed = true;
@@ -547,9 +670,166 @@ impl Peer {
         let outbox = self.outbox.lock();
         (outbox.queued_bytes, outbox.in_batch)
     }
+
+    /// How many topics the fd is behind on.
+    pub(crate) fn lagging(&self) -> usize {
+        self.lagging.load(Ordering::Relaxed)
+    }
+
+    /// The topics the fd is behind on.
+    pub(crate) fn lagging_topics(&self) -> Vec<Box<[u8]>> {
+        let outbox = self.outbox.lock();
+        outbox.lags.iter().map(|lag| lag.topic.clone()).collect()
+    }
+
+    /// Forgets the lags of topics the fd no longer subscribes to: nothing more is owed there.
+    pub(crate) fn keep_lags(&self, mut subscribed: impl FnMut(&[u8]) -> bool) {
+        let mut outbox = self.outbox.lock();
+        outbox.lags.retain(|lag| subscribed(&lag.topic));
+        self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
+    }
+
+    /// Counts empty frames a corked batch delivered (they write nothing, so no flush counts
+    /// them).
+    pub(crate) fn count_delivered(&self, frames: u64) {
+        self.outbox.lock().delivered += frames;
+    }
+
+    /// Counts a frame dropped before it reached the outbox (no memory to encode it).
+    pub(crate) fn count_dropped(&self, frames: u64) {
+        self.outbox.lock().dropped += frames;
+    }
+
+    /// The fd's counters now (bytes a corked batch holds for it aside).
+    pub(crate) fn stats(&self) -> FdStats {
+        let outbox = self.outbox.lock();
+        FdStats {
+            delivered: outbox.delivered,
+            dropped: outbox.dropped,
+            lost_to_gaps: outbox.lost_to_gaps,
+            queued_bytes: outbox.queued_bytes as u64,
+            catching_up: outbox.lags.len() as u64,
+        }
+    }
+
+    /// Refills the outbox from `topic`'s history (`ring`, locked by the caller, so no publish
+    /// to the topic runs meanwhile) from the fd's cursor on, framed in `mode`, while the
+    /// frames fit under the outbox limit; once the cursor passes the newest kept message the
+    /// fd is live on the topic again, with no gap or duplicate against publishes, which take
+    /// the same ring lock. Messages that left the history before the fd got them are a gap:
+    /// counted, and under [`Overflow::DropMessage`] the fd goes on from the oldest kept one;
+    /// under [`Overflow::Evict`] nothing is refilled and the caller evicts the fd. With the
+    /// history gone (`ring` None: turned off, or dropped when its messages aged out) what the
+    /// fd was owed is lost; with the subscription gone (`mode` None) nothing was owed.
+    pub(crate) fn catch_up(
+        &self,
+        topic: &[u8],
+        ring: Option<&Ring<Arc<[u8]>>>,
+        mode: Option<Mode>,
+        policy: WritePolicy,
+    ) -> CatchUp {
+        let mut outbox = self.outbox.lock();
+        let mut caught = CatchUp::default();
+        let Some(at) = outbox.lags.iter().position(|lag| *lag.topic == *topic) else {
+            return caught;
+        };
+        if outbox.closed {
+            return caught;
+        }
+        let (ring, mode) = match (ring, mode) {
+            (Some(ring), Some(mode)) if ring.epoch() == outbox.lags[at].epoch => (ring, mode),
+            (_, mode) => {
+                let lag = outbox.lags.swap_remove(at);
+                self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
+                if mode.is_some() {
+                    caught.lost = lag.owed();
+                    outbox.lost_to_gaps += caught.lost;
+                    caught.evict = caught.lost > 0 && policy.overflow == Overflow::Evict;
+                }
+                return caught;
+            }
+        };
+        let mut cursor = outbox.lags[at].cursor;
+        let oldest = ring.oldest_offset();
+        if cursor < oldest {
+            caught.lost = oldest - cursor;
+            outbox.lost_to_gaps += caught.lost;
+            if policy.overflow == Overflow::Evict {
+                caught.evict = true;
+                return caught;
+            }
+            cursor = oldest;
+        }
+        for (id, payload) in ring.kept_from(cursor) {
+            if mode.requires_utf8() && std::str::from_utf8(payload).is_err() {
+                // As a replay does: a publish could not have sent it in this mode either.
+                cursor = id.offset + 1;
+                continue;
+            }
+            if payload.is_empty() && mode == Mode::Raw {
+                // An empty frame writes nothing: `deliver` counted it when it was published.
+                cursor = id.offset + 1;
+                continue;
+            }
+            let Some(frame) = Frame::encode_with_id(mode, payload, Some(id)) else {
+                outbox.dropped += 1;
+                caught.dropped += 1;
+                cursor = id.offset + 1;
+                continue;
+            };
+            if !outbox.chunks.is_empty() && outbox.queued_bytes + frame.len() > policy.outbox_limit
+            {
+                break;
+            }
+            if !outbox.push(&frame, 0, true) {
+                break;
+            }
+            outbox.last_active_tick = policy.heartbeat_tick;
+            caught.queued += frame.len();
+            cursor = id.offset + 1;
+        }
+        if cursor > ring.last_id().offset {
+            outbox.lags.swap_remove(at);
+            self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
+        } else {
+            outbox.lags[at].cursor = cursor;
+        }
+        caught
+    }
 }
 
 impl Outbox {
+    /// Skips a message of a topic the fd is behind on (it comes from the history later), and
+    /// finds a gap if the history was made anew (a new epoch: everything the fd skipped is
+    /// lost, and it goes on from this message) or, under [`Overflow::Evict`], if the history
+    /// dropped messages the fd was owed (it is evicted at once). Under
+    /// [`Overflow::DropMessage`] the loss of a reader that stays stalled is found when it
+    /// reads again (`Peer::catch_up`): one gap, not one per publish. `None` if the fd is not
+    /// behind on the topic.
+    fn skip_if_behind(&mut self, at: InHistory<'_>, overflow: Overflow) -> Option<Delivery> {
+        let lag = self.lags.iter_mut().find(|lag| *lag.topic == *at.topic)?;
+        let mut lost = 0;
+        if lag.epoch != at.id.epoch {
+            lost = lag.owed();
+            lag.epoch = at.id.epoch;
+            lag.cursor = at.id.offset;
+            lag.newest = at.id.offset;
+        } else {
+            if overflow == Overflow::Evict && lag.cursor < at.oldest_kept {
+                lost = at.oldest_kept - lag.cursor;
+            }
+            lag.newest = lag.newest.max(at.id.offset);
+        }
+        if lost == 0 {
+            return Some(Delivery::Behind);
+        }
+        self.lost_to_gaps += lost;
+        Some(Delivery::Gap {
+            lost,
+            evict: overflow == Overflow::Evict,
+        })
+    }
+
     /// Writes `frame` to an fd with nothing queued; queues what the kernel does not take and
     /// watches the fd for writability.
     // Every immediate delivery runs it: inlined with write_frame and write_iovecs, the path
@@ -570,6 +850,7 @@ impl Outbox {
         if written == frame.len() {
             self.stream_written += written as u64;
             self.stream_queued += written as u64;
+            self.delivered += u64::from(counted);
             return Delivery::Written;
         }
         self.stream_written += written as u64;
@@ -658,6 +939,7 @@ impl Outbox {
             completed += usize::from(frame.counted);
             self.frame_ends.pop_front();
         }
+        self.delivered += completed as u64;
         completed
     }
 

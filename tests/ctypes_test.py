@@ -58,7 +58,7 @@ def ok(msg):
 class Stats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in (
         "publishes", "deliveries", "dropped_messages", "evicted_fds", "queued_bytes",
-        "subscriptions", "topics", "fds")]
+        "subscriptions", "topics", "fds", "lost_to_gaps")]
 
 
 class BrokerStats(ctypes.Structure):

@@ -7,6 +7,10 @@
 //! - `subscriber_count`, `subscribers_for`, every field of `stats()`, `pending_bytes` per fd;
 //! - which frames the overflow policy drops or evicts for, and which fds are evicted (the
 //!   evict callback's log);
+//! - with history on: every topic's kept messages and ids (SSE frames carry them), which
+//!   subscribers fall behind on a topic instead of dropping, the cursor of each, the frames a
+//!   drained outbox is refilled with from the history, and every gap (the gap callback's log,
+//!   `lost_to_gaps`); `fd_stats` of every fd, field by field;
 //! - the bytes every peer receives, frame by frame, and that a live connection eventually
 //!   receives every frame it was owed (checked at `Settle` steps and at the end).
 //!
@@ -22,8 +26,13 @@
 //! bogus ids), unsubscribe_fd, clear, publish, publish_except, send (also to a bad fd),
 //! dispatch, cork / flush / uncork, a reader that stops reading or resumes, a reader that
 //! vanishes (close) or half-closes, an fd number closed and reused for a new socket (dup2)
-//! either properly (unsubscribe_fd first) or relying on the fd-reuse guard, the outbox limit
-//! and the overflow policy changed at any time, and settling (drain everything).
+//! either properly (unsubscribe_fd first) or relying on the fd-reuse guard, the outbox limit,
+//! the overflow policy and the history (off, or 1, 3 or 50 messages per topic) changed at any
+//! time, and settling (drain everything).
+//!
+//! An fd behind on a topic is refilled whenever a flush drains its outbox, which happens
+//! exactly when everything owed to it so far has reached the kernel: the observed figure
+//! above also tells the model when a refill happened, and the refill itself is predicted.
 //!
 //! Cases: 256 by default (about a second), `PROPTEST_CASES=n` for more. A failing case is shrunk and saved to
 //! `tests/model.proptest-regressions`, which is replayed first on every run.
@@ -39,12 +48,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fdcast::{Mode, Overflow, Registry};
+use fdcast::{EventId, FdStats, HistoryLimits, Mode, Overflow, Registry};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
 
 const SLOTS: usize = 4;
 const LIMITS: [usize; 7] = [0, 1, 64, 700, 4000, 20_000, 1 << 20];
+/// Messages kept per topic: 0 is history off.
+const KEEPS: [usize; 4] = [0, 1, 3, 50];
 /// Topics by index: 0-3 valid, 4 refused by the authorizer, 5-6 invalid (0 and 4097 bytes).
 const TOPIC_COUNT: usize = 7;
 const VALID_TOPICS: usize = 4;
@@ -63,6 +74,9 @@ struct Coverage {
     torn_by_forget: AtomicU64,
     reuse_guard: AtomicU64,
     corked_frames: AtomicU64,
+    behind: AtomicU64,
+    refilled_frames: AtomicU64,
+    gaps: AtomicU64,
 }
 
 static COVERAGE: Coverage = Coverage {
@@ -74,6 +88,9 @@ static COVERAGE: Coverage = Coverage {
     torn_by_forget: AtomicU64::new(0),
     reuse_guard: AtomicU64::new(0),
     corked_frames: AtomicU64::new(0),
+    behind: AtomicU64::new(0),
+    refilled_frames: AtomicU64::new(0),
+    gaps: AtomicU64::new(0),
 };
 
 fn count(counter: &AtomicU64) {
@@ -228,6 +245,10 @@ enum Op {
     SetPolicy {
         evict: bool,
     },
+    /// Messages kept per topic (0: history off).
+    SetHistory {
+        keep: usize,
+    },
     /// Every reader reads, dispatch runs until nothing is owed to a live connection.
     Settle,
 }
@@ -260,6 +281,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(slot, mode, payload)| Op::ReuseThenSend { slot, mode, payload }),
         4 => (0..LIMITS.len()).prop_map(|i| Op::SetLimit { limit: LIMITS[i] }),
         2 => any::<bool>().prop_map(|evict| Op::SetPolicy { evict }),
+        4 => (0..KEEPS.len()).prop_map(|i| Op::SetHistory { keep: KEEPS[i] }),
         1 => Just(Op::Settle),
     ]
 }
@@ -292,6 +314,49 @@ struct Conn {
     received: Vec<u8>,
     /// fdcast put it on the corked flush list since the last flush.
     awaiting_flush: bool,
+    /// Topics fdcast's peer for it is behind on, in fdcast's order.
+    lags: Vec<Lag>,
+    /// fdcast's per-fd counters of the peer it has for this connection now.
+    counters: FdStats,
+}
+
+/// A subscription behind on its topic: it gets the topic's messages from `cursor` on from the
+/// history, and `newest` is the newest one it skipped.
+#[derive(Clone, Debug)]
+struct Lag {
+    topic: Vec<u8>,
+    epoch: u64,
+    cursor: u64,
+    newest: u64,
+}
+
+impl Lag {
+    fn owed(&self) -> u64 {
+        self.newest + 1 - self.cursor
+    }
+}
+
+/// A topic's history as the model knows it.
+#[derive(Default)]
+struct Ring {
+    /// Learned from the first id a publish returns (drawn at random by fdcast).
+    epoch: Option<u64>,
+    last_offset: u64,
+    kept: VecDeque<(u64, Vec<u8>)>,
+}
+
+impl Ring {
+    fn oldest(&self) -> u64 {
+        self.kept
+            .front()
+            .map_or(self.last_offset + 1, |(offset, _)| *offset)
+    }
+
+    fn keep_at_most(&mut self, keep: usize) {
+        while self.kept.len() > keep {
+            self.kept.pop_front();
+        }
+    }
 }
 
 impl Conn {
@@ -311,6 +376,8 @@ impl Conn {
         self.expected.truncate(self.kernel);
         self.frame_ends.clear();
         self.awaiting_flush = false;
+        self.lags.clear();
+        self.counters = FdStats::default();
     }
 
     fn append(&mut self, bytes: &[u8], what: String) {
@@ -358,6 +425,13 @@ enum Fate {
     Dropped,
     /// FDCAST_EVICT: evicted with ENOBUFS and shut down.
     Overflowed,
+    /// Behind on the message's topic: it comes from the history later.
+    Behind,
+    /// Behind, and `lost` messages it was owed left the history; `evict`: FDCAST_EVICT.
+    Gap {
+        lost: u64,
+        evict: bool,
+    },
     /// The write failed: evicted with the peer's errno.
     Failed,
 }
@@ -381,7 +455,28 @@ struct World {
     /// Evictions the model predicts and the callback has not reported yet: fd -> whether the
     /// reason is ENOBUFS (else EPIPE or ECONNRESET).
     predicted_evictions: Vec<(RawFd, bool)>,
+    /// Messages kept per topic; 0: history off.
+    keep: usize,
+    rings: BTreeMap<Vec<u8>, Ring>,
+    lost_to_gaps: u64,
+    /// The gap callback's log, and the gaps the model predicts it has not reported yet.
+    gaps: GapLog,
+    predicted_gaps: Vec<(RawFd, Vec<u8>, u64)>,
     step: usize,
+}
+
+type GapLog = Arc<Mutex<Vec<(RawFd, Vec<u8>, u64)>>>;
+
+/// The frame fdcast sends for a message its topic's history numbered `id` (SSE carries it).
+fn encode_with_id(mode: Mode, payload: &[u8], id: Option<EventId>) -> Vec<u8> {
+    match (mode, id) {
+        (Mode::Sse, Some(id)) => {
+            let mut frame = format!("id: {id}\n").into_bytes();
+            frame.extend(sse_encode(payload));
+            frame
+        }
+        _ => encode(mode, payload),
+    }
 }
 
 fn new_conn() -> (UnixStream, Conn) {
@@ -402,6 +497,8 @@ fn new_conn() -> (UnixStream, Conn) {
         kernel: 0,
         received: Vec::new(),
         awaiting_flush: false,
+        lags: Vec::new(),
+        counters: FdStats::default(),
     };
     (w, conn)
 }
@@ -449,6 +546,11 @@ impl World {
             log.lock().unwrap().push((fd, reason));
         })));
         reg.set_authorizer(Some(Box::new(|topic: &[u8], _, _| topic != b"deny")));
+        let gaps = GapLog::default();
+        let gap_log = Arc::clone(&gaps);
+        reg.set_gap_callback(Some(Box::new(move |fd, topic: &[u8], lost| {
+            gap_log.lock().unwrap().push((fd, topic.to_vec(), lost));
+        })));
         let mut world = World {
             reg,
             evictions,
@@ -464,6 +566,11 @@ impl World {
             dropped: 0,
             evicted: 0,
             predicted_evictions: Vec::new(),
+            keep: 0,
+            rings: BTreeMap::new(),
+            lost_to_gaps: 0,
+            gaps,
+            predicted_gaps: Vec::new(),
             step: 0,
         };
         for _ in 0..SLOTS {
@@ -549,20 +656,28 @@ impl World {
                     conn.awaiting_flush = true;
                 }
             }
-            Fate::Empty => self.deliveries += 1,
+            Fate::Empty => {
+                self.deliveries += 1;
+                self.conn_of(slot).counters.delivered += 1;
+            }
             Fate::Dropped => {
                 count(&COVERAGE.drops);
                 self.dropped += 1;
+                self.conn_of(slot).counters.dropped += 1;
             }
             Fate::Overflowed => count(&COVERAGE.overflow_evictions),
             Fate::Failed => count(&COVERAGE.failed_writes),
+            Fate::Behind => count(&COVERAGE.behind),
+            // The caller records the gap, which needs the topic.
+            Fate::Gap { .. } => count(&COVERAGE.gaps),
         }
     }
 
     /// Observes the kernel's side of every connection (see the module docs), advancing the
     /// delivery count over the frames that are now wholly in the kernel.
     fn observe(&mut self) {
-        for (i, conn) in self.conns.iter_mut().enumerate() {
+        for i in 0..self.conns.len() {
+            let conn = &mut self.conns[i];
             let Some(reader) = conn.reader.as_ref() else {
                 continue;
             };
@@ -574,6 +689,22 @@ impl World {
                 kernel >= conn.kernel,
                 "conn {i}: the kernel holds fewer bytes than before"
             );
+            // A flush that drains the outbox of an fd behind on topics refills it from their
+            // history, and writes on: as long as the kernel took everything owed so far, a
+            // refill happened. (An eviction it leads to keeps what reached the kernel.)
+            if kernel <= conn.expected.len() {
+                conn.kernel = kernel;
+                while conn.frame_ends.front().is_some_and(|&end| end <= kernel) {
+                    conn.frame_ends.pop_front();
+                    conn.counters.delivered += 1;
+                    self.deliveries += 1;
+                }
+            }
+            while !self.conns[i].lags.is_empty()
+                && kernel >= self.conns[i].expected.len()
+                && self.refill(i)
+            {}
+            let conn = &mut self.conns[i];
             assert!(
                 kernel <= conn.expected.len(),
                 "conn {i}: {} bytes reached the reader, the model owes it only {}",
@@ -592,12 +723,136 @@ impl World {
             }
             while conn.frame_ends.front().is_some_and(|&end| end <= kernel) {
                 conn.frame_ends.pop_front();
+                conn.counters.delivered += 1;
                 self.deliveries += 1;
             }
             if let Some(what) = conn.mismatch() {
                 panic!("conn {i}: received bytes differ from the model: {what}");
             }
         }
+    }
+
+    /// The slot whose fd is connection `conn` now, if any.
+    fn slot_of(&self, conn: usize) -> Option<usize> {
+        (0..SLOTS).find(|&slot| self.slots[slot].conn == conn && self.conns[conn].attached)
+    }
+
+    /// Records a gap of `lost` messages of `topic` for the slot's fd.
+    fn gap(&mut self, slot: usize, topic: &[u8], lost: u64) {
+        let fd = self.fd(slot);
+        self.lost_to_gaps += lost;
+        self.conn_of(slot).counters.lost_to_gaps += lost;
+        self.predicted_gaps.push((fd, topic.to_vec(), lost));
+    }
+
+    /// What fdcast does when connection `conn`'s outbox drains while it is behind on topics:
+    /// for each, in its order, from the cursor on, the kept messages framed in the
+    /// subscription's mode while they fit under the outbox limit (an empty outbox takes any
+    /// frame); a gap first if the history dropped messages it was owed. Returns whether it
+    /// queued anything.
+    fn refill(&mut self, conn: usize) -> bool {
+        let slot = self
+            .slot_of(conn)
+            .expect("only a connection fdcast knows is behind");
+        let mut queued = 0;
+        let mut evict = false;
+        let topics: Vec<Vec<u8>> = self.conns[conn]
+            .lags
+            .iter()
+            .map(|lag| lag.topic.clone())
+            .collect();
+        for topic in topics {
+            let Some(at) = self.conns[conn]
+                .lags
+                .iter()
+                .position(|lag| lag.topic == topic)
+            else {
+                continue;
+            };
+            let mode = self.subs.get(&(topic.clone(), slot)).map(|(_, mode)| *mode);
+            let lag = self.conns[conn].lags[at].clone();
+            let ring = self
+                .rings
+                .get(&topic)
+                .filter(|ring| ring.epoch == Some(lag.epoch));
+            let (Some(ring), Some(mode)) = (ring, mode) else {
+                self.conns[conn].lags.swap_remove(at);
+                if mode.is_some() {
+                    self.gap(slot, &topic, lag.owed());
+                    count(&COVERAGE.gaps);
+                    evict |= self.evict_policy;
+                }
+                continue;
+            };
+            let mut cursor = lag.cursor;
+            let (oldest, last, epoch) = (ring.oldest(), ring.last_offset, lag.epoch);
+            let kept: Vec<(u64, Vec<u8>)> = ring
+                .kept
+                .iter()
+                .filter(|(offset, _)| *offset >= cursor.max(oldest))
+                .cloned()
+                .collect();
+            if cursor < oldest {
+                self.gap(slot, &topic, oldest - cursor);
+                count(&COVERAGE.gaps);
+                if self.evict_policy {
+                    evict = true;
+                    continue;
+                }
+                cursor = oldest;
+            }
+            for (offset, payload) in kept {
+                if mode.requires_utf8() && std::str::from_utf8(&payload).is_err()
+                    || payload.is_empty() && mode == Mode::Raw
+                {
+                    cursor = offset + 1;
+                    continue;
+                }
+                let id = EventId { epoch, offset };
+                let frame = encode_with_id(mode, &payload, Some(id));
+                if queued > 0 && queued + frame.len() > self.limit {
+                    break;
+                }
+                queued += frame.len();
+                count(&COVERAGE.refilled_frames);
+                let what = format!("step {} refill {m:?} {id}", self.step, m = mode);
+                self.conns[conn].append(&frame, what);
+                cursor = offset + 1;
+            }
+            if cursor > last {
+                self.conns[conn].lags.swap_remove(at);
+            } else {
+                self.conns[conn].lags[at].cursor = cursor;
+            }
+        }
+        if evict {
+            self.evict(slot, true);
+            return false;
+        }
+        queued > 0
+    }
+
+    fn set_history(&mut self, keep: usize) {
+        self.reg.set_history(HistoryLimits {
+            max_messages: keep,
+            ..HistoryLimits::default()
+        });
+        self.keep = keep;
+        if keep == 0 {
+            self.rings.clear();
+        }
+        for ring in self.rings.values_mut() {
+            ring.keep_at_most(keep);
+        }
+    }
+
+    /// The gap callback reported exactly the predicted gaps.
+    fn check_gaps(&mut self) {
+        let mut got = std::mem::take(&mut *self.gaps.lock().unwrap());
+        let mut want = std::mem::take(&mut self.predicted_gaps);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "gaps reported, predicted");
     }
 
     fn take_evictions(&self) -> Vec<(RawFd, i32)> {
@@ -633,6 +888,12 @@ impl World {
 
     /// Registry state equals the model's.
     fn check_state(&self) {
+        for conn in &self.conns {
+            assert!(
+                conn.lags.is_empty() || conn.pending() > 0,
+                "the model has a connection behind with nothing queued"
+            );
+        }
         assert_eq!(
             self.reg.subscriber_count(),
             self.subs.len(),
@@ -667,12 +928,29 @@ impl World {
                 pending,
                 "pending_bytes of slot {slot}"
             );
+            let conn = &self.conns[self.slots[slot].conn];
+            let got = self.reg.fd_stats(self.fd(slot));
+            if known {
+                let want = FdStats {
+                    queued_bytes: pending as u64,
+                    catching_up: conn.lags.len() as u64,
+                    ..conn.counters
+                };
+                assert_eq!(got.unwrap(), want, "fd_stats of slot {slot}");
+            } else {
+                assert_eq!(
+                    got.unwrap_err().errno(),
+                    libc::ENOENT,
+                    "fd_stats of slot {slot}"
+                );
+            }
         }
         let topics: BTreeSet<&Vec<u8>> = self.subs.keys().map(|(t, _)| t).collect();
         let want = fdcast::Stats {
             publishes: self.publishes,
             deliveries: self.deliveries,
             dropped_messages: self.dropped,
+            lost_to_gaps: self.lost_to_gaps,
             evicted_fds: self.evicted,
             queued_bytes: queued as u64,
             subscriptions: self.subs.len() as u64,
@@ -732,10 +1010,14 @@ impl World {
     fn publish(&mut self, t: usize, payload: &[u8], except: Option<usize>) {
         let topic = topic(t);
         let except_fd = except.map(|slot| self.fd(slot));
-        let got = self.reg.publish_except(&topic, payload, except_fd);
+        let got = self.reg.publish_with_id(&topic, payload, except_fd);
         if t > VALID_TOPICS {
             assert_eq!(got.unwrap_err().errno(), libc::EINVAL, "publish bad topic");
             return;
+        }
+        if self.keep > 0 {
+            // fdcast makes the topic's history before it checks the payload.
+            self.rings.entry(topic.clone()).or_default();
         }
         let recipients: Vec<(usize, Mode)> = self
             .subs
@@ -752,22 +1034,109 @@ impl World {
             );
             return;
         }
-        assert_eq!(got.unwrap(), recipients.len(), "publish matched");
+        let (matched, id) = got.unwrap();
+        assert_eq!(matched, recipients.len(), "publish matched");
         self.publishes += 1;
+        let numbered = self.number(&topic, id);
         let mut evictions = Vec::new();
         for (slot, m) in recipients {
-            let frame = encode(m, payload);
-            let fate = self.fate(slot, &frame);
+            let frame = encode_with_id(m, payload, id);
+            let fate = match numbered {
+                Some((id, oldest)) => self.fate_numbered(slot, &frame, &topic, id, oldest),
+                None => self.fate(slot, &frame),
+            };
             let what = format!("step {} publish {m:?} {} bytes", self.step, payload.len());
             self.apply(slot, &frame, &fate, what);
             match fate {
                 Fate::Overflowed => evictions.push((slot, true)),
                 Fate::Failed => evictions.push((slot, false)),
+                Fate::Gap { lost, evict } => {
+                    self.gap(slot, &topic, lost);
+                    if evict {
+                        evictions.push((slot, true));
+                    }
+                }
                 _ => {}
             }
         }
+        if let Some(ring) = self.rings.get_mut(&topic) {
+            let offset = ring.last_offset + 1;
+            ring.last_offset = offset;
+            ring.kept.push_back((offset, payload.to_vec()));
+            ring.keep_at_most(self.keep);
+        }
         for (slot, overflow) in evictions {
             self.evict(slot, overflow);
+        }
+    }
+
+    /// Checks the id a publish to `topic` got (none with history off; the next offset of the
+    /// topic's epoch, learned from the first one, with it on); returns it with the oldest
+    /// offset the topic's history keeps before this message.
+    fn number(&mut self, topic: &[u8], id: Option<EventId>) -> Option<(EventId, u64)> {
+        let Some(ring) = self.rings.get_mut(topic) else {
+            assert_eq!(id, None, "an id with history off");
+            return None;
+        };
+        let id = id.expect("an id with history on");
+        assert_eq!(
+            *ring.epoch.get_or_insert(id.epoch),
+            id.epoch,
+            "one epoch per history"
+        );
+        assert_eq!(id.offset, ring.last_offset + 1, "offsets count publishes");
+        Some((id, ring.oldest()))
+    }
+
+    /// `fate` for a message its topic's history keeps: a subscriber behind on the topic
+    /// skips it (finding a gap under FDCAST_EVICT if the history dropped what it is owed, or
+    /// if the history was made anew), and one it would overflow falls behind instead.
+    fn fate_numbered(
+        &mut self,
+        slot: usize,
+        frame: &[u8],
+        topic: &[u8],
+        id: EventId,
+        oldest: u64,
+    ) -> Fate {
+        if frame.is_empty() {
+            return Fate::Empty;
+        }
+        let evict = self.evict_policy;
+        let conn = self.conn_of(slot);
+        if let Some(lag) = conn.lags.iter_mut().find(|lag| lag.topic == topic) {
+            let mut lost = 0;
+            if lag.epoch != id.epoch {
+                lost = lag.owed();
+                *lag = Lag {
+                    topic: topic.to_vec(),
+                    epoch: id.epoch,
+                    cursor: id.offset,
+                    newest: id.offset,
+                };
+            } else {
+                if evict && lag.cursor < oldest {
+                    lost = oldest - lag.cursor;
+                }
+                lag.newest = lag.newest.max(id.offset);
+            }
+            return if lost == 0 {
+                Fate::Behind
+            } else {
+                Fate::Gap { lost, evict }
+            };
+        }
+        match self.fate(slot, frame) {
+            Fate::Dropped | Fate::Overflowed => {
+                self.conn_of(slot).lags.push(Lag {
+                    topic: topic.to_vec(),
+                    epoch: id.epoch,
+                    cursor: id.offset,
+                    newest: id.offset,
+                });
+                Fate::Behind
+            }
+            other => other,
         }
     }
 
@@ -782,6 +1151,7 @@ impl World {
         let what = format!("step {} send {m:?} {} bytes", self.step, payload.len());
         self.apply(slot, &frame, &fate, what);
         match fate {
+            Fate::Behind | Fate::Gap { .. } => unreachable!("a send is in no topic's history"),
             Fate::Accepted | Fate::Empty => got.expect("send"),
             Fate::Dropped => {
                 assert_eq!(got.unwrap_err().errno(), libc::ENOBUFS, "send dropped");
@@ -862,6 +1232,9 @@ impl World {
                     Some(key) => {
                         got.expect("unsubscribe a live id");
                         self.subs.remove(&key);
+                        // Nothing more is owed on a topic it left.
+                        let (topic, slot) = key;
+                        self.conn_of(slot).lags.retain(|lag| lag.topic != topic);
                     }
                     None => assert_eq!(got.unwrap_err().errno(), libc::ENOENT, "unsubscribe"),
                 }
@@ -1000,11 +1373,23 @@ impl World {
                 });
                 self.evict_policy = evict;
             }
+            Op::SetHistory { keep } => self.set_history(keep),
             Op::Settle => self.settle(),
         }
         self.observe();
         self.check_evictions();
+        self.check_gaps();
+        self.forget_counters_of_forgotten_fds();
         self.check_state();
+    }
+
+    /// fdcast drops its peer for an fd it no longer knows, counters and all.
+    fn forget_counters_of_forgotten_fds(&mut self) {
+        for slot in 0..SLOTS {
+            if !self.known(slot) {
+                self.conn_of(slot).counters = FdStats::default();
+            }
+        }
     }
 
     /// The end of a case: settle, then every reader got exactly what the model owes it, and
@@ -1012,6 +1397,8 @@ impl World {
     fn finish(mut self) {
         self.settle();
         self.check_evictions();
+        self.check_gaps();
+        self.forget_counters_of_forgotten_fds();
         self.check_state();
         for (i, conn) in self.conns.iter_mut().enumerate() {
             let Some(reader) = conn.reader.take() else {
@@ -1091,6 +1478,9 @@ fn registry_agrees_with_the_model_after_every_step() {
             ("frames torn by forgetting the fd", &c.torn_by_forget),
             ("fd-reuse guard", &c.reuse_guard),
             ("corked frames", &c.corked_frames),
+            ("frames of subscribers behind on their topic", &c.behind),
+            ("frames refilled from the history", &c.refilled_frames),
+            ("gaps", &c.gaps),
         ];
         for (what, counter) in figures {
             let n = counter.load(Ordering::Relaxed);
@@ -1261,7 +1651,68 @@ fn hand_picked_sequences_agree_with_the_model() {
             },
             Settle,
         ],
+        // Behind on a topic while corked, then history turned off: what it was owed is a gap,
+        // found when its outbox drains, and FDCAST_EVICT evicts it.
+        vec![
+            Subscribe {
+                slot: 1,
+                topic: 3,
+                mode: 0,
+            },
+            Cork,
+            SetHistory { keep: 1 },
+            SetLimit { limit: 0 },
+            SetPolicy { evict: true },
+            Publish {
+                topic: 3,
+                payload: Payload::Ascii(1, 0),
+                except: None,
+            },
+            Publish {
+                topic: 3,
+                payload: Payload::Ascii(1, 0),
+                except: None,
+            },
+            SetHistory { keep: 0 },
+            Settle,
+        ],
     ];
+    // A stalled reader on a topic with history, under each policy and history size: it falls
+    // behind, then catches up (SSE frames with ids), or falls off the history (a gap, found
+    // when it drains under FDCAST_DROP_MESSAGE, at once under FDCAST_EVICT).
+    let mut cases = cases;
+    for (keep, evict, mode) in [(50, false, 3), (3, false, 0), (3, true, 0), (1, false, 1)] {
+        let mut ops = vec![
+            SetHistory { keep },
+            SetPolicy { evict },
+            SetLimit { limit: 700 },
+            Subscribe {
+                slot: 0,
+                topic: 0,
+                mode,
+            },
+            Subscribe {
+                slot: 0,
+                topic: 1,
+                mode,
+            },
+            Subscribe {
+                slot: 1,
+                topic: 0,
+                mode,
+            },
+            StopReading { slot: 0 },
+        ];
+        for n in 0..40u8 {
+            ops.push(Publish {
+                topic: usize::from(n % 3 == 0),
+                payload: Payload::Ascii(500, n),
+                except: None,
+            });
+        }
+        ops.extend([Dispatch, Resume { slot: 0 }, Dispatch, Settle]);
+        cases.push(ops);
+    }
     with_watchdog(120, move || {
         for ops in &cases {
             run_case(ops);

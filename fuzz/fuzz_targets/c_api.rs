@@ -38,6 +38,17 @@ struct Stats {
     subscriptions: u64,
     topics: u64,
     fds: u64,
+    lost_to_gaps: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+struct FdCounters {
+    delivered: u64,
+    dropped: u64,
+    lost_to_gaps: u64,
+    queued_bytes: u64,
+    catching_up: u64,
 }
 
 #[repr(C)]
@@ -49,6 +60,7 @@ struct PgStats {
 type AuthorizeFn =
     Option<unsafe extern "C" fn(*mut c_void, *const c_char, usize, c_int, c_int) -> bool>;
 type EvictFn = Option<unsafe extern "C" fn(*mut c_void, c_int, c_int)>;
+type GapFn = Option<unsafe extern "C" fn(*mut c_void, c_int, *const c_char, usize, u64)>;
 
 unsafe extern "C" {
     fn fdcast_new() -> *mut Fdcast;
@@ -127,6 +139,8 @@ unsafe extern "C" {
     fn fdcast_set_overflow(fc: *mut Fdcast, policy: c_int) -> c_int;
     fn fdcast_set_fd_check(fc: *mut Fdcast, on: c_int) -> c_int;
     fn fdcast_get_stats(fc: *const Fdcast, out: *mut Stats);
+    fn fdcast_fd_stats(fc: *const Fdcast, fd: c_int, out: *mut FdCounters) -> c_int;
+    fn fdcast_set_gap_callback(fc: *mut Fdcast, f: GapFn, user: *mut c_void) -> c_int;
     fn fdcast_cork(fc: *mut Fdcast) -> c_int;
     fn fdcast_uncork(fc: *mut Fdcast) -> i64;
     fn fdcast_flush(fc: *mut Fdcast) -> i64;
@@ -167,6 +181,32 @@ unsafe extern "C" fn authorize(
     unsafe {
         assert!(fdcast_subscriber_count(user.cast()) >= 0);
         *topic.cast::<u8>() != b'D'
+    }
+}
+
+unsafe extern "C" fn on_gap(
+    user: *mut c_void,
+    fd: c_int,
+    topic: *const c_char,
+    len: usize,
+    lost: u64,
+) {
+    assert!(fd >= 0 && lost > 0, "gap of {lost} on fd {fd}");
+    assert!((1..=MAX_TOPIC).contains(&len) && !topic.is_null());
+    // SAFETY: `user` is the live handle; reentrant calls are allowed.
+    unsafe {
+        let mut counters = FdCounters::default();
+        let rc = fdcast_fd_stats(user.cast(), fd, &mut counters);
+        assert!(
+            rc == 0 || rc == -libc::ENOENT,
+            "fd_stats in the gap callback: {rc}"
+        );
+        if rc == 0 {
+            assert!(
+                counters.lost_to_gaps >= lost,
+                "{counters:?} after a gap of {lost}"
+            );
+        }
     }
 }
 
@@ -410,7 +450,7 @@ fn expect_in(rc: i64, allowed: &[i64], what: &str) {
 fn step(w: &mut World, input: &mut Input) {
     let mut topic_bytes = Vec::new();
     let mut payload_bytes = Vec::new();
-    let op = input.byte() % 32;
+    let op = input.byte() % 35;
     // SAFETY (for the calls below): every pointer passed is NULL or points to at least the
     // length passed with it, as the contract requires; the handle is live or NULL.
     unsafe {
@@ -788,6 +828,43 @@ fn step(w: &mut World, input: &mut Input) {
                     w.ids.push(rc);
                     assert!(how != 2 || recovered == 0 || recovered == 1);
                 }
+            }
+            32 => {
+                let fd = w.fd(input);
+                let mut counters = FdCounters {
+                    delivered: 7,
+                    ..FdCounters::default()
+                };
+                let how = input.byte() % 3;
+                let rc = match how {
+                    0 => fdcast_fd_stats(ptr::null(), fd, &mut counters),
+                    1 => fdcast_fd_stats(w.fc, fd, ptr::null_mut()),
+                    _ => fdcast_fd_stats(w.fc, fd, &mut counters),
+                };
+                if how < 2 {
+                    assert_eq!(rc, -libc::EINVAL, "fd_stats with a NULL argument");
+                } else if fd < 0 {
+                    assert_eq!(rc, -libc::EBADF, "fd_stats of a negative fd");
+                } else {
+                    assert!(rc == 0 || rc == -libc::ENOENT, "fd_stats: {rc}");
+                }
+                if rc == 0 {
+                    assert!(counters.catching_up <= 16, "{counters:?}");
+                    let totals = w.stats();
+                    assert!(counters.lost_to_gaps <= totals.lost_to_gaps, "{counters:?}");
+                    assert!(counters.dropped <= totals.dropped_messages, "{counters:?}");
+                } else {
+                    assert_eq!(counters.delivered, 7, "a failed fd_stats wrote its out");
+                }
+            }
+            33 => {
+                let fc = w.handle(input);
+                let rc = if input.byte().is_multiple_of(2) {
+                    fdcast_set_gap_callback(fc, Some(on_gap), w.fc.cast())
+                } else {
+                    fdcast_set_gap_callback(fc, None, ptr::null_mut())
+                };
+                assert_eq!(rc, if fc.is_null() { -libc::EINVAL } else { 0 });
             }
             _ => {
                 assert!(!fdcast_version().is_null());

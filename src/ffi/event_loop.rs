@@ -184,6 +184,7 @@ pub unsafe extern "C" fn fdcast_get_stats(fc: *const fdcast, out: *mut fdcast_st
                     subscriptions: stats.subscriptions,
                     topics: stats.topics,
                     fds: stats.fds,
+                    lost_to_gaps: stats.lost_to_gaps,
                 },
             )
         };

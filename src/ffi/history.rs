@@ -31,6 +31,19 @@ use crate::registry::Registry;
 ///
 /// Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
 ///
+/// Slow readers: with history on, a frame of a topic that would overflow an fd's outbox (live
+/// or replayed) is not dropped: the fd falls behind on the topic, keeping a cursor into its
+/// history (no copy), and the topic's live messages skip it; whenever fdcast drains the
+/// fd's outbox (fdcast_dispatch, fdcast_flush, fdcast_uncork) it refills the outbox from
+/// the history, in order, up to the outbox limit, until the fd has the newest message and is
+/// live again, with no gap or duplicate. Messages that leave the history before the fd gets
+/// them are a gap (see fdcast_gap_fn); then the overflow policy applies. Order: per topic,
+/// each message once in publish order, always (gaps aside). Across the topics of one fd:
+/// publish order while the fd is live on them; while it is behind on a topic, that topic's
+/// older messages arrive after newer ones of topics it is live on, and topics it is behind on
+/// are refilled one after another. Turning history off ends every catching up: what a
+/// behind fd was still owed is lost (counted as a gap when the fd next takes bytes).
+///
 /// Returns 0 or -EINVAL (NULL `fc`).
 ///
 /// Thread: any.

@@ -21,6 +21,8 @@ mod history;
 
 mod event_loop;
 
+mod stats;
+
 mod batching;
 
 mod hooks;
@@ -124,6 +126,9 @@ pub struct fdcast_stats {
     pub topics: u64,
     /// Distinct fds with at least one subscription or queued bytes.
     pub fds: u64,
+    /// Messages owed to fds that fell behind on a topic with history and left the history
+    /// before those fds caught up (see fdcast_gap_fn).
+    pub lost_to_gaps: u64,
 }
 
 /// An `fdcast_mode` as it crosses the boundary: a plain int, so an out-of-range value is

@@ -122,38 +122,50 @@ impl Registry {
     }
 
     /// Writes what `peer` has queued and settles the outcome: deliveries counted, an fd left
-    /// with nothing to do forgotten, a dead one evicted. Returns whether any byte was written.
-    /// `totals` gathers the counters' share, for [`Registry::count_flushed`] to add once per
-    /// batch of flushes.
+    /// with nothing to do forgotten, a dead one evicted. An fd behind on topics with history
+    /// is refilled from them each time its outbox drains, and written again. Returns whether any byte
+    /// was written. `totals` gathers the counters' share, for [`Registry::count_flushed`] to
+    /// add once per batch of flushes.
     pub(super) fn flush_peer(&self, peer: &Arc<Peer>, totals: &mut Flushed) -> bool {
-        let outcome = peer.flush(self.fd_check.load(Ordering::Relaxed), &self.reactor);
-        if let Flush::Progress { bytes, frames, .. } | Flush::Failed { bytes, frames, .. } = outcome
-        {
-            totals.bytes += bytes as u64;
-            totals.frames += frames as u64;
-        }
-        match outcome {
-            Flush::Progress { drained, bytes, .. } => {
-                // Only an fd without subscriptions is forgotten once drained; checking the
-                // count first keeps the index lock out of every corked flush.
-                if drained && peer.subscriptions() == 0 {
-                    let mut index = self.write_index();
-                    if index
-                        .peer(peer.fd)
-                        .is_some_and(|current| Arc::ptr_eq(current, peer))
-                    {
-                        self.forget_if_unused(&mut index, peer.fd);
+        let mut wrote = false;
+        loop {
+            let outcome = peer.flush(self.fd_check.load(Ordering::Relaxed), &self.reactor);
+            if let Flush::Progress { bytes, frames, .. } | Flush::Failed { bytes, frames, .. } =
+                outcome
+            {
+                totals.bytes += bytes as u64;
+                totals.frames += frames as u64;
+                wrote |= bytes > 0;
+            }
+            match outcome {
+                Flush::Progress { drained, .. } => {
+                    // Refilled only once drained: whole refills of up to the outbox limit, and
+                    // a refill's size that depends only on what was queued, not on how much
+                    // the kernel happened to take.
+                    if drained && peer.lagging() > 0 && self.catch_up(peer) {
+                        continue;
                     }
+                    // Only an fd without subscriptions is forgotten once drained; checking
+                    // the count first keeps the index lock out of every corked flush.
+                    if drained && peer.subscriptions() == 0 {
+                        let mut index = self.write_index();
+                        if index
+                            .peer(peer.fd)
+                            .is_some_and(|current| Arc::ptr_eq(current, peer))
+                        {
+                            self.forget_if_unused(&mut index, peer.fd);
+                        }
+                    }
+                    return wrote;
                 }
-                bytes > 0
-            }
-            Flush::Failed { errno, .. } => {
-                self.evict_if_failed(peer, &Delivery::Failed(errno));
-                false
-            }
-            Flush::Reused => {
-                self.evict_if_failed(peer, &Delivery::Reused);
-                false
+                Flush::Failed { errno, .. } => {
+                    self.evict_if_failed(peer, &Delivery::Failed(errno));
+                    return false;
+                }
+                Flush::Reused => {
+                    self.evict_if_failed(peer, &Delivery::Reused);
+                    return false;
+                }
             }
         }
     }

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::frame::{Frame, Mode, ReplayEncoder};
 use crate::history::{EventId, HistoryLimits, Ring, random_epoch};
 use crate::index::SubscriptionId;
-use crate::outbox::{Peer, WritePolicy};
+use crate::outbox::{InHistory, Peer, WritePolicy};
 
 /// A topic's kept payloads, each shared by every replay of it.
 pub(super) type TopicRing = Ring<Arc<[u8]>>;
@@ -94,6 +94,11 @@ impl Registry {
         self.history_on.store(true, Ordering::Relaxed);
     }
 
+    /// The ring of `topic` if it has one (none when history is off).
+    pub(super) fn existing_history(&self, topic: &[u8]) -> Option<Arc<Mutex<TopicRing>>> {
+        self.histories.read().topics.get(topic).cloned()
+    }
+
     /// The ring of `topic`, made (with a fresh epoch) if it has none; `None` when history is
     /// off.
     pub(super) fn topic_history(&self, topic: &[u8]) -> Option<Arc<Mutex<TopicRing>>> {
@@ -160,10 +165,13 @@ impl Registry {
     /// every [`REPLAY_WRITE_FRAMES`] frames or half an outbox limit: a few `writev`s instead
     /// of a `send` per frame, while the outbox limit still meets about what immediate writes
     /// would have left queued.
+    /// A replayed frame that does not fit leaves the fd behind on the topic, as a live one
+    /// does: the rest comes from the history as the outbox drains.
     fn replay<'a>(
         &self,
         peer: &Arc<Peer>,
-        mode: Mode,
+        (topic, mode): (&[u8], Mode),
+        oldest_kept: u64,
         messages: impl Iterator<Item = (EventId, &'a Arc<[u8]>)>,
         outcomes: &mut Outcomes,
     ) {
@@ -179,8 +187,13 @@ impl Registry {
             let frame = encoder.encode(payload, id);
             bytes += frame.as_ref().map_or(0, Frame::len);
             frames += 1;
+            let at = InHistory {
+                topic,
+                id,
+                oldest_kept,
+            };
             outcomes.deliver(peer, frame.as_ref(), |frame| {
-                self.deliver(peer, frame, queue_only)
+                self.deliver(peer, frame, Some(at), queue_only)
             });
             if !policy.corked && (frames == REPLAY_WRITE_FRAMES || bytes >= write_at) {
                 (frames, bytes) = (0, 0);
@@ -223,10 +236,11 @@ impl Registry {
             let replayable = messages.into_iter().filter(|(_, payload)| {
                 !mode.requires_utf8() || std::str::from_utf8(payload).is_ok()
             });
-            self.replay(&peer, mode, replayable, &mut outcomes);
+            let oldest_kept = ring.oldest_offset();
+            self.replay(&peer, (topic, mode), oldest_kept, replayable, &mut outcomes);
         }
         drop(ring);
-        self.settle(outcomes);
+        self.settle(topic, outcomes);
         Ok((subscription, recovered))
     }
 }

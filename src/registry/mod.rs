@@ -1,7 +1,8 @@
 //! The public `Registry`: the struct, its lock order, subscriptions and stats. The other jobs
 //! have a file each: `publish` (fan-out and `send`), `flush` (cork, flush, dispatch),
 //! `heartbeat` (keep-alive timers), `evict` (forgetting and evicting fds), `broker`
-//! (cross-process fan-out) and `history` (per-topic history and resume).
+//! (cross-process fan-out), `history` (per-topic history and resume) and `catch_up` (readers
+//! that fell behind on a topic with history, gaps, per-fd counters).
 //!
 //! Locks, always taken in this order and never the other way round:
 //! 0. with history on, `histories` (an `RwLock`, the map of topics to rings): read to find a
@@ -10,7 +11,8 @@
 //!    limits; then one topic's
 //!    ring lock: held by a publish to that topic from the choice of its id through its
 //!    fan-out (so publishes to one topic with history serialize, publishes to other topics do
-//!    not), and by a resume from its subscribe through its replay. Nobody takes `histories`
+//!    not), by a resume from its subscribe through its replay, and by a flush refilling a
+//!    lagging fd's outbox from it (catch_up.rs). Nobody takes `histories`
 //!    while holding a ring, nor a second ring while holding one;
 //! 1. `index` (an `RwLock`): read briefly by an immediate publish to clone a topic's
 //!    subscriber list, for the whole of a corked publish (which writes nothing), and by
@@ -31,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod catch_up;
 mod evict;
 mod flush;
 mod heartbeat;
@@ -51,6 +54,7 @@ use crate::index::{Index, SubscriptionId};
 use crate::io::{self, FileIdentity, FileKind};
 use crate::outbox::{Overflow, Peer};
 use crate::reactor::Reactor;
+pub use catch_up::GapCallback;
 use heartbeat::Heartbeat;
 
 /// The longest topic, in bytes.
@@ -73,6 +77,9 @@ pub struct Stats {
     pub deliveries: u64,
     /// Frames dropped by [`Overflow::DropMessage`].
     pub dropped_messages: u64,
+    /// Messages owed to fds behind on a topic that left the topic's history before those
+    /// fds caught up (see [`Registry::set_gap_callback`]).
+    pub lost_to_gaps: u64,
     /// Fds removed because the peer was gone or by [`Overflow::Evict`].
     pub evicted_fds: u64,
     /// Bytes waiting in outboxes now.
@@ -90,6 +97,7 @@ struct Counters {
     publishes: AtomicU64,
     deliveries: AtomicU64,
     dropped_messages: AtomicU64,
+    lost_to_gaps: AtomicU64,
     evicted_fds: AtomicU64,
     queued_bytes: AtomicU64,
 }
@@ -166,6 +174,7 @@ pub struct Registry {
     broker_enabling: AtomicBool,
     authorizer: RwLock<Option<Arc<Authorizer>>>,
     on_evict: RwLock<Option<Arc<EvictCallback>>>,
+    on_gap: RwLock<Option<Arc<GapCallback>>>,
     /// Whether history is on, so a publish checks it without the lock.
     history_on: AtomicBool,
     /// Every topic's kept messages (history.rs).
@@ -192,6 +201,7 @@ impl Registry {
             broker_enabling: AtomicBool::new(false),
             authorizer: RwLock::new(None),
             on_evict: RwLock::new(None),
+            on_gap: RwLock::new(None),
             history_on: AtomicBool::new(false),
             histories: RwLock::new(history::Histories::default()),
             counters: Counters::default(),
@@ -226,6 +236,9 @@ impl Registry {
     fn subscriptions_changed(&self, index: &Index<Peer>, peer: &Arc<Peer>) {
         let keepalive = index.keepalive_of(peer.fd);
         peer.set_subscriptions(index.subscriptions_of(peer.fd), keepalive);
+        if peer.lagging() > 0 {
+            peer.keep_lags(|topic| index.mode_of(topic, peer.fd).is_some());
+        }
         if keepalive.is_some() {
             self.queue_heartbeat(peer);
         }
@@ -358,6 +371,7 @@ impl Registry {
             publishes: counters.publishes.load(Ordering::Relaxed),
             deliveries: counters.deliveries.load(Ordering::Relaxed),
             dropped_messages: counters.dropped_messages.load(Ordering::Relaxed),
+            lost_to_gaps: counters.lost_to_gaps.load(Ordering::Relaxed),
             evicted_fds: counters.evicted_fds.load(Ordering::Relaxed),
             queued_bytes: counters.queued_bytes.load(Ordering::Relaxed),
             subscriptions: subscriptions as u64,

@@ -13,7 +13,7 @@ use crate::batch::Batch;
 use crate::error::Error;
 use crate::frame::{Frame, FrameSet, Mode};
 use crate::history::EventId;
-use crate::outbox::{Delivery, Flush, InBatch, Overflow, Peer, WritePolicy};
+use crate::outbox::{Delivery, Flush, InBatch, InHistory, Overflow, Peer, WritePolicy};
 
 /// A publish on its way to this registry's subscribers.
 #[derive(Clone, Copy)]
@@ -24,6 +24,19 @@ struct Message<'a> {
     except: Option<RawFd>,
     /// The position its topic's history gave it, when history is on.
     id: Option<EventId>,
+    /// The oldest offset the topic's history keeps, when history is on.
+    oldest_kept: u64,
+}
+
+impl Message<'_> {
+    /// Where the message sits in its topic's history, for the subscribers behind on it.
+    fn in_history(&self) -> Option<InHistory<'_>> {
+        self.id.map(|id| InHistory {
+            topic: self.topic,
+            id,
+            oldest_kept: self.oldest_kept,
+        })
+    }
 }
 
 /// What one publish's deliveries came to, settled once the publish holds no lock.
@@ -37,6 +50,9 @@ pub(super) struct Outcomes {
     /// Peers that just got their first corked frame: they go on the flush list.
     deferred: Vec<Arc<Peer>>,
     evictions: Vec<Eviction>,
+    /// Peers behind on the publish's topic that lost messages to the history's limits: how
+    /// many, and whether the overflow policy evicts them for it.
+    gaps: Vec<(Arc<Peer>, u64, bool)>,
     /// A corked publish started gathering: `poll_fd` must turn readable.
     first_gathered: bool,
 }
@@ -83,7 +99,10 @@ impl Outcomes {
     ) {
         match frame {
             Some(frame) => self.record(peer, deliver(frame)),
-            None => self.dropped += 1,
+            None => {
+                peer.count_dropped(1);
+                self.dropped += 1;
+            }
         }
     }
 
@@ -93,7 +112,8 @@ impl Outcomes {
         match delivery {
             Delivery::Written => self.delivered += 1,
             Delivery::Queued { bytes } => self.queued += bytes as u64,
-            Delivery::Closed => {}
+            Delivery::Closed | Delivery::Behind => {}
+            Delivery::Gap { lost, evict } => self.gaps.push((Arc::clone(peer), lost, evict)),
             Delivery::Deferred { bytes } => {
                 self.queued += bytes as u64;
                 self.deferred.push(Arc::clone(peer));
@@ -178,6 +198,7 @@ impl Registry {
             payload,
             except,
             id: None,
+            oldest_kept: 0,
         };
         let mut outcomes = Outcomes::default();
         let history = if self.history_on.load(Ordering::Relaxed) {
@@ -193,6 +214,7 @@ impl Registry {
                 let mut ring = ring.lock();
                 let id = ring.next_id();
                 message.id = Some(id);
+                message.oldest_kept = ring.oldest_offset();
                 let result = self.deliver_message(message, policy, &mut outcomes);
                 if result.is_ok() {
                     ring.push(Arc::from(payload), payload.len(), Instant::now());
@@ -200,7 +222,7 @@ impl Registry {
                 result
             }
         };
-        self.settle(outcomes);
+        self.settle(topic, outcomes);
         result.map(|matched| (matched, message.id))
     }
 
@@ -243,7 +265,7 @@ impl Registry {
             }
             matched += 1;
             outcomes.deliver(&subscriber.peer, frames.get(subscriber.mode), |frame| {
-                self.deliver(&subscriber.peer, frame, policy)
+                self.deliver(&subscriber.peer, frame, message.in_history(), policy)
             });
         }
         drop(list);
@@ -301,7 +323,7 @@ impl Registry {
                 // batches lock, which this publish holds.
                 direct
                     .peer
-                    .deliver(frame, policy, &self.reactor)
+                    .deliver(frame, message.in_history(), policy, &self.reactor)
                     .expect("a corked batch's direct member is in no batch")
             });
         }
@@ -315,9 +337,10 @@ impl Registry {
         Ok(matched)
     }
 
-    /// Adds a publish's outcomes to the counters, lists its deferred peers for the next flush
-    /// and evicts what failed. Called with no lock held.
-    pub(super) fn settle(&self, outcomes: Outcomes) {
+    /// Adds a publish's (or a replay's) outcomes to the counters, lists its deferred peers for
+    /// the next flush, reports the gaps found on `topic` and evicts what failed. Called with
+    /// no lock held.
+    pub(super) fn settle(&self, topic: &[u8], outcomes: Outcomes) {
         // Each is an atomic add on a line that every publishing thread shares: skip the
         // zeros, which a corked publish mostly has.
         for (counter, value) in [
@@ -336,6 +359,9 @@ impl Registry {
         }
         if !outcomes.deferred.is_empty() {
             self.await_flush(outcomes.deferred);
+        }
+        for (peer, lost, evict) in outcomes.gaps {
+            self.report_gap(&peer, topic, lost, evict);
         }
         for eviction in outcomes.evictions {
             self.evict(eviction);
@@ -357,7 +383,7 @@ impl Registry {
         let policy = self.write_policy();
         loop {
             let (peer, subscribed) = self.peer_for_send(fd, identity)?;
-            let delivery = self.deliver(&peer, &frame, policy);
+            let delivery = self.deliver(&peer, &frame, None, policy);
             let error = match delivery {
                 Delivery::Written => {
                     self.counters.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -394,6 +420,9 @@ impl Registry {
                 }
                 Delivery::Overflowed => Error::Dropped,
                 Delivery::Failed(errno) => Error::PeerGone(errno),
+                Delivery::Behind | Delivery::Gap { .. } => {
+                    unreachable!("a send belongs to no topic's history")
+                }
             };
             self.evict_if_failed(&peer, &delivery);
             return Err(error);
@@ -416,9 +445,15 @@ impl Registry {
 
     /// Hands one frame to one fd, spilling the corked batches first if the fd is in one, so
     /// the frame stays behind the batch's. Must not be called with `batches` locked.
-    pub(super) fn deliver(&self, peer: &Peer, frame: &Frame<'_>, policy: WritePolicy) -> Delivery {
+    pub(super) fn deliver(
+        &self,
+        peer: &Peer,
+        frame: &Frame<'_>,
+        history: Option<InHistory<'_>>,
+        policy: WritePolicy,
+    ) -> Delivery {
         loop {
-            match peer.deliver(frame, policy, &self.reactor) {
+            match peer.deliver(frame, history, policy, &self.reactor) {
                 Err(InBatch) => self.spill_batches(),
                 Ok(delivery) => return delivery,
             }

@@ -266,7 +266,7 @@ static void test_version(void) {
     CHECK_EQ(FDCAST_SSE, 3);
     CHECK_EQ(FDCAST_DROP_MESSAGE, 0);
     CHECK_EQ(FDCAST_EVICT, 1);
-    CHECK_EQ(sizeof(fdcast_stats), 8 * sizeof(uint64_t));
+    CHECK_EQ(sizeof(fdcast_stats), 9 * sizeof(uint64_t));
 }
 
 /* Reports the length of this thread's message, -1 for NULL. The pointer
