@@ -54,7 +54,7 @@ use crate::error::Error;
 use crate::io;
 use crate::reactor::Reactor;
 pub(crate) use outbound::Outbound;
-use outbound::{InterestChange, Publishes};
+use outbound::{Encode, InterestChange, Publishes};
 
 /// Counters of a broker, whichever its engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -267,6 +267,8 @@ impl Broker {
         name: &str,
         reactor: &Reactor,
     ) -> Result<(Broker, Instant), Error> {
+        #[cfg_attr(not(feature = "nats"), allow(unused_mut))]
+        let mut encoder: Option<Box<dyn Encode>> = None;
         let (engine, limits, routes_interest, kind): (Box<dyn Engine>, Limits, bool, &str) =
             match scheme {
                 #[cfg(feature = "pg")]
@@ -286,7 +288,8 @@ impl Broker {
                 }
                 #[cfg(feature = "nats")]
                 Scheme::Nats => {
-                    let (engine, limit) = nats::engine(url, name)?;
+                    let (engine, limit, pub_encoder) = nats::engine(url, name)?;
+                    encoder = Some(pub_encoder);
                     (engine, Limits::Payload(limit), true, "NATS")
                 }
                 #[cfg(not(feature = "pg"))]
@@ -300,7 +303,7 @@ impl Broker {
             };
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
-            outbound: Outbound::default(),
+            outbound: Outbound::new(encoder),
             engine: Mutex::new(engine),
             limits,
             routes_interest,

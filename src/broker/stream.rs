@@ -72,6 +72,12 @@ pub(crate) trait Protocol: Send {
     /// in effect).
     fn end_of_subscriptions(&mut self, _out: &mut Vec<u8>) {}
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>);
+    /// Writes publishes the queue holds as commands (a protocol whose broker queues through
+    /// an [`Encode`](super::outbound::Encode)), and empties `publishes`. By default they go
+    /// out as they are; a protocol that counts or checks its publishes does so here.
+    fn publish_encoded(&mut self, publishes: &mut Publishes, out: &mut Vec<u8>) {
+        publishes.move_commands_to(out);
+    }
     /// Subscription changes written and not yet confirmed.
     fn unconfirmed(&self) -> usize;
     /// Publishes written whose fate is unknown until the server answers (lost with the
@@ -460,10 +466,16 @@ impl<P: Protocol> StreamEngine<P> {
         if wrote_subscriptions {
             self.protocol.end_of_subscriptions(&mut self.output);
         }
-        for (topic, payload) in self.publishes.iter() {
-            self.protocol.publish(topic, payload, &mut self.output);
+        let published = !self.publishes.is_empty();
+        if self.publishes.is_encoded() {
+            self.protocol
+                .publish_encoded(&mut self.publishes, &mut self.output);
+        } else {
+            for (topic, payload) in self.publishes.iter() {
+                self.protocol.publish(topic, payload, &mut self.output);
+            }
         }
-        if !self.publishes.is_empty() {
+        if published {
             self.protocol.end_of_publishes(&mut self.output, false);
         }
         self.publishes.clear();
