@@ -53,22 +53,26 @@ const MAX_CONTROL_LINE: usize = 8 << 10;
 /// cluster.
 const MAX_INFO_LINE: usize = 64 << 10;
 
+/// An engine, and the encoder that writes its publishes' commands as they are queued.
+pub(crate) type EngineWithEncoder = (Box<dyn Engine>, Box<dyn Encode>);
+
 /// The engine for a `nats://[user:password@|token@]host[:port][,host[:port]…]` URL; `name`
-/// is the subject prefix. The limit it returns follows the server's `max_payload`; the
-/// encoder writes the `PUB` of each publish as it is queued.
+/// is the subject prefix. It keeps `limit` at the server's `max_payload`; the encoder it
+/// returns writes the `PUB` of each publish as it is queued.
 pub(crate) fn engine(
     url: &str,
     name: &str,
-) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>, Box<dyn Encode>), Error> {
+    limit: &Arc<AtomicUsize>,
+) -> Result<EngineWithEncoder, Error> {
     let mut url = BrokerUrl::parse(url, 4222)?;
-    let limit = Arc::new(AtomicUsize::new(DEFAULT_MAX_PAYLOAD));
-    let protocol = NatsProtocol::new(&url, name, Arc::clone(&limit))?;
+    let protocol = NatsProtocol::new(&url, name, Arc::clone(limit))?;
     let encoder = Box::new(PubEncoder::new(name));
     // The server's INFO comes in the clear; TLS starts after it.
     let secure = url.scheme == "tls";
     let tls = Tls::from_url(&mut url, secure, TlsStart::AfterGreeting)?;
     let engine = StreamEngine::new(protocol, &url.hosts, tls)?;
-    Ok((Box::new(engine), limit, encoder))
+    limit.store(DEFAULT_MAX_PAYLOAD, Ordering::Relaxed);
+    Ok((Box::new(engine), encoder))
 }
 
 /// Writes `PUB <subject> <length>\r\n<payload>\r\n`, for the broker's queue (see
@@ -1587,7 +1591,8 @@ mod tests {
 
     #[test]
     fn engine_checks_the_url_and_prefix() {
-        let errno = |url: &str, name: &str| engine(url, name).err().map(|err| err.errno());
+        let limit = Arc::new(AtomicUsize::new(0));
+        let errno = |url: &str, name: &str| engine(url, name, &limit).err().map(|err| err.errno());
         assert_eq!(errno("nats://127.0.0.1", "app"), None);
         assert_eq!(
             errno("NATS://u:p@127.0.0.1:4223,127.0.0.1:4224", "a.b"),
@@ -1612,7 +1617,7 @@ mod tests {
         for bad in ["", "a b", "a..b", "a.*", ">", "100%", &"p".repeat(256)] {
             assert_eq!(errno("nats://127.0.0.1", bad), Some(libc::EINVAL), "{bad}");
         }
-        let (_, limit, _) = engine("nats://127.0.0.1", "app").unwrap();
+        engine("nats://127.0.0.1", "app", &limit).unwrap();
         assert_eq!(limit.load(Ordering::Relaxed), 1 << 20);
     }
 

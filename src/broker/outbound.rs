@@ -204,16 +204,16 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    /// A queue whose publishes `encoder` writes as the engine's commands when they are
-    /// pushed (`None`: as records).
-    pub(crate) fn new(encoder: Option<Box<dyn Encode>>) -> Outbound {
-        Outbound {
-            queue: Mutex::new(Queue {
-                encoder,
-                ..Queue::default()
-            }),
-            ..Outbound::default()
-        }
+    /// Empties the queue and forgets its counts, for a new engine whose publishes `encoder`
+    /// writes as its commands when they are pushed (`None`: as records).
+    pub(crate) fn reset(&self, encoder: Option<Box<dyn Encode>>) {
+        let mut queue = self.queue.lock();
+        queue.publishes.clear();
+        queue.interest.clear();
+        queue.dropped = 0;
+        queue.encoder = encoder;
+        self.dirty.store(false, Ordering::Release);
+        self.held.store(false, Ordering::SeqCst);
     }
 
     /// Queues a publish; returns whether the engine should be driven for it now. False when
@@ -339,7 +339,10 @@ mod tests {
 
     #[test]
     fn with_an_encoder_publishes_are_queued_as_commands_and_taken_in_order() {
-        let outbound = Outbound::new(Some(Box::new(Assign)));
+        let outbound = Outbound::default();
+        assert!(outbound.push_publish(b"left", b"over"));
+        outbound.reset(Some(Box::new(Assign)));
+        assert_eq!(outbound.counts(), (0, 0));
         assert!(outbound.push_publish(b"a", b"1"));
         assert!(outbound.push_publish(b"bb", b"22"));
         let mut taken = Publishes::default();

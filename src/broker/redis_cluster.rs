@@ -66,8 +66,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::Interest;
@@ -317,8 +316,8 @@ pub(crate) fn parse_shards(frame: &[u8], asked: &str, tls: bool) -> Result<Vec<S
 
 /// The engine for `redis+cluster://[user[:password]@]host:port[,host:port…]`, or
 /// `rediss+cluster://` for TLS to every node (options `ca=`, `cert=`, `key=`, see `tls`);
-/// `name` is the channel prefix. The limit it returns is Redis's default bulk limit.
-pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
+/// `name` is the channel prefix. It sets `limit` to Redis's default bulk limit.
+pub(crate) fn engine(url: &str, name: &str, limit: &AtomicUsize) -> Result<Box<dyn Engine>, Error> {
     let url = BrokerUrl::parse(url, 6379)?;
     match url.scheme.as_str() {
         "redis+cluster" | "rediss+cluster" => {}
@@ -335,7 +334,8 @@ pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<Atom
     }
     topic::check_redis_prefix(name)?;
     let engine = ClusterEngine::new(url, name)?;
-    Ok((Box::new(engine), Arc::new(AtomicUsize::new(MAX_BULK_LEN))))
+    limit.store(MAX_BULK_LEN, Ordering::Relaxed);
+    Ok(Box::new(engine))
 }
 
 /// One primary: its address, its queues, and its connection while it is needed.
@@ -1682,7 +1682,8 @@ mod tests {
 
     #[test]
     fn engine_checks_the_url() {
-        let errno = |url: &str| engine(url, "app:").err().map(|err| err.errno());
+        let limit = AtomicUsize::new(0);
+        let errno = |url: &str| engine(url, "app:", &limit).err().map(|err| err.errno());
         assert_eq!(errno("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"), None);
         assert_eq!(errno("rediss+cluster://127.0.0.1:7000"), None);
         assert_eq!(
@@ -1699,11 +1700,8 @@ mod tests {
             Some(libc::EINVAL)
         );
         assert_eq!(errno("redis://127.0.0.1:7000"), Some(libc::EINVAL));
-        let (_, limit) = engine("redis+cluster://127.0.0.1", "").unwrap();
-        assert_eq!(
-            limit.load(std::sync::atomic::Ordering::Relaxed),
-            MAX_BULK_LEN
-        );
+        engine("redis+cluster://127.0.0.1", "", &limit).unwrap();
+        assert_eq!(limit.load(Ordering::Relaxed), MAX_BULK_LEN);
     }
 
     /// A shard: its slot ranges, and its nodes as "role port tls-port endpoint health".
@@ -2363,6 +2361,7 @@ mod tests {
                 url,
                 prefix,
                 &reactor,
+                &Default::default(),
             )
             .unwrap();
             Side {
@@ -2396,8 +2395,11 @@ mod tests {
         }
 
         fn publish(&self, topic: &[u8], payload: &[u8]) {
-            self.broker.check(topic, payload).unwrap();
-            self.broker.publish(topic, payload, &self.reactor);
+            let handoff = self.broker.handoff();
+            handoff.check(topic, payload).unwrap();
+            if handoff.push_publish(topic, payload) {
+                self.broker.kick(&self.reactor);
+            }
         }
 
         fn of(&self, topic: &[u8]) -> Vec<Vec<u8>> {
