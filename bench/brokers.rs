@@ -30,7 +30,7 @@
 //! failing to start them fails the bench.
 //!
 //! Knobs: BROKER_BENCH_ENGINES=pg,redis runs only those (keys pg, redis, cluster, nats); BROKER_BENCH_VERBOSE=1 prints the
-//! publisher's own time; BROKER_BENCH_PG_BATCH=n makes the old PostgreSQL publisher sync
+//! publishers' own time, and their CPU time; BROKER_BENCH_PG_BATCH=n makes the old PostgreSQL publisher sync
 //! every n publishes instead of every one (what batching alone buys, without fdcast).
 //!
 //! Roles (this binary runs itself as the other processes):
@@ -83,6 +83,17 @@ fn monotonic_ns() -> u64 {
     };
     // SAFETY: clock_gettime writes one timespec into the pointer it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// CPU time of the calling thread in nanoseconds (user and system).
+fn thread_cpu_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
@@ -712,6 +723,7 @@ fn plain_nats_publish(url: &str, name: &str, messages: u64, size: usize) -> Publ
     let header = format!("PUB {} {size}\r\n", subject("nats", name));
     let mut out = Vec::with_capacity(1 << 17);
     let start_ns = monotonic_ns();
+    let cpu_start = thread_cpu_ns();
     for seq in 0..messages {
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(&message(seq, size));
@@ -723,6 +735,13 @@ fn plain_nats_publish(url: &str, name: &str, messages: u64, size: usize) -> Publ
     }
     stream.write_all(&out).unwrap();
     wait_pong(&mut stream, &mut input, &mut buf);
+    if std::env::var_os("BROKER_BENCH_VERBOSE").is_some() {
+        eprintln!(
+            "bare publisher: {messages} x {size} B published in {:.3} s, {:.3} s on a CPU",
+            (monotonic_ns() - start_ns) as f64 / 1e9,
+            (thread_cpu_ns() - cpu_start) as f64 / 1e9
+        );
+    }
     Published::since(start_ns)
 }
 
@@ -1018,6 +1037,7 @@ fn fdcast_publish(
     let per_turn = (PUBLISHED_PER_TURN / size as u64).max(1);
     let start = Instant::now();
     let start_ns = monotonic_ns();
+    let cpu_start = thread_cpu_ns();
     for seq in 0..messages {
         if rate > 0 {
             let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
@@ -1054,8 +1074,9 @@ fn fdcast_publish(
     }
     if std::env::var_os("BROKER_BENCH_VERBOSE").is_some() {
         eprintln!(
-            "publisher: {messages} x {size} B published in {:.3} s",
-            start.elapsed().as_secs_f64()
+            "publisher: {messages} x {size} B published in {:.3} s, {:.3} s on a CPU",
+            start.elapsed().as_secs_f64(),
+            (thread_cpu_ns() - cpu_start) as f64 / 1e9
         );
     }
     // Disable returns once the server has answered everything written (NATS: the PONG of a

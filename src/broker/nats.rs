@@ -527,6 +527,13 @@ impl Protocol for NatsProtocol {
         self.pinged_publishes > 0
     }
 
+    /// The PONG confirms no publish, it only paces the publishers' writes: a dispatch turn
+    /// writes what is queued at once, so that the server always has the next batch to read
+    /// (waiting for each PONG left it idle for a round trip per batch).
+    fn dispatch_sends_held(&self) -> bool {
+        true
+    }
+
     fn awaiting_answers(&self) -> bool {
         !self.pings.is_empty()
     }
