@@ -23,7 +23,9 @@
 //! Every receiver checks that each message arrived once, in order, on every socket (from
 //! redis-benchmark, whose payloads are all alike: their count and size); a miss makes the
 //! program exit 1 (never a time). Servers: FDCAST_PG_URL (default
-//! postgresql://127.0.0.1:5432/test), FDCAST_REDIS_URL (redis://127.0.0.1:6379),
+//! postgresql://127.0.0.1:5432/test), FDCAST_REDIS_URL (redis://127.0.0.1:6379; a
+//! `user:password@` and a `/db` in it reach the baselines too: redis-benchmark's `-a`,
+//! `--user` and `--dbnum`, the plain client's AUTH and SELECT),
 //! FDCAST_NATS_URL (nats://127.0.0.1:4222); an engine whose server is down is skipped with a
 //! note. Redis Cluster: three primaries of the bench's own (`redis-server --cluster-enabled
 //! yes` on free ports, joined by `redis-cli --cluster create`), stopped when it ends or dies;
@@ -460,11 +462,101 @@ fn host_port(url: &str, default_port: u16) -> String {
     }
 }
 
+/// The login a `redis://[user[:password]@]host[:port][/db]` URL asks for, read as fdcast
+/// reads it: a password (with or without a user) means AUTH; a bare user part means none.
+#[derive(Debug, Default, PartialEq)]
+struct RedisLogin {
+    user: Option<String>,
+    password: Option<String>,
+    db: Option<String>,
+}
+
+fn redis_login(url: &str) -> RedisLogin {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user, password) = match authority.rsplit_once('@').map(|(userinfo, _)| userinfo) {
+        Some(userinfo) => match userinfo.split_once(':') {
+            Some((user, password)) => (
+                Some(percent_decoded(user)).filter(|user| !user.is_empty()),
+                Some(percent_decoded(password)),
+            ),
+            None => (Some(percent_decoded(userinfo)), None),
+        },
+        None => (None, None),
+    };
+    let db = path
+        .split('?')
+        .next()
+        .filter(|db| !db.is_empty() && *db != "0");
+    RedisLogin {
+        user: user.filter(|_| password.is_some()),
+        password,
+        db: db.map(str::to_string),
+    }
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes
+            .get(at + 1..at + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[at], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                at += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A connection to the server `url` names; for Redis, logged in and on the URL's database
+/// as fdcast's connection is.
 fn connect(url: &str) -> TcpStream {
-    let port = if url.starts_with("redis") { 6379 } else { 4222 };
-    let stream = TcpStream::connect(host_port(url, port))
+    let redis = url.starts_with("redis");
+    let port = if redis { 6379 } else { 4222 };
+    let mut stream = TcpStream::connect(host_port(url, port))
         .unwrap_or_else(|e| fail(&format!("plain client: connect {url}: {e}")));
     stream.set_nodelay(true).unwrap();
+    if redis {
+        let login = redis_login(url);
+        let mut commands = Vec::new();
+        if let Some(password) = &login.password {
+            let mut auth: Vec<&[u8]> = vec![b"AUTH"];
+            auth.extend(login.user.as_deref().map(str::as_bytes));
+            auth.push(password.as_bytes());
+            commands.push(resp_command(&auth));
+        }
+        if let Some(db) = &login.db {
+            commands.push(resp_command(&[b"SELECT", db.as_bytes()]));
+        }
+        let mut input = Vec::new();
+        let mut buf = [0u8; 512];
+        for command in &commands {
+            stream.write_all(command).unwrap();
+            let end = loop {
+                match line_end(&input) {
+                    Some(end) => break end,
+                    None => read_more(&mut stream, &mut input, &mut buf),
+                }
+            };
+            if !input.starts_with(b"+OK") {
+                fail(&format!(
+                    "plain Redis client: {}",
+                    String::from_utf8_lossy(&input[..end])
+                ));
+            }
+            input.drain(..end + 2);
+        }
+    }
     stream
 }
 
@@ -592,7 +684,7 @@ impl Pipe {
 }
 
 /// Plain Redis publisher: `command` (PUBLISH or SPUBLISH) of topic `i` written to the server
-/// at `routes[i].0` on channel `routes[i].1`, one connection per server, the messages spread
+/// at `routes[i].0` (a URL, or `host:port`) on channel `routes[i].1`, one connection per server, the messages spread
 /// over the topics as fdcast's publisher spreads them ([`messages_on`]). Pipelined in batches
 /// of 256 commands, at most two batches unanswered on a connection; returns when every
 /// command is answered.
@@ -689,9 +781,21 @@ fn redis_benchmark_publish(url: &str, name: &str, messages: u64, size: usize) ->
     let payload = String::from_utf8(message(0, size))
         .unwrap()
         .replace('\n', "x");
+    let login = redis_login(url);
+    let mut command = Command::new("redis-benchmark");
+    command.args(["-h", host, "-p", port]);
+    if let Some(password) = &login.password {
+        command.args(["-a", password]);
+        if let Some(user) = &login.user {
+            command.args(["--user", user]);
+        }
+    }
+    if let Some(db) = &login.db {
+        command.args(["--dbnum", db]);
+    }
     let start_ns = monotonic_ns();
-    let output = Command::new("redis-benchmark")
-        .args(["-h", host, "-p", port, "-c", "1", "-P", "16", "-n"])
+    let output = command
+        .args(["-c", "1", "-P", "16", "-n"])
         .arg(messages.to_string())
         .args(["--csv", "PUBLISH", &subject("redis", name), &payload])
         .stderr(Stdio::inherit())
@@ -1149,7 +1253,8 @@ impl Publisher {
             Publisher::OldPg => old_pg_publish(url, name, messages, size),
             Publisher::RedisBenchmark => redis_benchmark_publish(url, name, messages, size),
             Publisher::PlainRedis => {
-                let routes = [(host_port(url, 6379), channels[0].clone())];
+                // The URL itself: the connection logs in as it says.
+                let routes = [(url.to_string(), channels[0].clone())];
                 plain_redis_publish("PUBLISH", &routes, messages, size)
             }
             Publisher::PlainCluster => {
