@@ -208,7 +208,8 @@ pub(crate) trait Engine: Send {
 #[derive(Default)]
 pub(crate) struct Handoff {
     outbound: Outbound,
-    /// The engine of the last broker installed (`Engine::id`), which the checks follow.
+    /// The engine of the last broker installed (its `Scheme as u8`; 0 before the first),
+    /// which the checks follow.
     engine: AtomicU8,
     /// Its payload limit, which an engine that learns it from the server keeps up to date.
     payload_limit: Arc<AtomicUsize>,
@@ -350,10 +351,11 @@ impl Broker {
             #[cfg(not(feature = "redis"))]
             Scheme::RedisCluster => return Err(Error::NotSupported("redis-cluster")),
         };
-        // What a publish that raced the last disable left queued goes with the old engine.
+        // The last broker stops driving first; what a publish that raced its disable left
+        // queued goes with it.
+        let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
         handoff.outbound.reset(encoder);
         handoff.engine.store(scheme as u8, Ordering::Relaxed);
-        let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
             handoff: Arc::clone(handoff),
