@@ -1142,6 +1142,7 @@ fn fdcast_publish(
     let start = Instant::now();
     let start_ns = monotonic_ns();
     let cpu_start = thread_cpu_ns();
+    let (mut window_waits, mut window_wait) = (0, Duration::ZERO);
     for seq in 0..messages {
         if rate > 0 {
             let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
@@ -1163,11 +1164,17 @@ fn fdcast_publish(
         // per 64 KiB published: the bare NATS publisher's write size.
         if (seq + 1) % per_turn == 0 {
             registry.dispatch(Some(Duration::ZERO)).unwrap();
-            while registry.broker_stats().queued > WINDOW {
-                registry.dispatch(Some(Duration::from_millis(1))).unwrap();
+            if registry.broker_stats().queued > WINDOW {
+                let waiting = Instant::now();
+                while registry.broker_stats().queued > WINDOW {
+                    registry.dispatch(Some(Duration::from_millis(1))).unwrap();
+                }
+                window_waits += 1;
+                window_wait += waiting.elapsed();
             }
         }
     }
+    let last_publish = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
     while registry.broker_stats().published < messages {
         registry.dispatch(Some(Duration::from_millis(1))).unwrap();
@@ -1178,9 +1185,12 @@ fn fdcast_publish(
     }
     if std::env::var_os("BROKER_BENCH_VERBOSE").is_some() {
         eprintln!(
-            "publisher: {messages} x {size} B published in {:.3} s, {:.3} s on a CPU",
+            "publisher: {messages} x {size} B published in {:.3} s, {:.3} s on a CPU; \
+             {window_waits} waits for the window, {:.3} s; the last publish at {:.3} s",
             start.elapsed().as_secs_f64(),
-            (thread_cpu_ns() - cpu_start) as f64 / 1e9
+            (thread_cpu_ns() - cpu_start) as f64 / 1e9,
+            window_wait.as_secs_f64(),
+            last_publish.as_secs_f64(),
         );
     }
     // Disable returns once the server has answered everything written (NATS: the PONG of a

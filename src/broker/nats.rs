@@ -79,10 +79,14 @@ pub(crate) fn engine(
 /// [`Encode`]) and for [`NatsProtocol::publish`].
 pub(crate) struct PubEncoder {
     prefix: Box<[u8]>,
-    /// The last topic published to, and its `PUB <subject> ` (empty before the first): runs
-    /// of publishes to one topic are the common case, and its subject is escaped once.
+    /// The last topic published to, and its control line `PUB <subject> <length>\r\n`
+    /// (empty before the first): runs of publishes to one topic are the common case, often
+    /// of one length, and the line is written once for them.
     topic: Vec<u8>,
     line: Vec<u8>,
+    /// Where the length starts in `line`, and the length it holds.
+    length_at: usize,
+    length: Option<usize>,
     /// Scratch for a subject.
     subject: Vec<u8>,
 }
@@ -93,6 +97,8 @@ impl PubEncoder {
             prefix: Box::from(prefix.as_bytes()),
             topic: Vec::new(),
             line: Vec::new(),
+            length_at: 0,
+            length: None,
             subject: Vec::new(),
         }
     }
@@ -106,13 +112,19 @@ impl Encode for PubEncoder {
             self.line.extend_from_slice(b"PUB ");
             self.line.extend_from_slice(&self.subject);
             self.line.push(b' ');
+            self.length_at = self.line.len();
+            self.length = None;
             self.topic.clear();
             self.topic.extend_from_slice(topic);
         }
-        out.reserve(self.line.len() + payload.len() + 24);
+        if self.length != Some(payload.len()) {
+            self.line.truncate(self.length_at);
+            write_decimal(&mut self.line, payload.len() as u64);
+            self.line.extend_from_slice(b"\r\n");
+            self.length = Some(payload.len());
+        }
+        out.reserve(self.line.len() + payload.len() + 2);
         out.extend_from_slice(&self.line);
-        write_decimal(out, payload.len() as u64);
-        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
     }
