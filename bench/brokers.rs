@@ -23,14 +23,16 @@
 //! Every receiver checks that each message arrived once, in order, on every socket (from
 //! redis-benchmark, whose payloads are all alike: their count and size); a miss makes the
 //! program exit 1 (never a time). Servers: FDCAST_PG_URL (default
-//! postgresql://127.0.0.1:5432/test), FDCAST_REDIS_URL (redis://127.0.0.1:6379),
+//! postgresql://127.0.0.1:5432/test), FDCAST_REDIS_URL (redis://127.0.0.1:6379; a
+//! `user:password@` and a `/db` in it reach the baselines too: redis-benchmark's `-a`,
+//! `--user` and `--dbnum`, the plain client's AUTH and SELECT),
 //! FDCAST_NATS_URL (nats://127.0.0.1:4222); an engine whose server is down is skipped with a
 //! note. Redis Cluster: three primaries of the bench's own (`redis-server --cluster-enabled
 //! yes` on free ports, joined by `redis-cli --cluster create`), stopped when it ends or dies;
 //! failing to start them fails the bench.
 //!
 //! Knobs: BROKER_BENCH_ENGINES=pg,redis runs only those (keys pg, redis, cluster, nats); BROKER_BENCH_VERBOSE=1 prints the
-//! publisher's own time; BROKER_BENCH_PG_BATCH=n makes the old PostgreSQL publisher sync
+//! publishers' own time, and their CPU time; BROKER_BENCH_PG_BATCH=n makes the old PostgreSQL publisher sync
 //! every n publishes instead of every one (what batching alone buys, without fdcast).
 //!
 //! Roles (this binary runs itself as the other processes):
@@ -83,6 +85,17 @@ fn monotonic_ns() -> u64 {
     };
     // SAFETY: clock_gettime writes one timespec into the pointer it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// CPU time of the calling thread in nanoseconds (user and system).
+fn thread_cpu_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
@@ -449,11 +462,101 @@ fn host_port(url: &str, default_port: u16) -> String {
     }
 }
 
+/// The login a `redis://[user[:password]@]host[:port][/db]` URL asks for, read as fdcast
+/// reads it: a password (with or without a user) means AUTH; a bare user part means none.
+#[derive(Debug, Default, PartialEq)]
+struct RedisLogin {
+    user: Option<String>,
+    password: Option<String>,
+    db: Option<String>,
+}
+
+fn redis_login(url: &str) -> RedisLogin {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user, password) = match authority.rsplit_once('@').map(|(userinfo, _)| userinfo) {
+        Some(userinfo) => match userinfo.split_once(':') {
+            Some((user, password)) => (
+                Some(percent_decoded(user)).filter(|user| !user.is_empty()),
+                Some(percent_decoded(password)),
+            ),
+            None => (Some(percent_decoded(userinfo)), None),
+        },
+        None => (None, None),
+    };
+    let db = path
+        .split('?')
+        .next()
+        .filter(|db| !db.is_empty() && *db != "0");
+    RedisLogin {
+        user: user.filter(|_| password.is_some()),
+        password,
+        db: db.map(str::to_string),
+    }
+}
+
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = bytes
+            .get(at + 1..at + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (bytes[at], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                at += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A connection to the server `url` names; for Redis, logged in and on the URL's database
+/// as fdcast's connection is.
 fn connect(url: &str) -> TcpStream {
-    let port = if url.starts_with("redis") { 6379 } else { 4222 };
-    let stream = TcpStream::connect(host_port(url, port))
+    let redis = url.starts_with("redis");
+    let port = if redis { 6379 } else { 4222 };
+    let mut stream = TcpStream::connect(host_port(url, port))
         .unwrap_or_else(|e| fail(&format!("plain client: connect {url}: {e}")));
     stream.set_nodelay(true).unwrap();
+    if redis {
+        let login = redis_login(url);
+        let mut commands = Vec::new();
+        if let Some(password) = &login.password {
+            let mut auth: Vec<&[u8]> = vec![b"AUTH"];
+            auth.extend(login.user.as_deref().map(str::as_bytes));
+            auth.push(password.as_bytes());
+            commands.push(resp_command(&auth));
+        }
+        if let Some(db) = &login.db {
+            commands.push(resp_command(&[b"SELECT", db.as_bytes()]));
+        }
+        let mut input = Vec::new();
+        let mut buf = [0u8; 512];
+        for command in &commands {
+            stream.write_all(command).unwrap();
+            let end = loop {
+                match line_end(&input) {
+                    Some(end) => break end,
+                    None => read_more(&mut stream, &mut input, &mut buf),
+                }
+            };
+            if !input.starts_with(b"+OK") {
+                fail(&format!(
+                    "plain Redis client: {}",
+                    String::from_utf8_lossy(&input[..end])
+                ));
+            }
+            input.drain(..end + 2);
+        }
+    }
     stream
 }
 
@@ -581,7 +684,7 @@ impl Pipe {
 }
 
 /// Plain Redis publisher: `command` (PUBLISH or SPUBLISH) of topic `i` written to the server
-/// at `routes[i].0` on channel `routes[i].1`, one connection per server, the messages spread
+/// at `routes[i].0` (a URL, or `host:port`) on channel `routes[i].1`, one connection per server, the messages spread
 /// over the topics as fdcast's publisher spreads them ([`messages_on`]). Pipelined in batches
 /// of 256 commands, at most two batches unanswered on a connection; returns when every
 /// command is answered.
@@ -678,9 +781,21 @@ fn redis_benchmark_publish(url: &str, name: &str, messages: u64, size: usize) ->
     let payload = String::from_utf8(message(0, size))
         .unwrap()
         .replace('\n', "x");
+    let login = redis_login(url);
+    let mut command = Command::new("redis-benchmark");
+    command.args(["-h", host, "-p", port]);
+    if let Some(password) = &login.password {
+        command.args(["-a", password]);
+        if let Some(user) = &login.user {
+            command.args(["--user", user]);
+        }
+    }
+    if let Some(db) = &login.db {
+        command.args(["--dbnum", db]);
+    }
     let start_ns = monotonic_ns();
-    let output = Command::new("redis-benchmark")
-        .args(["-h", host, "-p", port, "-c", "1", "-P", "16", "-n"])
+    let output = command
+        .args(["-c", "1", "-P", "16", "-n"])
         .arg(messages.to_string())
         .args(["--csv", "PUBLISH", &subject("redis", name), &payload])
         .stderr(Stdio::inherit())
@@ -712,6 +827,7 @@ fn plain_nats_publish(url: &str, name: &str, messages: u64, size: usize) -> Publ
     let header = format!("PUB {} {size}\r\n", subject("nats", name));
     let mut out = Vec::with_capacity(1 << 17);
     let start_ns = monotonic_ns();
+    let cpu_start = thread_cpu_ns();
     for seq in 0..messages {
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(&message(seq, size));
@@ -723,6 +839,13 @@ fn plain_nats_publish(url: &str, name: &str, messages: u64, size: usize) -> Publ
     }
     stream.write_all(&out).unwrap();
     wait_pong(&mut stream, &mut input, &mut buf);
+    if std::env::var_os("BROKER_BENCH_VERBOSE").is_some() {
+        eprintln!(
+            "bare publisher: {messages} x {size} B published in {:.3} s, {:.3} s on a CPU",
+            (monotonic_ns() - start_ns) as f64 / 1e9,
+            (thread_cpu_ns() - cpu_start) as f64 / 1e9
+        );
+    }
     Published::since(start_ns)
 }
 
@@ -1018,6 +1141,8 @@ fn fdcast_publish(
     let per_turn = (PUBLISHED_PER_TURN / size as u64).max(1);
     let start = Instant::now();
     let start_ns = monotonic_ns();
+    let cpu_start = thread_cpu_ns();
+    let (mut window_waits, mut window_wait) = (0, Duration::ZERO);
     for seq in 0..messages {
         if rate > 0 {
             let due = start + Duration::from_secs_f64(seq as f64 / rate as f64);
@@ -1039,11 +1164,17 @@ fn fdcast_publish(
         // per 64 KiB published: the bare NATS publisher's write size.
         if (seq + 1) % per_turn == 0 {
             registry.dispatch(Some(Duration::ZERO)).unwrap();
-            while registry.broker_stats().queued > WINDOW {
-                registry.dispatch(Some(Duration::from_millis(1))).unwrap();
+            if registry.broker_stats().queued > WINDOW {
+                let waiting = Instant::now();
+                while registry.broker_stats().queued > WINDOW {
+                    registry.dispatch(Some(Duration::from_millis(1))).unwrap();
+                }
+                window_waits += 1;
+                window_wait += waiting.elapsed();
             }
         }
     }
+    let last_publish = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
     while registry.broker_stats().published < messages {
         registry.dispatch(Some(Duration::from_millis(1))).unwrap();
@@ -1054,8 +1185,12 @@ fn fdcast_publish(
     }
     if std::env::var_os("BROKER_BENCH_VERBOSE").is_some() {
         eprintln!(
-            "publisher: {messages} x {size} B published in {:.3} s",
-            start.elapsed().as_secs_f64()
+            "publisher: {messages} x {size} B published in {:.3} s, {:.3} s on a CPU; \
+             {window_waits} waits for the window, {:.3} s; the last publish at {:.3} s",
+            start.elapsed().as_secs_f64(),
+            (thread_cpu_ns() - cpu_start) as f64 / 1e9,
+            window_wait.as_secs_f64(),
+            last_publish.as_secs_f64(),
         );
     }
     // Disable returns once the server has answered everything written (NATS: the PONG of a
@@ -1128,7 +1263,8 @@ impl Publisher {
             Publisher::OldPg => old_pg_publish(url, name, messages, size),
             Publisher::RedisBenchmark => redis_benchmark_publish(url, name, messages, size),
             Publisher::PlainRedis => {
-                let routes = [(host_port(url, 6379), channels[0].clone())];
+                // The URL itself: the connection logs in as it says.
+                let routes = [(url.to_string(), channels[0].clone())];
                 plain_redis_publish("PUBLISH", &routes, messages, size)
             }
             Publisher::PlainCluster => {

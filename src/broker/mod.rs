@@ -46,6 +46,8 @@ pub(crate) mod wire;
 
 use std::ops::Range;
 use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -54,7 +56,7 @@ use crate::error::Error;
 use crate::io;
 use crate::reactor::Reactor;
 pub(crate) use outbound::Outbound;
-use outbound::{InterestChange, Publishes};
+use outbound::{Encode, InterestChange, Publishes};
 
 /// Counters of a broker, whichever its engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -199,22 +201,55 @@ pub(crate) trait Engine: Send {
     }
 }
 
-/// What an engine can carry, checked before a publish writes anything.
-pub(crate) enum Limits {
-    /// PostgreSQL NOTIFY: the Tep::Broadcast notification (wire.rs) under 8000 bytes, UTF-8
-    /// without NUL.
-    #[cfg(feature = "pg")]
-    Notify,
-    /// A payload of at most this many bytes; engines that learn it from the server update it.
-    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
-    Payload(std::sync::Arc<std::sync::atomic::AtomicUsize>),
+/// What the registry keeps across its brokers: the queue publishes are handed to, and what
+/// they are checked against. It outlives every broker, so that a publish reaches it with no
+/// lock and no reference count; each broker installs its engine's encoder and limits in it as
+/// it connects (one broker at a time: enable waits for the previous disable).
+#[derive(Default)]
+pub(crate) struct Handoff {
+    outbound: Outbound,
+    /// The engine of the last broker installed (its `Scheme as u8`; 0 before the first),
+    /// which the checks follow.
+    engine: AtomicU8,
+    /// Its payload limit, which an engine that learns it from the server keeps up to date.
+    payload_limit: Arc<AtomicUsize>,
+    /// Counts the brokers installed: a broker drives the engine only while it is the last
+    /// one (a thread that still holds a disabled broker must not take the next one's work).
+    generation: AtomicU64,
 }
 
-/// A connected engine with its queue.
+impl Handoff {
+    /// Refuses, before anything is written anywhere, a publish the engine cannot carry.
+    #[cfg_attr(not(feature = "pg"), allow(unused_variables))] // only NOTIFY limits the topic
+    pub(crate) fn check(&self, topic: &[u8], payload: &[u8]) -> Result<(), Error> {
+        let scheme = Scheme::from_id(self.engine.load(Ordering::Relaxed));
+        #[cfg(feature = "pg")]
+        if matches!(scheme, Some(Scheme::Postgres)) {
+            return wire::check(topic, payload);
+        }
+        let limit = self.payload_limit.load(Ordering::Relaxed);
+        if payload.len() > limit {
+            return Err(Error::PayloadTooLarge {
+                engine: scheme.map_or("broker", Scheme::name),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a publish (already checked); returns whether the engine should be driven for
+    /// it now (see [`Outbound::push_publish`]).
+    pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
+        self.outbound.push_publish(topic, payload)
+    }
+}
+
+/// A connected engine, taking its work from the registry's [`Handoff`].
 pub(crate) struct Broker {
-    outbound: Outbound,
+    handoff: Arc<Handoff>,
+    /// Which install of `handoff` this broker is.
+    generation: u64,
     engine: Mutex<Box<dyn Engine>>,
-    limits: Limits,
     /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
     routes_interest: bool,
     /// The engine's name, for messages: "PostgreSQL", "Redis", "Redis Cluster", "NATS".
@@ -226,14 +261,37 @@ pub(crate) struct Broker {
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The engine a URL names, before connecting.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scheme {
-    Postgres,
+    Postgres = 1,
     Redis,
     RedisCluster,
     Nats,
 }
 
 impl Scheme {
+    /// The engine's name, for messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scheme::Postgres => "PostgreSQL",
+            Scheme::Redis => "Redis",
+            Scheme::RedisCluster => "Redis Cluster",
+            Scheme::Nats => "NATS",
+        }
+    }
+
+    /// The scheme whose `as u8` is `id`; `None` for 0 (no broker installed yet).
+    fn from_id(id: u8) -> Option<Scheme> {
+        [
+            Scheme::Postgres,
+            Scheme::Redis,
+            Scheme::RedisCluster,
+            Scheme::Nats,
+        ]
+        .into_iter()
+        .find(|&scheme| scheme as u8 == id)
+    }
+
     /// The engine for `url`: by its scheme, or PostgreSQL for a libpq `key=value` conninfo.
     pub(crate) fn of(url: &str) -> Result<Scheme, Error> {
         let Some((scheme, _)) = url.split_once("://") else {
@@ -266,45 +324,45 @@ impl Broker {
         url: &str,
         name: &str,
         reactor: &Reactor,
+        handoff: &Arc<Handoff>,
     ) -> Result<(Broker, Instant), Error> {
-        let (engine, limits, routes_interest, kind): (Box<dyn Engine>, Limits, bool, &str) =
-            match scheme {
-                #[cfg(feature = "pg")]
-                Scheme::Postgres => {
-                    let engine = pg::PgEngine::new(url, name)?;
-                    (Box::new(engine), Limits::Notify, false, "PostgreSQL")
-                }
-                #[cfg(feature = "redis")]
-                Scheme::Redis => {
-                    let (engine, limit) = redis::engine(url, name)?;
-                    (engine, Limits::Payload(limit), true, "Redis")
-                }
-                #[cfg(feature = "redis")]
-                Scheme::RedisCluster => {
-                    let (engine, limit) = redis_cluster::engine(url, name)?;
-                    (engine, Limits::Payload(limit), true, "Redis Cluster")
-                }
-                #[cfg(feature = "nats")]
-                Scheme::Nats => {
-                    let (engine, limit) = nats::engine(url, name)?;
-                    (engine, Limits::Payload(limit), true, "NATS")
-                }
-                #[cfg(not(feature = "pg"))]
-                Scheme::Postgres => return Err(Error::NotSupported("pg")),
-                #[cfg(not(feature = "redis"))]
-                Scheme::Redis => return Err(Error::NotSupported("redis")),
-                #[cfg(not(feature = "nats"))]
-                Scheme::Nats => return Err(Error::NotSupported("nats")),
-                #[cfg(not(feature = "redis"))]
-                Scheme::RedisCluster => return Err(Error::NotSupported("redis-cluster")),
-            };
+        let limit = &handoff.payload_limit;
+        #[cfg_attr(not(feature = "nats"), allow(unused_mut))]
+        let mut encoder: Option<Box<dyn Encode>> = None;
+        let engine: Box<dyn Engine> = match scheme {
+            #[cfg(feature = "pg")]
+            Scheme::Postgres => Box::new(pg::PgEngine::new(url, name)?),
+            #[cfg(feature = "redis")]
+            Scheme::Redis => redis::engine(url, name, limit)?,
+            #[cfg(feature = "redis")]
+            Scheme::RedisCluster => redis_cluster::engine(url, name, limit)?,
+            #[cfg(feature = "nats")]
+            Scheme::Nats => {
+                let (engine, pub_encoder) = nats::engine(url, name, limit)?;
+                encoder = Some(pub_encoder);
+                engine
+            }
+            #[cfg(not(feature = "pg"))]
+            Scheme::Postgres => return Err(Error::NotSupported("pg")),
+            #[cfg(not(feature = "redis"))]
+            Scheme::Redis => return Err(Error::NotSupported("redis")),
+            #[cfg(not(feature = "nats"))]
+            Scheme::Nats => return Err(Error::NotSupported("nats")),
+            #[cfg(not(feature = "redis"))]
+            Scheme::RedisCluster => return Err(Error::NotSupported("redis-cluster")),
+        };
+        // The last broker stops driving first; what a publish that raced its disable left
+        // queued goes with it.
+        let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        handoff.outbound.reset(encoder);
+        handoff.engine.store(scheme as u8, Ordering::Relaxed);
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
-            outbound: Outbound::default(),
+            handoff: Arc::clone(handoff),
+            generation,
             engine: Mutex::new(engine),
-            limits,
-            routes_interest,
-            kind,
+            routes_interest: scheme != Scheme::Postgres,
+            kind: scheme.name(),
         };
         let mut ignored = Vec::new();
         if let Err(err) = broker.settle(reactor, deadline, &mut ignored) {
@@ -328,10 +386,10 @@ impl Broker {
                 let mut engine = self.engine.lock();
                 engine.advance(&mut Context {
                     reactor,
-                    outbound: &self.outbound,
+                    outbound: &self.handoff.outbound,
                     received,
                 });
-                if engine.is_ready() && !self.outbound.is_dirty() {
+                if engine.is_ready() && !self.handoff.outbound.is_dirty() {
                     return Ok(());
                 }
                 if let Some(failure) = engine.take_failure() {
@@ -356,6 +414,12 @@ impl Broker {
         }
     }
 
+    /// Where this broker takes its publishes from.
+    #[cfg(test)]
+    pub(crate) fn handoff(&self) -> &Handoff {
+        &self.handoff
+    }
+
     pub(crate) fn routes_interest(&self) -> bool {
         self.routes_interest
     }
@@ -364,46 +428,20 @@ impl Broker {
         self.kind == "PostgreSQL"
     }
 
-    /// Refuses, before anything is written anywhere, a publish the engine cannot carry.
-    #[cfg_attr(not(feature = "pg"), allow(unused_variables))] // only NOTIFY limits the topic
-    pub(crate) fn check(&self, topic: &[u8], payload: &[u8]) -> Result<(), Error> {
-        match &self.limits {
-            #[cfg(feature = "pg")]
-            Limits::Notify => wire::check(topic, payload),
-            Limits::Payload(limit) => {
-                let limit = limit.load(std::sync::atomic::Ordering::Relaxed);
-                if payload.len() > limit {
-                    return Err(Error::PayloadTooLarge {
-                        engine: self.kind,
-                        limit,
-                    });
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Queues a publish (already checked) and, if the engine can take it now and no other
-    /// thread is driving the engine, writes what is queued; while the engine holds publishes
-    /// for the server's answer, `dispatch` sends them. Never waits for the server or for
-    /// another thread's I/O.
-    pub(crate) fn publish(&self, topic: &[u8], payload: &[u8], reactor: &Reactor) {
-        if self.outbound.push_publish(topic, payload) {
-            self.drive(reactor, false, &mut Vec::new());
-        }
-    }
-
     /// Records that `topic` gained its first local subscriber or lost its last. Called under
     /// the registry's index lock, so it only queues; [`Broker::kick`] writes it out.
     pub(crate) fn interest(&self, topic: &[u8], subscribe: bool) {
         if self.routes_interest {
-            self.outbound.push_interest(topic, subscribe);
+            self.handoff.outbound.push_interest(topic, subscribe);
         }
     }
 
-    /// Writes what is queued if no other thread is driving the engine.
+    /// Writes what is queued if no other thread is driving the engine: after a publish the
+    /// [`Handoff`] queued for it now, or changes of interest. Never waits for the server or
+    /// for another thread's I/O; while the engine holds publishes for the server's answer,
+    /// `dispatch` sends them.
     pub(crate) fn kick(&self, reactor: &Reactor) {
-        if self.outbound.is_dirty() {
+        if self.handoff.outbound.is_dirty() {
             self.drive(reactor, false, &mut Vec::new());
         }
     }
@@ -416,6 +454,9 @@ impl Broker {
     /// Runs the engine: waiting for the lock when `full` (dispatch), else only if it is free;
     /// then again, if free, for as long as something was queued meanwhile.
     fn drive(&self, reactor: &Reactor, full: bool, received: &mut Vec<Received>) {
+        if self.handoff.generation.load(Ordering::Acquire) != self.generation {
+            return;
+        }
         let mut engine = if full {
             self.engine.lock()
         } else {
@@ -427,7 +468,7 @@ impl Broker {
         loop {
             let mut cx = Context {
                 reactor,
-                outbound: &self.outbound,
+                outbound: &self.handoff.outbound,
                 received,
             };
             if full {
@@ -437,7 +478,7 @@ impl Broker {
             }
             drop(engine);
             // A push that found the engine busy relies on this look.
-            if !self.outbound.is_dirty() {
+            if !self.handoff.outbound.is_dirty() {
                 return;
             }
             engine = match self.engine.try_lock() {
@@ -458,7 +499,7 @@ impl Broker {
 
     pub(crate) fn stats(&self) -> BrokerStats {
         let engine = self.engine.lock().stats();
-        let (queued, dropped) = self.outbound.counts();
+        let (queued, dropped) = self.handoff.outbound.counts();
         BrokerStats {
             queued: engine.queued + queued,
             dropped: engine.dropped + dropped,
@@ -471,7 +512,7 @@ impl Broker {
         // What is still queued goes out first, as far as the engine can send it now.
         engine.drain(&mut Context {
             reactor,
-            outbound: &self.outbound,
+            outbound: &self.handoff.outbound,
             received: &mut Vec::new(),
         });
         engine.shut_down(reactor);

@@ -37,6 +37,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::outbound::{Encode, Publishes};
 use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
 use super::{BrokerStats, Engine, Received, topic};
@@ -52,17 +53,98 @@ const MAX_CONTROL_LINE: usize = 8 << 10;
 /// cluster.
 const MAX_INFO_LINE: usize = 64 << 10;
 
+/// An engine, and the encoder that writes its publishes' commands as they are queued.
+pub(crate) type EngineWithEncoder = (Box<dyn Engine>, Box<dyn Encode>);
+
 /// The engine for a `nats://[user:password@|token@]host[:port][,host[:port]…]` URL; `name`
-/// is the subject prefix. The limit it returns follows the server's `max_payload`.
-pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
+/// is the subject prefix. It keeps `limit` at the server's `max_payload`; the encoder it
+/// returns writes the `PUB` of each publish as it is queued.
+pub(crate) fn engine(
+    url: &str,
+    name: &str,
+    limit: &Arc<AtomicUsize>,
+) -> Result<EngineWithEncoder, Error> {
     let mut url = BrokerUrl::parse(url, 4222)?;
-    let limit = Arc::new(AtomicUsize::new(DEFAULT_MAX_PAYLOAD));
-    let protocol = NatsProtocol::new(&url, name, Arc::clone(&limit))?;
+    let protocol = NatsProtocol::new(&url, name, Arc::clone(limit))?;
+    let encoder = Box::new(PubEncoder::new(name));
     // The server's INFO comes in the clear; TLS starts after it.
     let secure = url.scheme == "tls";
     let tls = Tls::from_url(&mut url, secure, TlsStart::AfterGreeting)?;
     let engine = StreamEngine::new(protocol, &url.hosts, tls)?;
-    Ok((Box::new(engine), limit))
+    limit.store(DEFAULT_MAX_PAYLOAD, Ordering::Relaxed);
+    Ok((Box::new(engine), encoder))
+}
+
+/// Writes `PUB <subject> <length>\r\n<payload>\r\n`, for the broker's queue (see
+/// [`Encode`]) and for [`NatsProtocol::publish`].
+pub(crate) struct PubEncoder {
+    prefix: Box<[u8]>,
+    /// The last topic published to, and its control line `PUB <subject> <length>\r\n`
+    /// (empty before the first): runs of publishes to one topic are the common case, often
+    /// of one length, and the line is written once for them.
+    topic: Vec<u8>,
+    line: Vec<u8>,
+    /// Where the length starts in `line`, and the length it holds.
+    length_at: usize,
+    length: Option<usize>,
+    /// Scratch for a subject.
+    subject: Vec<u8>,
+}
+
+impl PubEncoder {
+    fn new(prefix: &str) -> PubEncoder {
+        PubEncoder {
+            prefix: Box::from(prefix.as_bytes()),
+            topic: Vec::new(),
+            line: Vec::new(),
+            length_at: 0,
+            length: None,
+            subject: Vec::new(),
+        }
+    }
+}
+
+impl Encode for PubEncoder {
+    fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+        if self.topic != topic || self.line.is_empty() {
+            topic::nats_subject(&self.prefix, topic, &mut self.subject);
+            self.line.clear();
+            self.line.extend_from_slice(b"PUB ");
+            self.line.extend_from_slice(&self.subject);
+            self.line.push(b' ');
+            self.length_at = self.line.len();
+            self.length = None;
+            self.topic.clear();
+            self.topic.extend_from_slice(topic);
+        }
+        if self.length != Some(payload.len()) {
+            self.line.truncate(self.length_at);
+            write_decimal(&mut self.line, payload.len() as u64);
+            self.line.extend_from_slice(b"\r\n");
+            self.length = Some(payload.len());
+        }
+        out.reserve(self.line.len() + payload.len() + 2);
+        out.extend_from_slice(&self.line);
+        out.extend_from_slice(payload);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The `PUB` commands a [`PubEncoder`] wrote, one at a time: (the command, its payload's
+/// length). Stops at the first it cannot read (none, from our own encoder).
+fn pub_commands(mut rest: &[u8]) -> impl Iterator<Item = (&[u8], usize)> {
+    std::iter::from_fn(move || {
+        let line_end = rest.windows(2).position(|pair| pair == b"\r\n")?;
+        let line = rest.get(..line_end)?;
+        let length = line.rsplit(|&b| b == b' ').next().and_then(decimal)?;
+        let end = line_end
+            .checked_add(2)?
+            .checked_add(usize::try_from(length).ok()?)?
+            .checked_add(2)?;
+        let command = rest.get(..end)?;
+        rest = rest.get(end..)?;
+        Some((command, length as usize))
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -87,6 +169,9 @@ struct Ping {
 
 pub(crate) struct NatsProtocol {
     prefix: Box<[u8]>,
+    /// Writes the PUB of a publish handed over as a record (the broker's queue writes them
+    /// itself: `publish_encoded`).
+    encoder: PubEncoder,
     /// CONNECT's credential fields, as JSON members with their leading commas ("" for none).
     credentials: String,
     /// The broker's payload limit, shared with the publishers' check.
@@ -118,9 +203,6 @@ pub(crate) struct NatsProtocol {
     max_payload: usize,
     /// Scratch for a subject.
     subject: Vec<u8>,
-    /// The last topic published to, and its `PUB <subject> ` (empty before the first).
-    pub_topic: Vec<u8>,
-    pub_line: Vec<u8>,
 }
 
 impl NatsProtocol {
@@ -142,6 +224,7 @@ impl NatsProtocol {
         topic::check_nats_prefix(name)?;
         Ok(NatsProtocol {
             prefix: Box::from(name.as_bytes()),
+            encoder: PubEncoder::new(name),
             credentials: credentials(url.user.as_deref(), url.password.as_deref()),
             limit,
             tls,
@@ -159,8 +242,6 @@ impl NatsProtocol {
             subscribed: 0,
             max_payload: DEFAULT_MAX_PAYLOAD,
             subject: Vec::new(),
-            pub_topic: Vec::new(),
-            pub_line: Vec::new(),
         })
     }
 
@@ -413,24 +494,34 @@ impl Protocol for NatsProtocol {
             self.refused += 1;
             return;
         }
-        // Runs of publishes to one topic are the common case: its subject is escaped once.
-        if self.pub_topic != topic || self.pub_line.is_empty() {
-            topic::nats_subject(&self.prefix, topic, &mut self.subject);
-            self.pub_line.clear();
-            self.pub_line.extend_from_slice(b"PUB ");
-            self.pub_line.extend_from_slice(&self.subject);
-            self.pub_line.push(b' ');
-            self.pub_topic.clear();
-            self.pub_topic.extend_from_slice(topic);
-        }
-        out.reserve(self.pub_line.len() + payload.len() + 32);
-        out.extend_from_slice(&self.pub_line);
-        write_decimal(out, payload.len() as u64);
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(payload);
-        out.extend_from_slice(b"\r\n");
+        self.encoder.encode(topic, payload, out);
         self.published += 1;
         self.unpinged_publishes += 1;
+    }
+
+    /// The queue's `PUB`s go out as they are, unless one carries more than the server's
+    /// `max_payload` (lowered by an INFO after they were checked): then one by one, without
+    /// those.
+    fn publish_encoded(&mut self, publishes: &mut Publishes, out: &mut Vec<u8>) {
+        let count = if publishes.largest_payload() <= self.max_payload {
+            let count = publishes.len();
+            publishes.move_commands_to(out);
+            count
+        } else {
+            let mut count = 0;
+            for (command, length) in pub_commands(publishes.commands()) {
+                if length > self.max_payload {
+                    self.refused += 1;
+                } else {
+                    out.extend_from_slice(command);
+                    count += 1;
+                }
+            }
+            publishes.clear();
+            count
+        };
+        self.published += count as u64;
+        self.unpinged_publishes += count;
     }
 
     /// Once HOLD_AFTER publishes are written since the last PING, a PING: until its PONG,
@@ -446,6 +537,13 @@ impl Protocol for NatsProtocol {
 
     fn holding_publishes(&self) -> bool {
         self.pinged_publishes > 0
+    }
+
+    /// The PONG confirms no publish, it only paces the publishers' writes: a dispatch turn
+    /// writes what is queued at once, so that the server always has the next batch to read
+    /// (waiting for each PONG left it idle for a round trip per batch).
+    fn dispatch_sends_held(&self) -> bool {
+        true
     }
 
     fn awaiting_answers(&self) -> bool {
@@ -1347,6 +1445,63 @@ mod tests {
         assert_eq!((stats.published, stats.dropped), (1, 1));
     }
 
+    /// `publishes` queued as the broker's queue does: each PUB written at push time.
+    fn queued(publishes: &[(&[u8], &[u8])]) -> Publishes {
+        let mut encoder = PubEncoder::new("app");
+        let mut queued = Publishes::default();
+        for (topic, payload) in publishes {
+            queued.push_encoded(topic, payload, &mut encoder);
+        }
+        queued
+    }
+
+    #[test]
+    fn queued_pubs_go_out_as_written_and_are_counted() {
+        let mut nats = open();
+        let mut queue = queued(&[(b"news", b"1"), (b"x y", b"\r\n"), (b"news", b"")]);
+        let mut out = b"SUB app.a 1\r\n".to_vec();
+        nats.publish_encoded(&mut queue, &mut out);
+        assert_eq!(
+            out,
+            b"SUB app.a 1\r\nPUB app.news 1\r\n1\r\nPUB app.x%20y 2\r\n\r\n\r\n\
+              PUB app.news 0\r\n\r\n"
+        );
+        assert!(queue.is_empty());
+        // Into an empty output the queue's buffer is handed over whole.
+        let mut queue = queued(&[(b"t", b"abc")]);
+        let mut out = Vec::new();
+        nats.publish_encoded(&mut queue, &mut out);
+        assert_eq!(out, b"PUB app.t 3\r\nabc\r\n");
+        let mut stats = BrokerStats::default();
+        nats.report(&mut stats);
+        assert_eq!((stats.published, stats.dropped), (4, 0));
+    }
+
+    #[test]
+    fn queued_pubs_over_a_max_payload_lowered_since_are_dropped_and_counted() {
+        let mut nats = open();
+        let mut queue = queued(&[
+            (b"t", b"1234"),
+            (b"t", b"12345"),
+            (b"t", b"\r\n\r\n"),
+            (b"u", b"123456"),
+            (b"t", b""),
+        ]);
+        Feed::default()
+            .all(&mut nats, b"INFO {\"max_payload\":4}\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        nats.publish_encoded(&mut queue, &mut out);
+        assert_eq!(
+            out,
+            b"PUB app.t 4\r\n1234\r\nPUB app.t 4\r\n\r\n\r\n\r\nPUB app.t 0\r\n\r\n"
+        );
+        assert!(queue.is_empty());
+        let mut stats = BrokerStats::default();
+        nats.report(&mut stats);
+        assert_eq!((stats.published, stats.dropped), (3, 2));
+    }
+
     #[test]
     fn awkward_topics_get_valid_subjects() {
         let long = vec![b'x'; 4096];
@@ -1455,7 +1610,8 @@ mod tests {
 
     #[test]
     fn engine_checks_the_url_and_prefix() {
-        let errno = |url: &str, name: &str| engine(url, name).err().map(|err| err.errno());
+        let limit = Arc::new(AtomicUsize::new(0));
+        let errno = |url: &str, name: &str| engine(url, name, &limit).err().map(|err| err.errno());
         assert_eq!(errno("nats://127.0.0.1", "app"), None);
         assert_eq!(
             errno("NATS://u:p@127.0.0.1:4223,127.0.0.1:4224", "a.b"),
@@ -1480,7 +1636,7 @@ mod tests {
         for bad in ["", "a b", "a..b", "a.*", ">", "100%", &"p".repeat(256)] {
             assert_eq!(errno("nats://127.0.0.1", bad), Some(libc::EINVAL), "{bad}");
         }
-        let (_, limit) = engine("nats://127.0.0.1", "app").unwrap();
+        engine("nats://127.0.0.1", "app", &limit).unwrap();
         assert_eq!(limit.load(Ordering::Relaxed), 1 << 20);
     }
 

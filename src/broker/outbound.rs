@@ -10,21 +10,36 @@ use parking_lot::Mutex;
 /// Publishes waiting for the engine, at most; beyond, they are dropped and counted (the local
 /// delivery still happens).
 pub(crate) const MAX_QUEUED_PUBLISHES: usize = 65_536;
-/// Bytes of publishes waiting for the engine, at most (topics and payloads).
+/// Bytes of publishes waiting for the engine, at most (topics and payloads, and the records'
+/// headers or the commands' syntax).
 pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 
-/// Publishes in order, in one buffer: per publish the topic's and the payload's length (u32,
-/// native order), then their bytes. One allocation however many publishes.
+/// Writes a publish as the engine's command, once, when it is queued: the engine then writes
+/// the queue's bytes to its socket as they are (NATS's `PUB`), instead of copying each publish
+/// again into a command of its own.
+pub(crate) trait Encode: Send {
+    /// Appends the command that publishes `payload` on `topic` to `out`.
+    fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>);
+}
+
+/// Publishes in order, in one buffer, in one of two forms: records (per publish the topic's
+/// and the payload's length, u32 native order, then their bytes), or the engine's commands
+/// written by its [`Encode`]. One allocation however many publishes.
 #[derive(Default)]
 pub(crate) struct Publishes {
     bytes: Vec<u8>,
     count: usize,
+    /// `bytes` holds commands, not records.
+    encoded: bool,
+    /// The longest payload among them.
+    largest_payload: usize,
 }
 
 const HEADER: usize = 8;
 
 impl Publishes {
     pub(crate) fn push(&mut self, topic: &[u8], payload: &[u8]) {
+        debug_assert!(!self.encoded, "records and commands are never mixed");
         self.bytes.reserve(HEADER + topic.len() + payload.len());
         self.bytes
             .extend_from_slice(&(topic.len() as u32).to_ne_bytes());
@@ -33,6 +48,19 @@ impl Publishes {
         self.bytes.extend_from_slice(topic);
         self.bytes.extend_from_slice(payload);
         self.count += 1;
+        self.largest_payload = self.largest_payload.max(payload.len());
+    }
+
+    /// Queues a publish as `encoder` writes its command.
+    pub(crate) fn push_encoded(&mut self, topic: &[u8], payload: &[u8], encoder: &mut dyn Encode) {
+        debug_assert!(
+            self.encoded || self.is_empty(),
+            "records and commands are never mixed"
+        );
+        self.encoded = true;
+        encoder.encode(topic, payload, &mut self.bytes);
+        self.count += 1;
+        self.largest_payload = self.largest_payload.max(payload.len());
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -47,14 +75,49 @@ impl Publishes {
         self.bytes.len()
     }
 
+    /// Whether the publishes are the engine's commands (see [`Encode`]) rather than records.
+    pub(crate) fn is_encoded(&self) -> bool {
+        self.encoded
+    }
+
+    /// The longest payload queued.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn largest_payload(&self) -> usize {
+        self.largest_payload
+    }
+
+    /// The commands, in order (encoded publishes only).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn commands(&self) -> &[u8] {
+        debug_assert!(self.encoded);
+        &self.bytes
+    }
+
+    /// Moves the commands to the end of `out`, and empties the queue. Into an empty `out` the
+    /// buffers are swapped rather than copied: `out` takes the commands' buffer, the queue
+    /// keeps `out`'s for the next publishes.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn move_commands_to(&mut self, out: &mut Vec<u8>) {
+        debug_assert!(self.encoded);
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.bytes);
+        } else {
+            out.extend_from_slice(&self.bytes);
+        }
+        self.clear();
+    }
+
     /// Empties the queue, keeping its buffer for reuse.
     pub(crate) fn clear(&mut self) {
         self.bytes.clear();
         self.count = 0;
+        self.encoded = false;
+        self.largest_payload = 0;
     }
 
-    /// The publishes in order, as (topic, payload).
+    /// The publishes in order, as (topic, payload) (records only).
     pub(crate) fn iter(&self) -> PublishIter<'_> {
+        debug_assert!(!self.encoded, "commands are not records");
         PublishIter { rest: &self.bytes }
     }
 
@@ -62,14 +125,20 @@ impl Publishes {
     pub(crate) fn append(&mut self, other: &mut Publishes) {
         if self.is_empty() {
             std::mem::swap(self, other);
+            other.clear();
             return;
         }
+        debug_assert_eq!(
+            self.encoded, other.encoded,
+            "records and commands are never mixed"
+        );
         self.bytes.extend_from_slice(&other.bytes);
         self.count += other.count;
+        self.largest_payload = self.largest_payload.max(other.largest_payload);
         other.clear();
     }
 
-    /// Drops the first `n` publishes.
+    /// Drops the first `n` publishes (records only).
     #[cfg(any(feature = "pg", test))]
     pub(crate) fn drop_front(&mut self, n: usize) {
         let mut cut = 0;
@@ -116,6 +185,8 @@ pub(crate) struct InterestChange {
 #[derive(Default)]
 struct Queue {
     publishes: Publishes,
+    /// The engine's, when it takes its publishes as commands.
+    encoder: Option<Box<dyn Encode>>,
     interest: Vec<InterestChange>,
     dropped: u64,
 }
@@ -133,19 +204,37 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
+    /// Empties the queue and forgets its counts, for a new engine whose publishes `encoder`
+    /// writes as its commands when they are pushed (`None`: as records).
+    pub(crate) fn reset(&self, encoder: Option<Box<dyn Encode>>) {
+        let mut queue = self.queue.lock();
+        queue.publishes.clear();
+        queue.interest.clear();
+        queue.dropped = 0;
+        queue.encoder = encoder;
+        self.dirty.store(false, Ordering::Release);
+        self.held.store(false, Ordering::SeqCst);
+    }
+
     /// Queues a publish; returns whether the engine should be driven for it now. False when
     /// the queue is full (the publish is dropped and counted), and when the engine holds
     /// publishes for the server's answer: the thread that reads the answer takes them.
     pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
         {
             let mut queue = self.queue.lock();
+            let queue = &mut *queue;
             if queue.publishes.len() >= MAX_QUEUED_PUBLISHES
                 || queue.publishes.byte_len() + topic.len() + payload.len() > MAX_QUEUED_BYTES
             {
                 queue.dropped += 1;
                 return false;
             }
-            queue.publishes.push(topic, payload);
+            match &mut queue.encoder {
+                Some(encoder) => queue
+                    .publishes
+                    .push_encoded(topic, payload, encoder.as_mut()),
+                None => queue.publishes.push(topic, payload),
+            }
             self.dirty.store(true, Ordering::Release);
         }
         // After the queue's lock: an engine that stops holding says so before it takes (under
@@ -234,6 +323,39 @@ mod tests {
         outbound.take(&mut Vec::new(), Some(&mut taken));
         let payloads: Vec<_> = taken.iter().map(|(_, payload)| payload).collect();
         assert_eq!(payloads, [b"1", b"2", b"3"]);
+    }
+
+    /// Writes `<topic>=<payload>;`.
+    struct Assign;
+
+    impl Encode for Assign {
+        fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+            out.extend_from_slice(topic);
+            out.push(b'=');
+            out.extend_from_slice(payload);
+            out.push(b';');
+        }
+    }
+
+    #[test]
+    fn with_an_encoder_publishes_are_queued_as_commands_and_taken_in_order() {
+        let outbound = Outbound::default();
+        assert!(outbound.push_publish(b"left", b"over"));
+        outbound.reset(Some(Box::new(Assign)));
+        assert_eq!(outbound.counts(), (0, 0));
+        assert!(outbound.push_publish(b"a", b"1"));
+        assert!(outbound.push_publish(b"bb", b"22"));
+        let mut taken = Publishes::default();
+        outbound.take(&mut Vec::new(), Some(&mut taken));
+        assert!(outbound.push_publish(b"c", b"333"));
+        outbound.take(&mut Vec::new(), Some(&mut taken));
+        assert!(taken.is_encoded());
+        assert_eq!((taken.len(), taken.largest_payload()), (3, 3));
+        assert_eq!(taken.commands(), b"a=1;bb=22;c=333;");
+        let mut out = b"before;".to_vec();
+        taken.move_commands_to(&mut out);
+        assert_eq!(out, b"before;a=1;bb=22;c=333;");
+        assert!(taken.is_empty() && !taken.is_encoded());
     }
 
     #[test]

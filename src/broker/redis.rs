@@ -63,8 +63,7 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use redis_protocol::resp3::decode::complete::decode_range;
 use redis_protocol::resp3::types::RangeFrame;
@@ -84,14 +83,15 @@ const MAX_DEPTH: usize = 32;
 
 /// The engine for a `redis://[user[:password]@]host[:port][/db]` URL, or `rediss://` for
 /// TLS from the first byte (options `ca=`, `cert=`, `key=`, see `tls`); `name` is the
-/// channel prefix. The limit it returns is the server's default bulk limit.
-pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
+/// channel prefix. It sets `limit` to the server's default bulk limit.
+pub(crate) fn engine(url: &str, name: &str, limit: &AtomicUsize) -> Result<Box<dyn Engine>, Error> {
     let mut url = BrokerUrl::parse(url, 6379)?;
     let protocol = RedisProtocol::new(&url, name)?;
     let secure = url.scheme == "rediss";
     let tls = Tls::from_url(&mut url, secure, TlsStart::AtConnect)?;
     let engine = StreamEngine::new(protocol, &url.hosts, tls)?;
-    Ok((Box::new(engine), Arc::new(AtomicUsize::new(MAX_BULK_LEN))))
+    limit.store(MAX_BULK_LEN, Ordering::Relaxed);
+    Ok(Box::new(engine))
 }
 
 /// What the command at the front of the FIFO expects.
@@ -1364,7 +1364,8 @@ mod tests {
 
     #[test]
     fn engine_checks_the_url_and_prefix() {
-        let errno = |url: &str, name: &str| engine(url, name).err().map(|err| err.errno());
+        let limit = AtomicUsize::new(0);
+        let errno = |url: &str, name: &str| engine(url, name, &limit).err().map(|err| err.errno());
         assert_eq!(errno("redis://127.0.0.1", "app:"), None);
         assert_eq!(errno("redis://127.0.0.1:6380/15", ""), None);
         assert_eq!(errno("rediss://127.0.0.1", "app:"), None);
@@ -1391,8 +1392,8 @@ mod tests {
             errno("redis://127.0.0.1", &"p".repeat(256)),
             Some(libc::EINVAL)
         );
-        let (_, limit) = engine("redis://127.0.0.1", "").unwrap();
-        assert_eq!(limit.load(std::sync::atomic::Ordering::Relaxed), 512 << 20);
+        engine("redis://127.0.0.1", "", &limit).unwrap();
+        assert_eq!(limit.load(Ordering::Relaxed), 512 << 20);
     }
 
     /// Drives the protocol over a real connection to the Redis at FDCAST_REDIS_URL (default

@@ -66,8 +66,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::Interest;
@@ -317,8 +316,8 @@ pub(crate) fn parse_shards(frame: &[u8], asked: &str, tls: bool) -> Result<Vec<S
 
 /// The engine for `redis+cluster://[user[:password]@]host:port[,host:port…]`, or
 /// `rediss+cluster://` for TLS to every node (options `ca=`, `cert=`, `key=`, see `tls`);
-/// `name` is the channel prefix. The limit it returns is Redis's default bulk limit.
-pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<AtomicUsize>), Error> {
+/// `name` is the channel prefix. It sets `limit` to Redis's default bulk limit.
+pub(crate) fn engine(url: &str, name: &str, limit: &AtomicUsize) -> Result<Box<dyn Engine>, Error> {
     let url = BrokerUrl::parse(url, 6379)?;
     match url.scheme.as_str() {
         "redis+cluster" | "rediss+cluster" => {}
@@ -335,7 +334,8 @@ pub(crate) fn engine(url: &str, name: &str) -> Result<(Box<dyn Engine>, Arc<Atom
     }
     topic::check_redis_prefix(name)?;
     let engine = ClusterEngine::new(url, name)?;
-    Ok((Box::new(engine), Arc::new(AtomicUsize::new(MAX_BULK_LEN))))
+    limit.store(MAX_BULK_LEN, Ordering::Relaxed);
+    Ok(Box::new(engine))
 }
 
 /// One primary: its address, its queues, and its connection while it is needed.
@@ -1241,12 +1241,47 @@ impl Engine for ClusterEngine {
         stats
     }
 
+    /// Everything queued goes to the connections that are open: what the fences hold too
+    /// (their old owners' `MOVED` answers will not be read any more), and the redirected
+    /// publishes ahead of each shard's queue, which is then taken whatever it holds back.
+    fn drain(&mut self, cx: &mut Context<'_>) {
+        self.take(cx);
+        let fences: Vec<Fence> = self.fences.drain().map(|(_, fence)| fence).collect();
+        for fence in fences {
+            self.release(fence);
+        }
+        for index in 0..self.shards.len() {
+            self.send_resends(index, cx.received);
+            let Shard {
+                outbound, stream, ..
+            } = &mut self.shards[index];
+            if let Some(stream) = stream {
+                stream.drain(&mut Context {
+                    reactor: &self.inner,
+                    outbound,
+                    received: cx.received,
+                });
+                self.sync_backlog(index);
+            }
+        }
+    }
+
+    /// What is still queued (for a shard that is down, redirected, or fenced) is dropped
+    /// and counted.
     fn shut_down(&mut self, reactor: &Reactor) {
+        let mut lost: usize = self.fences.drain().map(|(_, fence)| fence.held.len()).sum();
         for shard in &mut self.shards {
+            let mut queued = Publishes::default();
+            shard.outbound.take(&mut Vec::new(), Some(&mut queued));
+            lost += queued.len() + shard.resend.len();
+            shard.resend.clear();
+            shard.backlog = Backlog::default();
             if let Some(stream) = shard.stream.as_mut() {
                 stream.shut_down(&self.inner);
             }
         }
+        self.backlog = Backlog::default();
+        self.retired.dropped += lost as u64;
         self.control.shut_down(&self.inner);
         if self.watching {
             reactor.unwatch(self.inner.poll_fd());
@@ -1682,7 +1717,8 @@ mod tests {
 
     #[test]
     fn engine_checks_the_url() {
-        let errno = |url: &str| engine(url, "app:").err().map(|err| err.errno());
+        let limit = AtomicUsize::new(0);
+        let errno = |url: &str| engine(url, "app:", &limit).err().map(|err| err.errno());
         assert_eq!(errno("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"), None);
         assert_eq!(errno("rediss+cluster://127.0.0.1:7000"), None);
         assert_eq!(
@@ -1699,11 +1735,8 @@ mod tests {
             Some(libc::EINVAL)
         );
         assert_eq!(errno("redis://127.0.0.1:7000"), Some(libc::EINVAL));
-        let (_, limit) = engine("redis+cluster://127.0.0.1", "").unwrap();
-        assert_eq!(
-            limit.load(std::sync::atomic::Ordering::Relaxed),
-            MAX_BULK_LEN
-        );
+        engine("redis+cluster://127.0.0.1", "", &limit).unwrap();
+        assert_eq!(limit.load(Ordering::Relaxed), MAX_BULK_LEN);
     }
 
     /// A shard: its slot ranges, and its nodes as "role port tls-port endpoint health".
@@ -1997,6 +2030,59 @@ mod tests {
         engine.apply_topology(&[range(0, 16383, 7001)]);
         engine.route(&topic, b"4");
         assert!(engine.fences.is_empty());
+    }
+
+    #[test]
+    fn publishes_still_queued_redirected_or_fenced_at_shut_down_are_counted_dropped() {
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        let node = |port| ("127.0.0.1".to_string(), port);
+        let range = |start, end, port| SlotRange {
+            start,
+            end,
+            node: node(port),
+        };
+        engine.apply_topology(&[range(0, 8191, 7000), range(8192, 16383, 7001)]);
+        let topic = (0..)
+            .map(|n| format!("t{n}").into_bytes())
+            .find(|topic| (1..8191).contains(&engine.slot_of(topic)))
+            .unwrap();
+        let slot = engine.slot_of(&topic);
+        // Two queued for the first owner (never connected), then the slot moves: a third
+        // is fenced, and the old owner sends the first back to the new one.
+        engine.route(&topic, b"1");
+        engine.route(&topic, b"2");
+        engine.apply_topology(&[
+            range(0, slot - 1, 7000),
+            range(slot, slot, 7001),
+            range(slot + 1, 8191, 7000),
+            range(8192, 16383, 7001),
+        ]);
+        engine.route(&topic, b"3");
+        engine.redirect(
+            0,
+            Redirect {
+                publish: redis::Retained::new(&topic, b"1"),
+                slot,
+                node: node(7001),
+            },
+        );
+        assert_eq!(engine.fences.len(), 1);
+        assert_eq!(engine.shards[1].resend.len(), 1);
+        let before = engine.stats();
+        assert_eq!((before.queued, before.dropped), (4, 0));
+
+        // As `broker_disable` does: drain, then shut down; no connection is open to take them.
+        let reactor = Reactor::new().unwrap();
+        let registry_queue = Outbound::default();
+        engine.drain(&mut Context {
+            reactor: &reactor,
+            outbound: &registry_queue,
+            received: &mut Vec::new(),
+        });
+        engine.shut_down(&reactor);
+        let after = engine.stats();
+        assert_eq!((after.queued, after.dropped), (0, 4));
+        assert_eq!(engine.backlog, Backlog::default());
     }
 
     /// Three primaries that speak TLS only: two registries with `rediss+cluster://` each
@@ -2363,6 +2449,7 @@ mod tests {
                 url,
                 prefix,
                 &reactor,
+                &Default::default(),
             )
             .unwrap();
             Side {
@@ -2396,8 +2483,11 @@ mod tests {
         }
 
         fn publish(&self, topic: &[u8], payload: &[u8]) {
-            self.broker.check(topic, payload).unwrap();
-            self.broker.publish(topic, payload, &self.reactor);
+            let handoff = self.broker.handoff();
+            handoff.check(topic, payload).unwrap();
+            if handoff.push_publish(topic, payload) {
+                self.broker.kick(&self.reactor);
+            }
         }
 
         fn of(&self, topic: &[u8]) -> Vec<Vec<u8>> {

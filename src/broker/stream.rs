@@ -38,6 +38,8 @@ const OUTPUT_SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// finds the engine free writes every publish in a `write(2)` of its own (a TCP segment and
 /// a wake-up of the server each): one publishing thread never got more than one per write.
 /// A lone publish or a burst of up to this many still goes out at once, with no dispatch.
+/// (Where the answer confirms no publish and only paces them, NATS, a dispatch turn writes
+/// the held ones without waiting for it: `Protocol::dispatch_sends_held`.)
 pub(crate) const HOLD_AFTER: usize = 64;
 /// Bytes read in one turn at most; the rest waits for the next turn (the reactor is woken).
 /// (Small in unit tests, so that a turn ends with bytes still in the socket.)
@@ -72,6 +74,12 @@ pub(crate) trait Protocol: Send {
     /// in effect).
     fn end_of_subscriptions(&mut self, _out: &mut Vec<u8>) {}
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>);
+    /// Writes publishes the queue holds as commands (a protocol whose broker queues through
+    /// an [`Encode`](super::outbound::Encode)), and empties `publishes`. By default they go
+    /// out as they are; a protocol that counts or checks its publishes does so here.
+    fn publish_encoded(&mut self, publishes: &mut Publishes, out: &mut Vec<u8>) {
+        publishes.move_commands_to(out);
+    }
     /// Subscription changes written and not yet confirmed.
     fn unconfirmed(&self) -> usize;
     /// Publishes written whose fate is unknown until the server answers (lost with the
@@ -83,6 +91,12 @@ pub(crate) trait Protocol: Send {
     /// After a run of `publish` calls (NATS asks for a PONG once enough are unanswered, or
     /// for any unanswered at all when `always`).
     fn end_of_publishes(&mut self, _out: &mut Vec<u8>, _always: bool) {}
+    /// Whether a dispatch turn writes the publishes held for an answer (see `HOLD_AFTER`)
+    /// rather than leaving them for the answer: yes where the answer is only the batch's
+    /// clock, not the publishes' fate (NATS). Publishers' own turns hold them either way.
+    fn dispatch_sends_held(&self) -> bool {
+        false
+    }
     /// Whether a command written is still waiting for the server's answer.
     fn awaiting_answers(&self) -> bool;
     /// Topics subscribed and confirmed on this connection.
@@ -416,9 +430,9 @@ impl<P: Protocol> StreamEngine<P> {
     /// Takes the queue's work and writes it out, taking again while publishes were left
     /// queued for a backed-up output that the socket then took whole: no writable edge would
     /// come back for them, and no server reply either (NATS confirms nothing).
-    fn take_and_flush(&mut self, cx: &Context<'_>) {
+    fn take_and_flush(&mut self, cx: &Context<'_>, dispatching: bool) {
         loop {
-            let deferred = self.take(cx);
+            let deferred = self.take(cx, dispatching);
             self.flush(cx.reactor);
             if !deferred || self.output.len() - self.written >= OUTPUT_HIGH_WATER {
                 return;
@@ -427,16 +441,18 @@ impl<P: Protocol> StreamEngine<P> {
     }
 
     /// Takes the queue's work: interest always, publishes once the session is subscribed and
-    /// the output is not backed up; writes the commands for them. Returns whether publishes
-    /// were left queued because the output was backed up.
-    fn take(&mut self, cx: &Context<'_>) -> bool {
+    /// the output is not backed up (and, unless `dispatching` with a protocol that allows it,
+    /// while none are held for the server's answer); writes the commands for them. Returns
+    /// whether publishes were left queued because the output was backed up.
+    fn take(&mut self, cx: &Context<'_>, dispatching: bool) -> bool {
         let sending = matches!(self.phase, Phase::Open { .. }) && self.subscribed;
         let backed_up = self.output.len() - self.written >= OUTPUT_HIGH_WATER;
         // Publishes held for the server's answers are not "left behind a backed-up output":
         // the answers, read by dispatch, release them.
         let held = sending && !self.draining && self.protocol.holding_publishes();
         cx.outbound.hold_publishes(held);
-        let take_publishes = sending && !backed_up && !held;
+        let held_here = held && !(dispatching && self.protocol.dispatch_sends_held());
+        let take_publishes = sending && !backed_up && !held_here;
         cx.take(
             &mut self.changes,
             take_publishes.then_some(&mut self.publishes),
@@ -460,10 +476,16 @@ impl<P: Protocol> StreamEngine<P> {
         if wrote_subscriptions {
             self.protocol.end_of_subscriptions(&mut self.output);
         }
-        for (topic, payload) in self.publishes.iter() {
-            self.protocol.publish(topic, payload, &mut self.output);
+        let published = !self.publishes.is_empty();
+        if self.publishes.is_encoded() {
+            self.protocol
+                .publish_encoded(&mut self.publishes, &mut self.output);
+        } else {
+            for (topic, payload) in self.publishes.iter() {
+                self.protocol.publish(topic, payload, &mut self.output);
+            }
         }
-        if !self.publishes.is_empty() {
+        if published {
             self.protocol.end_of_publishes(&mut self.output, false);
         }
         self.publishes.clear();
@@ -653,11 +675,11 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                 break;
             }
         }
-        self.take_and_flush(cx);
+        self.take_and_flush(cx, true);
     }
 
     fn write(&mut self, cx: &mut Context<'_>) {
-        self.take_and_flush(cx);
+        self.take_and_flush(cx, false);
     }
 
     fn drain(&mut self, cx: &mut Context<'_>) {
@@ -882,6 +904,8 @@ mod tests {
         read: usize,
         /// What `holding_publishes` answers.
         holding: bool,
+        /// What `dispatch_sends_held` answers.
+        sends_held: bool,
     }
 
     impl Protocol for Bare {
@@ -915,6 +939,9 @@ mod tests {
         }
         fn holding_publishes(&self) -> bool {
             self.holding
+        }
+        fn dispatch_sends_held(&self) -> bool {
+            self.sends_held
         }
         fn awaiting_answers(&self) -> bool {
             false
@@ -1011,6 +1038,35 @@ mod tests {
         assert!(outbound.push_publish(b"t", b"third"), "released");
         turn(&mut engine, &reactor, &outbound);
         let want = b"first second third";
+        let mut got = vec![0; want.len()];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn where_the_answer_only_paces_publishes_dispatch_sends_them_while_held() {
+        let reactor = Reactor::new().unwrap();
+        let outbound = Outbound::default();
+        let (mut engine, mut server) = connected(&reactor, &outbound);
+        engine.protocol.holding = true;
+        engine.protocol.sends_held = true;
+        turn(&mut engine, &reactor, &outbound);
+
+        assert!(
+            !outbound.push_publish(b"t", b"first "),
+            "held: a publisher has nothing to drive"
+        );
+        engine.write(&mut Context {
+            reactor: &reactor,
+            outbound: &outbound,
+            received: &mut Vec::new(),
+        });
+        assert_eq!(outbound.counts(), (1, 0), "a publisher's turn holds it");
+        turn(&mut engine, &reactor, &outbound);
+        assert_eq!(outbound.counts(), (0, 0), "a dispatch turn takes it");
+        assert!(!outbound.push_publish(b"t", b"second"), "still held");
+        turn(&mut engine, &reactor, &outbound);
+        let want = b"first second";
         let mut got = vec![0; want.len()];
         server.read_exact(&mut got).unwrap();
         assert_eq!(got, want);

@@ -7,10 +7,50 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
 use super::Registry;
-use crate::broker::{Broker, BrokerStats, PgStats, Received, Scheme};
+use crate::broker::{Broker, BrokerStats, Handoff, PgStats, Received, Scheme};
 use crate::error::Error;
 use crate::io;
+use crate::reactor::Reactor;
+
+/// The registry's broker, when one is enabled, and the [`Handoff`] that outlives it: a
+/// publish checks and queues through the hand-off with no lock and no reference count, and
+/// takes the broker only when the engine should be driven for it now.
+#[derive(Default)]
+pub(super) struct BrokerSlot {
+    /// Read-locked only to clone the `Arc` out: the broker's own locks are never held while
+    /// delivering.
+    current: RwLock<Option<Arc<Broker>>>,
+    handoff: Arc<Handoff>,
+}
+
+impl BrokerSlot {
+    pub(super) fn read(&self) -> RwLockReadGuard<'_, Option<Arc<Broker>>> {
+        self.current.read()
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Option<Arc<Broker>>> {
+        self.current.write()
+    }
+
+    /// Refuses, before anything is written anywhere, a publish the engine cannot carry.
+    pub(super) fn check(&self, topic: &[u8], payload: &[u8]) -> Result<(), Error> {
+        self.handoff.check(topic, payload)
+    }
+
+    /// Queues a publish (already checked) and, if the engine can take it now and no other
+    /// thread is driving the engine, writes what is queued.
+    pub(super) fn forward(&self, topic: &[u8], payload: &[u8], reactor: &Reactor) {
+        if self.handoff.push_publish(topic, payload) {
+            let broker = self.read().clone();
+            if let Some(broker) = broker {
+                broker.kick(reactor);
+            }
+        }
+    }
+}
 
 impl Registry {
     /// Connects to the engine `url` names (`postgresql://` or a libpq conninfo, `redis://`,
@@ -45,7 +85,8 @@ impl Registry {
     }
 
     fn connect_and_install(&self, scheme: Scheme, url: &str, name: &str) -> Result<(), Error> {
-        let (broker, deadline) = Broker::connect(scheme, url, name, &self.reactor)?;
+        let (broker, deadline) =
+            Broker::connect(scheme, url, name, &self.reactor, &self.broker.handoff)?;
         let broker = Arc::new(broker);
         {
             // Under the index lock, so that no topic is born or dies between the snapshot and

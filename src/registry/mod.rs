@@ -47,7 +47,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use crate::batch::Batches;
-use crate::broker::Broker;
 use crate::error::Error;
 use crate::frame::Mode;
 use crate::index::{Index, SubscriptionId};
@@ -165,9 +164,8 @@ pub struct Registry {
     flush_list: Mutex<Vec<Arc<Peer>>>,
     /// Corked publishes gathered per topic (batch.rs).
     batches: Mutex<Batches>,
-    /// The cross-process broker, when enabled (broker.rs). Read-locked only to clone the
-    /// `Arc` out: the broker's own locks are never held while delivering.
-    broker: RwLock<Option<Arc<Broker>>>,
+    /// The cross-process broker, when enabled, and the queue a publish hands it (broker.rs).
+    broker: broker::BrokerSlot,
     /// Whether `broker` is `Some`, so a publish checks it without the lock.
     broker_enabled: AtomicBool,
     /// An enable is connecting (with no lock held), so a second one is refused.
@@ -196,7 +194,7 @@ impl Registry {
             heartbeat_tick: AtomicU64::new(1),
             flush_list: Mutex::new(Vec::new()),
             batches: Mutex::new(Batches::default()),
-            broker: RwLock::new(None),
+            broker: broker::BrokerSlot::default(),
             broker_enabled: AtomicBool::new(false),
             broker_enabling: AtomicBool::new(false),
             authorizer: RwLock::new(None),

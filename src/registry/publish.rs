@@ -155,18 +155,14 @@ impl Registry {
         except: Option<RawFd>,
     ) -> Result<(usize, Option<EventId>), Error> {
         check_topic(topic)?;
-        let broker = if self.broker_enabled.load(Ordering::Acquire) {
-            self.broker.read().clone()
-        } else {
-            None
-        };
-        if let Some(broker) = &broker {
-            broker.check(topic, payload)?;
+        let forward = self.broker_enabled.load(Ordering::Acquire);
+        if forward {
+            self.broker.check(topic, payload)?;
         }
         let delivered = self.deliver_numbered(topic, payload, except, self.write_policy())?;
         self.counters.publishes.fetch_add(1, Ordering::Relaxed);
-        if let Some(broker) = broker {
-            broker.publish(topic, payload, &self.reactor);
+        if forward {
+            self.broker.forward(topic, payload, &self.reactor);
         }
         Ok(delivered)
     }
