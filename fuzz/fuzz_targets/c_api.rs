@@ -461,7 +461,8 @@ fn step(w: &mut World, input: &mut Input) {
                 let fd = w.fd(input);
                 let mode = World::mode(input);
                 let rc = fdcast_subscribe(fc, t, tl, fd, mode);
-                let invalid = fc.is_null() || kind != TopicKind::Valid || !(0..MODES).contains(&mode);
+                let invalid =
+                    fc.is_null() || kind != TopicKind::Valid || !(0..MODES).contains(&mode);
                 if invalid {
                     assert_eq!(rc, -EINVAL, "subscribe with invalid arguments");
                 } else if fd < 0 || fd == w.closed_fd || fd == i32::MAX {
@@ -812,8 +813,10 @@ fn step(w: &mut World, input: &mut Input) {
                     };
                     fdcast_subscribe_since(fc, t, tl, fd, mode, id.cast(), id_len, out)
                 };
-                let invalid =
-                    fc.is_null() || kind != TopicKind::Valid || !(0..MODES).contains(&mode) || !id_ok;
+                let invalid = fc.is_null()
+                    || kind != TopicKind::Valid
+                    || !(0..MODES).contains(&mode)
+                    || !id_ok;
                 if invalid {
                     assert_eq!(rc, -EINVAL, "resume with invalid arguments");
                     assert_eq!(recovered, 7, "a refused resume wrote recovered");
