@@ -751,10 +751,12 @@ impl Peer {
         };
         let mut cursor = outbox.lags[at].cursor;
         let oldest = ring.oldest_offset();
+        let mut lost = 0;
         if cursor < oldest {
-            caught.lost = oldest - cursor;
-            outbox.lost_to_gaps += caught.lost;
+            lost = oldest - cursor;
             if policy.overflow == Overflow::Evict {
+                outbox.lost_to_gaps += lost;
+                caught.lost = lost;
                 caught.evict = true;
                 return caught;
             }
@@ -788,6 +790,14 @@ impl Peer {
             caught.queued += frame.len();
             cursor = id.offset + 1;
         }
+        if lost > 0 && cursor == oldest && cursor <= ring.last_id().offset {
+            // Nothing after the gap fit (the outbox holds another topic's refill): the fd
+            // stays where it was, and the gap is found, grown, once it can go on after it,
+            // so that it is told once, as the one jump its reader sees.
+            return caught;
+        }
+        caught.lost = lost;
+        outbox.lost_to_gaps += lost;
         if cursor > ring.last_id().offset {
             outbox.lags.swap_remove(at);
             self.lagging.store(outbox.lags.len(), Ordering::Relaxed);

@@ -304,7 +304,9 @@ fn stress_with_detector(duration: Duration) -> u64 {
     }
     {
         let (reg, stop, counts) = (reg.clone(), stop.clone(), counts.clone());
-        threads.push(thread::spawn(move || lag_and_catch_up(&reg, &stop, &counts)));
+        threads.push(thread::spawn(move || {
+            lag_and_catch_up(&reg, &stop, &counts)
+        }));
     }
     {
         // Readers: the fast ones drain all the time, the slow ones now and then.
@@ -398,7 +400,9 @@ fn lag_and_catch_up(reg: &Registry, stop: &AtomicBool, counts: &Counts) {
                 // A burst, more than a slow fd's outbox and socket hold.
                 for k in 0..300 {
                     let payload = format!("burst {n} message {k}");
-                    if let Ok((_, Some(id))) = reg.publish_with_id(topic.as_bytes(), payload.as_bytes(), None) {
+                    if let Ok((_, Some(id))) =
+                        reg.publish_with_id(topic.as_bytes(), payload.as_bytes(), None)
+                    {
                         last_ids.insert(t, id);
                     }
                 }

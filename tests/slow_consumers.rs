@@ -560,7 +560,8 @@ impl Stalled {
         let (bytes, eof) = read_now(self.reader.as_raw_fd());
         assert!(!eof);
         self.buf.extend_from_slice(&bytes);
-        self.messages.extend(take_messages(self.mode, &mut self.buf));
+        self.messages
+            .extend(take_messages(self.mode, &mut self.buf));
     }
 
     /// Reads while dispatching until fdcast holds nothing for it and it is behind on nothing.
@@ -574,7 +575,8 @@ impl Stalled {
                     read_available(self.reader.as_raw_fd(), Duration::from_millis(100), T);
                 assert!(!eof);
                 self.buf.extend_from_slice(&rest);
-                self.messages.extend(take_messages(self.mode, &mut self.buf));
+                self.messages
+                    .extend(take_messages(self.mode, &mut self.buf));
                 assert!(self.buf.is_empty(), "a torn frame at the end");
                 return;
             }
@@ -718,10 +720,92 @@ fn stalled_readers_catch_up_while_four_threads_publish(corked: bool) {
 
 #[test]
 fn stalled_readers_catch_up_while_four_threads_publish_immediately() {
-    with_watchdog(120, || stalled_readers_catch_up_while_four_threads_publish(false));
+    with_watchdog(120, || {
+        stalled_readers_catch_up_while_four_threads_publish(false)
+    });
 }
 
 #[test]
 fn stalled_readers_catch_up_while_four_threads_publish_corked() {
-    with_watchdog(120, || stalled_readers_catch_up_while_four_threads_publish(true));
+    with_watchdog(120, || {
+        stalled_readers_catch_up_while_four_threads_publish(true)
+    });
+}
+
+/// A reader behind on two topics whose refills share one outbox: while one topic's refill
+/// fills it, the other's loss is not told yet; it is told once, when the reader can go on
+/// after it, as the one jump the reader sees, however many messages left meanwhile.
+#[test]
+fn a_reader_behind_on_two_topics_is_told_each_gap_once_as_it_sees_it() {
+    let reg = Registry::new().unwrap();
+    reg.set_history(HistoryLimits {
+        max_messages: 100,
+        ..HistoryLimits::default()
+    });
+    // A quarter of what a topic keeps: one topic's refill fills it.
+    reg.set_outbox_limit(1000);
+    let gaps: Arc<Mutex<Vec<(Vec<u8>, u64)>>> = Arc::default();
+    let sink = Arc::clone(&gaps);
+    reg.set_gap_callback(Some(Box::new(move |_fd, topic: &[u8], lost| {
+        sink.lock().unwrap().push((topic.to_vec(), lost));
+    })));
+    let mut reader = Stalled::new(&reg, Mode::Sse);
+    reg.unsubscribe_fd(reader.fd()).unwrap();
+    let topics: [&[u8]; 2] = [b"a", b"b"];
+    for topic in topics {
+        reg.subscribe(topic, reader.fd(), Mode::Sse).unwrap();
+    }
+    let mut published = 0;
+    let mut publish = |count: usize| {
+        for _ in 0..count {
+            published += 1;
+            for topic in topics {
+                let payload = format!("{}:{published:06}", topic[0] as char);
+                reg.publish(topic, payload.as_bytes()).unwrap();
+            }
+        }
+    };
+    // Both fall off the history; then each refill races more publishes.
+    publish(500);
+    assert_eq!(reg.fd_stats(reader.fd()).unwrap().catching_up, 2);
+    for _ in 0..60 {
+        publish(5);
+        reader.read();
+        reg.dispatch(Some(Duration::from_millis(1))).unwrap();
+    }
+    reader.read_until_caught_up(&reg);
+
+    let gaps = gaps.lock().unwrap();
+    let mut lost = 0;
+    for topic in topics {
+        let mut jumps = Vec::new();
+        let mut next = 1;
+        for (id, payload) in &reader.messages {
+            if payload[0] != topic[0] {
+                continue;
+            }
+            let number: u64 = std::str::from_utf8(&payload[2..]).unwrap().parse().unwrap();
+            assert_eq!(number, id.offset, "the id is the topic's publish count");
+            assert!(id.offset >= next, "once, in order");
+            if id.offset > next {
+                jumps.push(id.offset - next);
+            }
+            next = id.offset + 1;
+        }
+        assert_eq!(next, published + 1, "it got the newest");
+        let told: Vec<u64> = gaps
+            .iter()
+            .filter(|(gap_topic, _)| gap_topic == topic)
+            .map(|&(_, lost)| lost)
+            .collect();
+        assert_eq!(
+            jumps, told,
+            "topic {}: the jumps seen vs the gaps told",
+            topic[0] as char
+        );
+        lost += told.iter().sum::<u64>();
+    }
+    assert!(lost > 0);
+    assert_eq!(reg.fd_stats(reader.fd()).unwrap().lost_to_gaps, lost);
+    assert_eq!(reg.stats().lost_to_gaps, lost);
 }

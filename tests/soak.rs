@@ -990,7 +990,10 @@ struct HistoryConn {
 }
 
 /// Takes every whole message off `buf`: (id, body). Err on a torn or malformed frame.
-fn take_id_messages(mode: Mode, buf: &mut Vec<u8>) -> Result<Vec<(fdcast::EventId, Vec<u8>)>, String> {
+fn take_id_messages(
+    mode: Mode,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<(fdcast::EventId, Vec<u8>)>, String> {
     let mut messages = Vec::new();
     let mut at = 0;
     loop {
@@ -1098,9 +1101,9 @@ impl HistoryConn {
             Stall::Reading => return true,
             Stall::Short(wait) | Stall::Long(wait) => wait,
         };
-        self.stalled_at.iter().all(|(&t, &at)| {
-            shared.published[t].load(Ordering::Relaxed) >= at + wait
-        })
+        self.stalled_at
+            .iter()
+            .all(|(&t, &at)| shared.published[t].load(Ordering::Relaxed) >= at + wait)
     }
 }
 
@@ -1149,7 +1152,8 @@ fn history_connect(
                 }
             }
             _ => {
-                reg.subscribe(topic.as_bytes(), fd, mode).expect("subscribe");
+                reg.subscribe(topic.as_bytes(), fd, mode)
+                    .expect("subscribe");
             }
         }
         orders.insert(t, order);
@@ -1177,7 +1181,10 @@ fn match_gaps(fd: RawFd, conn: &HistoryConn, gaps: &[(RawFd, usize, u64)], whole
             .collect();
         reported_total += reported.iter().sum::<u64>();
         if whole {
-            assert_eq!(order.jumps, reported, "fd {fd} topic {t}: jumps vs gaps reported");
+            assert_eq!(
+                order.jumps, reported,
+                "fd {fd} topic {t}: jumps vs gaps reported"
+            );
         } else {
             assert!(
                 reported.starts_with(&order.jumps),
@@ -1230,7 +1237,9 @@ fn history_soak(duration: Duration) -> String {
     let mut conns: HashMap<RawFd, HistoryConn> = HashMap::new();
     for _ in 0..HISTORY_CONNECTIONS {
         let mode = ID_MODES[rand(3) as usize];
-        let mut topics: Vec<usize> = (0..1 + rand(3)).map(|_| rand(HISTORY_TOPICS as u64) as usize).collect();
+        let mut topics: Vec<usize> = (0..1 + rand(3))
+            .map(|_| rand(HISTORY_TOPICS as u64) as usize)
+            .collect();
         topics.sort();
         topics.dedup();
         let conn = history_connect(&reg, mode, &topics, None, &mut figures);
@@ -1322,8 +1331,13 @@ fn history_soak(duration: Duration) -> String {
                 }
                 reg.unsubscribe_fd(fd).unwrap();
                 let topics: Vec<usize> = old.topics.keys().copied().collect();
-                let conn =
-                    history_connect(&reg, old.mode, &topics, Some(old.topics.clone()), &mut figures);
+                let conn = history_connect(
+                    &reg,
+                    old.mode,
+                    &topics,
+                    Some(old.topics.clone()),
+                    &mut figures,
+                );
                 conns.insert(conn._server.as_raw_fd(), conn);
                 closed.push((fd, old));
             }
@@ -1347,7 +1361,8 @@ fn history_soak(duration: Duration) -> String {
         let mut owed = false;
         for (&fd, conn) in conns.iter_mut() {
             conn.stall = Stall::Reading;
-            conn.read().unwrap_or_else(|e| panic!("history soak: fd {fd}: {e}"));
+            conn.read()
+                .unwrap_or_else(|e| panic!("history soak: fd {fd}: {e}"));
             let stats = reg.fd_stats(fd).unwrap();
             owed |= stats.catching_up > 0 || stats.queued_bytes > 0;
         }
@@ -1366,7 +1381,8 @@ fn history_soak(duration: Duration) -> String {
             Duration::from_secs(5),
         );
         conn.buf.extend_from_slice(&rest);
-        conn.read().unwrap_or_else(|e| panic!("history soak: fd {fd}: {e}"));
+        conn.read()
+            .unwrap_or_else(|e| panic!("history soak: fd {fd}: {e}"));
         assert!(conn.buf.is_empty(), "fd {fd}: a torn frame at the end");
     }
 
@@ -1376,8 +1392,14 @@ fn history_soak(duration: Duration) -> String {
     for (&fd, conn) in &conns {
         let reported = match_gaps(fd, conn, &gaps, true);
         let stats = reg.fd_stats(fd).unwrap();
-        assert_eq!(stats.lost_to_gaps, reported, "fd {fd}: lost_to_gaps vs gaps reported");
-        assert_eq!(stats.dropped, 0, "fd {fd}: history readers fall behind, never drop");
+        assert_eq!(
+            stats.lost_to_gaps, reported,
+            "fd {fd}: lost_to_gaps vs gaps reported"
+        );
+        assert_eq!(
+            stats.dropped, 0,
+            "fd {fd}: history readers fall behind, never drop"
+        );
         total_matched += reported;
     }
     for (fd, conn) in &closed {
@@ -1385,10 +1407,19 @@ fn history_soak(duration: Duration) -> String {
     }
     let lost: u64 = gaps.iter().map(|&(_, _, lost)| lost).sum();
     let st = reg.stats();
-    assert_eq!(total_matched, lost, "a gap reported for an fd no reader had");
-    assert_eq!(st.lost_to_gaps, lost, "registry lost_to_gaps vs gaps reported");
+    assert_eq!(
+        total_matched, lost,
+        "a gap reported for an fd no reader had"
+    );
+    assert_eq!(
+        st.lost_to_gaps, lost,
+        "registry lost_to_gaps vs gaps reported"
+    );
     assert_eq!(st.dropped_messages, 0);
-    assert!(lost > 0 && figures.long_stalls > 0, "no reader fell off the history");
+    assert!(
+        lost > 0 && figures.long_stalls > 0,
+        "no reader fell off the history"
+    );
     assert!(
         figures.short_stalls_caught_up > 0,
         "no stalled reader caught up from the history"
@@ -1401,7 +1432,11 @@ fn history_soak(duration: Duration) -> String {
         figures.max_queued
     );
 
-    let published: u64 = shared.published.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+    let published: u64 = shared
+        .published
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .sum();
     for (fd, _) in conns.iter() {
         reg.unsubscribe_fd(*fd).unwrap();
     }
