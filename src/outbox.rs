@@ -755,6 +755,8 @@ impl Peer {
         if cursor < oldest {
             lost = oldest - cursor;
             if policy.overflow == Overflow::Evict {
+                // Counted once: until the eviction lands, a later refill finds no more lost.
+                outbox.lags[at].cursor = oldest;
                 outbox.lost_to_gaps += lost;
                 caught.lost = lost;
                 caught.evict = true;
@@ -827,6 +829,9 @@ impl Outbox {
         } else {
             if overflow == Overflow::Evict && lag.cursor < at.oldest_kept {
                 lost = at.oldest_kept - lag.cursor;
+                // Counted once: the frames met before the eviction lands (the rest of a
+                // replay, a gap callback's resubscribe) find no more lost.
+                lag.cursor = at.oldest_kept;
             }
             lag.newest = lag.newest.max(at.id.offset);
         }

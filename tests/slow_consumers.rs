@@ -809,3 +809,39 @@ fn a_reader_behind_on_two_topics_is_told_each_gap_once_as_it_sees_it() {
     assert_eq!(reg.fd_stats(reader.fd()).unwrap().lost_to_gaps, lost);
     assert_eq!(reg.stats().lost_to_gaps, lost);
 }
+
+/// Under `Overflow::Evict`, a loss is told once, however many frames of the topic meet it
+/// before the eviction lands (here a replay's): not once per frame.
+#[test]
+fn under_evict_a_gap_is_told_once_before_the_eviction() {
+    let reg = Registry::new().unwrap();
+    reg.set_history(HistoryLimits {
+        max_messages: 100,
+        ..HistoryLimits::default()
+    });
+    reg.set_outbox_limit(1000);
+    let gaps: Arc<Mutex<Vec<(RawFd, u64)>>> = Arc::default();
+    let sink = Arc::clone(&gaps);
+    reg.set_gap_callback(Some(Box::new(move |fd, _topic: &[u8], lost| {
+        sink.lock().unwrap().push((fd, lost));
+    })));
+    let reader = Stalled::new(&reg, Mode::Sse);
+    let fd = reader.fd();
+    // Behind past the history, found by no one yet (drop-message finds it on refill).
+    reg.set_overflow(Overflow::DropMessage);
+    for n in 0..5000 {
+        reg.publish(b"feed", format!("{n}").as_bytes()).unwrap();
+    }
+    assert!(gaps.lock().unwrap().is_empty());
+    reg.set_overflow(Overflow::Evict);
+    // The replay's 50 frames each meet the loss.
+    reg.subscribe_tail(b"feed", fd, Mode::Sse, 50).unwrap();
+    let gaps = gaps.lock().unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    let (gap_fd, lost) = gaps[0];
+    assert_eq!(gap_fd, fd);
+    assert!(lost > 0 && lost <= 5000 - 100, "{lost}");
+    let totals = reg.stats();
+    assert_eq!((totals.lost_to_gaps, totals.evicted_fds), (lost, 1));
+    assert!(reg.fd_stats(fd).is_err(), "evicted");
+}
