@@ -732,6 +732,9 @@ fn stalled_readers_catch_up_while_four_threads_publish_corked() {
     });
 }
 
+/// Each gap told: the topic, how many it lost.
+type TopicGaps = Vec<(Vec<u8>, u64)>;
+
 /// A reader behind on two topics whose refills share one outbox: while one topic's refill
 /// fills it, the other's loss is not told yet; it is told once, when the reader can go on
 /// after it, as the one jump the reader sees, however many messages left meanwhile.
@@ -744,7 +747,7 @@ fn a_reader_behind_on_two_topics_is_told_each_gap_once_as_it_sees_it() {
     });
     // A quarter of what a topic keeps: one topic's refill fills it.
     reg.set_outbox_limit(1000);
-    let gaps: Arc<Mutex<Vec<(Vec<u8>, u64)>>> = Arc::default();
+    let gaps: Arc<Mutex<TopicGaps>> = Arc::default();
     let sink = Arc::clone(&gaps);
     reg.set_gap_callback(Some(Box::new(move |_fd, topic: &[u8], lost| {
         sink.lock().unwrap().push((topic.to_vec(), lost));
