@@ -717,7 +717,8 @@ impl Peer {
     /// frames fit under the outbox limit; once the cursor passes the newest kept message the
     /// fd is live on the topic again, with no gap or duplicate against publishes, which take
     /// the same ring lock. Messages that left the history before the fd got them are a gap:
-    /// counted, and under [`Overflow::DropMessage`] the fd goes on from the oldest kept one;
+    /// counted, and under [`Overflow::DropMessage`] the fd goes on from the oldest kept one
+    /// (found, and counted, only once that one fits, so a reader sees each gap as one jump);
     /// under [`Overflow::Evict`] nothing is refilled and the caller evicts the fd. With the
     /// history gone (`ring` None: turned off, or dropped when its messages aged out) what the
     /// fd was owed is lost; with the subscription gone (`mode` None) nothing was owed.
