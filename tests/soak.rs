@@ -1139,6 +1139,7 @@ struct HistoryFigures {
     long_stalls: u64,
     resumes: u64,
     unrecovered_resumes: u64,
+    /// The most bytes queued for all readers at once (the sum of their fd counters).
     max_queued: u64,
 }
 
@@ -1317,13 +1318,17 @@ fn history_soak(duration: Duration) -> String {
     while start.elapsed() < duration && failure.is_none() {
         round += 1;
         let fds: Vec<RawFd> = conns.keys().copied().collect();
+        let mut queued = 0;
         for &fd in &fds {
             let conn = conns.get_mut(&fd).unwrap();
+            // Each fd's own count: the registry's gauge may run ahead of it while a dispatch
+            // pass writes refill after refill (it subtracts what was written at the end).
+            let stats = reg.fd_stats(fd).unwrap();
+            queued += stats.queued_bytes;
+            if stats.queued_bytes > frame_bound {
+                failure = Some(format!("fd {fd}: {} bytes queued", stats.queued_bytes));
+            }
             if conn.stall != Stall::Reading {
-                let stats = reg.fd_stats(fd).unwrap();
-                if stats.queued_bytes > frame_bound {
-                    failure = Some(format!("fd {fd}: {} bytes queued", stats.queued_bytes));
-                }
                 if !conn.stall_over(&shared) {
                     continue;
                 }
@@ -1337,7 +1342,7 @@ fn history_soak(duration: Duration) -> String {
                 break;
             }
         }
-        figures.max_queued = figures.max_queued.max(reg.stats().queued_bytes);
+        figures.max_queued = figures.max_queued.max(queued);
         // A few readers stop, for a quarter of the history or for twice it.
         for _ in 0..2 {
             let fd = fds[rand(fds.len() as u64) as usize];
@@ -1469,12 +1474,6 @@ fn history_soak(duration: Duration) -> String {
         "no stalled reader caught up from the history"
     );
     assert!(figures.resumes > 0);
-    let bound = (conns.len() as u64) * frame_bound;
-    assert!(
-        figures.max_queued <= bound,
-        "{} bytes queued, over {bound}",
-        figures.max_queued
-    );
 
     let published: u64 = shared
         .published
@@ -1507,7 +1506,7 @@ fn history_soak(duration: Duration) -> String {
          keeping {KEPT} messages, {published} publishes from {HISTORY_PUBLISHERS} threads, \
          {} short stalls ({} caught up from the history), {} long stalls, {gap_count} gaps \
          losing {lost} messages (each matched by its reader), {} resumes ({} not recovered), \
-         at most {} bytes queued",
+         at most {} bytes queued (per fd at most the outbox limit and a frame)",
         duration.as_secs(),
         figures.short_stalls,
         figures.short_stalls_caught_up,
