@@ -717,7 +717,8 @@ impl Peer {
     /// frames fit under the outbox limit; once the cursor passes the newest kept message the
     /// fd is live on the topic again, with no gap or duplicate against publishes, which take
     /// the same ring lock. Messages that left the history before the fd got them are a gap:
-    /// counted, and under [`Overflow::DropMessage`] the fd goes on from the oldest kept one;
+    /// counted, and under [`Overflow::DropMessage`] the fd goes on from the oldest kept one
+    /// (found, and counted, only once that one fits, so a reader sees each gap as one jump);
     /// under [`Overflow::Evict`] nothing is refilled and the caller evicts the fd. With the
     /// history gone (`ring` None: turned off, or dropped when its messages aged out) what the
     /// fd was owed is lost; with the subscription gone (`mode` None) nothing was owed.
@@ -751,10 +752,14 @@ impl Peer {
         };
         let mut cursor = outbox.lags[at].cursor;
         let oldest = ring.oldest_offset();
+        let mut lost = 0;
         if cursor < oldest {
-            caught.lost = oldest - cursor;
-            outbox.lost_to_gaps += caught.lost;
+            lost = oldest - cursor;
             if policy.overflow == Overflow::Evict {
+                // Counted once: until the eviction lands, a later refill finds no more lost.
+                outbox.lags[at].cursor = oldest;
+                outbox.lost_to_gaps += lost;
+                caught.lost = lost;
                 caught.evict = true;
                 return caught;
             }
@@ -788,6 +793,14 @@ impl Peer {
             caught.queued += frame.len();
             cursor = id.offset + 1;
         }
+        if lost > 0 && cursor == oldest && cursor <= ring.last_id().offset {
+            // Nothing after the gap fit (the outbox holds another topic's refill): the fd
+            // stays where it was, and the gap is found, grown, once it can go on after it,
+            // so that it is told once, as the one jump its reader sees.
+            return caught;
+        }
+        caught.lost = lost;
+        outbox.lost_to_gaps += lost;
         if cursor > ring.last_id().offset {
             outbox.lags.swap_remove(at);
             self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
@@ -817,6 +830,9 @@ impl Outbox {
         } else {
             if overflow == Overflow::Evict && lag.cursor < at.oldest_kept {
                 lost = at.oldest_kept - lag.cursor;
+                // Counted once: the frames met before the eviction lands (the rest of a
+                // replay, a gap callback's resubscribe) find no more lost.
+                lag.cursor = at.oldest_kept;
             }
             lag.newest = lag.newest.max(at.id.offset);
         }

@@ -6,8 +6,10 @@
 //! two-lock deadlock must be found), then hammers one registry from every angle at once:
 //! publishers, senders, subscribe/unsubscribe churn with fds closed and reused, a dispatch
 //! thread, cork/flush/uncork, limit and policy changes, clear, heartbeats, history on and off
-//! with resumes, peers that stop reading or vanish, and callbacks that call back into the
-//! registry. A checker thread calls `parking_lot::deadlock::check_deadlock()` every 10 ms and
+//! with resumes, peers that stop reading or vanish, readers that fall behind on topics with
+//! history and catch up as they drain (the ring, index, batches and peer locks all taken
+//! while others publish, resume, unsubscribe and evict), and callbacks (evict, authorize, gap)
+//! that call back into the registry. A checker thread calls `parking_lot::deadlock::check_deadlock()` every 10 ms and
 //! fails the test with the threads' backtraces if it finds a cycle; a watchdog fails it if the
 //! threads stop finishing (a hang the detector cannot see).
 //!
@@ -15,6 +17,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{make_slow, read_now};
-use fdcast::{EventId, HistoryLimits, Mode, Overflow, Registry};
+use fdcast::{EventId, HistoryLimits, Mode, Overflow, Registry, SubscriptionId};
 
 fn main() {
     detector_finds_a_deliberate_deadlock();
@@ -74,6 +77,9 @@ struct Counts {
     controls: AtomicU64,
     evictions: AtomicU64,
     callbacks_reentered: AtomicU64,
+    catching_up_seen: AtomicU64,
+    gaps: AtomicU64,
+    resumes: AtomicU64,
 }
 
 fn stress_with_detector(duration: Duration) -> u64 {
@@ -125,6 +131,9 @@ fn stress_with_detector(duration: Duration) -> u64 {
         controls: AtomicU64::new(0),
         evictions: AtomicU64::new(0),
         callbacks_reentered: AtomicU64::new(0),
+        catching_up_seen: AtomicU64::new(0),
+        gaps: AtomicU64::new(0),
+        resumes: AtomicU64::new(0),
     });
     let reg = Arc::new(Registry::new().unwrap());
     install_reentrant_callbacks(&reg, &counts);
@@ -158,6 +167,8 @@ fn stress_with_detector(duration: Duration) -> u64 {
                 let topic = format!("t{}", n % 4);
                 let payload = format!("publisher {p} message {n}\n");
                 let _ = reg.publish_except(topic.as_bytes(), payload.as_bytes(), Some(fds[p]));
+                // The topics the lagging readers fall behind on.
+                let _ = reg.publish(format!("h{}", n % 3).as_bytes(), payload.as_bytes());
                 if n % 5 == 0 {
                     let _ = reg.send(
                         fds[(n as usize) % fds.len()],
@@ -268,14 +279,20 @@ fn stress_with_detector(duration: Duration) -> u64 {
                             }
                         }
                     }
-                    8 => reg.set_history(if n % 2 == 0 {
-                        HistoryLimits {
+                    // Long enough a history for lagging readers to catch up from, one so short
+                    // that they fall off it, and none.
+                    8 => reg.set_history(match n / 9 % 4 {
+                        0 | 1 => HistoryLimits {
+                            max_messages: 5000,
+                            max_bytes: 1 << 20,
+                            max_age: None,
+                        },
+                        2 => HistoryLimits {
                             max_messages: 50,
                             max_bytes: 0,
                             max_age: Some(Duration::from_millis(5)),
-                        }
-                    } else {
-                        HistoryLimits::default()
+                        },
+                        _ => HistoryLimits::default(),
                     }),
                     _ => thread::sleep(Duration::from_micros(200)),
                 }
@@ -283,6 +300,12 @@ fn stress_with_detector(duration: Duration) -> u64 {
                 n += 1;
             }
             reg.uncork();
+        }));
+    }
+    {
+        let (reg, stop, counts) = (reg.clone(), stop.clone(), counts.clone());
+        threads.push(thread::spawn(move || {
+            lag_and_catch_up(&reg, &stop, &counts)
         }));
     }
     {
@@ -326,6 +349,12 @@ fn stress_with_detector(duration: Duration) -> u64 {
             "callbacks that re-entered",
             c.callbacks_reentered.load(Ordering::Relaxed),
         ),
+        (
+            "fds seen catching up",
+            c.catching_up_seen.load(Ordering::Relaxed),
+        ),
+        ("gaps", c.gaps.load(Ordering::Relaxed)),
+        ("resumes from a known id", c.resumes.load(Ordering::Relaxed)),
     ];
     for (what, n) in figures {
         println!("deadlock: {what}: {n}");
@@ -335,6 +364,94 @@ fn stress_with_detector(duration: Duration) -> u64 {
     assert!(passes >= min_passes, "the detector ran only {passes} times");
     drop(pairs);
     passes
+}
+
+/// Readers on topics with history (`h0`..`h2`, which the publishers feed too) that stop
+/// reading, fall behind, and drain so that dispatch refills them from the history while the
+/// other threads publish; meanwhile this thread bursts publishes, resumes from ids it was
+/// given, unsubscribes topics and whole fds mid-catch-up, and replaces its connections
+/// (evictions under `Overflow::Evict` shut them down).
+fn lag_and_catch_up(reg: &Registry, stop: &AtomicBool, counts: &Counts) {
+    const LAGGING: usize = 4;
+    let slow_pair = || {
+        let (w, r) = UnixStream::pair().unwrap();
+        r.set_nonblocking(true).unwrap();
+        make_slow(w.as_raw_fd(), r.as_raw_fd());
+        (w, r)
+    };
+    let mut lagging: Vec<(UnixStream, UnixStream)> = (0..LAGGING).map(|_| slow_pair()).collect();
+    let mut subscriptions: HashMap<(usize, u64), SubscriptionId> = HashMap::new();
+    let mut last_ids: HashMap<u64, EventId> = HashMap::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let i = (n / 9) as usize % LAGGING;
+        // Coprime with the 9 steps: every step meets every topic.
+        let t = n / 7 % 3;
+        let topic = format!("h{t}");
+        let fd = lagging[i].0.as_raw_fd();
+        let mode = [Mode::Sse, Mode::WsTextId, Mode::WsBinaryId, Mode::Raw][i];
+        match n % 9 {
+            0 | 1 => {
+                if let Ok(id) = reg.subscribe(topic.as_bytes(), fd, mode) {
+                    subscriptions.insert((i, t), id);
+                }
+            }
+            2 => {
+                // A burst, more than a slow fd's outbox and socket hold.
+                for k in 0..300 {
+                    let payload = format!("burst {n} message {k}");
+                    if let Ok((_, Some(id))) =
+                        reg.publish_with_id(topic.as_bytes(), payload.as_bytes(), None)
+                    {
+                        last_ids.insert(t, id);
+                    }
+                }
+            }
+            3 => {
+                if let Ok(stats) = reg.fd_stats(fd) {
+                    if stats.catching_up > 0 {
+                        counts.catching_up_seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            4 | 5 => {
+                // Drains: the dispatch thread refills it from the history.
+                let _ = read_now(lagging[i].1.as_raw_fd());
+            }
+            6 => {
+                if let Some(&last) = last_ids.get(&t) {
+                    let resumed = EventId {
+                        offset: last.offset.saturating_sub(100 + n % 200),
+                        ..last
+                    };
+                    if let Ok((id, _)) = reg.subscribe_since(topic.as_bytes(), fd, mode, resumed) {
+                        subscriptions.insert((i, t), id);
+                        counts.resumes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            7 => {
+                // NotFound when an eviction or clear() got there first.
+                if let Some(id) = subscriptions.remove(&(i, t)) {
+                    let _ = reg.unsubscribe(id);
+                }
+            }
+            _ => {
+                if n % 5 == 0 {
+                    // Forgotten mid-catch-up, then a fresh connection in its place.
+                    reg.unsubscribe_fd(fd).unwrap();
+                    subscriptions.retain(|&(fd_index, _), _| fd_index != i);
+                    lagging[i] = slow_pair();
+                } else {
+                    let _ = reg.subscribe_tail(topic.as_bytes(), fd, mode, 20);
+                }
+            }
+        }
+        n += 1;
+    }
+    for (w, _) in &lagging {
+        reg.unsubscribe_fd(w.as_raw_fd()).unwrap();
+    }
 }
 
 /// Callbacks that call back into the registry, as the header allows (no lock is held while one runs).
@@ -359,5 +476,16 @@ fn install_reentrant_callbacks(reg: &Arc<Registry>, counts: &Arc<Counts>) {
             c.callbacks_reentered.fetch_add(1, Ordering::Relaxed);
         }
         true
+    })));
+    let weak: Weak<Registry> = Arc::downgrade(reg);
+    let c = counts.clone();
+    reg.set_gap_callback(Some(Box::new(move |fd, topic: &[u8], _lost| {
+        c.gaps.fetch_add(1, Ordering::Relaxed);
+        if let Some(reg) = weak.upgrade() {
+            let _ = reg.fd_stats(fd);
+            let _ = reg.subscribe_tail(topic, fd, Mode::Sse, 3);
+            let _ = reg.publish(b"gaps", b"one more");
+            c.callbacks_reentered.fetch_add(1, Ordering::Relaxed);
+        }
     })));
 }

@@ -1,14 +1,17 @@
-//! Slow consumers: outbox limit, DropMessage and Evict policies, no torn frames, order kept.
+//! Slow consumers: outbox limit, DropMessage and Evict policies, no torn frames, order kept;
+//! with history on, stalled readers catch up while several threads publish.
 
 mod common;
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, Weak};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Barrier, Mutex, Weak};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
-use fdcast::{Error, Mode, Overflow, Registry};
+use fdcast::{Error, EventId, HistoryLimits, Mode, Overflow, Registry};
 
 const T: Duration = Duration::from_secs(20);
 const N: u32 = 5000;
@@ -431,4 +434,417 @@ fn shared_frame_is_held_once() {
         reg.clear();
         assert_eq!(reg.stats().queued_bytes, 0);
     });
+}
+
+// -------------------------------------------------------------------------------------------
+// history: stalled readers catch up while four threads publish
+// -------------------------------------------------------------------------------------------
+
+/// Messages each topic keeps in the catch-up runs below.
+const KEPT: u64 = 8000;
+/// Small enough that a stalled reader falls behind after a few dozen messages.
+const CATCH_UP_OUTBOX: usize = 2000;
+const CATCH_UP_PUBLISHERS: u64 = 4;
+
+/// What each publisher thread recorded: the id fdcast gave each of its payloads.
+type Published = HashMap<u64, Vec<u8>>;
+
+/// Publishes `per_thread` messages from each of four threads at once (with `corked`, the
+/// registry is corked and each thread flushes now and then), while `during` runs on this
+/// thread until they finish. Returns each message's payload by offset.
+fn publish_from_four_threads(
+    reg: &Arc<Registry>,
+    phase: u64,
+    per_thread: u64,
+    corked: bool,
+    mut during: impl FnMut(),
+) -> Published {
+    let start = Arc::new(Barrier::new(CATCH_UP_PUBLISHERS as usize));
+    let threads: Vec<_> = (0..CATCH_UP_PUBLISHERS)
+        .map(|thread| {
+            let (reg, start) = (Arc::clone(reg), Arc::clone(&start));
+            thread::spawn(move || {
+                start.wait();
+                let mut ids = Published::new();
+                for n in 0..per_thread {
+                    let payload = format!("phase{phase}-p{thread}-{n:05}").into_bytes();
+                    let (_, id) = reg.publish_with_id(b"feed", &payload, None).unwrap();
+                    ids.insert(id.expect("history is on").offset, payload);
+                    if corked && n % 32 == 31 {
+                        reg.flush();
+                    }
+                }
+                if corked {
+                    reg.flush();
+                }
+                ids
+            })
+        })
+        .collect();
+    while threads.iter().any(|thread| !thread.is_finished()) {
+        during();
+    }
+    let mut published = Published::new();
+    for thread in threads {
+        published.extend(thread.join().unwrap());
+    }
+    published
+}
+
+/// One stream's messages: (id, payload), in the order they arrived. SSE events carry the id
+/// in an `id:` line; WebSocket id-mode frames as the payload's first line. Panics on a torn
+/// or malformed frame; leaves an incomplete tail in `buf`.
+fn take_messages(mode: Mode, buf: &mut Vec<u8>) -> Vec<(EventId, Vec<u8>)> {
+    let mut messages = Vec::new();
+    let used = match mode {
+        Mode::Sse => {
+            let mut at = 0;
+            while let Some(end) = buf[at..].windows(2).position(|w| w == b"\n\n") {
+                let event = std::str::from_utf8(&buf[at..at + end]).unwrap();
+                let (id, data) = event
+                    .strip_prefix("id: ")
+                    .and_then(|rest| rest.split_once("\ndata: "))
+                    .unwrap_or_else(|| panic!("malformed SSE event {event:?}"));
+                let id = EventId::parse(id.as_bytes()).expect("an id");
+                messages.push((id, data.as_bytes().to_vec()));
+                at += end + 2;
+            }
+            at
+        }
+        Mode::WsTextId => {
+            let (frames, used) = parse_ws_frames(buf);
+            for frame in frames {
+                assert_eq!(frame.opcode, 1);
+                let newline = frame.payload.iter().position(|&b| b == b'\n').unwrap();
+                let id = EventId::parse(&frame.payload[..newline]).expect("an id");
+                messages.push((id, frame.payload[newline + 1..].to_vec()));
+            }
+            used
+        }
+        _ => unreachable!("only modes that carry ids"),
+    };
+    buf.drain(..used);
+    messages
+}
+
+/// A stalled reader: fdcast's end, the reader's end, what it read so far.
+struct Stalled {
+    sub: UnixStream,
+    reader: UnixStream,
+    mode: Mode,
+    buf: Vec<u8>,
+    messages: Vec<(EventId, Vec<u8>)>,
+}
+
+impl Stalled {
+    fn new(reg: &Registry, mode: Mode) -> Stalled {
+        let (sub, reader) = socketpair();
+        make_slow(sub.as_raw_fd(), reader.as_raw_fd());
+        reader.set_nonblocking(true).unwrap();
+        reg.subscribe(b"feed", sub.as_raw_fd(), mode).unwrap();
+        Stalled {
+            sub,
+            reader,
+            mode,
+            buf: Vec::new(),
+            messages: Vec::new(),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        self.sub.as_raw_fd()
+    }
+
+    /// Reads what the kernel holds for it now.
+    fn read(&mut self) {
+        let (bytes, eof) = read_now(self.reader.as_raw_fd());
+        assert!(!eof);
+        self.buf.extend_from_slice(&bytes);
+        self.messages
+            .extend(take_messages(self.mode, &mut self.buf));
+    }
+
+    /// Reads while dispatching until fdcast holds nothing for it and it is behind on nothing.
+    fn read_until_caught_up(&mut self, reg: &Registry) {
+        let start = Instant::now();
+        loop {
+            self.read();
+            let stats = reg.fd_stats(self.fd()).unwrap();
+            if stats.catching_up == 0 && stats.queued_bytes == 0 {
+                let (rest, eof) =
+                    read_available(self.reader.as_raw_fd(), Duration::from_millis(100), T);
+                assert!(!eof);
+                self.buf.extend_from_slice(&rest);
+                self.messages
+                    .extend(take_messages(self.mode, &mut self.buf));
+                assert!(self.buf.is_empty(), "a torn frame at the end");
+                return;
+            }
+            assert!(start.elapsed() < T, "still behind after {T:?}: {stats:?}");
+            reg.dispatch(Some(Duration::from_millis(2))).unwrap();
+        }
+    }
+
+    /// Checks that it got every published message once, in id order, each with its own
+    /// payload, except across gaps: each jump in offsets skips exactly the count of the
+    /// next gap reported for it. Returns how many it got.
+    fn check(&self, published: &Published, gaps: &[u64]) -> u64 {
+        let epoch = self.messages[0].0.epoch;
+        let mut gaps = gaps.iter();
+        let mut next = 1;
+        for (id, payload) in &self.messages {
+            assert_eq!(id.epoch, epoch);
+            if id.offset != next {
+                let skipped = id.offset.checked_sub(next).unwrap_or_else(|| {
+                    panic!("{:?}: {} again after {}", self.mode, id.offset, next - 1)
+                });
+                assert_eq!(
+                    Some(&skipped),
+                    gaps.next(),
+                    "{:?}: a jump from {} to {} that no gap reported",
+                    self.mode,
+                    next - 1,
+                    id.offset
+                );
+            }
+            assert_eq!(
+                Some(payload),
+                published.get(&id.offset),
+                "{:?}: the payload of message {}",
+                self.mode,
+                id.offset
+            );
+            next = id.offset + 1;
+        }
+        assert_eq!(gaps.next(), None, "{:?}: a gap it did not see", self.mode);
+        assert_eq!(next - 1, published.len() as u64, "it got the last one");
+        self.messages.len() as u64
+    }
+}
+
+/// Two readers stop reading while four threads publish. One stays stopped for longer than
+/// its outbox holds but not longer than the history keeps, then reads while the threads go
+/// on publishing: it gets everything, in order. The other stays stopped until more than the
+/// history keeps was published: it gets a gap of exactly the messages that left the history,
+/// counted by the gap callback, its fd counters and the registry's.
+fn stalled_readers_catch_up_while_four_threads_publish(corked: bool) {
+    let reg = Arc::new(Registry::new().unwrap());
+    reg.set_history(HistoryLimits {
+        max_messages: KEPT as usize,
+        ..HistoryLimits::default()
+    });
+    reg.set_outbox_limit(CATCH_UP_OUTBOX);
+    reg.set_overflow(Overflow::DropMessage);
+    let gaps: Arc<Mutex<Vec<(RawFd, u64)>>> = Arc::default();
+    let sink = Arc::clone(&gaps);
+    reg.set_gap_callback(Some(Box::new(move |fd, topic: &[u8], lost| {
+        assert_eq!(topic, b"feed");
+        sink.lock().unwrap().push((fd, lost));
+    })));
+    if corked {
+        reg.cork();
+    }
+    let mut inside = Stalled::new(&reg, Mode::WsTextId);
+    let mut past = Stalled::new(&reg, Mode::Sse);
+    let fds = [inside.fd(), past.fd()];
+    let bounded = |reg: &Registry| {
+        // A message here is at most ~60 bytes framed.
+        for fd in fds {
+            let queued = reg.fd_stats(fd).unwrap().queued_bytes;
+            assert!(queued <= CATCH_UP_OUTBOX as u64 + 64, "{queued} queued");
+        }
+    };
+
+    // Both stopped: 4,000 messages, more than the outbox holds.
+    let mut published = publish_from_four_threads(&reg, 1, 1000, corked, || {
+        thread::sleep(Duration::from_millis(1));
+    });
+    bounded(&reg);
+    for fd in fds {
+        let stats = reg.fd_stats(fd).unwrap();
+        assert_eq!(stats.catching_up, 1, "{stats:?}");
+        assert_eq!((stats.dropped, stats.lost_to_gaps), (0, 0), "{stats:?}");
+    }
+    // One reads, racing 3,000 more: at most 7,000 behind, inside the history.
+    published.extend(publish_from_four_threads(&reg, 2, 750, corked, || {
+        inside.read();
+        reg.dispatch(Some(Duration::from_millis(1))).unwrap();
+    }));
+    inside.read_until_caught_up(&reg);
+    assert_eq!(inside.check(&published, &[]), 7000);
+    // 2,000 more: 9,000 in all, past the history for the one that never read.
+    published.extend(publish_from_four_threads(&reg, 3, 500, corked, || {
+        inside.read();
+        reg.dispatch(Some(Duration::from_millis(1))).unwrap();
+    }));
+    bounded(&reg);
+    inside.read_until_caught_up(&reg);
+    past.read_until_caught_up(&reg);
+    let total = published.len() as u64;
+    assert_eq!(total, 9000);
+
+    assert_eq!(inside.check(&published, &[]), total);
+    let gaps = std::mem::take(&mut *gaps.lock().unwrap());
+    let past_gaps: Vec<u64> = gaps.iter().map(|&(_, lost)| lost).collect();
+    assert!(
+        gaps.iter().all(|&(fd, _)| fd == past.fd()),
+        "only the reader that stopped past the history lost any: {gaps:?}"
+    );
+    let got = past.check(&published, &past_gaps);
+    let lost: u64 = past_gaps.iter().sum();
+    assert!(lost > 0, "it fell off the history");
+    assert_eq!(got + lost, total);
+    assert!(got >= KEPT, "it got at least what the history kept");
+    for (reader, delivered, lost) in [(&inside, total, 0), (&past, got, lost)] {
+        let stats = reg.fd_stats(reader.fd()).unwrap();
+        assert_eq!(
+            (stats.delivered, stats.dropped, stats.lost_to_gaps),
+            (delivered, 0, lost),
+            "{:?}",
+            reader.mode
+        );
+    }
+    let totals = reg.stats();
+    assert_eq!(
+        (
+            totals.deliveries,
+            totals.dropped_messages,
+            totals.lost_to_gaps
+        ),
+        (total + got, 0, lost)
+    );
+    if corked {
+        reg.uncork();
+    }
+}
+
+#[test]
+fn stalled_readers_catch_up_while_four_threads_publish_immediately() {
+    with_watchdog(120, || {
+        stalled_readers_catch_up_while_four_threads_publish(false)
+    });
+}
+
+#[test]
+fn stalled_readers_catch_up_while_four_threads_publish_corked() {
+    with_watchdog(120, || {
+        stalled_readers_catch_up_while_four_threads_publish(true)
+    });
+}
+
+/// Each gap told: the topic, how many it lost.
+type TopicGaps = Vec<(Vec<u8>, u64)>;
+
+/// A reader behind on two topics whose refills share one outbox: while one topic's refill
+/// fills it, the other's loss is not told yet; it is told once, when the reader can go on
+/// after it, as the one jump the reader sees, however many messages left meanwhile.
+#[test]
+fn a_reader_behind_on_two_topics_is_told_each_gap_once_as_it_sees_it() {
+    let reg = Registry::new().unwrap();
+    reg.set_history(HistoryLimits {
+        max_messages: 100,
+        ..HistoryLimits::default()
+    });
+    // A quarter of what a topic keeps: one topic's refill fills it.
+    reg.set_outbox_limit(1000);
+    let gaps: Arc<Mutex<TopicGaps>> = Arc::default();
+    let sink = Arc::clone(&gaps);
+    reg.set_gap_callback(Some(Box::new(move |_fd, topic: &[u8], lost| {
+        sink.lock().unwrap().push((topic.to_vec(), lost));
+    })));
+    let mut reader = Stalled::new(&reg, Mode::Sse);
+    reg.unsubscribe_fd(reader.fd()).unwrap();
+    let topics: [&[u8]; 2] = [b"a", b"b"];
+    for topic in topics {
+        reg.subscribe(topic, reader.fd(), Mode::Sse).unwrap();
+    }
+    let mut published = 0;
+    let mut publish = |count: usize| {
+        for _ in 0..count {
+            published += 1;
+            for topic in topics {
+                let payload = format!("{}:{published:06}", topic[0] as char);
+                reg.publish(topic, payload.as_bytes()).unwrap();
+            }
+        }
+    };
+    // Both fall off the history; then each refill races more publishes.
+    publish(500);
+    assert_eq!(reg.fd_stats(reader.fd()).unwrap().catching_up, 2);
+    for _ in 0..60 {
+        publish(5);
+        reader.read();
+        reg.dispatch(Some(Duration::from_millis(1))).unwrap();
+    }
+    reader.read_until_caught_up(&reg);
+
+    let gaps = gaps.lock().unwrap();
+    let mut lost = 0;
+    for topic in topics {
+        let mut jumps = Vec::new();
+        let mut next = 1;
+        for (id, payload) in &reader.messages {
+            if payload[0] != topic[0] {
+                continue;
+            }
+            let number: u64 = std::str::from_utf8(&payload[2..]).unwrap().parse().unwrap();
+            assert_eq!(number, id.offset, "the id is the topic's publish count");
+            assert!(id.offset >= next, "once, in order");
+            if id.offset > next {
+                jumps.push(id.offset - next);
+            }
+            next = id.offset + 1;
+        }
+        assert_eq!(next, published + 1, "it got the newest");
+        let told: Vec<u64> = gaps
+            .iter()
+            .filter(|(gap_topic, _)| gap_topic == topic)
+            .map(|&(_, lost)| lost)
+            .collect();
+        assert_eq!(
+            jumps, told,
+            "topic {}: the jumps seen vs the gaps told",
+            topic[0] as char
+        );
+        lost += told.iter().sum::<u64>();
+    }
+    assert!(lost > 0);
+    assert_eq!(reg.fd_stats(reader.fd()).unwrap().lost_to_gaps, lost);
+    assert_eq!(reg.stats().lost_to_gaps, lost);
+}
+
+/// Under `Overflow::Evict`, a loss is told once, however many frames of the topic meet it
+/// before the eviction lands (here a replay's): not once per frame.
+#[test]
+fn under_evict_a_gap_is_told_once_before_the_eviction() {
+    let reg = Registry::new().unwrap();
+    reg.set_history(HistoryLimits {
+        max_messages: 100,
+        ..HistoryLimits::default()
+    });
+    reg.set_outbox_limit(1000);
+    let gaps: Arc<Mutex<Vec<(RawFd, u64)>>> = Arc::default();
+    let sink = Arc::clone(&gaps);
+    reg.set_gap_callback(Some(Box::new(move |fd, _topic: &[u8], lost| {
+        sink.lock().unwrap().push((fd, lost));
+    })));
+    let reader = Stalled::new(&reg, Mode::Sse);
+    let fd = reader.fd();
+    // Behind past the history, found by no one yet (drop-message finds it on refill).
+    reg.set_overflow(Overflow::DropMessage);
+    for n in 0..5000 {
+        reg.publish(b"feed", format!("{n}").as_bytes()).unwrap();
+    }
+    assert!(gaps.lock().unwrap().is_empty());
+    reg.set_overflow(Overflow::Evict);
+    // The replay's 50 frames each meet the loss.
+    reg.subscribe_tail(b"feed", fd, Mode::Sse, 50).unwrap();
+    let gaps = gaps.lock().unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    let (gap_fd, lost) = gaps[0];
+    assert_eq!(gap_fd, fd);
+    assert!(lost > 0 && lost <= 5000 - 100, "{lost}");
+    let totals = reg.stats();
+    assert_eq!((totals.lost_to_gaps, totals.evicted_fds), (lost, 1));
+    assert!(reg.fd_stats(fd).is_err(), "evicted");
 }

@@ -1,5 +1,14 @@
 //! Soak under faults (`make soak`; budget FDCAST_SOAK_SECS, default 60; FDCAST_SOAK_TRACE=1
-//! prints RSS, live heap and queued bytes as it goes).
+//! prints RSS, live heap and queued bytes as it goes), after a shorter one with history on
+//! (FDCAST_SOAK_HISTORY_SECS, default 12; see `history_soak`).
+//!
+//! With history on: 100 readers of 6 topics in the modes that carry ids, four publisher
+//! threads, a dispatch thread; readers stop for a quarter of what the history keeps (they
+//! fall behind and must catch up from it) or for twice it (they fall off it: gaps), and
+//! reconnect resuming from the last id they read (`subscribe_since`). Each reader checks that
+//! every message arrives once, in id order, except across jumps, and each jump must be a gap
+//! the callback reported for that reader and topic, with the same count; the counts sum to
+//! each fd's `lost_to_gaps` and the registry's; queued bytes stay within the outbox limits.
 //!
 //! 2,000 subscriber connections (half TCP over loopback, half socketpairs; 4,000 sockets with
 //! the client ends) on 16 topics in every mode; two publisher threads; a dispatch thread; and
@@ -83,6 +92,11 @@ fn main() {
     // Fewer malloc arenas: less fragmentation across the threads, steadier RSS.
     // SAFETY: mallopt before any thread is started.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    let history_secs: u64 = std::env::var("FDCAST_SOAK_HISTORY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    println!("{}", history_soak(Duration::from_secs(history_secs)));
     let report = soak(Duration::from_secs(secs));
     println!("{report}");
     println!("1 passed, 0 failed");
@@ -165,7 +179,7 @@ fn encode(mode: Mode, payload: &[u8]) -> Vec<u8> {
         Mode::WsText => common::ws_encode(1, payload),
         Mode::WsBinary => common::ws_encode(2, payload),
         Mode::Sse => common::sse_encode(payload),
-        // No history in the soak: an id mode's frame starts with an empty id and its LF.
+        // No history in this part of the soak: an id mode's frame starts with an empty id and its LF.
         Mode::WsTextId => common::ws_encode(1, &[b"\n", payload].concat()),
         Mode::WsBinaryId => common::ws_encode(2, &[b"\n", payload].concat()),
     }
@@ -925,5 +939,580 @@ fn soak(duration: Duration) -> String {
         f.discarded_bytes_seen,
         fds_after - fds_before,
         heap_after - heap_before,
+    )
+}
+
+// -------------------------------------------------------------------------------------------
+// history: stalled readers catch up or fall off the history, resumers, gaps accounted
+// -------------------------------------------------------------------------------------------
+
+const HISTORY_CONNECTIONS: usize = 100;
+const HISTORY_TOPICS: usize = 6;
+const HISTORY_PUBLISHERS: usize = 4;
+/// Messages each topic keeps: a reader stalled for a quarter of it catches up, one stalled
+/// for twice it falls off.
+const KEPT: u64 = 600;
+const HISTORY_OUTBOX_LIMIT: usize = 16 * 1024;
+/// The longest framed message: a body, its SSE or WebSocket framing and the id.
+const MAX_FRAME: u64 = 1400;
+
+/// What a stalled reader waits for before it reads again: its topics' publish counts.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Stall {
+    Reading,
+    /// Until this many more messages were published to each of its topics.
+    Short(u64),
+    Long(u64),
+}
+
+/// One topic's order as a reader sees it.
+#[derive(Clone)]
+struct TopicOrder {
+    epoch: Option<u64>,
+    /// The offset it must get next (unless across a gap): 1 for a reader subscribed before
+    /// the first publish.
+    next: u64,
+    /// A resume that did not recover may skip what left the history; no gap is reported.
+    unrecovered_resume: bool,
+    /// Subscribed after publishing began without an id to resume from: where it starts is
+    /// not known, so a gap before its first message cannot be told from where it started.
+    start_unknown: bool,
+    /// The jumps it saw, each the count of a gap that must have been reported.
+    jumps: Vec<u64>,
+    /// The jump to its first message after an unrecovered resume or an unknown start: what
+    /// the history no longer held when it subscribed (not a gap), and the gaps reported
+    /// while its replay waited behind other topics' (they are part of this jump).
+    skipped_at_start: Option<u64>,
+    last_seq: HashMap<usize, u64>,
+}
+
+impl TopicOrder {
+    fn from_start(start_unknown: bool) -> TopicOrder {
+        TopicOrder {
+            epoch: None,
+            next: 1,
+            unrecovered_resume: false,
+            start_unknown,
+            jumps: Vec::new(),
+            skipped_at_start: None,
+            last_seq: HashMap::new(),
+        }
+    }
+}
+
+struct HistoryConn {
+    _server: OwnedFd,
+    client: OwnedFd,
+    mode: Mode,
+    buf: Vec<u8>,
+    topics: HashMap<usize, TopicOrder>,
+    stall: Stall,
+    /// Each topic's publish count when the stall began.
+    stalled_at: HashMap<usize, u64>,
+}
+
+/// Takes every whole message off `buf`: (id, body). Err on a torn or malformed frame.
+fn take_id_messages(
+    mode: Mode,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<(fdcast::EventId, Vec<u8>)>, String> {
+    let mut messages = Vec::new();
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let (id, body, used) = match mode {
+            Mode::Sse => {
+                let Some(end) = rest.windows(2).position(|w| w == b"\n\n") else {
+                    if rest.len() > 2000 {
+                        return Err("SSE event longer than any sent".into());
+                    }
+                    break;
+                };
+                let event = std::str::from_utf8(&rest[..end]).map_err(|_| "SSE not UTF-8")?;
+                let (id, data) = event
+                    .strip_prefix("id: ")
+                    .and_then(|rest| rest.split_once("\ndata: "))
+                    .ok_or_else(|| format!("SSE event without its id: {event:?}"))?;
+                if data.contains('\n') {
+                    return Err("SSE data split across lines".into());
+                }
+                (id.as_bytes().to_vec(), data.as_bytes().to_vec(), end + 2)
+            }
+            _ => {
+                let (payload, used) = parse_one_ws(rest)?;
+                let Some(payload) = payload else { break };
+                let newline = payload
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .ok_or("WebSocket id-mode payload without its id")?;
+                (
+                    payload[..newline].to_vec(),
+                    payload[newline + 1..].to_vec(),
+                    used,
+                )
+            }
+        };
+        let id = fdcast::EventId::parse(&id).ok_or_else(|| format!("bad id {id:?}"))?;
+        messages.push((id, body));
+        at += used;
+    }
+    buf.drain(..at);
+    Ok(messages)
+}
+
+/// The state every history reader shares: how many messages each topic got so far, and
+/// every gap the callback was told of.
+struct HistoryShared {
+    published: Vec<AtomicU64>,
+    gaps: Mutex<Vec<(RawFd, usize, u64)>>,
+}
+
+impl HistoryConn {
+    /// Reads what the kernel holds and checks it: every message once, in id order, except
+    /// across jumps (recorded, to be matched with reported gaps).
+    fn read(&mut self) -> Result<(), String> {
+        let (bytes, eof) = common::read_now(self.client.as_raw_fd());
+        if eof {
+            return Err("EOF on a history reader".into());
+        }
+        self.buf.extend_from_slice(&bytes);
+        for (id, body) in take_id_messages(self.mode, &mut self.buf)? {
+            let text = std::str::from_utf8(&body).map_err(|_| "body not ASCII")?;
+            let field = |range: std::ops::Range<usize>| {
+                text.get(range)
+                    .and_then(|field| field.parse::<u64>().ok())
+                    .ok_or_else(|| format!("bad body {text:?}"))
+            };
+            let (t, p, seq) = (field(1..3)? as usize, field(5..6)? as usize, field(8..18)?);
+            if body != self::body(t, p, seq) {
+                return Err(format!("corrupt body {text:?}"));
+            }
+            let order = self
+                .topics
+                .get_mut(&t)
+                .ok_or_else(|| format!("a message of topic {t}, not subscribed"))?;
+            if order.epoch.is_some_and(|epoch| epoch != id.epoch) {
+                return Err(format!("topic {t}: epoch changed to {}", id.epoch));
+            }
+            if id.offset != order.next {
+                if id.offset < order.next {
+                    return Err(format!(
+                        "topic {t}: {} after {} (duplicate or out of order)",
+                        id.offset,
+                        order.next - 1
+                    ));
+                }
+                let unknown_start = order.epoch.is_none() && order.start_unknown;
+                if order.unrecovered_resume || unknown_start {
+                    order.skipped_at_start = Some(id.offset - order.next);
+                } else {
+                    order.jumps.push(id.offset - order.next);
+                }
+            }
+            if order.last_seq.get(&p).is_some_and(|&last| seq <= last) {
+                return Err(format!("topic {t} publisher {p}: {seq} not after the last"));
+            }
+            order.last_seq.insert(p, seq);
+            order.epoch = Some(id.epoch);
+            order.next = id.offset + 1;
+            order.unrecovered_resume = false;
+        }
+        Ok(())
+    }
+
+    /// Whether a stalled reader has waited long enough.
+    fn stall_over(&self, shared: &HistoryShared) -> bool {
+        let wait = match self.stall {
+            Stall::Reading => return true,
+            Stall::Short(wait) | Stall::Long(wait) => wait,
+        };
+        self.stalled_at
+            .iter()
+            .all(|(&t, &at)| shared.published[t].load(Ordering::Relaxed) >= at + wait)
+    }
+}
+
+struct HistoryFigures {
+    short_stalls: u64,
+    /// Short stalls still behind on the history when they ended: they catch up from it.
+    short_stalls_caught_up: u64,
+    long_stalls: u64,
+    resumes: u64,
+    unrecovered_resumes: u64,
+    /// The most bytes queued for all readers at once (the sum of their fd counters).
+    max_queued: u64,
+}
+
+/// Connects a reader to `topics`: resuming from `resume_from` (each topic's order so far)
+/// or plainly subscribing.
+/// `epochs`: each topic's epoch, as far as any reader saw it.
+fn history_connect(
+    reg: &Registry,
+    mode: Mode,
+    topics: &[usize],
+    resume_from: Option<HashMap<usize, TopicOrder>>,
+    epochs: &HashMap<usize, u64>,
+    figures: &mut HistoryFigures,
+) -> HistoryConn {
+    let (server, client) = UnixStream::pair().unwrap();
+    client.set_nonblocking(true).unwrap();
+    common::make_slow(server.as_raw_fd(), client.as_raw_fd());
+    let fd = server.as_raw_fd();
+    let mut orders = HashMap::new();
+    for &t in topics {
+        let topic = format!("h{t}");
+        let mut order = TopicOrder::from_start(false);
+        let from = resume_from.as_ref().and_then(|from| from.get(&t));
+        // One that never got a message of the topic resumes from where it started.
+        let epoch = from.and_then(|from| from.epoch.or(epochs.get(&t).copied()));
+        match (from, epoch) {
+            (Some(from), Some(epoch)) if from.epoch.is_some() || !from.start_unknown => {
+                order = from.clone();
+                order.jumps.clear();
+                order.skipped_at_start = None;
+                let last = fdcast::EventId {
+                    epoch,
+                    offset: from.next - 1,
+                };
+                let (_, recovered) = reg
+                    .subscribe_since(topic.as_bytes(), fd, mode, last)
+                    .expect("subscribe_since");
+                figures.resumes += 1;
+                if !recovered {
+                    figures.unrecovered_resumes += 1;
+                    order.unrecovered_resume = true;
+                }
+            }
+            (from, _) => {
+                order.start_unknown = from.is_some();
+                reg.subscribe(topic.as_bytes(), fd, mode)
+                    .expect("subscribe");
+            }
+        }
+        orders.insert(t, order);
+    }
+    HistoryConn {
+        _server: server.into(),
+        client: client.into(),
+        mode,
+        buf: Vec::new(),
+        topics: orders,
+        stall: Stall::Reading,
+        stalled_at: HashMap::new(),
+    }
+}
+
+/// Checks a reader's jumps against the gaps reported for its fd: equal when it read to the
+/// end (`whole`), a prefix when it was closed early. Returns the gaps reported for it.
+fn match_gaps(fd: RawFd, conn: &HistoryConn, gaps: &[(RawFd, usize, u64)], whole: bool) -> u64 {
+    let mut reported_total = 0;
+    for (&t, order) in &conn.topics {
+        let reported: Vec<u64> = gaps
+            .iter()
+            .filter(|&&(gap_fd, topic, _)| gap_fd == fd && topic == t)
+            .map(|&(_, _, lost)| lost)
+            .collect();
+        reported_total += reported.iter().sum::<u64>();
+        // Gaps reported before its first message belong to the jump to it.
+        let before_first = order.skipped_at_start.unwrap_or(0);
+        let matches = (0..=reported.len()).any(|first| {
+            let (before, after) = reported.split_at(first);
+            before.iter().sum::<u64>() <= before_first
+                && if whole {
+                    after == order.jumps
+                } else {
+                    after.starts_with(&order.jumps)
+                }
+        });
+        assert!(
+            matches,
+            "fd {fd} topic {t}: jumps {:?} (and {before_first} at the start) vs gaps reported \
+             {reported:?}",
+            order.jumps
+        );
+    }
+    reported_total
+}
+
+/// History on, with every fd number used once (closed fds stay open, unsubscribed, until
+/// the end), so that each gap the callback reports belongs to one reader.
+fn history_soak(duration: Duration) -> String {
+    const ID_MODES: [Mode; 3] = [Mode::Sse, Mode::WsTextId, Mode::WsBinaryId];
+    let fds_before = open_fds();
+    let heap_before = LIVE_HEAP.load(Ordering::Relaxed);
+    let reg = Arc::new(Registry::new().unwrap());
+    reg.set_outbox_limit(HISTORY_OUTBOX_LIMIT);
+    reg.set_history(fdcast::HistoryLimits {
+        max_messages: KEPT as usize,
+        ..Default::default()
+    });
+    let shared = Arc::new(HistoryShared {
+        published: (0..HISTORY_TOPICS).map(|_| AtomicU64::new(0)).collect(),
+        gaps: Mutex::new(Vec::new()),
+    });
+    {
+        let shared = shared.clone();
+        reg.set_gap_callback(Some(Box::new(move |fd, topic: &[u8], lost| {
+            let t = std::str::from_utf8(&topic[1..]).unwrap().parse().unwrap();
+            shared.gaps.lock().unwrap().push((fd, t, lost));
+        })));
+    }
+    let mut figures = HistoryFigures {
+        short_stalls: 0,
+        short_stalls_caught_up: 0,
+        long_stalls: 0,
+        resumes: 0,
+        unrecovered_resumes: 0,
+        max_queued: 0,
+    };
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut conns: HashMap<RawFd, HistoryConn> = HashMap::new();
+    for _ in 0..HISTORY_CONNECTIONS {
+        let mode = ID_MODES[rand(3) as usize];
+        let mut topics: Vec<usize> = (0..1 + rand(3))
+            .map(|_| rand(HISTORY_TOPICS as u64) as usize)
+            .collect();
+        topics.sort();
+        topics.dedup();
+        let conn = history_connect(&reg, mode, &topics, None, &HashMap::new(), &mut figures);
+        conns.insert(conn._server.as_raw_fd(), conn);
+    }
+    // Closed readers: their fds (unsubscribed, still open) and what they saw.
+    let mut closed: Vec<(RawFd, HistoryConn)> = Vec::new();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for p in 0..HISTORY_PUBLISHERS {
+        let (reg, stop, shared) = (reg.clone(), stop.clone(), shared.clone());
+        threads.push(thread::spawn(move || {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for t in 0..HISTORY_TOPICS {
+                    reg.publish(format!("h{t}").as_bytes(), &body(t, p, seq))
+                        .expect("publish");
+                    shared.published[t].fetch_add(1, Ordering::Relaxed);
+                }
+                seq += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+        }));
+    }
+    let dispatcher = {
+        let (reg, stop) = (reg.clone(), stop.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                reg.dispatch(Some(Duration::from_millis(20))).unwrap();
+            }
+        })
+    };
+    let frame_bound = HISTORY_OUTBOX_LIMIT as u64 + MAX_FRAME;
+    let start = Instant::now();
+    let mut failure = None;
+    let mut round = 0u64;
+    while start.elapsed() < duration && failure.is_none() {
+        round += 1;
+        let fds: Vec<RawFd> = conns.keys().copied().collect();
+        let mut queued = 0;
+        for &fd in &fds {
+            let conn = conns.get_mut(&fd).unwrap();
+            // Each fd's own count: the registry's gauge may run ahead of it while a dispatch
+            // pass writes refill after refill (it subtracts what was written at the end).
+            let stats = reg.fd_stats(fd).unwrap();
+            queued += stats.queued_bytes;
+            if stats.queued_bytes > frame_bound {
+                failure = Some(format!("fd {fd}: {} bytes queued", stats.queued_bytes));
+            }
+            if conn.stall != Stall::Reading {
+                if !conn.stall_over(&shared) {
+                    continue;
+                }
+                if matches!(conn.stall, Stall::Short(_)) && stats.catching_up > 0 {
+                    figures.short_stalls_caught_up += 1;
+                }
+                conn.stall = Stall::Reading;
+            }
+            if let Err(e) = conn.read() {
+                failure = Some(format!("fd {fd} ({:?}): {e}", conn.mode));
+                break;
+            }
+        }
+        figures.max_queued = figures.max_queued.max(queued);
+        // A few readers stop, for a quarter of the history or for twice it.
+        for _ in 0..2 {
+            let fd = fds[rand(fds.len() as u64) as usize];
+            let conn = conns.get_mut(&fd).unwrap();
+            if conn.stall != Stall::Reading {
+                continue;
+            }
+            conn.stall = if rand(4) == 0 {
+                figures.long_stalls += 1;
+                Stall::Long(2 * KEPT)
+            } else {
+                figures.short_stalls += 1;
+                Stall::Short(KEPT / 4)
+            };
+            conn.stalled_at = conn
+                .topics
+                .keys()
+                .map(|&t| (t, shared.published[t].load(Ordering::Relaxed)))
+                .collect();
+        }
+        // One reader reconnects now and then, resuming from the ids it read.
+        if round % 4 == 0 {
+            let fd = fds[rand(fds.len() as u64) as usize];
+            if conns[&fd].stall == Stall::Reading {
+                let mut old = conns.remove(&fd).unwrap();
+                if let Err(e) = old.read() {
+                    failure = Some(format!("fd {fd}: {e}"));
+                }
+                reg.unsubscribe_fd(fd).unwrap();
+                let topics: Vec<usize> = old.topics.keys().copied().collect();
+                let epochs: HashMap<usize, u64> = conns
+                    .values()
+                    .chain([&old])
+                    .flat_map(|conn| &conn.topics)
+                    .filter_map(|(&t, order)| Some((t, order.epoch?)))
+                    .collect();
+                let conn = history_connect(
+                    &reg,
+                    old.mode,
+                    &topics,
+                    Some(old.topics.clone()),
+                    &epochs,
+                    &mut figures,
+                );
+                conns.insert(conn._server.as_raw_fd(), conn);
+                closed.push((fd, old));
+            }
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::SeqCst);
+    reg.wake();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    dispatcher.join().unwrap();
+    if let Some(e) = failure {
+        panic!("history soak: {e}");
+    }
+
+    // Every reader reads again, until nothing is queued or owed to anyone.
+    let settle_start = Instant::now();
+    loop {
+        reg.dispatch(Some(Duration::from_millis(5))).unwrap();
+        let mut owed = false;
+        for (&fd, conn) in conns.iter_mut() {
+            conn.stall = Stall::Reading;
+            conn.read()
+                .unwrap_or_else(|e| panic!("history soak: fd {fd}: {e}"));
+            let stats = reg.fd_stats(fd).unwrap();
+            owed |= stats.catching_up > 0 || stats.queued_bytes > 0;
+        }
+        if !owed {
+            break;
+        }
+        assert!(
+            settle_start.elapsed() < Duration::from_secs(30),
+            "history readers still behind after 30 s"
+        );
+    }
+    for (&fd, conn) in conns.iter_mut() {
+        let (rest, _) = common::read_available(
+            conn.client.as_raw_fd(),
+            Duration::from_millis(20),
+            Duration::from_secs(5),
+        );
+        conn.buf.extend_from_slice(&rest);
+        conn.read()
+            .unwrap_or_else(|e| panic!("history soak: fd {fd}: {e}"));
+        assert!(conn.buf.is_empty(), "fd {fd}: a torn frame at the end");
+    }
+
+    // Every jump a reader saw is a gap reported for it, with the same count, in order.
+    let gaps = std::mem::take(&mut *shared.gaps.lock().unwrap());
+    let mut total_matched = 0;
+    for (&fd, conn) in &conns {
+        let reported = match_gaps(fd, conn, &gaps, true);
+        let stats = reg.fd_stats(fd).unwrap();
+        assert_eq!(
+            stats.lost_to_gaps, reported,
+            "fd {fd}: lost_to_gaps vs gaps reported"
+        );
+        assert_eq!(
+            stats.dropped, 0,
+            "fd {fd}: history readers fall behind, never drop"
+        );
+        total_matched += reported;
+    }
+    for (fd, conn) in &closed {
+        total_matched += match_gaps(*fd, conn, &gaps, false);
+    }
+    let lost: u64 = gaps.iter().map(|&(_, _, lost)| lost).sum();
+    let st = reg.stats();
+    assert_eq!(
+        total_matched, lost,
+        "a gap reported for an fd no reader had"
+    );
+    assert_eq!(
+        st.lost_to_gaps, lost,
+        "registry lost_to_gaps vs gaps reported"
+    );
+    assert_eq!(st.dropped_messages, 0);
+    assert!(
+        lost > 0 && figures.long_stalls > 0,
+        "no reader fell off the history"
+    );
+    assert!(
+        figures.short_stalls_caught_up > 0,
+        "no stalled reader caught up from the history"
+    );
+    assert!(figures.resumes > 0);
+
+    let published: u64 = shared
+        .published
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .sum();
+    for (fd, _) in conns.iter() {
+        reg.unsubscribe_fd(*fd).unwrap();
+    }
+    let after = reg.stats();
+    assert_eq!(
+        (after.subscriptions, after.fds, after.queued_bytes),
+        (0, 0, 0),
+        "fdcast holds something after every history reader left"
+    );
+    let gap_count = gaps.len();
+    drop((conns, closed, gaps));
+    reg.set_gap_callback(None);
+    drop(reg);
+    drop(shared);
+    let heap_after = LIVE_HEAP.load(Ordering::Relaxed);
+    assert!(
+        heap_after - heap_before < 256 * 1024,
+        "{} bytes of heap still live after the history soak (leak)",
+        heap_after - heap_before
+    );
+    assert_eq!(open_fds(), fds_before, "fds leaked by the history soak");
+    format!(
+        "history soak: {} s, {HISTORY_CONNECTIONS} readers on {HISTORY_TOPICS} topics \
+         keeping {KEPT} messages, {published} publishes from {HISTORY_PUBLISHERS} threads, \
+         {} short stalls ({} caught up from the history), {} long stalls, {gap_count} gaps \
+         losing {lost} messages (each matched by its reader), {} resumes ({} not recovered), \
+         at most {} bytes queued (per fd at most the outbox limit and a frame)",
+        duration.as_secs(),
+        figures.short_stalls,
+        figures.short_stalls_caught_up,
+        figures.long_stalls,
+        figures.resumes,
+        figures.unrecovered_resumes,
+        figures.max_queued,
     )
 }

@@ -9,7 +9,12 @@
  *  - 1 dispatch thread runs fdcast_dispatch(fc, 50) in a loop, flushing;
  *  - 1 reader thread parses the stream: every frame must be whole and
  *    well-formed, and each publisher's sequence numbers must arrive strictly
- *    increasing and without gaps (the outbox limit is large, nothing drops).
+ *    increasing and without gaps;
+ *  - history is on, keeping every message, and the outbox limit is small: a
+ *    reader that falls behind catches up from the history instead of dropping,
+ *    so nothing drops; a second subscriber of "bus" stops reading until the
+ *    publishers are done (it falls behind at once), then reads everything, in
+ *    order, while the dispatch thread refills it from the history.
  *
  * Run by `make c-test` under ASan+UBSan and valgrind.
  */
@@ -59,6 +64,8 @@ enum {
 
 static fdcast *fc;
 static int bus[2]; /* bus[0] subscribed to "bus"; bus[1] read by the reader */
+static int stalled[2]; /* stalled[0] subscribed to "bus"; stalled[1] read once publishing ends */
+static atomic_llong gaps_told;
 static atomic_int stop_dispatch;
 static atomic_llong churn_publishes;
 
@@ -87,7 +94,7 @@ static void *publisher(void *arg) {
         p[3] = (unsigned char)(seq >> 8);
         p[4] = (unsigned char)seq;
         for (size_t j = 5; j < n; j++) p[j] = filler(id, seq, j);
-        CHECK_EQ(fdcast_publish(fc, "bus", 3, p, n), 1);
+        CHECK_EQ(fdcast_publish(fc, "bus", 3, p, n), 2);
     }
     return NULL;
 }
@@ -130,7 +137,7 @@ static void *churner(void *arg) {
             CHECK(fdcast_subscribe(fc, topic, (size_t)tl, b[0], FDCAST_WS_TEXT) > 0);
             CHECK(fdcast_subscribe(fc, "churn-x", 7, b[0], FDCAST_WS_TEXT) > 0);
             CHECK_EQ(fdcast_unsubscribe_fd(fc, b[0]), 2);
-            CHECK_EQ(fdcast_subscribers_for(fc, "bus", 3, NULL, 0), 1);
+            CHECK_EQ(fdcast_subscribers_for(fc, "bus", 3, NULL, 0), 2);
             CHECK(fdcast_subscriber_count(fc) >= 1);
         }
     }
@@ -150,21 +157,27 @@ static void *dispatcher(void *arg) {
     return NULL;
 }
 
-/* Parses WS_BINARY frames from bus[1] until every publisher's frames arrived. */
+static void count_gap(void *user, int fd, const char *topic, size_t topic_len, uint64_t lost) {
+    (void)user, (void)fd, (void)topic, (void)topic_len;
+    atomic_fetch_add(&gaps_told, (long long)lost);
+}
+
+/* Parses WS_BINARY frames from the fd `arg` until every publisher's frames arrived. */
 static void *reader(void *arg) {
-    (void)arg;
-    static unsigned char buf[1 << 16];
+    int fd = (int)(intptr_t)arg;
+    static unsigned char bufs[2][1 << 16];
+    unsigned char *buf = bufs[fd == stalled[1]];
     size_t len = 0;
     long long next_seq[PUBLISHERS] = {0};
     long total = 0;
     long long deadline = now_ms() + 300000;
     while (total < (long)PUBLISHERS * PER_PUBLISHER) {
         CHECK(now_ms() < deadline);
-        struct pollfd p = {.fd = bus[1], .events = POLLIN};
+        struct pollfd p = {.fd = fd, .events = POLLIN};
         int pr = poll(&p, 1, 100);
         CHECK(pr >= 0);
         if (pr == 0) continue;
-        ssize_t r = read(bus[1], buf + len, sizeof buf - len);
+        ssize_t r = read(fd, buf + len, sizeof bufs[0] - len);
         CHECK(r > 0);
         len += (size_t)r;
 
@@ -209,43 +222,70 @@ int main(void) {
     alarm(900); /* a deadlock fails the test instead of hanging it */
     fc = fdcast_new();
     CHECK(fc != NULL);
-    CHECK_EQ(fdcast_set_outbox_limit(fc, (size_t)64 << 20), 0);
+    /* Every message kept: a reader behind on "bus" loses nothing. */
+    CHECK_EQ(fdcast_set_history(fc, (size_t)PUBLISHERS * PER_PUBLISHER, 0, 0), 0);
+    CHECK_EQ(fdcast_set_gap_callback(fc, count_gap, NULL), 0);
+    CHECK_EQ(fdcast_set_outbox_limit(fc, 4096), 0);
     CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, bus), 0);
     int sz = 16384; /* small: most frames queue and the dispatch thread flushes */
     CHECK_EQ(setsockopt(bus[0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz), 0);
     CHECK(fdcast_subscribe(fc, "bus", 3, bus[0], FDCAST_WS_BINARY) > 0);
+    CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, stalled), 0);
+    sz = 4096;
+    CHECK_EQ(setsockopt(stalled[0], SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz), 0);
+    CHECK_EQ(setsockopt(stalled[1], SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz), 0);
+    CHECK(fdcast_subscribe(fc, "bus", 3, stalled[0], FDCAST_WS_BINARY) > 0);
 
     pthread_t disp, rd, pubs[PUBLISHERS], churn[CHURNERS];
     CHECK_EQ(pthread_create(&disp, NULL, dispatcher, NULL), 0);
-    CHECK_EQ(pthread_create(&rd, NULL, reader, NULL), 0);
+    CHECK_EQ(pthread_create(&rd, NULL, reader, (void *)(intptr_t)bus[1]), 0);
     for (intptr_t i = 0; i < CHURNERS; i++)
         CHECK_EQ(pthread_create(&churn[i], NULL, churner, (void *)i), 0);
     for (intptr_t i = 0; i < PUBLISHERS; i++)
         CHECK_EQ(pthread_create(&pubs[i], NULL, publisher, (void *)i), 0);
 
     for (int i = 0; i < PUBLISHERS; i++) CHECK_EQ(pthread_join(pubs[i], NULL), 0);
+    /* Behind on "bus" since its first few frames, its outbox within the limit. */
+    fdcast_fd_counters behind;
+    CHECK_EQ(fdcast_fd_stats(fc, stalled[0], &behind), 0);
+    CHECK_EQ(behind.catching_up, 1);
+    CHECK_EQ(behind.dropped + behind.lost_to_gaps, 0);
+    CHECK(behind.queued_bytes <= 4096 + MAX_PAYLOAD + 4);
+    reader((void *)(intptr_t)stalled[1]);
     for (int i = 0; i < CHURNERS; i++) CHECK_EQ(pthread_join(churn[i], NULL), 0);
     CHECK_EQ(pthread_join(rd, NULL), 0);
     atomic_store(&stop_dispatch, 1);
     CHECK_EQ(pthread_join(disp, NULL), 0);
 
+    long long bus_total = (long long)PUBLISHERS * PER_PUBLISHER;
+    for (int i = 0; i < 2; i++) {
+        fdcast_fd_counters c;
+        CHECK_EQ(fdcast_fd_stats(fc, i == 0 ? bus[0] : stalled[0], &c), 0);
+        CHECK_EQ(c.delivered, bus_total);
+        CHECK_EQ(c.dropped + c.lost_to_gaps + c.queued_bytes + c.catching_up, 0);
+    }
     fdcast_stats s;
     fdcast_get_stats(fc, &s);
-    long long pubs_total = (long long)PUBLISHERS * PER_PUBLISHER + atomic_load(&churn_publishes);
-    CHECK_EQ(s.publishes, pubs_total);
-    CHECK_EQ(s.deliveries, pubs_total);
+    long long churned = atomic_load(&churn_publishes);
+    CHECK_EQ(s.publishes, bus_total + churned);
+    CHECK_EQ(s.deliveries, 2 * bus_total + churned);
     CHECK_EQ(s.dropped_messages, 0);
+    CHECK_EQ(s.lost_to_gaps, 0);
+    CHECK_EQ(atomic_load(&gaps_told), 0);
     CHECK_EQ(s.evicted_fds, 0);
     CHECK_EQ(s.queued_bytes, 0);
-    CHECK_EQ(s.subscriptions, 1);
+    CHECK_EQ(s.subscriptions, 2);
     CHECK_EQ(s.topics, 1);
     CHECK_EQ(fdcast_pending_bytes(fc, bus[0]), 0);
-    CHECK_EQ(fdcast_subscriber_count(fc), 1);
+    CHECK_EQ(fdcast_subscriber_count(fc), 2);
 
     fdcast_free(fc);
     CHECK_EQ(close(bus[0]), 0);
     CHECK_EQ(close(bus[1]), 0);
-    printf("test_threads: %d publishers x %d frames, %d churners x %d rounds: ok\n", PUBLISHERS,
-           PER_PUBLISHER, CHURNERS, CHURN_ROUNDS);
+    CHECK_EQ(close(stalled[0]), 0);
+    CHECK_EQ(close(stalled[1]), 0);
+    printf("test_threads: %d publishers x %d frames to a reader and a stalled reader that caught "
+           "up from the history, %d churners x %d rounds: ok\n",
+           PUBLISHERS, PER_PUBLISHER, CHURNERS, CHURN_ROUNDS);
     return 0;
 }
