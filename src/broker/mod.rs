@@ -326,21 +326,20 @@ impl Broker {
         reactor: &Reactor,
         handoff: &Arc<Handoff>,
     ) -> Result<(Broker, Instant), Error> {
+        #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(unused_variables))]
         let limit = &handoff.payload_limit;
-        #[cfg_attr(not(feature = "nats"), allow(unused_mut))]
-        let mut encoder: Option<Box<dyn Encode>> = None;
-        let engine: Box<dyn Engine> = match scheme {
+        // Only NATS queues its publishes as the engine's commands.
+        let (engine, encoder): (Box<dyn Engine>, Option<Box<dyn Encode>>) = match scheme {
             #[cfg(feature = "pg")]
-            Scheme::Postgres => Box::new(pg::PgEngine::new(url, name)?),
+            Scheme::Postgres => (Box::new(pg::PgEngine::new(url, name)?), None),
             #[cfg(feature = "redis")]
-            Scheme::Redis => redis::engine(url, name, limit)?,
+            Scheme::Redis => (redis::engine(url, name, limit)?, None),
             #[cfg(feature = "redis")]
-            Scheme::RedisCluster => redis_cluster::engine(url, name, limit)?,
+            Scheme::RedisCluster => (redis_cluster::engine(url, name, limit)?, None),
             #[cfg(feature = "nats")]
             Scheme::Nats => {
                 let (engine, pub_encoder) = nats::engine(url, name, limit)?;
-                encoder = Some(pub_encoder);
-                engine
+                (engine, Some(pub_encoder))
             }
             #[cfg(not(feature = "pg"))]
             Scheme::Postgres => return Err(Error::NotSupported("pg")),

@@ -76,6 +76,7 @@ impl Publishes {
     }
 
     /// Whether the publishes are the engine's commands (see [`Encode`]) rather than records.
+    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub(crate) fn is_encoded(&self) -> bool {
         self.encoded
     }
