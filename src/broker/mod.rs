@@ -47,12 +47,13 @@ pub(crate) mod wire;
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::error::Error;
+use crate::history::{EventId, HistoryLimits};
 use crate::io;
 use crate::reactor::Reactor;
 pub(crate) use outbound::Outbound;
@@ -124,9 +125,39 @@ pub(crate) struct Received {
     pub(crate) buffer: Vec<u8>,
     pub(crate) topic: Range<usize>,
     pub(crate) payload: Range<usize>,
+    /// Under shared history: the stream's word on it (see [`Stream`]).
+    pub(crate) stream: Option<Stream>,
+}
+
+/// What an engine that shares history (Redis) says of a received message or of a topic's
+/// mirror, in the order the server put them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stream {
+    /// A message with the stream's id: kept in the topic's mirror and delivered, unless the
+    /// mirror has it already; `except` is the local sender's, for a publish of this process.
+    Message { id: EventId, except: Option<RawFd> },
+    /// An entry a fill brought: kept in the mirror, not delivered (it is history).
+    Kept(EventId),
+    /// The topic's mirror starts afresh, holding every stream entry after this id (the fill's
+    /// entries follow as `Kept`, then the messages that arrived meanwhile).
+    Synced(EventId),
+    /// Entries up to this id may be missing from the mirror (trimmed before a reconnect
+    /// fetched them); the entries fetched follow as messages.
+    Hole(EventId),
+    /// The mirror no longer follows the stream (its channel was unsubscribed).
+    Unsynced,
 }
 
 impl Received {
+    /// A note or message of shared history (`payload` empty for a note).
+    #[cfg(feature = "redis")]
+    pub(crate) fn streamed(topic: &[u8], payload: &[u8], stream: Stream) -> Received {
+        Received {
+            stream: Some(stream),
+            ..Received::new(topic, payload)
+        }
+    }
+
     #[cfg(any(feature = "redis", feature = "nats"))]
     pub(crate) fn new(topic: &[u8], payload: &[u8]) -> Received {
         let mut buffer = Vec::with_capacity(topic.len() + payload.len());
@@ -136,6 +167,7 @@ impl Received {
             buffer,
             topic: 0..topic.len(),
             payload: topic.len()..topic.len() + payload.len(),
+            stream: None,
         }
     }
 
@@ -199,6 +231,45 @@ pub(crate) trait Engine: Send {
     fn connect_timeout(&self) -> Duration {
         DEFAULT_CONNECT_TIMEOUT
     }
+    /// History was turned on or off: an engine that shares history starts a new session,
+    /// which subscribes and publishes the new way.
+    fn history_switched(&mut self, _reactor: &Reactor) {}
+}
+
+/// History as the registry sets it, for an engine that shares it (Redis): whether it is on,
+/// and how much a topic's stream keeps.
+#[derive(Default)]
+pub(crate) struct SharedHistory {
+    on: AtomicBool,
+    max_messages: AtomicUsize,
+    max_age_ms: AtomicU64,
+}
+
+impl SharedHistory {
+    /// Whether history is on.
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// The count limit (0: none) and the age limit in milliseconds (0: none).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn limits(&self) -> (usize, u64) {
+        (
+            self.max_messages.load(Ordering::Relaxed),
+            self.max_age_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records new limits; returns whether history was switched on or off.
+    fn set(&self, limits: HistoryLimits) -> bool {
+        self.max_messages
+            .store(limits.max_messages, Ordering::Relaxed);
+        let age = limits.max_age.map_or(0, |age| {
+            u64::try_from(age.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.max_age_ms.store(age, Ordering::Relaxed);
+        self.on.swap(!limits.is_off(), Ordering::AcqRel) == limits.is_off()
+    }
 }
 
 /// What the registry keeps across its brokers: the queue publishes are handed to, and what
@@ -216,6 +287,10 @@ pub(crate) struct Handoff {
     /// Counts the brokers installed: a broker drives the engine only while it is the last
     /// one (a thread that still holds a disabled broker must not take the next one's work).
     generation: AtomicU64,
+    /// The registry's history settings, which a sharing engine reads as it goes.
+    history: Arc<SharedHistory>,
+    /// Whether the last broker installed shares history (Redis, not Cluster).
+    shares: AtomicBool,
 }
 
 impl Handoff {
@@ -242,6 +317,53 @@ impl Handoff {
     pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
         self.outbound.push_publish(topic, payload)
     }
+
+    /// Queues a publish whose history is shared: the engine adds it to the topic's stream and
+    /// hands it back with its id, to be delivered here then, skipping `except`. It travels as
+    /// a record with an empty topic (no topic is empty) whose payload is [`shared_record`]'s.
+    pub(crate) fn push_shared_publish(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> bool {
+        self.outbound
+            .push_publish(b"", &shared_record(topic, payload, except))
+    }
+
+    /// Whether publishes and topics go through the streams: history is on and the broker
+    /// installed last shares it.
+    pub(crate) fn shares_history(&self) -> bool {
+        self.shares.load(Ordering::Acquire) && self.history.is_on()
+    }
+
+    /// Records new history limits; returns whether history was switched on or off while a
+    /// sharing broker is installed.
+    pub(crate) fn set_history(&self, limits: HistoryLimits) -> bool {
+        self.history.set(limits) && self.shares.load(Ordering::Acquire)
+    }
+}
+
+/// A shared publish as queued: the topic's length (u32, native order), the topic, the except
+/// fd (i32, native order, -1 for none), then the payload.
+fn shared_record(topic: &[u8], payload: &[u8], except: Option<RawFd>) -> Vec<u8> {
+    let mut record = Vec::with_capacity(8 + topic.len() + payload.len());
+    record.extend_from_slice(&(topic.len() as u32).to_ne_bytes());
+    record.extend_from_slice(topic);
+    record.extend_from_slice(&except.unwrap_or(-1).to_ne_bytes());
+    record.extend_from_slice(payload);
+    record
+}
+
+/// The parts of a [`shared_record`]: topic, except fd, payload.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn split_shared_record(record: &[u8]) -> Option<(&[u8], Option<RawFd>, &[u8])> {
+    let (len, rest) = record.split_first_chunk::<4>()?;
+    let len = u32::from_ne_bytes(*len) as usize;
+    let topic = rest.get(..len)?;
+    let (except, payload) = rest.get(len..)?.split_first_chunk::<4>()?;
+    let except = RawFd::from_ne_bytes(*except);
+    Some((topic, (except >= 0).then_some(except), payload))
 }
 
 /// A connected engine, taking its work from the registry's [`Handoff`].
@@ -333,7 +455,10 @@ impl Broker {
             #[cfg(feature = "pg")]
             Scheme::Postgres => (Box::new(pg::PgEngine::new(url, name)?), None),
             #[cfg(feature = "redis")]
-            Scheme::Redis => (redis::engine(url, name, limit)?, None),
+            Scheme::Redis => (
+                redis::engine(url, name, limit, Arc::clone(&handoff.history))?,
+                None,
+            ),
             #[cfg(feature = "redis")]
             Scheme::RedisCluster => (redis_cluster::engine(url, name, limit)?, None),
             #[cfg(feature = "nats")]
@@ -355,6 +480,9 @@ impl Broker {
         let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
         handoff.outbound.reset(encoder);
         handoff.engine.store(scheme as u8, Ordering::Relaxed);
+        handoff
+            .shares
+            .store(scheme == Scheme::Redis, Ordering::Release);
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
             handoff: Arc::clone(handoff),
@@ -504,6 +632,16 @@ impl Broker {
             dropped: engine.dropped + dropped,
             ..engine
         }
+    }
+
+    /// History was switched on or off: see [`Engine::history_switched`].
+    pub(crate) fn history_switched(&self, reactor: &Reactor) {
+        self.engine.lock().history_switched(reactor);
+    }
+
+    /// Whether this broker's engine shares history (when history is on).
+    pub(crate) fn shares_history(&self) -> bool {
+        self.kind == "Redis"
     }
 
     pub(crate) fn shut_down(&self, reactor: &Reactor) {

@@ -39,6 +39,7 @@ mod flush;
 mod heartbeat;
 mod history;
 mod publish;
+mod shared;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
