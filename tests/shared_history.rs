@@ -56,13 +56,19 @@ fn scenarios() {
             started.elapsed().as_secs_f64()
         );
     };
-    run("ids are the stream's, in every id mode", &ids_are_the_streams);
+    run(
+        "ids are the stream's, in every id mode",
+        &ids_are_the_streams,
+    );
     run(
         "resume through another process while publishing",
         &resume_through_another_process,
     );
     run("resume from a trimmed id", &resume_from_a_trimmed_id);
-    run("tail through another process", &tail_through_another_process);
+    run(
+        "tail through another process",
+        &tail_through_another_process,
+    );
     run("plain clients", &plain_clients);
     run("reconnect after CLIENT KILL", &reconnect_after_client_kill);
     run("history switched on after enable", &history_after_enable);
@@ -305,7 +311,11 @@ impl Agent {
     }
 
     fn tail(&mut self, id: usize, topic: &[u8], mode: Mode, n: usize) {
-        self.ok(&format!("tail {id} {} {} {n}", hex(topic), mode_index(mode)));
+        self.ok(&format!(
+            "tail {id} {} {} {n}",
+            hex(topic),
+            mode_index(mode)
+        ));
         self.got.insert(id, (mode, Vec::new()));
     }
 
@@ -333,7 +343,11 @@ impl Agent {
             buffer.extend_from_slice(&bytes);
             let messages = parse(*mode, buffer);
             if messages.len() >= n {
-                assert_eq!(messages.len(), n, "reader {id}: more than {n}: {messages:?}");
+                assert_eq!(
+                    messages.len(),
+                    n,
+                    "reader {id}: more than {n}: {messages:?}"
+                );
                 return messages;
             }
             assert!(
@@ -377,7 +391,11 @@ fn parse(mode: Mode, buffer: &[u8]) -> Vec<(String, String)> {
                     continue;
                 }
                 let mut lines = frame.lines();
-                let id = lines.next().unwrap().strip_prefix("id: ").expect("an id line");
+                let id = lines
+                    .next()
+                    .unwrap()
+                    .strip_prefix("id: ")
+                    .expect("an id line");
                 let data = lines.next().unwrap().strip_prefix("data: ").expect("data");
                 assert!(lines.next().is_none(), "{frame:?}");
                 messages.push((id.to_string(), data.to_string()));
@@ -402,7 +420,10 @@ fn parse(mode: Mode, buffer: &[u8]) -> Vec<(String, String)> {
 }
 
 fn payloads(messages: &[(String, String)]) -> Vec<String> {
-    messages.iter().map(|(_, payload)| payload.clone()).collect()
+    messages
+        .iter()
+        .map(|(_, payload)| payload.clone())
+        .collect()
 }
 
 fn ids(messages: &[(String, String)]) -> Vec<String> {
@@ -457,8 +478,12 @@ fn parse_resp(buf: &[u8]) -> Option<(Resp, usize)> {
                 return Some((Resp::Nil, after));
             }
             let len = len as usize;
-            (buf.len() >= after + len + 2)
-                .then(|| (Resp::Text(buf[after..after + len].to_vec()), after + len + 2))
+            (buf.len() >= after + len + 2).then(|| {
+                (
+                    Resp::Text(buf[after..after + len].to_vec()),
+                    after + len + 2,
+                )
+            })
         }
         b'*' | b'>' => {
             let n: i64 = line.parse().unwrap();
@@ -634,7 +659,10 @@ fn resume_through_another_process() {
     assert!(b.since(1, topic, Mode::WsTextId, &newest));
     a.seq(topic, N..N + 3);
     assert_eq!(payloads(&b.expect(1, 3)), expected(N..N + 3));
-    assert_eq!(payloads(&b.expect(0, N - K + 3))[N - K..], expected(N..N + 3));
+    assert_eq!(
+        payloads(&b.expect(0, N - K + 3))[N - K..],
+        expected(N..N + 3)
+    );
 }
 
 /// With history keeping 5 messages, a resume from an id older than that is not recovered and
@@ -696,10 +724,7 @@ fn plain_clients() {
     let announced = format!("{id} from plain");
     plain.call(&[b"PUBLISH", &channel, b"from plain"]);
     plain.call(&[b"SPUBLISH", &channel, announced.as_bytes()]);
-    assert_eq!(
-        b.expect(0, 1),
-        vec![(id.clone(), "from plain".to_string())]
-    );
+    assert_eq!(b.expect(0, 1), vec![(id.clone(), "from plain".to_string())]);
     assert_eq!(raw.message(), (channel.clone(), b"from plain".to_vec()));
     assert_eq!(ids_sub.message(), (channel.clone(), announced.into_bytes()));
 
@@ -782,7 +807,14 @@ impl OwnRedis {
             .unwrap()
             .port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server starts");

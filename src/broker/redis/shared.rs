@@ -563,3 +563,324 @@ fn parse_fill<'a>(
         entries,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::broker::SharedHistory;
+    use crate::broker::stream::Protocol;
+    use crate::broker::stream::testing::Feed;
+    use crate::broker::url::BrokerUrl;
+    use crate::history::HistoryLimits;
+
+    const HELLO_REPLY: &[u8] =
+        b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:3\r\n$7\r\nmodules\r\n*0\r\n";
+
+    fn blob(text: &[u8]) -> Vec<u8> {
+        [format!("${}\r\n", text.len()).as_bytes(), text, b"\r\n"].concat()
+    }
+
+    fn smessage(channel: &[u8], id: &str, payload: &[u8]) -> Vec<u8> {
+        let body = [id.as_bytes(), b" ", payload].concat();
+        [
+            b">3\r\n$8\r\nsmessage\r\n".as_slice(),
+            &blob(channel),
+            &blob(&body),
+        ]
+        .concat()
+    }
+
+    fn array(items: &[&[u8]]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", items.len()).into_bytes();
+        for item in items {
+            out.extend_from_slice(&blob(item));
+        }
+        out
+    }
+
+    /// A session with shared history on, open (scripts loaded as "sha-p" and "sha-f").
+    fn open_shared(max_messages: usize) -> (RedisProtocol, Arc<SharedHistory>) {
+        let url = BrokerUrl::parse("redis://127.0.0.1", 6379).unwrap();
+        let mut redis = RedisProtocol::new(&url, "app:").unwrap();
+        let history = Arc::new(SharedHistory::default());
+        history.set(HistoryLimits {
+            max_messages,
+            ..HistoryLimits::default()
+        });
+        redis.history = Some(Arc::clone(&history));
+        let mut out = Vec::new();
+        redis.start(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert_eq!(text.matches("SCRIPT").count(), 2, "{text}");
+        let mut feed = Feed::default();
+        feed.all(&mut redis, HELLO_REPLY).unwrap();
+        assert!(!redis.is_open(), "the scripts are part of the handshake");
+        feed.all(&mut redis, &[blob(b"sha-p"), blob(b"sha-f")].concat())
+            .unwrap();
+        assert!(redis.is_open());
+        (redis, history)
+    }
+
+    fn notes(feed: &Feed) -> Vec<(Vec<u8>, Vec<u8>, Option<Stream>)> {
+        feed.received
+            .iter()
+            .map(|r| (r.topic().to_vec(), r.payload().to_vec(), r.stream))
+            .collect()
+    }
+
+    fn id(text: &str) -> EventId {
+        EventId::parse(text.as_bytes()).unwrap()
+    }
+
+    /// The fetch script's answer: deleted, first, last generated, gone, then entries.
+    fn fill_reply(head: [&str; 4], entries: &[(&str, &str)]) -> Vec<u8> {
+        let mut items: Vec<&[u8]> = head.iter().map(|item| item.as_bytes()).collect();
+        for (id, payload) in entries {
+            items.push(id.as_bytes());
+            items.push(payload.as_bytes());
+        }
+        array(&items)
+    }
+
+    #[test]
+    fn a_subscription_fetches_and_holds_what_arrives_until_the_fill() {
+        let (mut redis, _) = open_shared(3);
+        let mut out = Vec::new();
+        redis.subscribe(b"t", &mut out);
+        assert_eq!(
+            out,
+            [
+                b"*2\r\n$10\r\nSSUBSCRIBE\r\n$5\r\napp:t\r\n".as_slice(),
+                b"*6\r\n$7\r\nEVALSHA\r\n$5\r\nsha-f\r\n$1\r\n1\r\n$5\r\napp:t\r\n$0\r\n\r\n$1\r\n4\r\n"
+            ]
+            .concat()
+        );
+        let mut feed = Feed::default();
+        let stream = [
+            b">3\r\n$10\r\nssubscribe\r\n$5\r\napp:t\r\n:1\r\n".as_slice(),
+            // Arrives between the subscription and the fill: held for after it.
+            &smessage(b"app:t", "5-0", b"five"),
+            &fill_reply(
+                ["0-0", "1-0", "5-0", "1"],
+                &[("2-0", "two"), ("4-0", "four"), ("5-0", "five")],
+            ),
+            &smessage(b"app:t", "6-0", b"six"),
+        ]
+        .concat();
+        feed.all(&mut redis, &stream).unwrap();
+        let t = b"t".to_vec();
+        assert_eq!(
+            notes(&feed),
+            vec![
+                (
+                    t.clone(),
+                    vec![],
+                    Some(Stream::Synced(id("0-18446744073709551615")))
+                ),
+                (t.clone(), b"two".to_vec(), Some(Stream::Kept(id("2-0")))),
+                (t.clone(), b"four".to_vec(), Some(Stream::Kept(id("4-0")))),
+                (t.clone(), b"five".to_vec(), Some(Stream::Kept(id("5-0")))),
+                (
+                    t.clone(),
+                    b"five".to_vec(),
+                    Some(Stream::Message {
+                        id: id("5-0"),
+                        except: None
+                    })
+                ),
+                (
+                    t.clone(),
+                    b"six".to_vec(),
+                    Some(Stream::Message {
+                        id: id("6-0"),
+                        except: None
+                    })
+                ),
+            ]
+        );
+
+        // After a lost connection the fill fetches after the newest id delivered.
+        redis.start(&mut Vec::new());
+        let mut feed = Feed::default();
+        feed.all(&mut redis, HELLO_REPLY).unwrap();
+        feed.all(&mut redis, &[blob(b"sha-p"), blob(b"sha-f")].concat())
+            .unwrap();
+        let mut out = Vec::new();
+        redis.subscribe(b"t", &mut out);
+        assert!(
+            String::from_utf8_lossy(&out).contains("$3\r\n6-0\r\n$1\r\n4\r\n"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        let stream = [
+            b">3\r\n$10\r\nssubscribe\r\n$5\r\napp:t\r\n:1\r\n".as_slice(),
+            // 7-0 and 8-0 were trimmed before the fetch: a hole up to 8-0.
+            &fill_reply(
+                ["0-0", "9-0", "10-0", "8"],
+                &[("9-0", "nine"), ("10-0", "ten")],
+            ),
+        ]
+        .concat();
+        feed.all(&mut redis, &stream).unwrap();
+        let message = |text: &str| Stream::Message {
+            id: id(text),
+            except: None,
+        };
+        assert_eq!(
+            notes(&feed),
+            vec![
+                (
+                    t.clone(),
+                    vec![],
+                    Some(Stream::Hole(id("8-18446744073709551615")))
+                ),
+                (t.clone(), b"nine".to_vec(), Some(message("9-0"))),
+                (t.clone(), b"ten".to_vec(), Some(message("10-0"))),
+            ]
+        );
+        // Unsubscribed: the mirror no longer follows, and the next fill starts afresh.
+        redis.unsubscribe(b"t", &mut Vec::new());
+        feed.all(
+            &mut redis,
+            b">3\r\n$12\r\nsunsubscribe\r\n$5\r\napp:t\r\n:0\r\n",
+        )
+        .unwrap();
+        assert_eq!(feed.received.last().unwrap().stream, Some(Stream::Unsynced));
+        let mut out = Vec::new();
+        redis.subscribe(b"t", &mut out);
+        assert!(String::from_utf8_lossy(&out).contains("$0\r\n\r\n$1\r\n4\r\n"));
+    }
+
+    #[test]
+    fn our_publish_is_delivered_on_its_reply_and_its_echo_dropped_on_either_side() {
+        let record = crate::broker::shared_record(b"t", b"mine", Some(9));
+        let mine = |text: &str| Stream::Message {
+            id: id(text),
+            except: Some(9),
+        };
+        let theirs = |text: &str| Stream::Message {
+            id: id(text),
+            except: None,
+        };
+        // (what Redis sends, what is delivered in order)
+        let cases: Vec<(Vec<u8>, Vec<Stream>)> = vec![
+            // Redis 7.0: the echo before the reply.
+            (
+                [smessage(b"app:t", "7-1", b"mine"), blob(b"7-1")].concat(),
+                vec![mine("7-1")],
+            ),
+            // Redis 7.2: after it.
+            (
+                [blob(b"7-1"), smessage(b"app:t", "7-1", b"mine")].concat(),
+                vec![mine("7-1")],
+            ),
+            // Another's identical message just before ours, and none of ours (not
+            // subscribed): delivered.
+            (
+                [smessage(b"app:t", "7-0", b"mine"), blob(b"7-1")].concat(),
+                vec![theirs("7-0"), mine("7-1")],
+            ),
+            // Another's just after ours.
+            (
+                [
+                    blob(b"7-1"),
+                    smessage(b"app:t", "7-1", b"mine"),
+                    smessage(b"app:t", "7-2", b"mine"),
+                ]
+                .concat(),
+                vec![mine("7-1"), theirs("7-2")],
+            ),
+        ];
+        for (stream, want) in cases {
+            let (mut redis, _) = open_shared(10);
+            let mut out = Vec::new();
+            redis.publish(b"", &record, &mut out);
+            assert_eq!(
+                out,
+                b"*7\r\n$7\r\nEVALSHA\r\n$5\r\nsha-p\r\n$1\r\n1\r\n$5\r\napp:t\r\n$4\r\nmine\r\n$2\r\n10\r\n$1\r\n0\r\n"
+            );
+            assert_eq!(redis.in_flight(), 1);
+            let mut feed = Feed::default();
+            for chunk in stream.chunks(5) {
+                feed.bytes(&mut redis, chunk).unwrap();
+            }
+            assert!(feed.input.is_empty());
+            let got: Vec<Stream> = feed.received.iter().filter_map(|r| r.stream).collect();
+            assert_eq!(got, want);
+            assert_eq!((redis.in_flight(), feed.stats.published), (0, 1));
+        }
+    }
+
+    #[test]
+    fn noscript_sends_the_script_whole_and_other_refusals_drop() {
+        let (mut redis, _) = open_shared(10);
+        let record = crate::broker::shared_record(b"t", b"x", None);
+        redis.publish(b"", &record, &mut Vec::new());
+        let mut feed = Feed::default();
+        feed.all(&mut redis, b"-NOSCRIPT No matching script.\r\n")
+            .unwrap();
+        let out = std::mem::take(&mut feed.out);
+        assert!(out.starts_with(b"*7\r\n$4\r\nEVAL\r\n"));
+        assert!(String::from_utf8_lossy(&out).contains("XADD"));
+        assert_eq!(redis.in_flight(), 1);
+        feed.all(&mut redis, b"-NOSCRIPT again\r\n").unwrap();
+        assert_eq!((redis.in_flight(), feed.stats.dropped), (0, 1));
+        assert!(feed.received.is_empty());
+    }
+
+    #[test]
+    fn malformed_id_messages_are_counted_not_delivered() {
+        let (mut redis, _) = open_shared(10);
+        let mut feed = Feed::default();
+        for bad in [&b"x"[..], b"7 x", b"07-1 x", b"7-1"] {
+            let push = [
+                b">3\r\n$8\r\nsmessage\r\n".as_slice(),
+                &blob(b"app:t"),
+                &blob(bad),
+            ]
+            .concat();
+            feed.all(&mut redis, &push).unwrap();
+        }
+        feed.all(&mut redis, &smessage(b"other:t", "1-1", b"x"))
+            .unwrap();
+        assert_eq!((feed.stats.malformed, feed.received.len()), (5, 0));
+        assert_eq!(split_id(b"1-2 a b"), Some((id("1-2"), &b"a b"[..])));
+        assert_eq!(split_id(b"1-2 "), Some((id("1-2"), &b""[..])));
+    }
+
+    #[test]
+    fn a_fill_cut_by_its_count_covers_from_its_oldest() {
+        let reply = fill_reply(
+            ["0-0", "1-0", "9-0", "0"],
+            &[("7-0", "a"), ("8-0", "b"), ("9-0", "c")],
+        );
+        let frame = crate::broker::redis::decode(&reply).unwrap();
+        let RangeFrame::Array { data, .. } = frame else {
+            unreachable!()
+        };
+        let cut = parse_fill(&data, 0, &reply, None, 3).unwrap();
+        assert_eq!(cut.covers_from, id("6-18446744073709551615"));
+        let whole = parse_fill(&data, 0, &reply, None, 4).unwrap();
+        assert_eq!(whole.covers_from, EventId::ZERO, "nothing ever dropped");
+        assert_eq!(whole.entries.len(), 3);
+        let after = parse_fill(&data, 0, &reply, Some(id("6-5")), 4).unwrap();
+        assert_eq!(after.covers_from, id("6-5"));
+        // Deleted entries count, and an empty stream covers up to its last id.
+        let reply = fill_reply(["8-0", "", "9-0", "3"], &[]);
+        let RangeFrame::Array { data, .. } = crate::broker::redis::decode(&reply).unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(
+            parse_fill(&data, 0, &reply, None, 4).unwrap().covers_from,
+            id("9-0")
+        );
+        let unordered = fill_reply(["0-0", "1-0", "9-0", "0"], &[("8-0", "b"), ("7-0", "a")]);
+        let RangeFrame::Array { data, .. } = crate::broker::redis::decode(&unordered).unwrap()
+        else {
+            unreachable!()
+        };
+        assert!(parse_fill(&data, 0, &unordered, None, 4).is_none());
+    }
+}
