@@ -64,6 +64,7 @@ impl EventId {
     };
 
     /// The position just before this one, in (epoch, offset) order (`0-0` stays).
+    #[cfg_attr(not(any(test, feature = "redis")), allow(dead_code))]
     pub(crate) fn before(self) -> EventId {
         match (self.epoch, self.offset) {
             (0, 0) => self,

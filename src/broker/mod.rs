@@ -132,6 +132,7 @@ pub(crate) struct Received {
 /// What an engine that shares history (Redis) says of a received message or of a topic's
 /// mirror, in the order the server put them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // only Redis shares history
 pub(crate) enum Stream {
     /// A message with the stream's id: kept in the topic's mirror and delivered, unless the
     /// mirror has it already; `except` is the local sender's, for a publish of this process.

@@ -58,7 +58,8 @@ impl Histories {
                 return true;
             };
             ring.evict(now);
-            ring.len() > 0
+            // A synced mirror stays even empty: its topic's fill is not asked for again.
+            ring.len() > 0 || ring.is_synced()
         });
         self.sweep_at = (self.topics.len() * 2).max(MIN_SWEEP_TOPICS);
     }
