@@ -80,6 +80,10 @@ impl Registry {
     /// an id, put it in their SSE frames (`id: <epoch>-<offset>` before the `data:` lines),
     /// and let readers resume with [`Registry::subscribe_since`]. Changing the limits keeps
     /// each topic's epoch and applies the new limits to what it keeps.
+    ///
+    /// With a Redis broker enabled, history is shared across processes through Redis
+    /// streams (registry/shared.rs): ids are the streams'. Switching history on or off then
+    /// starts the broker's session anew.
     pub fn set_history(&self, limits: HistoryLimits) {
         let switched = {
             let mut histories = self.histories.write();
@@ -157,6 +161,10 @@ impl Registry {
     /// outbox limit meet the overflow policy. A kept payload that is not UTF-8 is skipped for
     /// a mode that needs UTF-8. Subscribing a (topic, fd) pair that already subscribes
     /// replays all the same.
+    ///
+    /// Under shared history, a topic's mirror not filled from its stream yet is filled
+    /// first: this waits for it (driving the broker, no lock held, up to 5 s); `recovered`
+    /// then says whether the mirror holds every stream entry after `last`.
     pub fn subscribe_since(
         &self,
         topic: &[u8],
