@@ -70,6 +70,8 @@ fn scenarios() {
         &tail_through_another_process,
     );
     run("plain clients", &plain_clients);
+    run("the sender's fd is skipped", &except_is_honoured);
+    run("history switched off again", &history_switched_off);
     run("reconnect after CLIENT KILL", &reconnect_after_client_kill);
     run("history switched on after enable", &history_after_enable);
 }
@@ -190,6 +192,15 @@ fn agent_main() {
                 Ok(n) => format!("ok {n}"),
                 Err(e) => format!("err {} {e}", e.errno()),
             },
+            // publish_with_id, skipping reader `except`'s fd: "ok <matched> <id or ->".
+            ["pubx", topic, payload, except] => {
+                let fd = subs[*except]._ours.as_raw_fd();
+                let (matched, id) = registry
+                    .publish_with_id(&unhex(topic), &unhex(payload), Some(fd))
+                    .unwrap();
+                let id = id.map_or("-".to_string(), |id| id.to_string());
+                format!("ok {matched} {id}")
+            }
             ["seq", topic, from, to] => {
                 let topic = unhex(topic);
                 for n in from.parse().unwrap()..to.parse().unwrap() {
@@ -788,6 +799,73 @@ fn history_after_enable() {
     assert_eq!(payloads(&got), expected(0..5));
     let key = [prefix.as_bytes(), topic].concat();
     assert_eq!(Plain::connect(&url).xrange(&key), got);
+}
+
+/// `publish_except` under shared history: the local delivery, one round trip later, skips
+/// the sender; the count is the local subscribers at publish time; no id is known yet.
+fn except_is_honoured() {
+    let url = redis_url();
+    let prefix = unique_prefix("except");
+    let topic = b"room";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    a.tail(0, topic, Mode::Sse, 0);
+    a.tail(1, topic, Mode::Sse, 0);
+    b.tail(0, topic, Mode::Sse, 0);
+    let reply = a.ok(&format!("pubx {} {} 1", hex(topic), hex(b"hello")));
+    assert_eq!(
+        reply, "1 -",
+        "one local subscriber besides the sender, no id yet"
+    );
+    let got = a.expect(0, 1);
+    assert_eq!(b.expect(0, 1), got);
+    a.expect_quiet(1, 0);
+    let key = [prefix.as_bytes(), topic].concat();
+    assert_eq!(Plain::connect(&url).xrange(&key), got);
+}
+
+/// History switched off while the broker shares it: the session goes back to raw channels,
+/// and publishes reach both processes at once again, without ids.
+fn history_switched_off() {
+    let url = redis_url();
+    let prefix = unique_prefix("off");
+    let topic = b"plain";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    for agent in [&mut a, &mut b] {
+        agent.ok("history 0");
+        agent.ok("wait_idle");
+    }
+    b.ok(&format!(
+        "sub 0 {} {}",
+        hex(topic),
+        mode_index(Mode::WsTextId)
+    ));
+    b.got.insert(0, (Mode::WsTextId, Vec::new()));
+    b.ok("wait_idle");
+    let mut raw = Plain::connect(&url);
+    let channel = [prefix.as_bytes(), topic].concat();
+    raw.call(&[b"SUBSCRIBE", &channel]);
+    // B's subscription may take a moment to be in effect: publish until B has one.
+    let start = Instant::now();
+    let got = loop {
+        a.ok(&format!("pub {} {}", hex(topic), hex(b"x")));
+        let bytes = unhex(&b.ok("read 0"));
+        let (mode, buffer) = b.got.get_mut(&0).unwrap();
+        buffer.extend_from_slice(&bytes);
+        let got = parse(*mode, buffer);
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(start.elapsed() < T, "B got nothing");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got[0], (String::new(), "x".to_string()), "no id");
+    assert_eq!(raw.message(), (channel.clone(), b"x".to_vec()));
+    assert!(
+        Plain::connect(&url).xrange(&channel).is_empty(),
+        "no stream"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
