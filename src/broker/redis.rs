@@ -53,6 +53,13 @@
 //! node's later `MOVED` for our command answers nothing: a `MOVED` that does not name the
 //! slot of the command waiting is skipped.
 //!
+//! # Shared history
+//! With history on, a classic session shares it through Redis streams (`shared`): it loads
+//! two scripts in its handshake, publishes through one (the reply carries the stream's id),
+//! subscribes topics' id channels (`SSUBSCRIBE`, the shard channel space) instead of their
+//! raw channels, and fills the registry's mirrors with the other. Our echo on an id channel
+//! carries our reply's id, so the filter above needs no hashing for it.
+//!
 //! Frames are decoded by `redis-protocol`'s RESP3 decoder, which recurses once per nesting
 //! level (about 1 KiB of stack each: a few KiB of `*1\r\n` would overflow a thread's stack),
 //! so [`frame_len`] first finds where a frame ends, iteratively, and refuses nesting deeper
@@ -555,7 +562,6 @@ impl RedisProtocol {
     }
 
     /// Any frame but a push: the answer to the command at the head of the FIFO.
-    #[allow(clippy::too_many_arguments)]
     fn reply(
         &mut self,
         frame: &RangeFrame,
