@@ -129,10 +129,10 @@ pub(crate) struct Received {
     pub(crate) stream: Option<Stream>,
 }
 
-/// What an engine that shares history (Redis) says of a received message or of a topic's
+/// What an engine that shares history (Redis, NATS JetStream) says of a received message or of a topic's
 /// mirror, in the order the server put them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(not(feature = "redis"), allow(dead_code))] // only Redis shares history
+#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
 pub(crate) enum Stream {
     /// A message with the stream's id: kept in the topic's mirror and delivered, unless the
     /// mirror has it already; `except` is the local sender's, for a publish of this process.
@@ -151,7 +151,7 @@ pub(crate) enum Stream {
 
 impl Received {
     /// A note or message of shared history (`payload` empty for a note).
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "nats"))]
     pub(crate) fn streamed(topic: &[u8], payload: &[u8], stream: Stream) -> Received {
         Received {
             stream: Some(stream),
@@ -237,13 +237,16 @@ pub(crate) trait Engine: Send {
     fn history_switched(&mut self, _reactor: &Reactor) {}
 }
 
-/// History as the registry sets it, for an engine that shares it (Redis): whether it is on,
-/// and how much a topic's stream keeps.
+/// History as the registry sets it, for an engine that shares it (Redis, NATS): whether it is
+/// on, and how much a topic's stream keeps.
 #[derive(Default)]
 pub(crate) struct SharedHistory {
     on: AtomicBool,
     max_messages: AtomicUsize,
     max_age_ms: AtomicU64,
+    /// Set by an engine whose server cannot keep the streams (NATS without JetStream): history
+    /// stays per process.
+    unavailable: AtomicBool,
 }
 
 impl SharedHistory {
@@ -252,8 +255,19 @@ impl SharedHistory {
         self.on.load(Ordering::Acquire)
     }
 
+    /// Whether the engine found its server unable to keep the streams, on its last session.
+    pub(crate) fn is_unavailable(&self) -> bool {
+        self.unavailable.load(Ordering::Acquire)
+    }
+
+    /// Records whether the server can keep the streams (NATS: whether JetStream answered).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::Release);
+    }
+
     /// The count limit (0: none) and the age limit in milliseconds (0: none).
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub(crate) fn limits(&self) -> (usize, u64) {
         (
             self.max_messages.load(Ordering::Relaxed),
@@ -290,7 +304,7 @@ pub(crate) struct Handoff {
     generation: AtomicU64,
     /// The registry's history settings, which a sharing engine reads as it goes.
     history: Arc<SharedHistory>,
-    /// Whether the last broker installed shares history (Redis, not Cluster).
+    /// Whether the last broker installed shares history (Redis, not Cluster; NATS).
     shares: AtomicBool,
 }
 
@@ -335,7 +349,9 @@ impl Handoff {
     /// Whether publishes and topics go through the streams: history is on and the broker
     /// installed last shares it.
     pub(crate) fn shares_history(&self) -> bool {
-        self.shares.load(Ordering::Acquire) && self.history.is_on()
+        self.shares.load(Ordering::Acquire)
+            && self.history.is_on()
+            && !self.history.is_unavailable()
     }
 
     /// Records new history limits; returns whether history was switched on or off while a
@@ -357,7 +373,7 @@ fn shared_record(topic: &[u8], payload: &[u8], except: Option<RawFd>) -> Vec<u8>
 }
 
 /// The parts of a [`shared_record`]: topic, except fd, payload.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
 pub(crate) fn split_shared_record(record: &[u8]) -> Option<(&[u8], Option<RawFd>, &[u8])> {
     let (len, rest) = record.split_first_chunk::<4>()?;
     let len = u32::from_ne_bytes(*len) as usize;
@@ -464,7 +480,8 @@ impl Broker {
             Scheme::RedisCluster => (redis_cluster::engine(url, name, limit)?, None),
             #[cfg(feature = "nats")]
             Scheme::Nats => {
-                let (engine, pub_encoder) = nats::engine(url, name, limit)?;
+                let (engine, pub_encoder) =
+                    nats::engine(url, name, limit, Arc::clone(&handoff.history))?;
                 (engine, Some(pub_encoder))
             }
             #[cfg(not(feature = "pg"))]
@@ -481,9 +498,11 @@ impl Broker {
         let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
         handoff.outbound.reset(encoder);
         handoff.engine.store(scheme as u8, Ordering::Relaxed);
-        handoff
-            .shares
-            .store(scheme == Scheme::Redis, Ordering::Release);
+        handoff.history.set_unavailable(false);
+        handoff.shares.store(
+            matches!(scheme, Scheme::Redis | Scheme::Nats),
+            Ordering::Release,
+        );
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
             handoff: Arc::clone(handoff),
@@ -640,9 +659,10 @@ impl Broker {
         self.engine.lock().history_switched(reactor);
     }
 
-    /// Whether this broker's engine shares history (when history is on).
+    /// Whether this broker's engine shares history (when history is on): Redis always, NATS
+    /// unless its server answered that it has no JetStream.
     pub(crate) fn shares_history(&self) -> bool {
-        self.kind == "Redis"
+        self.kind == "Redis" || (self.kind == "NATS" && !self.handoff.history.is_unavailable())
     }
 
     pub(crate) fn shut_down(&self, reactor: &Reactor) {

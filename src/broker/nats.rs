@@ -32,6 +32,8 @@
 
 #![forbid(unsafe_code)]
 
+mod jetstream;
+
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::sync::Arc;
@@ -40,8 +42,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::outbound::{Encode, Publishes};
 use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
-use super::{BrokerStats, Engine, Received, topic};
+use super::{BrokerStats, Engine, Received, SharedHistory, topic};
 use crate::error::Error;
+use jetstream::{Headers, Own};
 
 /// NATS's default `max_payload`, the limit until the server's INFO says otherwise.
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
@@ -58,15 +61,18 @@ pub(crate) type EngineWithEncoder = (Box<dyn Engine>, Box<dyn Encode>);
 
 /// The engine for a `nats://[user:password@|token@]host[:port][,host[:port]…]` URL; `name`
 /// is the subject prefix. It keeps `limit` at the server's `max_payload`; the encoder it
-/// returns writes the `PUB` of each publish as it is queued.
+/// returns writes the `PUB` of each publish as it is queued. History is shared through
+/// JetStream (see `jetstream`) while `history` says it is on.
 pub(crate) fn engine(
     url: &str,
     name: &str,
     limit: &Arc<AtomicUsize>,
+    history: Arc<SharedHistory>,
 ) -> Result<EngineWithEncoder, Error> {
     let mut url = BrokerUrl::parse(url, 4222)?;
-    let protocol = NatsProtocol::new(&url, name, Arc::clone(limit))?;
-    let encoder = Box::new(PubEncoder::new(name));
+    let mut protocol = NatsProtocol::new(&url, name, Arc::clone(limit))?;
+    protocol.history = Some(history);
+    let encoder = Box::new(PubEncoder::new(name, Arc::clone(&protocol.own)));
     // The server's INFO comes in the clear; TLS starts after it.
     let secure = url.scheme == "tls";
     let tls = Tls::from_url(&mut url, secure, TlsStart::AfterGreeting)?;
@@ -76,9 +82,11 @@ pub(crate) fn engine(
 }
 
 /// Writes `PUB <subject> <length>\r\n<payload>\r\n`, for the broker's queue (see
-/// [`Encode`]) and for [`NatsProtocol::publish`].
+/// [`Encode`]) and for [`NatsProtocol::publish`]; a shared publish's record (empty topic), as
+/// its `HPUB` (see `jetstream`).
 pub(crate) struct PubEncoder {
     prefix: Box<[u8]>,
+    own: Arc<Own>,
     /// The last topic published to, and its control line `PUB <subject> <length>\r\n`
     /// (empty before the first): runs of publishes to one topic are the common case, often
     /// of one length, and the line is written once for them.
@@ -92,9 +100,10 @@ pub(crate) struct PubEncoder {
 }
 
 impl PubEncoder {
-    fn new(prefix: &str) -> PubEncoder {
+    fn new(prefix: &str, own: Arc<Own>) -> PubEncoder {
         PubEncoder {
             prefix: Box::from(prefix.as_bytes()),
+            own,
             topic: Vec::new(),
             line: Vec::new(),
             length_at: 0,
@@ -106,6 +115,11 @@ impl PubEncoder {
 
 impl Encode for PubEncoder {
     fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+        if topic.is_empty() {
+            self.own
+                .encode(&self.prefix, payload, &mut self.subject, out);
+            return;
+        }
         if self.topic != topic || self.line.is_empty() {
             topic::nats_subject(&self.prefix, topic, &mut self.subject);
             self.line.clear();
@@ -128,9 +142,13 @@ impl Encode for PubEncoder {
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
     }
+
+    fn interest(&mut self, topic: &[u8], subscribe: bool) {
+        self.own.mark(topic, subscribe);
+    }
 }
 
-/// The `PUB` commands a [`PubEncoder`] wrote, one at a time: (the command, its payload's
+/// The `PUB` (and `HPUB`) commands a [`PubEncoder`] wrote, one at a time: (the command, its payload's
 /// length). Stops at the first it cannot read (none, from our own encoder).
 fn pub_commands(mut rest: &[u8]) -> impl Iterator<Item = (&[u8], usize)> {
     std::iter::from_fn(move || {
@@ -153,6 +171,8 @@ enum Session {
     AwaitingInfo,
     /// CONNECT and PING written; the PONG opens the session.
     AwaitingPong,
+    /// The PONG came; the JetStream stream's answer opens the session.
+    AwaitingStream,
     Open,
 }
 
@@ -201,8 +221,15 @@ pub(crate) struct NatsProtocol {
     subscribed: usize,
     /// This server's `max_payload`, for the MSG length guard.
     max_payload: usize,
+    /// CONNECT said `headers:true`: HMSG may come.
+    headers: bool,
     /// Scratch for a subject.
     subject: Vec<u8>,
+    /// The registry's history settings (the engine's protocol; not the tests').
+    history: jetstream::History,
+    /// Shared with the publishers' encoder: this registry's origin and its publishes' count.
+    own: Arc<Own>,
+    js: jetstream::State,
 }
 
 impl NatsProtocol {
@@ -222,9 +249,10 @@ impl NatsProtocol {
             ));
         }
         topic::check_nats_prefix(name)?;
+        let own = Arc::new(Own::new());
         Ok(NatsProtocol {
             prefix: Box::from(name.as_bytes()),
-            encoder: PubEncoder::new(name),
+            encoder: PubEncoder::new(name, Arc::clone(&own)),
             credentials: credentials(url.user.as_deref(), url.password.as_deref()),
             limit,
             tls,
@@ -241,7 +269,11 @@ impl NatsProtocol {
             unconfirmed: 0,
             subscribed: 0,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            headers: false,
             subject: Vec::new(),
+            history: None,
+            own,
+            js: jetstream::State::default(),
         })
     }
 
@@ -261,15 +293,22 @@ impl NatsProtocol {
                 "NATS: the server requires TLS: use a tls:// URL".into(),
             ));
         }
-        // `"echo":false` is the echo filter (see the module's doc).
-        out.extend_from_slice(
+        // `"echo":false` is the echo filter (see the module's doc). Shared history needs
+        // headers (ours, the heartbeats') and a 503 for an API nobody answers.
+        self.headers = self.js.on;
+        out.extend_from_slice(if self.js.on {
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false,\"headers\":true,\
+              \"no_responders\":true,\"lang\":\"rust-fdcast\",\"version\":\""
+        } else {
             b"CONNECT {\"verbose\":false,\"pedantic\":false,\"echo\":false,\"headers\":false,\
-              \"lang\":\"rust-fdcast\",\"version\":\"",
-        );
+              \"lang\":\"rust-fdcast\",\"version\":\""
+        });
         out.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
         out.extend_from_slice(b"\",\"protocol\":1");
         out.extend_from_slice(self.credentials.as_bytes());
-        out.extend_from_slice(b"}\r\nPING\r\n");
+        out.extend_from_slice(b"}\r\n");
+        self.handshake_shared(out);
+        out.extend_from_slice(b"PING\r\n");
         self.pings.push_back(Ping {
             changes: 0,
             live: 0,
@@ -300,7 +339,11 @@ impl NatsProtocol {
         self.pinged_publishes = self.pinged_publishes.saturating_sub(ping.publishes);
         self.subscribed = ping.live;
         if self.session == Session::AwaitingPong {
-            self.session = Session::Open;
+            self.session = if self.js.stream_pending {
+                Session::AwaitingStream
+            } else {
+                Session::Open
+            };
         }
     }
 
@@ -321,29 +364,40 @@ impl NatsProtocol {
         Err(Error::Backend(format!("NATS: {message}")))
     }
 
-    /// A MSG whose control line is `args` and whose payload starts at `rest[body]`: the bytes
-    /// it spans in `rest`, or `None` while its payload is incomplete.
+    /// A MSG (an HMSG when `with_headers`) whose control line is `args` and whose payload
+    /// starts at `rest[body]`: the bytes it spans in `rest`, or `None` while its payload is
+    /// incomplete.
     fn message(
-        &self,
+        &mut self,
         args: &[u8],
         rest: &[u8],
         body: usize,
+        with_headers: bool,
+        out: &mut Vec<u8>,
         sink: &mut Sink<'_>,
     ) -> Result<Option<usize>, Error> {
         let bad = || protocol_error(format_args!("a bad MSG line: {}", shown(args)));
-        let mut fields = fields(args);
-        let (Some(_subject), Some(sid), Some(third)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
+        // subject, sid, [reply,] [header length,] length
+        let mut words: [&[u8]; 5] = [&[]; 5];
+        let mut count = 0;
+        for field in fields(args) {
+            *words.get_mut(count).ok_or_else(bad)? = field;
+            count += 1;
+        }
+        let numbers = 1 + usize::from(with_headers);
+        if count < 2 + numbers || count > 3 + numbers {
             return Err(bad());
+        }
+        let (subject, sid) = (words[0], words[1]);
+        let reply = (count == 3 + numbers).then_some(words[2]);
+        let len = decimal(words[count - 1]).ok_or_else(bad)?;
+        let header_len = if with_headers {
+            decimal(words[count - 2])
+                .filter(|&n| n <= len)
+                .ok_or_else(bad)?
+        } else {
+            0
         };
-        let len = match (fields.next(), fields.next()) {
-            (None, _) => third,
-            // `third` is the reply-to subject, which we have no use for.
-            (Some(len), None) => len,
-            (Some(_), Some(_)) => return Err(bad()),
-        };
-        let len = decimal(len).ok_or_else(bad)?;
         if len > MAX_MSG_LEN || len > (self.max_payload as u64).saturating_mul(2) {
             return Err(protocol_error(format_args!(
                 "a MSG of {len} bytes, more than the server's max_payload allows"
@@ -357,8 +411,25 @@ impl NatsProtocol {
         if terminator != b"\r\n" {
             return Err(protocol_error("a MSG payload not followed by CRLF"));
         }
-        let topic = decimal(sid).and_then(|sid| self.topics.get(&sid));
-        if let (Some(topic), Some(payload)) = (topic, rest.get(body..end)) {
+        let payload_at = body + header_len as usize;
+        let (Some(header_block), Some(payload)) =
+            (rest.get(body..payload_at), rest.get(payload_at..end))
+        else {
+            return Ok(Some(end + 2));
+        };
+        let headers = if with_headers {
+            Headers::parse(header_block)
+        } else {
+            None
+        };
+        let Some(sid) = decimal(sid) else {
+            return Ok(Some(end + 2));
+        };
+        if self.js.api_sid != 0 && sid == self.js.api_sid {
+            self.api_answer(subject, headers, payload, out, sink);
+        } else if self.js.is_consumer(sid) {
+            self.consumer_message(sid, reply, headers, payload, out, sink);
+        } else if let Some(topic) = self.topics.get(&sid) {
             sink.received.push(Received::new(topic, payload));
             sink.stats.received += 1;
         }
@@ -388,6 +459,8 @@ impl Protocol for NatsProtocol {
         self.unconfirmed = 0;
         self.subscribed = 0;
         self.max_payload = DEFAULT_MAX_PAYLOAD;
+        self.headers = false;
+        self.start_shared();
     }
 
     fn read(
@@ -397,6 +470,7 @@ impl Protocol for NatsProtocol {
         sink: &mut Sink<'_>,
     ) -> Result<usize, Error> {
         self.report(sink.stats);
+        self.report_unsynced(sink);
         let mut used = 0;
         loop {
             let rest = input.get(used..).unwrap_or_default();
@@ -411,8 +485,8 @@ impl Protocol for NatsProtocol {
                     shown(line)
                 )));
             }
-            let len = if is(b"MSG") {
-                match self.message(args, rest, body, sink)? {
+            let len = if is(b"MSG") || (self.headers && is(b"HMSG")) {
+                match self.message(args, rest, body, is(b"HMSG"), out, sink)? {
                     Some(len) => len,
                     None => return Ok(used),
                 }
@@ -454,6 +528,9 @@ impl Protocol for NatsProtocol {
         if self.sids.contains_key(topic) {
             return;
         }
+        if self.js.on {
+            return self.subscribe_shared(topic, out);
+        }
         let sid = self.next_sid;
         self.next_sid += 1;
         topic::nats_subject(&self.prefix, topic, &mut self.subject);
@@ -474,6 +551,7 @@ impl Protocol for NatsProtocol {
             return;
         };
         self.topics.remove(&sid);
+        self.unsubscribed_shared(sid, topic);
         out.extend_from_slice(b"UNSUB ");
         write_decimal(out, sid);
         out.extend_from_slice(b"\r\n");
@@ -494,15 +572,20 @@ impl Protocol for NatsProtocol {
             self.refused += 1;
             return;
         }
+        let mut parked = self.take_parked();
+        let out = parked.as_mut().unwrap_or(out);
         self.encoder.encode(topic, payload, out);
         self.published += 1;
         self.unpinged_publishes += 1;
+        self.put_parked(parked);
     }
 
     /// The queue's `PUB`s go out as they are, unless one carries more than the server's
     /// `max_payload` (lowered by an INFO after they were checked): then one by one, without
-    /// those.
+    /// those. (Under shared history they may be parked first: see `jetstream`.)
     fn publish_encoded(&mut self, publishes: &mut Publishes, out: &mut Vec<u8>) {
+        let mut parked = self.take_parked();
+        let out = parked.as_mut().unwrap_or(out);
         let count = if publishes.largest_payload() <= self.max_payload {
             let count = publishes.len();
             publishes.move_commands_to(out);
@@ -522,6 +605,7 @@ impl Protocol for NatsProtocol {
         };
         self.published += count as u64;
         self.unpinged_publishes += count;
+        self.put_parked(parked);
     }
 
     /// Once HOLD_AFTER publishes are written since the last PING, a PING: until its PONG,
@@ -561,6 +645,10 @@ impl Protocol for NatsProtocol {
 
     fn subscribed(&self) -> usize {
         self.subscribed
+    }
+
+    fn shares_history(&self) -> bool {
+        self.history.is_some()
     }
 }
 
@@ -1447,7 +1535,7 @@ mod tests {
 
     /// `publishes` queued as the broker's queue does: each PUB written at push time.
     fn queued(publishes: &[(&[u8], &[u8])]) -> Publishes {
-        let mut encoder = PubEncoder::new("app");
+        let mut encoder = PubEncoder::new("app", Arc::new(Own::new()));
         let mut queued = Publishes::default();
         for (topic, payload) in publishes {
             queued.push_encoded(topic, payload, &mut encoder);
@@ -1611,7 +1699,12 @@ mod tests {
     #[test]
     fn engine_checks_the_url_and_prefix() {
         let limit = Arc::new(AtomicUsize::new(0));
-        let errno = |url: &str, name: &str| engine(url, name, &limit).err().map(|err| err.errno());
+        let history = Arc::new(SharedHistory::default());
+        let errno = |url: &str, name: &str| {
+            engine(url, name, &limit, Arc::clone(&history))
+                .err()
+                .map(|err| err.errno())
+        };
         assert_eq!(errno("nats://127.0.0.1", "app"), None);
         assert_eq!(
             errno("NATS://u:p@127.0.0.1:4223,127.0.0.1:4224", "a.b"),
@@ -1636,7 +1729,7 @@ mod tests {
         for bad in ["", "a b", "a..b", "a.*", ">", "100%", &"p".repeat(256)] {
             assert_eq!(errno("nats://127.0.0.1", bad), Some(libc::EINVAL), "{bad}");
         }
-        engine("nats://127.0.0.1", "app", &limit).unwrap();
+        engine("nats://127.0.0.1", "app", &limit, history).unwrap();
         assert_eq!(limit.load(Ordering::Relaxed), 1 << 20);
     }
 

@@ -20,6 +20,10 @@ pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 pub(crate) trait Encode: Send {
     /// Appends the command that publishes `payload` on `topic` to `out`.
     fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>);
+    /// A change of interest is queued, after every publish encoded so far and before the
+    /// next: an engine that must tell its publishes made before a subscription from those
+    /// made after (NATS under shared history) notes the point here.
+    fn interest(&mut self, _topic: &[u8], _subscribe: bool) {}
 }
 
 /// Publishes in order, in one buffer, in one of two forms: records (per publish the topic's
@@ -251,7 +255,11 @@ impl Outbound {
     }
 
     pub(crate) fn push_interest(&self, topic: &[u8], subscribe: bool) {
-        self.queue.lock().interest.push(InterestChange {
+        let mut queue = self.queue.lock();
+        if let Some(encoder) = &mut queue.encoder {
+            encoder.interest(topic, subscribe);
+        }
+        queue.interest.push(InterestChange {
             topic: Box::from(topic),
             subscribe,
         });

@@ -1,0 +1,1051 @@
+//! History shared across processes through NATS JetStream, between real OS processes: this
+//! binary re-runs itself as agents (a registry each, driven by one-line commands on stdin, as
+//! tests/shared_history.rs does), and checks what their readers get against the stream
+//! itself, read with a plain client (`$JS.API.STREAM.MSG.GET`).
+//!
+//! Needs the shared NATS server with JetStream (FDCAST_NATS_URL, default
+//! nats://127.0.0.1:4222, started with `-js`) and the `nats-server` binary; fails without
+//! them. The reconnect and JetStream-less scenarios start their own server on a free port.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use fdcast::{EventId, HistoryLimits, Mode, Registry};
+
+/// Any single wait, at most.
+const T: Duration = Duration::from_secs(30);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("agent") {
+        return agent_main();
+    }
+    let started = Instant::now();
+    with_watchdog(300, scenarios);
+    println!(
+        "shared_history_nats: ok ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn scenarios() {
+    let filter = std::env::args().skip(1).find(|arg| !arg.starts_with("--"));
+    let run = |name: &str, f: &dyn Fn()| {
+        if filter
+            .as_ref()
+            .is_some_and(|filter| !name.contains(filter.as_str()))
+        {
+            return;
+        }
+        let started = Instant::now();
+        f();
+        println!(
+            "shared_history_nats: {name}: ok ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    run(
+        "ids are the stream's, in every id mode",
+        &ids_are_the_streams,
+    );
+    run(
+        "resume through another process while publishing",
+        &resume_through_another_process,
+    );
+    run("resume from a trimmed id", &resume_from_a_trimmed_id);
+    run(
+        "tail through another process",
+        &tail_through_another_process,
+    );
+    run("plain clients", &plain_clients);
+    run("the sender's fd is skipped", &except_is_honoured);
+    run("reconnect after kill -9", &reconnect_after_kill);
+    run("a server without JetStream", &without_jetstream);
+}
+
+fn nats_url() -> String {
+    std::env::var("FDCAST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A prefix no other run uses (plain, so the stream's name is `fdcast_<prefix>`).
+fn unique_prefix(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("shn{}{tag}{nanos}", std::process::id())
+}
+
+fn stream_of(prefix: &str) -> String {
+    format!("fdcast_{prefix}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn numbered(n: usize) -> String {
+    format!("m{n}")
+}
+
+fn mode_index(mode: Mode) -> usize {
+    Mode::ALL.iter().position(|&m| m == mode).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the agent
+// ---------------------------------------------------------------------------------------------
+
+struct AgentSub {
+    /// The registry's end, kept open while it is subscribed.
+    _ours: UnixStream,
+    peer: UnixStream,
+    got: Vec<u8>,
+}
+
+fn agent_main() {
+    let registry = Arc::new(Registry::new().unwrap());
+    registry.set_outbox_limit(64 << 20);
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut subs: HashMap<String, AgentSub> = HashMap::new();
+    let mut background: Option<thread::JoinHandle<()>> = None;
+    let mut out = std::io::stdout().lock();
+    let new_sub = |subs: &mut HashMap<String, AgentSub>, id: &str| {
+        let (ours, peer) = socketpair_nonblocking();
+        let fd = ours.as_raw_fd();
+        let sub = AgentSub {
+            _ours: ours,
+            peer,
+            got: Vec::new(),
+        };
+        assert!(subs.insert(id.to_string(), sub).is_none(), "sub {id} twice");
+        fd
+    };
+    loop {
+        agent_turn(&registry, &mut subs);
+        let line = match rx.try_recv() {
+            Ok(line) => line,
+            Err(mpsc::TryRecvError::Empty) => continue,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
+        let words: Vec<&str> = line.split(' ').collect();
+        let reply = match words.as_slice() {
+            ["history", max_messages] => {
+                registry.set_history(HistoryLimits {
+                    max_messages: max_messages.parse().unwrap(),
+                    ..HistoryLimits::default()
+                });
+                "ok".to_string()
+            }
+            ["enable", url, name] => match registry.broker_enable(url, name) {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("err {} {e}", e.errno()),
+            },
+            ["sub", id, topic, mode] => {
+                let fd = new_sub(&mut subs, id);
+                let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
+                registry.subscribe(&unhex(topic), fd, mode).unwrap();
+                "ok".to_string()
+            }
+            ["since", id, topic, mode, last] => {
+                let fd = new_sub(&mut subs, id);
+                let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
+                let last = EventId::parse(last.as_bytes()).unwrap();
+                let (_, recovered) = registry
+                    .subscribe_since(&unhex(topic), fd, mode, last)
+                    .unwrap();
+                format!("ok {}", u8::from(recovered))
+            }
+            ["tail", id, topic, mode, n] => {
+                let fd = new_sub(&mut subs, id);
+                let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
+                registry
+                    .subscribe_tail(&unhex(topic), fd, mode, n.parse().unwrap())
+                    .unwrap();
+                "ok".to_string()
+            }
+            // publish_with_id: "ok <matched> <id or ->".
+            ["pubid", topic, payload] => {
+                let (matched, id) = registry
+                    .publish_with_id(&unhex(topic), &unhex(payload), None)
+                    .unwrap();
+                let id = id.map_or("-".to_string(), |id| id.to_string());
+                format!("ok {matched} {id}")
+            }
+            ["pub", topic, payload] => match registry.publish(&unhex(topic), &unhex(payload)) {
+                Ok(n) => format!("ok {n}"),
+                Err(e) => format!("err {} {e}", e.errno()),
+            },
+            // publish_with_id, skipping reader `except`'s fd: "ok <matched> <id or ->".
+            ["pubx", topic, payload, except] => {
+                let fd = subs[*except]._ours.as_raw_fd();
+                let (matched, id) = registry
+                    .publish_with_id(&unhex(topic), &unhex(payload), Some(fd))
+                    .unwrap();
+                let id = id.map_or("-".to_string(), |id| id.to_string());
+                format!("ok {matched} {id}")
+            }
+            ["seq", topic, from, to] => {
+                let topic = unhex(topic);
+                for n in from.parse().unwrap()..to.parse().unwrap() {
+                    registry.publish(&topic, numbered(n).as_bytes()).unwrap();
+                }
+                "ok".to_string()
+            }
+            // Publishes from another thread, one message every millisecond, while this one
+            // goes on taking commands and dispatching.
+            ["bg", topic, from, to] => {
+                let topic = unhex(topic);
+                let (from, to): (usize, usize) = (from.parse().unwrap(), to.parse().unwrap());
+                let registry = Arc::clone(&registry);
+                background = Some(thread::spawn(move || {
+                    for n in from..to {
+                        registry.publish(&topic, numbered(n).as_bytes()).unwrap();
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }));
+                "ok".to_string()
+            }
+            ["bg_wait"] => {
+                let handle = background.take().expect("a background publisher");
+                while !handle.is_finished() {
+                    agent_turn(&registry, &mut subs);
+                }
+                handle.join().unwrap();
+                "ok".to_string()
+            }
+            ["read", id] => {
+                agent_turn(&registry, &mut subs);
+                let sub = subs.get_mut(*id).expect("a known sub");
+                format!("ok {}", hex(&std::mem::take(&mut sub.got)))
+            }
+            ["reconnects"] => format!("ok {}", registry.broker_stats().reconnects),
+            ["wait_idle"] => {
+                let start = Instant::now();
+                loop {
+                    let stats = registry.broker_stats();
+                    if stats.connected == 1 && stats.queued == 0 {
+                        break;
+                    }
+                    assert!(start.elapsed() < T, "agent: not idle: {stats:?}");
+                    agent_turn(&registry, &mut subs);
+                }
+                "ok".to_string()
+            }
+            _ => panic!("agent: unknown command {line:?}"),
+        };
+        writeln!(out, "{reply}").unwrap();
+        out.flush().unwrap();
+    }
+    registry.broker_disable();
+}
+
+fn agent_turn(registry: &Registry, subs: &mut HashMap<String, AgentSub>) {
+    registry.dispatch(Some(Duration::from_millis(2))).unwrap();
+    for sub in subs.values_mut() {
+        let (bytes, eof) = read_now(sub.peer.as_raw_fd());
+        assert!(!eof, "agent: a subscriber was closed");
+        sub.got.extend(bytes);
+    }
+}
+
+struct Agent {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// What each reader got so far, parsed as (id, payload) per its mode.
+    got: HashMap<usize, (Mode, Vec<u8>)>,
+}
+
+impl Agent {
+    /// An agent with history on (`max_messages`) and the broker enabled.
+    fn start(url: &str, prefix: &str, max_messages: usize) -> Agent {
+        let mut agent = Agent::spawn();
+        agent.ok(&format!("history {max_messages}"));
+        agent.ok(&format!("enable {url} {prefix}"));
+        agent
+    }
+
+    fn spawn() -> Agent {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .arg("agent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        // SAFETY: runs in the forked child before exec; prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("the agent process starts");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Agent {
+            child,
+            stdin,
+            stdout,
+            got: HashMap::new(),
+        }
+    }
+
+    fn ok(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").expect("the agent takes a command");
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).unwrap();
+        assert!(n > 0, "the agent exited during `{command}`");
+        match line.trim_end().strip_prefix("ok") {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("agent: `{command}` answered {line:?}"),
+        }
+    }
+
+    fn tail(&mut self, id: usize, topic: &[u8], mode: Mode, n: usize) {
+        self.ok(&format!(
+            "tail {id} {} {} {n}",
+            hex(topic),
+            mode_index(mode)
+        ));
+        self.got.insert(id, (mode, Vec::new()));
+    }
+
+    fn since(&mut self, id: usize, topic: &[u8], mode: Mode, last: &str) -> bool {
+        let recovered = self.ok(&format!(
+            "since {id} {} {} {last}",
+            hex(topic),
+            mode_index(mode)
+        ));
+        self.got.insert(id, (mode, Vec::new()));
+        recovered == "1"
+    }
+
+    fn seq(&mut self, topic: &[u8], range: std::ops::Range<usize>) {
+        self.ok(&format!("seq {} {} {}", hex(topic), range.start, range.end));
+    }
+
+    /// Reads reader `id` until it holds `n` whole messages; returns them, and checks that
+    /// no more come within a short while.
+    fn expect(&mut self, id: usize, n: usize) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let bytes = unhex(&self.ok(&format!("read {id}")));
+            let (mode, buffer) = self.got.get_mut(&id).expect("a known reader");
+            buffer.extend_from_slice(&bytes);
+            let messages = parse(*mode, buffer);
+            if messages.len() >= n {
+                assert_eq!(
+                    messages.len(),
+                    n,
+                    "reader {id}: more than {n}: {messages:?}"
+                );
+                return messages;
+            }
+            assert!(
+                start.elapsed() < T,
+                "reader {id}: {} of {n} messages within {T:?}: {messages:?}",
+                messages.len()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Checks that reader `id` got nothing more for a while.
+    fn expect_quiet(&mut self, id: usize, had: usize) {
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            let bytes = unhex(&self.ok(&format!("read {id}")));
+            let (mode, buffer) = self.got.get_mut(&id).expect("a known reader");
+            buffer.extend_from_slice(&bytes);
+            let messages = parse(*mode, buffer);
+            assert_eq!(messages.len(), had, "reader {id}: more came: {messages:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (id, payload) of every whole message in `buffer`, framed per `mode` (single-line payloads).
+fn parse(mode: Mode, buffer: &[u8]) -> Vec<(String, String)> {
+    match mode {
+        Mode::Sse => {
+            let text = std::str::from_utf8(buffer).unwrap();
+            let mut messages = Vec::new();
+            for frame in text.split("\n\n") {
+                if frame.is_empty() || !text.contains(&format!("{frame}\n\n")) {
+                    continue;
+                }
+                let mut lines = frame.lines();
+                let id = lines
+                    .next()
+                    .unwrap()
+                    .strip_prefix("id: ")
+                    .expect("an id line");
+                let data = lines.next().unwrap().strip_prefix("data: ").expect("data");
+                assert!(lines.next().is_none(), "{frame:?}");
+                messages.push((id.to_string(), data.to_string()));
+            }
+            messages
+        }
+        Mode::WsTextId | Mode::WsBinaryId => {
+            let (frames, _) = parse_ws_frames(buffer);
+            frames
+                .iter()
+                .map(|frame| {
+                    let opcode = if mode == Mode::WsTextId { 1 } else { 2 };
+                    assert_eq!(frame.opcode, opcode);
+                    let text = std::str::from_utf8(&frame.payload).unwrap();
+                    let (id, data) = text.split_once('\n').expect("<id>\\n<payload>");
+                    (id.to_string(), data.to_string())
+                })
+                .collect()
+        }
+        other => panic!("no ids in {other:?}"),
+    }
+}
+
+fn payloads(messages: &[(String, String)]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|(_, payload)| payload.clone())
+        .collect()
+}
+
+fn expected(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(numbered).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// a plain NATS client
+// ---------------------------------------------------------------------------------------------
+
+/// A message as a plain client gets it.
+#[derive(Debug)]
+struct Msg {
+    subject: String,
+    sid: u64,
+    headers: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+struct Plain {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    inbox: String,
+    next: u64,
+}
+
+impl Plain {
+    fn connect(url: &str) -> Plain {
+        let address = url.trim_start_matches("nats://").to_string();
+        let stream = TcpStream::connect(&address).expect("the NATS server answers");
+        let inbox = format!("_INBOX.plain{}", unique_prefix("p"));
+        let mut plain = Plain {
+            stream,
+            buf: Vec::new(),
+            inbox,
+            next: 0,
+        };
+        let command = format!(
+            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\n\
+             SUB {}.* 1\r\nPING\r\n",
+            plain.inbox
+        );
+        plain.stream.write_all(command.as_bytes()).unwrap();
+        plain.pong();
+        plain
+    }
+
+    /// Reads until a PONG.
+    fn pong(&mut self) {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(at) = self.buf.windows(6).position(|w| w == b"PONG\r\n") {
+                // Messages before it are not expected on a fresh subscription.
+                self.buf.drain(..at + 6);
+                return;
+            }
+            self.fill(deadline);
+        }
+    }
+
+    fn fill(&mut self, deadline: Instant) {
+        let now = Instant::now();
+        assert!(now < deadline, "plain NATS client: nothing within {T:?}");
+        self.stream
+            .set_read_timeout(Some((deadline - now).min(Duration::from_millis(200))))
+            .unwrap();
+        let mut chunk = [0u8; 65536];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => panic!("the NATS server closed the plain connection"),
+            Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+    }
+
+    /// The next MSG or HMSG.
+    fn message(&mut self) -> Msg {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words[0] {
+                    "MSG" | "HMSG" => {
+                        let total: usize = words[words.len() - 1].parse().unwrap();
+                        let header_len: usize = if words[0] == "HMSG" {
+                            words[words.len() - 2].parse().unwrap()
+                        } else {
+                            0
+                        };
+                        if self.buf.len() >= end + 2 + total + 2 {
+                            let body = self.buf[end + 2..end + 2 + total].to_vec();
+                            self.buf.drain(..end + 2 + total + 2);
+                            return Msg {
+                                subject: words[1].to_string(),
+                                sid: words[2].parse().unwrap(),
+                                headers: body[..header_len].to_vec(),
+                                payload: body[header_len..].to_vec(),
+                            };
+                        }
+                    }
+                    "PING" => {
+                        self.buf.drain(..end + 2);
+                        self.stream.write_all(b"PONG\r\n").unwrap();
+                        continue;
+                    }
+                    _ => {
+                        self.buf.drain(..end + 2);
+                        continue;
+                    }
+                }
+            }
+            self.fill(deadline);
+        }
+    }
+
+    fn publish(&mut self, subject: &str, payload: &[u8]) {
+        let mut command = format!("PUB {subject} {}\r\n", payload.len()).into_bytes();
+        command.extend_from_slice(payload);
+        command.extend_from_slice(b"\r\n");
+        self.stream.write_all(&command).unwrap();
+    }
+
+    /// Subscribes `subject` as `sid`, in effect when this returns.
+    fn subscribe(&mut self, subject: &str, sid: u64) {
+        let command = format!("SUB {subject} {sid}\r\nPING\r\n");
+        self.stream.write_all(command.as_bytes()).unwrap();
+        self.pong();
+    }
+
+    /// A JetStream API request's answer.
+    fn request(&mut self, api: &str, body: &str) -> String {
+        self.next += 1;
+        let reply = format!("{}.{}", self.inbox, self.next);
+        let command = format!("PUB $JS.API.{api} {reply} {}\r\n{body}\r\n", body.len());
+        self.stream.write_all(command.as_bytes()).unwrap();
+        loop {
+            let msg = self.message();
+            if msg.subject == reply {
+                assert!(
+                    msg.headers.is_empty(),
+                    "{:?}",
+                    String::from_utf8_lossy(&msg.headers)
+                );
+                return String::from_utf8(msg.payload).unwrap();
+            }
+        }
+    }
+
+    /// The stream's messages on `subject`: (sequence, payload), oldest first.
+    fn stream_messages(&mut self, stream: &str, subject: &str) -> Vec<(u64, String)> {
+        let mut messages = Vec::new();
+        let mut seq = 1;
+        loop {
+            let answer = self.request(
+                &format!("STREAM.MSG.GET.{stream}"),
+                &format!("{{\"seq\":{seq},\"next_by_subj\":\"{subject}\"}}"),
+            );
+            if answer.contains("\"error\"") {
+                assert!(answer.contains("10037"), "{answer}");
+                return messages;
+            }
+            let found: u64 = json_number(&answer, "seq");
+            let data = json_string(&answer, "data");
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap();
+            messages.push((found, String::from_utf8(data).unwrap()));
+            seq = found + 1;
+        }
+    }
+
+    fn delete_stream(&mut self, stream: &str) {
+        let answer = self.request(&format!("STREAM.DELETE.{stream}"), "");
+        assert!(answer.contains("\"success\":true"), "{answer}");
+    }
+}
+
+fn json_number(json: &str, key: &str) -> u64 {
+    let at = json.find(&format!("\"{key}\":")).expect(key) + key.len() + 3;
+    let digits: String = json[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
+}
+
+fn json_string(json: &str, key: &str) -> String {
+    let at = json.find(&format!("\"{key}\":\"")).expect(key) + key.len() + 4;
+    json[at..].chars().take_while(|&c| c != '"').collect()
+}
+
+/// The stream's messages as readers should see them: (`<epoch>-<seq>`, payload).
+fn as_read(epoch: &str, stream: &[(u64, String)]) -> Vec<(String, String)> {
+    stream
+        .iter()
+        .map(|(seq, payload)| (format!("{epoch}-{seq}"), payload.clone()))
+        .collect()
+}
+
+fn epoch_of(id: &str) -> String {
+    id.split_once('-').expect("<epoch>-<seq>").0.to_string()
+}
+
+/// The stream's `created` time, in nanoseconds since 1970, as a plain client reads it.
+fn created_nanos(plain: &mut Plain, stream: &str) -> String {
+    let info = plain.request(&format!("STREAM.INFO.{stream}"), "");
+    let created = json_string(&info, "created");
+    // 2026-12-06T17:50:30.840370237Z
+    let number = |range: std::ops::Range<usize>| created[range].parse::<i64>().unwrap();
+    let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+    let seconds_of_day = number(11..13) * 3600 + number(14..16) * 60 + number(17..19);
+    let fraction = created[20..created.len() - 1].to_string();
+    let nanos: i64 = format!("{fraction:0<9}").parse().unwrap();
+    // Days from 1970-01-01, counted the long way round.
+    let is_leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let mut days: i64 = (1970..year)
+        .map(|y| if is_leap(y) { 366 } else { 365 })
+        .sum();
+    let month_days = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    for m in 1..month {
+        days += month_days[(m - 1) as usize] + i64::from(m == 2 && is_leap(year));
+    }
+    days += day - 1;
+    ((days * 86_400 + seconds_of_day) * 1_000_000_000 + nanos).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// Process A publishes; process B's readers, in each mode that carries ids, get every message
+/// once, in order, with `<stream created ns>-<stream seq>` ids; so does A's own reader.
+fn ids_are_the_streams() {
+    let url = nats_url();
+    let prefix = unique_prefix("ids");
+    let stream = stream_of(&prefix);
+    let topic = b"news";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    let modes = [Mode::Sse, Mode::WsTextId, Mode::WsBinaryId];
+    for (i, &mode) in modes.iter().enumerate() {
+        b.tail(i, topic, mode, 0);
+    }
+    a.tail(0, topic, Mode::Sse, 0);
+    // Another topic in between: the stream's sequences are sparse per topic.
+    let other = b"other";
+    const N: usize = 200;
+    for n in 0..N {
+        a.ok(&format!(
+            "pub {} {}",
+            hex(topic),
+            hex(numbered(n).as_bytes())
+        ));
+        if n % 10 == 0 {
+            a.ok(&format!("pub {} {}", hex(other), hex(b"x")));
+        }
+    }
+    let got = a.expect(0, N);
+    let mut plain = Plain::connect(&url);
+    let kept = plain.stream_messages(&stream, &format!("{prefix}.news"));
+    let epoch = created_nanos(&mut plain, &stream);
+    let kept = as_read(&epoch, &kept);
+    assert_eq!(payloads(&kept), expected(0..N));
+    assert_eq!(got, kept, "A's own reader");
+    for (i, _) in modes.iter().enumerate() {
+        assert_eq!(b.expect(i, N), kept, "B's reader {i}");
+    }
+    let seqs: Vec<u64> = kept
+        .iter()
+        .map(|(id, _)| EventId::parse(id.as_bytes()).unwrap().offset)
+        .collect();
+    assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "increasing");
+    assert!(
+        seqs.last().unwrap() - seqs[0] >= N as u64,
+        "sparse: {seqs:?}"
+    );
+    b.expect_quiet(0, N);
+    plain.delete_stream(&stream);
+}
+
+/// A reader of A stops after message k; it resumes through B, which had no reader of the
+/// topic, while a thread of A keeps publishing: it gets k+1.., each once, recovered.
+fn resume_through_another_process() {
+    let url = nats_url();
+    let prefix = unique_prefix("resume");
+    let stream = stream_of(&prefix);
+    let topic = b"feed";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    a.tail(0, topic, Mode::Sse, 0);
+    const K: usize = 50;
+    const N: usize = 400;
+    a.seq(topic, 0..K);
+    let first = a.expect(0, K);
+    assert_eq!(payloads(&first), expected(0..K));
+    let last = first.last().unwrap().0.clone();
+
+    a.ok(&format!("bg {} {K} {N}", hex(topic)));
+    assert!(b.since(0, topic, Mode::Sse, &last), "recovered");
+    a.ok("bg_wait");
+    let resumed = b.expect(0, N - K);
+    assert_eq!(payloads(&resumed), expected(K..N));
+
+    let mut plain = Plain::connect(&url);
+    let kept = plain.stream_messages(&stream, &format!("{prefix}.feed"));
+    let kept = as_read(&epoch_of(&last), &kept);
+    assert_eq!(kept[K..], resumed[..], "the stream's ids");
+    // A resume from the newest id gets nothing but what comes next, live.
+    let newest = resumed.last().unwrap().0.clone();
+    assert!(b.since(1, topic, Mode::WsTextId, &newest));
+    a.seq(topic, N..N + 3);
+    assert_eq!(payloads(&b.expect(1, 3)), expected(N..N + 3));
+    assert_eq!(
+        payloads(&b.expect(0, N - K + 3))[N - K..],
+        expected(N..N + 3)
+    );
+    plain.delete_stream(&stream);
+}
+
+/// With history keeping 5 messages a topic, a resume from an id older than that is not
+/// recovered and gets the 5 kept; one from a kept id is recovered.
+fn resume_from_a_trimmed_id() {
+    let url = nats_url();
+    let prefix = unique_prefix("trim");
+    let stream = stream_of(&prefix);
+    let topic = b"t";
+    let mut a = Agent::start(&url, &prefix, 5);
+    let mut b = Agent::start(&url, &prefix, 5);
+    a.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..20);
+    let all = a.expect(0, 20);
+    let mut plain = Plain::connect(&url);
+    let kept = plain.stream_messages(&stream, &format!("{prefix}.t"));
+    let kept = as_read(&epoch_of(&all[0].0), &kept);
+    assert_eq!(kept, all[15..], "the stream keeps 5");
+
+    assert!(!b.since(0, topic, Mode::Sse, &all[2].0));
+    assert_eq!(b.expect(0, 5), kept);
+    assert!(b.since(1, topic, Mode::Sse, &all[17].0));
+    assert_eq!(b.expect(1, 2), all[18..]);
+    plain.delete_stream(&stream);
+}
+
+/// `subscribe_tail` through a process that never saw the topic gets the stream's last n.
+fn tail_through_another_process() {
+    let url = nats_url();
+    let prefix = unique_prefix("tail");
+    let stream = stream_of(&prefix);
+    let topic = b"log";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    a.seq(topic, 0..30);
+    a.ok("wait_idle");
+    let mut plain = Plain::connect(&url);
+    let subject = format!("{prefix}.log");
+    let start = Instant::now();
+    while plain.stream_messages(&stream, &subject).len() < 30 {
+        assert!(start.elapsed() < T, "the stream never held 30");
+        thread::sleep(Duration::from_millis(10));
+    }
+    b.tail(0, topic, Mode::WsBinaryId, 4);
+    let tail = b.expect(0, 4);
+    assert_eq!(payloads(&tail), expected(26..30));
+    let kept = plain.stream_messages(&stream, &subject);
+    assert_eq!(as_read(&epoch_of(&tail[0].0), &kept)[26..], tail[..]);
+    a.seq(topic, 30..32);
+    assert_eq!(payloads(&b.expect(0, 6))[4..], expected(30..32));
+    plain.delete_stream(&stream);
+}
+
+/// A plain client's PUB on the subject is stored and delivered with its id; a plain core
+/// subscriber sees fdcast's publishes as raw payloads.
+fn plain_clients() {
+    let url = nats_url();
+    let prefix = unique_prefix("plain");
+    let stream = stream_of(&prefix);
+    let topic = b"chat";
+    let subject = format!("{prefix}.chat");
+    let mut b = Agent::start(&url, &prefix, 100);
+    b.tail(0, topic, Mode::Sse, 0);
+    b.ok("wait_idle");
+    let mut raw = Plain::connect(&url);
+    raw.subscribe(&subject, 7);
+
+    let mut plain = Plain::connect(&url);
+    plain.publish(&subject, b"from plain");
+    let got = b.expect(0, 1);
+    assert_eq!(got[0].1, "from plain");
+    let kept = plain.stream_messages(&stream, &subject);
+    assert_eq!(as_read(&epoch_of(&got[0].0), &kept), got);
+    let msg = raw.message();
+    assert_eq!((msg.sid, msg.payload), (7, b"from plain".to_vec()));
+
+    // fdcast's publish, seen by the plain subscriber as its payload alone (its header is
+    // fdcast's own, and a client without headers would not get it).
+    let mut a = Agent::start(&url, &prefix, 100);
+    a.ok(&format!("pub {} {}", hex(topic), hex(b"from fdcast")));
+    let got = b.expect(0, 2);
+    assert_eq!(got[1].1, "from fdcast");
+    let msg = raw.message();
+    assert_eq!((msg.sid, &msg.payload[..]), (7, &b"from fdcast"[..]));
+    assert!(
+        String::from_utf8_lossy(&msg.headers).contains("Fdcast-Origin: "),
+        "{msg:?}"
+    );
+    let kept = plain.stream_messages(&stream, &subject);
+    assert_eq!(as_read(&epoch_of(&got[0].0), &kept), got);
+    plain.delete_stream(&stream);
+}
+
+/// `publish_except` under shared history: the local delivery, one round trip later, skips
+/// the sender; the count is the local subscribers at publish time; no id is known yet.
+fn except_is_honoured() {
+    let url = nats_url();
+    let prefix = unique_prefix("except");
+    let stream = stream_of(&prefix);
+    let topic = b"room";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    a.tail(0, topic, Mode::Sse, 0);
+    a.tail(1, topic, Mode::Sse, 0);
+    b.tail(0, topic, Mode::Sse, 0);
+    let reply = a.ok(&format!("pubx {} {} 1", hex(topic), hex(b"hello")));
+    assert_eq!(
+        reply, "1 -",
+        "one local subscriber besides the sender, no id yet"
+    );
+    let got = a.expect(0, 1);
+    assert_eq!(b.expect(0, 1), got);
+    a.expect_quiet(1, 0);
+    let mut plain = Plain::connect(&url);
+    let kept = plain.stream_messages(&stream, &format!("{prefix}.room"));
+    assert_eq!(as_read(&epoch_of(&got[0].0), &kept), got);
+    plain.delete_stream(&stream);
+}
+
+/// kill -9 of the NATS server (its own, with a store directory) while A publishes, then a
+/// restart on the same port and store: B's reader gets what the stream holds, each once, in
+/// order, and what A publishes after.
+fn reconnect_after_kill() {
+    let mut server = OwnNats::start(true);
+    let url = server.url();
+    let prefix = unique_prefix("kill");
+    let stream = stream_of(&prefix);
+    let topic = b"k";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    b.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..10);
+    assert_eq!(payloads(&b.expect(0, 10)), expected(0..10));
+    const N: usize = 300;
+    a.ok(&format!("bg {} 10 {N}", hex(topic)));
+    thread::sleep(Duration::from_millis(50));
+    server.kill();
+    thread::sleep(Duration::from_millis(200));
+    server.restart();
+    a.ok("bg_wait");
+    a.ok("wait_idle");
+    b.ok("wait_idle");
+    // Publishes after both are back: the consumers resumed.
+    a.seq(topic, N..N + 5);
+    let mut plain = Plain::connect(&url);
+    let subject = format!("{prefix}.k");
+    let start = Instant::now();
+    let kept = loop {
+        let kept = plain.stream_messages(&stream, &subject);
+        if kept
+            .last()
+            .is_some_and(|(_, payload)| *payload == numbered(N + 4))
+        {
+            break kept;
+        }
+        assert!(start.elapsed() < T, "the stream never got the last publish");
+        thread::sleep(Duration::from_millis(20));
+    };
+    let got = b.expect(0, kept.len());
+    assert_eq!(as_read(&epoch_of(&got[0].0), &kept), got);
+    // Lost only what the kill took from A's socket: the rest in order, once.
+    let numbers: Vec<usize> = payloads(&got)
+        .iter()
+        .map(|payload| payload[1..].parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|pair| pair[0] < pair[1]),
+        "{numbers:?}"
+    );
+    assert_eq!(&numbers[..10], &(0..10).collect::<Vec<_>>()[..]);
+    assert!(
+        numbers.ends_with(&(N..N + 5).collect::<Vec<_>>()),
+        "{numbers:?}"
+    );
+    let reconnects: u64 = b.ok("reconnects").parse().unwrap();
+    assert!(reconnects >= 1, "B reconnected");
+    b.expect_quiet(0, kept.len());
+}
+
+/// A server without JetStream: history stays per process (ids at publish time, each
+/// process's own), and messages still cross.
+fn without_jetstream() {
+    let server = OwnNats::start(false);
+    let url = server.url();
+    let prefix = unique_prefix("nojs");
+    let topic = b"plain";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    b.tail(0, topic, Mode::Sse, 0);
+    b.ok("wait_idle");
+    // B's subscription may take a moment to be in effect: publish until B has one.
+    let start = Instant::now();
+    let (got, ids) = {
+        let mut ids = Vec::new();
+        loop {
+            let reply = a.ok(&format!("pubid {} {}", hex(topic), hex(b"x")));
+            let id = reply.split_once(' ').unwrap().1.to_string();
+            assert!(
+                EventId::parse(id.as_bytes()).is_some(),
+                "a local id: {reply}"
+            );
+            ids.push(id);
+            let bytes = unhex(&b.ok("read 0"));
+            let (mode, buffer) = b.got.get_mut(&0).unwrap();
+            buffer.extend_from_slice(&bytes);
+            let got = parse(*mode, buffer);
+            if !got.is_empty() {
+                break (got, ids);
+            }
+            assert!(start.elapsed() < T, "B got nothing");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(got[0].1, "x");
+    assert_ne!(epoch_of(&got[0].0), epoch_of(&ids[0]), "B's own ids");
+}
+
+// ---------------------------------------------------------------------------------------------
+// a NATS server of our own
+// ---------------------------------------------------------------------------------------------
+
+struct OwnNats {
+    child: Option<Child>,
+    port: u16,
+    jetstream: bool,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start(jetstream: bool) -> OwnNats {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique_prefix("store"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = OwnNats {
+            child: None,
+            port,
+            jetstream,
+            dir,
+        };
+        server.restart();
+        server
+    }
+
+    fn restart(&mut self) {
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            command.arg("-js").arg("-sd").arg(&self.dir);
+        }
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < T, "nats-server did not listen");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and waits for it.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
