@@ -6,8 +6,12 @@
 //!   the same error, the same bytes written back, the same subscription state;
 //! - it writes back only CONNECT, PING and PONG, and delivers only subscribed topics.
 //!
-//! Input: byte 0 picks the chunk size (bits 0-5) and whether the session starts open with
-//! subscriptions awaiting their PONG (bit 6); the rest is what the server sends.
+//! - under shared history, it writes only SUB, UNSUB and PUB (with JSON bodies) besides.
+//!
+//! Input: byte 0 picks the chunk size (bits 0-5), whether the session starts open with
+//! subscriptions awaiting their PONG (bit 6), and whether it shares history through JetStream
+//! (bit 7: HMSG, the API's answers, consumers' deliveries, heartbeats and flow control); the
+//! rest is what the server sends.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -895,22 +895,27 @@ fn protocol_error(what: impl Display) -> Error {
 /// server sends, through a fresh protocol, read whole and read in chunks of `bytes[0] % 64 +
 /// 1` bytes, and panics if an invariant breaks: `read` uses no more than it is given, acts
 /// only on whole commands (so both readings end alike: the same messages, errors, replies
-/// and state), writes only CONNECT, PING and PONG, and delivers only subscribed topics.
-/// `bytes[0] & 0x40` starts from an open session with subscriptions awaiting their PONG.
+/// and state), writes only CONNECT, PING and PONG (and, under shared history, SUB, UNSUB and
+/// PUB with their JSON bodies), and delivers only subscribed topics.
+/// `bytes[0] & 0x40` starts from an open session with subscriptions awaiting their PONG;
+/// `bytes[0] & 0x80` shares history (JetStream, inbox `_INBOX.f.`: the API's sid is 1, and
+/// when open, the stream is created and the topics' consumers are sids 2 and 3, their
+/// creations answered by `_INBOX.f.a.2` and `_INBOX.f.a.3`).
 #[doc(hidden)]
 pub fn fuzz_read(bytes: &[u8]) {
     let Some((&control, stream)) = bytes.split_first() else {
         return;
     };
     let open = control & 0x40 != 0;
-    let whole = fuzz_run(stream, stream.len().max(1), open);
-    let chunked = fuzz_run(stream, usize::from(control % 64) + 1, open);
+    let shared = control & 0x80 != 0;
+    let whole = fuzz_run(stream, stream.len().max(1), open, shared);
+    let chunked = fuzz_run(stream, usize::from(control % 64) + 1, open, shared);
     assert_eq!(whole, chunked, "reading in chunks changed the outcome");
 }
 
 #[derive(Debug, PartialEq)]
 struct FuzzOutcome {
-    delivered: Vec<(Vec<u8>, Vec<u8>)>,
+    delivered: Vec<(Vec<u8>, Vec<u8>, Option<super::Stream>)>,
     error: Option<String>,
     written: Vec<u8>,
     unused: Vec<u8>,
@@ -920,7 +925,7 @@ struct FuzzOutcome {
     subscribed: usize,
 }
 
-fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
+fn fuzz_run(stream: &[u8], step: usize, open: bool, shared: bool) -> FuzzOutcome {
     let url = BrokerUrl {
         scheme: "nats".into(),
         user: Some("u".into()),
@@ -931,10 +936,19 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
     };
     let limit = Arc::new(AtomicUsize::new(DEFAULT_MAX_PAYLOAD));
     let mut nats = NatsProtocol::new(&url, "app", limit).expect("a valid URL and prefix");
+    if shared {
+        let history = Arc::new(SharedHistory::default());
+        history.set(crate::history::HistoryLimits {
+            max_messages: 5,
+            ..Default::default()
+        });
+        nats.history = Some(history);
+    }
     let mut received = Vec::new();
     let mut stats = BrokerStats::default();
     let mut scratch = Vec::new();
     nats.start(&mut scratch);
+    nats.js.fix_inbox(b"_INBOX.f.");
     let topics: [&[u8]; 2] = [b"news", b"a b"];
     let mut changes = 0;
     if open {
@@ -942,16 +956,24 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
             received: &mut received,
             stats: &mut stats,
         };
-        let handshake = b"INFO {\"max_payload\":4096}\r\nPONG\r\n";
+        let handshake: &[u8] = if shared {
+            b"INFO {\"max_payload\":4096}\r\nPONG\r\nMSG _INBOX.f.a.1 1 57\r\n\
+              {\"created\":\"2026-12-06T17:50:30Z\",\"state\":{\"last_seq\":3}}\r\n"
+        } else {
+            b"INFO {\"max_payload\":4096}\r\nPONG\r\n"
+        };
         let used = nats.read(handshake, &mut scratch, &mut sink);
         assert!(matches!(used, Ok(n) if n == handshake.len()) && nats.is_open());
         for topic in topics {
             nats.subscribe(topic, &mut scratch);
         }
-        nats.subscribe(b"gone", &mut scratch);
-        nats.unsubscribe(b"gone", &mut scratch);
+        // An unsubscribed topic's mirror is told so on the next read, before what it reads.
+        if !shared {
+            nats.subscribe(b"gone", &mut scratch);
+            nats.unsubscribe(b"gone", &mut scratch);
+        }
         nats.end_of_subscriptions(&mut scratch);
-        changes = 4;
+        changes = if shared { 2 } else { 4 };
         assert_eq!(nats.unconfirmed(), changes);
     }
     let mut input = Vec::new();
@@ -978,7 +1000,8 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
                 break;
             }
         }
-        assert!(nats.unconfirmed() <= changes);
+        // A consumer recreated after a gap is one more change each time.
+        assert!(shared || nats.unconfirmed() <= changes);
         assert!(nats.subscribed() <= topics.len());
     }
     for message in &received {
@@ -991,8 +1014,13 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
         .split(|&b| b == b'\n')
         .filter(|line| !line.is_empty())
     {
+        let js = shared
+            && (line == b"\r"
+                || [&b"SUB "[..], b"UNSUB ", b"PUB ", b"{"]
+                    .iter()
+                    .any(|op| line.starts_with(op)));
         assert!(
-            line == b"PING\r" || line == b"PONG\r" || line.starts_with(b"CONNECT {"),
+            line == b"PING\r" || line == b"PONG\r" || line.starts_with(b"CONNECT {") || js,
             "wrote {:?}",
             String::from_utf8_lossy(line)
         );
@@ -1000,7 +1028,13 @@ fn fuzz_run(stream: &[u8], step: usize, open: bool) -> FuzzOutcome {
     FuzzOutcome {
         delivered: received
             .iter()
-            .map(|message| (message.topic().to_vec(), message.payload().to_vec()))
+            .map(|message| {
+                (
+                    message.topic().to_vec(),
+                    message.payload().to_vec(),
+                    message.stream,
+                )
+            })
             .collect(),
         unused: if error.is_none() { input } else { Vec::new() },
         error,
@@ -1731,6 +1765,47 @@ mod tests {
         }
         engine("nats://127.0.0.1", "app", &limit, history).unwrap();
         assert_eq!(limit.load(Ordering::Relaxed), 1 << 20);
+    }
+
+    #[test]
+    fn the_shared_history_seeds_reach_the_consumers() {
+        let seed = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fuzz/corpus/nats_parse/js_open_deliveries"
+        ))
+        .unwrap();
+        let outcome = fuzz_run(&seed[1..], seed.len(), true, true);
+        assert_eq!(outcome.error, None);
+        let streams: Vec<_> = outcome
+            .delivered
+            .iter()
+            .map(|(topic, _, stream)| (topic.as_slice(), *stream))
+            .collect();
+        // The handshake's stream was created at 2026-12-06T17:50:30Z.
+        let id = |offset| crate::history::EventId {
+            epoch: 1_796_579_430_000_000_000,
+            offset,
+        };
+        let message = |offset| super::super::Stream::Message {
+            id: id(offset),
+            except: None,
+        };
+        use super::super::Stream::{Kept, Synced};
+        assert_eq!(
+            streams,
+            vec![
+                (&b"news"[..], Some(Synced(id(3)))),
+                (b"news", Some(Kept(id(4)))),
+                (b"news", Some(Kept(id(7)))),
+                (b"news", Some(message(9))),
+                // Nothing kept: synced from the newest sequence known when it was asked for.
+                (b"a b", Some(Synced(id(3)))),
+                (b"a b", Some(message(12))),
+            ]
+        );
+        assert!(
+            String::from_utf8_lossy(&outcome.written).contains("PUB $JS.FC.fdcast_app.C1.x 0\r\n")
+        );
     }
 
     #[test]

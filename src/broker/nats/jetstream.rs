@@ -207,6 +207,11 @@ pub(super) struct State {
 }
 
 impl State {
+    /// Uses `inbox` instead of a random one (the fuzz target compares two runs' output).
+    pub(super) fn fix_inbox(&mut self, inbox: &[u8]) {
+        self.inbox = inbox.to_vec();
+    }
+
     /// Whether `sid` is one of this session's consumers.
     pub(super) fn is_consumer(&self, sid: u64) -> bool {
         self.consumers.contains_key(&sid)
@@ -456,6 +461,7 @@ impl NatsProtocol {
         js.on = on;
         js.stream_pending = on;
         js.api_sid = 0;
+        js.next_request = 0;
         js.requests.clear();
         js.consumers.clear();
         // Lost with the connection, as a publish written to it would be.
@@ -797,7 +803,7 @@ impl NatsProtocol {
         let backlog = delivered.saturating_add(pending);
         consumer.backlog = Some(backlog);
         if backlog == 0 {
-            self.start(sid, None, sink);
+            self.start_consumer(sid, None, sink);
         }
         let held = self
             .js
@@ -812,7 +818,7 @@ impl NatsProtocol {
 
     /// Tells the registry where consumer `sid`'s messages start, before its first one
     /// (`first`: its stream sequence; `None` when it found none kept).
-    fn start(&mut self, sid: u64, first: Option<u64>, sink: &mut Sink<'_>) {
+    fn start_consumer(&mut self, sid: u64, first: Option<u64>, sink: &mut Sink<'_>) {
         let js = &mut self.js;
         let Some(consumer) = js.consumers.get_mut(&sid) else {
             return;
@@ -858,7 +864,7 @@ impl NatsProtocol {
             None => return,
         };
         if !started {
-            self.start(sid, Some(delivery.sseq), sink);
+            self.start_consumer(sid, Some(delivery.sseq), sink);
         }
         let js = &mut self.js;
         let Some(consumer) = js.consumers.get(&sid) else {
@@ -903,3 +909,658 @@ fn is_subject(subject: &[u8]) -> bool {
 
 /// The history settings a sharing protocol reads, if any.
 pub(super) type History = Option<Arc<SharedHistory>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BrokerStats;
+    use crate::broker::stream::Protocol;
+    use crate::broker::stream::testing::Feed;
+    use crate::broker::url::BrokerUrl;
+    use crate::history::HistoryLimits;
+    use std::sync::atomic::AtomicUsize;
+
+    const INFO: &[u8] = b"INFO {\"server_id\":\"x\",\"headers\":true,\"max_payload\":1048576}\r\n";
+    const CREATED: &str = "2026-12-06T17:50:30.840370237Z";
+    const EPOCH: u64 = 1_796_579_430_840_370_237;
+
+    fn stream_answer(created: &str) -> String {
+        format!(
+            "{{\"type\":\"io.nats.jetstream.api.v1.stream_create_response\",\"config\":{{\
+             \"name\":\"fdcast_app\",\"subjects\":[\"app.\\u003e\"],\"max_msgs_per_subject\":5,\
+             \"max_age\":0}},\"created\":\"{created}\",\"state\":{{\"messages\":0,\
+             \"first_seq\":1,\"last_seq\":3}},\"did_create\":true}}"
+        )
+    }
+
+    fn msg(subject: &str, sid: u64, reply: &str, payload: &[u8]) -> Vec<u8> {
+        let mut line = format!("MSG {subject} {sid} {reply} {}\r\n", payload.len()).into_bytes();
+        line.extend_from_slice(payload);
+        line.extend_from_slice(b"\r\n");
+        line
+    }
+
+    fn hmsg(subject: &str, sid: u64, reply: &str, headers: &str, payload: &[u8]) -> Vec<u8> {
+        let total = headers.len() + payload.len();
+        let mut line = format!(
+            "HMSG {subject} {sid} {reply} {} {total}\r\n{headers}",
+            headers.len()
+        )
+        .into_bytes();
+        line.extend_from_slice(payload);
+        line.extend_from_slice(b"\r\n");
+        line
+    }
+
+    fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    fn with_history(max_messages: usize) -> (NatsProtocol, Arc<SharedHistory>) {
+        let limit = Arc::new(AtomicUsize::new(1 << 20));
+        let url = BrokerUrl::parse("nats://127.0.0.1", 4222).unwrap();
+        let mut nats = NatsProtocol::new(&url, "app", limit).unwrap();
+        let history = Arc::new(SharedHistory::default());
+        history.set(HistoryLimits {
+            max_messages,
+            ..HistoryLimits::default()
+        });
+        nats.history = Some(Arc::clone(&history));
+        nats.start(&mut Vec::new());
+        (nats, history)
+    }
+
+    fn inbox(nats: &NatsProtocol) -> String {
+        text(&nats.js.inbox)
+    }
+
+    /// A session through its handshake, the stream created (`CREATED`).
+    fn open() -> (NatsProtocol, Feed) {
+        let (mut nats, _) = with_history(5);
+        let mut feed = Feed::default();
+        feed.all(&mut nats, INFO).unwrap();
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        let answer = stream_answer(CREATED);
+        let reply = format!("{}a.1", inbox(&nats));
+        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+        assert!(nats.is_open());
+        feed.out.clear();
+        (nats, feed)
+    }
+
+    fn id(offset: u64) -> EventId {
+        EventId {
+            epoch: EPOCH,
+            offset,
+        }
+    }
+
+    fn streams(feed: &mut Feed) -> Vec<(Vec<u8>, Vec<u8>, Stream)> {
+        feed.received
+            .drain(..)
+            .map(|received| {
+                (
+                    received.topic().to_vec(),
+                    received.payload().to_vec(),
+                    received.stream.expect("a shared message"),
+                )
+            })
+            .collect()
+    }
+
+    fn ack(consumer_seq: u64, stream_seq: u64, pending: u64) -> String {
+        format!("$JS.ACK.fdcast_app.C1.1.{stream_seq}.{consumer_seq}.1796579430840370237.{pending}")
+    }
+
+    /// Subscribes `news` (sid 2) and answers its consumer with `backlog` kept messages.
+    fn consumer(nats: &mut NatsProtocol, feed: &mut Feed, backlog: u64) {
+        let mut out = Vec::new();
+        nats.subscribe(b"news", &mut out);
+        nats.end_of_subscriptions(&mut out);
+        let reply = format!("{}a.2", inbox(nats));
+        let answer = format!(
+            "{{\"type\":\"io.nats.jetstream.api.v1.consumer_create_response\",\"name\":\"C1\",\
+             \"delivered\":{{\"consumer_seq\":0,\"stream_seq\":0}},\"num_pending\":{backlog}}}"
+        );
+        feed.all(nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_handshake_creates_the_stream_and_opens_on_its_answer() {
+        let (mut nats, history) = with_history(5);
+        let mut feed = Feed::default();
+        feed.all(&mut nats, INFO).unwrap();
+        let inbox = inbox(&nats);
+        assert!(inbox.starts_with("_INBOX.") && inbox.len() == 24, "{inbox}");
+        let config = "{\"name\":\"fdcast_app\",\"subjects\":[\"app.>\"],\"retention\":\"limits\",\
+                      \"max_msgs_per_subject\":5,\"max_age\":0,\"storage\":\"file\",\
+                      \"discard\":\"old\",\"num_replicas\":1}";
+        let expected = format!(
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"echo\":false,\"headers\":true,\
+             \"no_responders\":true,\"lang\":\"rust-fdcast\",\"version\":\"{}\",\"protocol\":1}}\r\n\
+             SUB {inbox}a.* 1\r\nPUB $JS.API.STREAM.CREATE.fdcast_app {inbox}a.1 {}\r\n{config}\r\n\
+             PING\r\n",
+            env!("CARGO_PKG_VERSION"),
+            config.len()
+        );
+        assert_eq!(text(&feed.out), expected);
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        assert!(!nats.is_open(), "open once the stream answers");
+        let answer = stream_answer(CREATED);
+        feed.all(
+            &mut nats,
+            &msg(&format!("{inbox}a.1"), 1, "", answer.as_bytes()),
+        )
+        .unwrap();
+        assert!(nats.is_open());
+        assert_eq!(nats.js.epoch, EPOCH);
+        assert_eq!(
+            (
+                nats.js.per_subject,
+                nats.js.stream_first,
+                nats.js.stream_last
+            ),
+            (5, 1, 3)
+        );
+        assert!(!history.is_unavailable());
+    }
+
+    #[test]
+    fn a_stream_made_with_other_limits_is_used_as_it_is() {
+        let (mut nats, history) = with_history(7);
+        let mut feed = Feed::default();
+        feed.all(&mut nats, INFO).unwrap();
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        let inbox = inbox(&nats);
+        feed.out.clear();
+        let refused = "{\"type\":\"io.nats.jetstream.api.v1.stream_create_response\",\"error\":\
+                       {\"code\":400,\"err_code\":10058,\"description\":\"stream name already in \
+                       use with a different configuration\"}}";
+        feed.all(
+            &mut nats,
+            &msg(&format!("{inbox}a.1"), 1, "", refused.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(
+            text(&feed.out),
+            format!("PUB $JS.API.STREAM.INFO.fdcast_app {inbox}a.2 0\r\n\r\n")
+        );
+        assert!(!nats.is_open());
+        let answer = stream_answer(CREATED);
+        feed.all(
+            &mut nats,
+            &msg(&format!("{inbox}a.2"), 1, "", answer.as_bytes()),
+        )
+        .unwrap();
+        assert!(nats.is_open() && nats.js.on);
+        assert_eq!(nats.js.per_subject, 5, "the stream's own limit");
+        assert!(!history.is_unavailable());
+    }
+
+    #[test]
+    fn a_server_without_jetstream_leaves_history_per_process() {
+        for answer in [
+            hmsg("{inbox}a.1", 1, "", "NATS/1.0 503\r\n\r\n", b""),
+            msg(
+                "{inbox}a.1",
+                1,
+                "",
+                b"{\"error\":{\"code\":503,\"err_code\":10039,\"description\":\"jetstream not enabled\"}}",
+            ),
+        ] {
+            let (mut nats, history) = with_history(5);
+            let mut feed = Feed::default();
+            feed.all(&mut nats, INFO).unwrap();
+            feed.all(&mut nats, b"PONG\r\n").unwrap();
+            let answer = text(&answer).replace("{inbox}", &inbox(&nats));
+            feed.all(&mut nats, answer.as_bytes()).unwrap();
+            assert!(nats.is_open() && !nats.js.on);
+            assert!(history.is_unavailable());
+            // Plain NATS core from now on.
+            let mut out = Vec::new();
+            nats.subscribe(b"news", &mut out);
+            assert_eq!(out, b"SUB app.news 2\r\n");
+        }
+    }
+
+    #[test]
+    fn a_topics_consumer_fills_its_mirror_then_delivers() {
+        let (mut nats, mut feed) = open();
+        let inbox = inbox(&nats);
+        let mut out = Vec::new();
+        nats.subscribe(b"news", &mut out);
+        let request = text(&out);
+        assert!(
+            request.starts_with(&format!(
+                "SUB {inbox}d.2 2\r\nPUB $JS.API.CONSUMER.CREATE.fdcast_app {inbox}a.2 "
+            )),
+            "{request}"
+        );
+        assert!(request.contains(&format!(
+            "{{\"stream_name\":\"fdcast_app\",\"config\":{{\"deliver_subject\":\"{inbox}d.2\",\
+             \"filter_subject\":\"app.news\",\"deliver_policy\":\"all\",\"ack_policy\":\"none\",\
+             \"flow_control\":true,\"idle_heartbeat\":5000000000,\"mem_storage\":true,\
+             \"inactive_threshold\":30000000000,\"replay_policy\":\"instant\"}}}}\r\n"
+        )));
+        // A delivery before the answer waits for it.
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 4, 1), b"k4"))
+            .unwrap();
+        assert!(feed.received.is_empty());
+        let answer = "{\"name\":\"C1\",\"delivered\":{\"consumer_seq\":1,\"stream_seq\":4},\
+                      \"num_pending\":1}";
+        feed.all(
+            &mut nats,
+            &msg(&format!("{inbox}a.2"), 1, "", answer.as_bytes()),
+        )
+        .unwrap();
+        feed.all(&mut nats, &msg("app.news", 2, &ack(2, 7, 0), b"k7"))
+            .unwrap();
+        feed.all(&mut nats, &msg("app.news", 2, &ack(3, 9, 0), b"m9"))
+            .unwrap();
+        let news = b"news".to_vec();
+        assert_eq!(
+            streams(&mut feed),
+            vec![
+                (news.clone(), vec![], Stream::Synced(id(3))),
+                (news.clone(), b"k4".to_vec(), Stream::Kept(id(4))),
+                (news.clone(), b"k7".to_vec(), Stream::Kept(id(7))),
+                (
+                    news.clone(),
+                    b"m9".to_vec(),
+                    Stream::Message {
+                        id: id(9),
+                        except: None
+                    }
+                ),
+            ]
+        );
+        assert_eq!(feed.stats.received, 1);
+        // A delivery seen already is skipped.
+        feed.all(&mut nats, &msg("app.news", 2, &ack(3, 9, 0), b"m9"))
+            .unwrap();
+        assert!(feed.received.is_empty());
+    }
+
+    #[test]
+    fn a_topic_with_nothing_kept_is_synced_from_the_streams_newest() {
+        let (mut nats, mut feed) = open();
+        consumer(&mut nats, &mut feed, 0);
+        assert_eq!(
+            streams(&mut feed),
+            vec![(b"news".to_vec(), vec![], Stream::Synced(id(3)))]
+        );
+    }
+
+    #[test]
+    fn own_publishes_carry_the_origin_and_come_back_with_their_except_fd() {
+        let (mut nats, mut feed) = open();
+        let own = Arc::clone(&nats.own);
+        // Published before the topic's interest: history if the consumer finds it kept.
+        let mut encoder = super::super::PubEncoder::new("app", Arc::clone(&own));
+        let mut before = Vec::new();
+        crate::broker::outbound::Encode::encode(
+            &mut encoder,
+            b"",
+            &crate::broker::shared_record(b"news", b"old", None),
+            &mut before,
+        );
+        let origin = text(&own.origin);
+        let header = format!("NATS/1.0\r\nFdcast-Origin: {origin} 1 -\r\n\r\n");
+        assert_eq!(
+            text(&before),
+            format!(
+                "HPUB app.news {} {}\r\n{header}old\r\n",
+                header.len(),
+                header.len() + 3
+            )
+        );
+        crate::broker::outbound::Encode::interest(&mut encoder, b"news", true);
+        let mut after = Vec::new();
+        crate::broker::outbound::Encode::encode(
+            &mut encoder,
+            b"",
+            &crate::broker::shared_record(b"news", b"new", Some(9)),
+            &mut after,
+        );
+        assert!(text(&after).contains(&format!("Fdcast-Origin: {origin} 2 9\r\n")));
+        consumer(&mut nats, &mut feed, 2);
+        feed.received.clear();
+        feed.all(
+            &mut nats,
+            &hmsg("app.news", 2, &ack(1, 5, 1), &header, b"old"),
+        )
+        .unwrap();
+        let header = format!("NATS/1.0\r\nFdcast-Origin: {origin} 2 9\r\n\r\n");
+        feed.all(
+            &mut nats,
+            &hmsg("app.news", 2, &ack(2, 6, 0), &header, b"new"),
+        )
+        .unwrap();
+        // Another registry's header is anybody's message.
+        let header = "NATS/1.0\r\nFdcast-Origin: 0123456789abcdef 3 4\r\n\r\n";
+        feed.all(
+            &mut nats,
+            &hmsg("app.news", 2, &ack(3, 8, 0), header, b"theirs"),
+        )
+        .unwrap();
+        let news = b"news".to_vec();
+        assert_eq!(
+            streams(&mut feed)[1..],
+            [
+                (news.clone(), b"old".to_vec(), Stream::Kept(id(5))),
+                (
+                    news.clone(),
+                    b"new".to_vec(),
+                    Stream::Message {
+                        id: id(6),
+                        except: Some(9)
+                    }
+                ),
+                (
+                    news.clone(),
+                    b"theirs".to_vec(),
+                    Stream::Message {
+                        id: id(8),
+                        except: None
+                    }
+                ),
+            ]
+        );
+        assert_eq!(feed.stats.received, 1, "ours are not received from others");
+    }
+
+    #[test]
+    fn publishes_wait_while_a_consumer_is_created() {
+        let (mut nats, mut feed) = open();
+        let mut out = Vec::new();
+        nats.subscribe(b"news", &mut out);
+        out.clear();
+        nats.publish(b"other", b"x", &mut out);
+        assert!(out.is_empty(), "parked");
+        let reply = format!("{}a.2", inbox(&nats));
+        let answer = "{\"name\":\"C1\",\"delivered\":{\"consumer_seq\":0},\"num_pending\":0}";
+        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+        assert!(text(&feed.out).ends_with("PUB app.other 1\r\nx\r\n"));
+        nats.publish(b"other", b"y", &mut out);
+        assert_eq!(out, b"PUB app.other 1\r\ny\r\n");
+    }
+
+    #[test]
+    fn a_skipped_delivery_recreates_the_consumer_after_the_last_one() {
+        let (mut nats, mut feed) = open();
+        let inbox = inbox(&nats);
+        consumer(&mut nats, &mut feed, 0);
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 10, 0), b"a"))
+            .unwrap();
+        feed.out.clear();
+        // Consumer sequence 2 never came.
+        feed.all(&mut nats, &msg("app.news", 2, &ack(3, 12, 0), b"c"))
+            .unwrap();
+        let out = text(&feed.out);
+        assert!(
+            out.starts_with(&format!(
+                "UNSUB 2\r\nSUB {inbox}d.3 3\r\nPUB $JS.API.CONSUMER.CREATE.fdcast_app {inbox}a.3 "
+            )),
+            "{out}"
+        );
+        assert!(out.contains("\"deliver_policy\":\"by_start_sequence\",\"opt_start_seq\":11"));
+        assert!(out.ends_with("PING\r\n"));
+        // The old subscription's deliveries are no one's now.
+        feed.all(&mut nats, &msg("app.news", 2, &ack(4, 13, 0), b"d"))
+            .unwrap();
+        let reply = format!("{inbox}a.3");
+        let answer = "{\"name\":\"C2\",\"delivered\":{\"consumer_seq\":0},\"num_pending\":3}";
+        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+        for (cseq, sseq, payload) in [(1, 11, b"b"), (2, 12, b"c"), (3, 13, b"d")] {
+            feed.all(&mut nats, &msg("app.news", 3, &ack(cseq, sseq, 0), payload))
+                .unwrap();
+        }
+        let got: Vec<_> = streams(&mut feed)
+            .into_iter()
+            .map(|(_, payload, stream)| (payload, stream))
+            .collect();
+        let message = |offset| Stream::Message {
+            id: id(offset),
+            except: None,
+        };
+        assert_eq!(
+            got,
+            vec![
+                (vec![], Stream::Synced(id(3))),
+                (b"a".to_vec(), message(10)),
+                (b"b".to_vec(), message(11)),
+                (b"c".to_vec(), message(12)),
+                (b"d".to_vec(), message(13)),
+            ]
+        );
+    }
+
+    #[test]
+    fn heartbeats_reveal_lost_deliveries_and_flow_control_is_answered() {
+        let (mut nats, mut feed) = open();
+        let inbox = inbox(&nats);
+        consumer(&mut nats, &mut feed, 0);
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 10, 0), b"a"))
+            .unwrap();
+        feed.out.clear();
+        let deliver = format!("{inbox}d.2");
+        // As the server writes them: no reply subject, two blanks.
+        let heartbeat = |last: u64| {
+            let headers = format!(
+                "NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: {last}\r\n\
+                 Nats-Last-Stream: 16\r\n\r\n"
+            );
+            let n = headers.len();
+            format!("HMSG {deliver} 2  {n} {n}\r\n{headers}\r\n")
+        };
+        let flow = hmsg(
+            &deliver,
+            2,
+            "$JS.FC.fdcast_app.C1.xyz",
+            "NATS/1.0 100 FlowControl Request\r\n\r\n",
+            b"",
+        );
+        feed.all(&mut nats, &flow).unwrap();
+        assert_eq!(text(&feed.out), "PUB $JS.FC.fdcast_app.C1.xyz 0\r\n\r\n");
+        feed.out.clear();
+        feed.all(&mut nats, heartbeat(1).as_bytes()).unwrap();
+        assert!(feed.out.is_empty(), "nothing missed");
+        feed.all(&mut nats, heartbeat(2).as_bytes()).unwrap();
+        let out = text(&feed.out);
+        assert!(out.starts_with("UNSUB 2\r\n"), "{out}");
+        assert!(out.contains("\"opt_start_seq\":11"), "{out}");
+        assert_eq!(feed.stats.malformed, 0);
+    }
+
+    #[test]
+    fn a_reconnect_resumes_each_consumer_after_its_last_delivery() {
+        let (mut nats, mut feed) = open();
+        consumer(&mut nats, &mut feed, 0);
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 10, 0), b"a"))
+            .unwrap();
+        for (created, resumes) in [(CREATED, true), ("2026-12-06T18:00:00Z", false)] {
+            nats.start(&mut Vec::new());
+            let mut feed = Feed::default();
+            feed.all(&mut nats, INFO).unwrap();
+            feed.all(&mut nats, b"PONG\r\n").unwrap();
+            let answer = stream_answer(created);
+            let reply = format!("{}a.1", inbox(&nats));
+            feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
+                .unwrap();
+            let mut out = Vec::new();
+            nats.subscribe(b"news", &mut out);
+            let out = text(&out);
+            // Another stream (created anew): the mirror fills again.
+            assert_eq!(
+                out.contains("\"deliver_policy\":\"by_start_sequence\",\"opt_start_seq\":11"),
+                resumes,
+                "{out}"
+            );
+            assert_eq!(out.contains("\"deliver_policy\":\"all\""), !resumes);
+        }
+    }
+
+    #[test]
+    fn a_resume_past_a_possible_loss_is_a_hole() {
+        let (mut nats, mut feed) = open();
+        consumer(&mut nats, &mut feed, 0);
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 10, 0), b"a"))
+            .unwrap();
+        // The topic holds as many as it may keep (5) when the consumer resumes.
+        nats.start(&mut Vec::new());
+        let mut feed = Feed::default();
+        feed.all(&mut nats, INFO).unwrap();
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        let reply = format!("{}a.1", inbox(&nats));
+        let answer = stream_answer(CREATED);
+        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+        let sid = nats.next_sid;
+        consumer_at(&mut nats, &mut feed, 5);
+        feed.all(&mut nats, &msg("app.news", sid, &ack(1, 20, 4), b"x"))
+            .unwrap();
+        let got: Vec<_> = streams(&mut feed)
+            .into_iter()
+            .map(|(_, _, stream)| stream)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Stream::Hole(id(19)),
+                Stream::Message {
+                    id: id(20),
+                    except: None
+                }
+            ]
+        );
+    }
+
+    /// Subscribes `news` on a session after a reconnect and answers its consumer.
+    fn consumer_at(nats: &mut NatsProtocol, feed: &mut Feed, pending: u64) {
+        let mut out = Vec::new();
+        nats.subscribe(b"news", &mut out);
+        let reply = format!("{}a.2", inbox(nats));
+        let answer = format!(
+            "{{\"name\":\"C3\",\"delivered\":{{\"consumer_seq\":0}},\"num_pending\":{pending}}}"
+        );
+        feed.all(nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_unsubscribed_topic_unsyncs_its_mirror() {
+        let (mut nats, mut feed) = open();
+        consumer(&mut nats, &mut feed, 0);
+        feed.received.clear();
+        let mut out = Vec::new();
+        nats.unsubscribe(b"news", &mut out);
+        assert_eq!(out, b"UNSUB 2\r\n");
+        feed.all(&mut nats, b"PING\r\n").unwrap();
+        assert_eq!(
+            streams(&mut feed),
+            vec![(b"news".to_vec(), vec![], Stream::Unsynced)]
+        );
+        // Its deliveries still in flight are no one's.
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 10, 0), b"a"))
+            .unwrap();
+        assert!(feed.received.is_empty());
+        let mut stats = BrokerStats::default();
+        nats.report(&mut stats);
+    }
+
+    #[test]
+    fn ack_subjects_are_read_in_both_forms() {
+        assert_eq!(
+            super::ack(b"$JS.ACK.s.c.1.16.5.1796580964781583609.2"),
+            Some(Ack {
+                consumer: b"c",
+                stream_seq: 16,
+                consumer_seq: 5,
+                pending: 2
+            })
+        );
+        assert_eq!(
+            super::ack(b"$JS.ACK.dom.HASH.s.c.1.16.5.1796580964781583609.2.tok"),
+            Some(Ack {
+                consumer: b"c",
+                stream_seq: 16,
+                consumer_seq: 5,
+                pending: 2
+            })
+        );
+        for junk in [
+            &b""[..],
+            b"$JS.ACK",
+            b"$JS.ACK.s.c.1.x.5.1.2",
+            b"$JS.ACK.s..1.16.5.1.2",
+            b"$JS.NAK.s.c.1.16.5.1.2",
+            b"_INBOX.x.s.c.1.16.5.1.2",
+            b"$JS.ACK.s.c.1.16.5.1.2.3",
+            b"$JS.ACK.s.c.1.99999999999999999999999.5.1.2",
+        ] {
+            assert_eq!(super::ack(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn headers_give_their_status_and_values() {
+        let headers = Headers::parse(
+            b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 5\r\nnats-last-stream:16 \r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(headers.status, 100);
+        assert_eq!(headers.get(b"nats-last-consumer"), Some(&b"5"[..]));
+        assert_eq!(headers.get(b"Nats-Last-Stream"), Some(&b"16"[..]));
+        assert_eq!(headers.get(b"Nats-Last"), None);
+        let headers = Headers::parse(b"NATS/1.0\r\nFdcast-Origin: a 1 -\r\n\r\n").unwrap();
+        assert_eq!(headers.status, 0);
+        assert_eq!(headers.get(ORIGIN_HEADER), Some(&b"a 1 -"[..]));
+        assert_eq!(Headers::parse(b"NATS/1.0 503\r\n\r\n").unwrap().status, 503);
+        for junk in [
+            &b""[..],
+            b"NATS/1.0",
+            b"HTTP/1.0\r\n\r\n",
+            b"NATS/1.0 5x\r\n",
+        ] {
+            assert!(Headers::parse(junk).is_none(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn created_times_are_read_to_the_nanosecond() {
+        assert_eq!(rfc3339_nanos(CREATED.as_bytes()), Some(EPOCH));
+        assert_eq!(rfc3339_nanos(b"1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_nanos(b"2000-02-29T23:59:59.5Z"),
+            Some(951_868_799_500_000_000)
+        );
+        for junk in [
+            &b""[..],
+            b"2026-12-06",
+            b"2026-12-06T17:50:30",
+            b"2026-12-06T17:50:30.Z",
+            b"2026-12-06T17:50:30.1234567890Z",
+            b"2026-13-06T17:50:30Z",
+            b"2026-12-06T17:50:30+01:00",
+            b"0001-01-01T00:00:00Z",
+        ] {
+            assert_eq!(rfc3339_nanos(junk), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn stream_names_and_configs() {
+        assert_eq!(stream_name(b"app"), b"fdcast_app");
+        assert_eq!(stream_name(b"a.b_c-D9"), b"fdcast_a_2Eb_5Fc-D9");
+        assert_ne!(stream_name(b"a.b"), stream_name(b"a_b"));
+        let config = |limits| text(&stream_config(b"s", b"p\"q", limits));
+        assert!(config((0, 0)).contains("\"max_msgs_per_subject\":1000,\"max_age\":0,"));
+        assert!(config((0, 1500)).contains("\"max_msgs_per_subject\":-1,\"max_age\":1500000000,"));
+        assert!(config((7, 10)).contains("\"max_msgs_per_subject\":7,\"max_age\":10000000,"));
+        assert!(config((0, 0)).contains("\"subjects\":[\"p\\\"q.>\"]"));
+    }
+}
