@@ -592,7 +592,8 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  * payload (see fdcast_mode); FDCAST_RAW, FDCAST_WS_TEXT and FDCAST_WS_BINARY frames are
  * unchanged. Publishes to one topic with history are serialized with each other
  * (publishes to other topics still run in parallel). Ids are per process (a broker's other
- * processes number the same messages their own way), except with a Redis broker:
+ * processes number the same messages their own way), except with a Redis broker, or a
+ * NATS broker whose server runs JetStream:
  *
  * Shared history (a `redis://` broker, Redis 7+, with history on): a topic's history is
  * the Redis stream at key `<name><topic>`, each entry's payload in its field `d`, and ids
@@ -602,10 +603,24 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  * topic's channel and SPUBLISHes `<id> <payload>` on the same name in the shard channel
  * space, in one script; every process (the publisher included, when Redis answers)
  * delivers the topic's messages in the stream's order with its ids, keeping a mirror of its
- * newest entries under these limits. PostgreSQL, NATS and Redis Cluster brokers keep
- * history per process. Switching history on or off while a Redis broker is enabled starts
- * the broker's session anew (publishes in flight are dropped); enabling or disabling a
- * Redis broker with history on starts every topic's history anew.
+ * newest entries under these limits.
+ *
+ * Shared history through NATS JetStream (a `nats://` or `tls://` broker whose server runs
+ * JetStream, with history on): one stream, `fdcast_<name>` (bytes of `name` outside
+ * `A-Z a-z 0-9 -` written `_XX`), keeps every topic's subject `<name>.<topic>`, at most
+ * max_messages per topic (max_msgs_per_subject; with no count limit, max_age_ms only; with
+ * neither, 1000); the stream's first creator sets its limits. Ids are
+ * `<stream creation time in ns>-<stream sequence>`, the same in every process, sparse per
+ * topic. A publish is an HPUB with the header `Fdcast-Origin` (this registry and the except
+ * fd) that comes back through this process's consumer to be delivered here, in the
+ * stream's order. A resume from an id older than the topic's oldest kept message is not
+ * recovered (the stream cannot tell it from a loss). A server without JetStream leaves
+ * history per process.
+ *
+ * PostgreSQL and Redis Cluster brokers keep history per process. Switching history on or
+ * off while a Redis or NATS broker is enabled starts the broker's session anew (publishes
+ * in flight are dropped); enabling or disabling a Redis or NATS broker with history on
+ * starts every topic's history anew.
  *
  * Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
  *
@@ -631,8 +646,9 @@ int fdcast_set_history(struct fdcast *fc, size_t max_messages, size_t max_bytes,
 /**
  * fdcast_publish_except(), which also writes the id the topic's history gave the message
  * into `id_out`, as NUL-terminated text (e.g. "42-7", what SSE clients send back as
- * Last-Event-ID), or "" when history is off. Under shared history (a Redis broker, see
- * fdcast_set_history()) it writes "" as well: Redis gives the id, one round trip later,
+ * Last-Event-ID), or "" when history is off. Under shared history (a Redis broker, or NATS
+ * with JetStream, see fdcast_set_history()) it writes "" as well: the stream gives the id,
+ * one round trip later,
  * when the message is also delivered to this process's subscribers (which the return
  * value counts already). `id_out` must hold FDCAST_MAX_EVENT_ID_LEN + 1 bytes;
  * `id_out_len` says how many it holds.
@@ -944,7 +960,11 @@ int fdcast_set_gap_callback(struct fdcast *fc, fdcast_gap_fn on_gap, void *user)
  * through Redis streams: a publish then reaches this process's subscribers too only when
  * Redis has given it its id (one round trip, in the stream's order), and the session
  * loads two scripts (SCRIPT LOAD) and subscribes topics' id channels (SSUBSCRIBE): Redis 7
- * or later, with scripting allowed. See fdcast_set_history().
+ * or later, with scripting allowed. A NATS broker shares it through JetStream when the
+ * server runs it: its session then creates (or finds) the stream `fdcast_<name>`, asks for
+ * headers, publishes with HPUB, and creates a consumer per topic subscribed; a publish
+ * reaches this process's subscribers when its consumer delivers it back (one round trip).
+ * See fdcast_set_history().
  *
  * Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
  * parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad

@@ -22,12 +22,19 @@
 //! CONNECT says `"echo":false`: the server never delivers a connection's own publishes to
 //! that connection's subscriptions (NATS 1.2 and later), so nothing that arrives is ours and
 //! `ignored` stays 0. (The field is `echo`; a `no_echo` field would be ignored by the server,
-//! and our publishes would come back.)
+//! and our publishes would come back.) Under shared history our publishes do come back, on
+//! purpose, through our JetStream consumers: that is when this process delivers them.
+//!
+//! # Shared history
+//! With history on, the session shares it through JetStream (`jetstream`): CONNECT asks for
+//! headers (`HMSG`) and for a 503 status when the API has no responders, the handshake makes
+//! sure the stream exists, publishes go out as `HPUB` with our origin header, and a topic is
+//! subscribed through a push consumer instead of its subject.
 //!
 //! # What a hostile server cannot do
-//! Make us buffer without bound (a control line has at most 8 KiB, an INFO 64 KiB; a MSG
-//! claiming more than 64 MiB, or twice the server's own `max_payload`, is refused before it
-//! is buffered), or make us panic (every field is parsed with checks; `fuzz_read` runs the
+//! Make us buffer without bound (a control line has at most 8 KiB, an INFO 64 KiB; a MSG or
+//! HMSG claiming more than 64 MiB, or twice the server's own `max_payload`, is refused before
+//! it is buffered), or make us panic (every field is parsed with checks; `fuzz_read` runs the
 //! parser on arbitrary bytes).
 
 #![forbid(unsafe_code)]

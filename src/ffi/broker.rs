@@ -89,7 +89,11 @@ pub struct fdcast_broker_stats {
 /// through Redis streams: a publish then reaches this process's subscribers too only when
 /// Redis has given it its id (one round trip, in the stream's order), and the session
 /// loads two scripts (SCRIPT LOAD) and subscribes topics' id channels (SSUBSCRIBE): Redis 7
-/// or later, with scripting allowed. See fdcast_set_history().
+/// or later, with scripting allowed. A NATS broker shares it through JetStream when the
+/// server runs it: its session then creates (or finds) the stream `fdcast_<name>`, asks for
+/// headers, publishes with HPUB, and creates a consumer per topic subscribed; a publish
+/// reaches this process's subscribers when its consumer delivers it back (one round trip).
+/// See fdcast_set_history().
 ///
 /// Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
 /// parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad

@@ -82,8 +82,9 @@ impl Registry {
     /// each topic's epoch and applies the new limits to what it keeps.
     ///
     /// With a Redis broker enabled, history is shared across processes through Redis
-    /// streams (registry/shared.rs): ids are the streams'. Switching history on or off then
-    /// starts the broker's session anew.
+    /// streams; with a NATS broker whose server runs JetStream, through one JetStream stream
+    /// (registry/shared.rs): ids are the streams'. Switching history on or off then starts
+    /// the broker's session anew.
     pub fn set_history(&self, limits: HistoryLimits) {
         let switched = {
             let mut histories = self.histories.write();

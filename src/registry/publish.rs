@@ -150,8 +150,8 @@ impl Registry {
 
     /// [`Registry::publish_except`], which also returns the id the topic's history gave the
     /// message (`None` when history is off; see [`Registry::set_history`]; `None` too under
-    /// shared history, where Redis gives the id later, as the message comes back to be
-    /// delivered here).
+    /// shared history, where the stream (Redis, NATS JetStream) gives the id later, as the
+    /// message comes back to be delivered here).
     pub fn publish_with_id(
         &self,
         topic: &[u8],

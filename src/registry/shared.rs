@@ -1,13 +1,15 @@
-//! History shared across processes (a Redis broker with history on): the registry's side.
+//! History shared across processes (a Redis broker, or a NATS broker with JetStream, with
+//! history on): the registry's side.
 //!
-//! The engine numbers nothing itself: the stream does (broker/redis/shared.rs). A publish
-//! here is not delivered at once; it goes to the broker, which hands it back with its stream
-//! id when Redis has added it, in the server's order among other processes' messages. Every
-//! message with an id is kept in the topic's *mirror* (a shared ring) and fanned out under
-//! the mirror's lock, as a local publish with history is, so replay and live never overlap
-//! or gap. A mirror is *synced* once the engine filled it from the stream after subscribing
-//! the topic's id channel, and stays so while the channel stays subscribed (a reconnect
-//! fetches what it missed); a resume on a mirror not synced yet waits for the fill.
+//! The engine numbers nothing itself: the stream does (broker/redis/shared.rs,
+//! broker/nats/jetstream.rs). A publish here is not delivered at once; it goes to the
+//! broker, which hands it back with its stream id when the stream has added it, in the
+//! server's order among other processes' messages. Every message with an id is kept in the
+//! topic's *mirror* (a shared ring) and fanned out under the mirror's lock, as a local
+//! publish with history is, so replay and live never overlap or gap. A mirror is *synced*
+//! once the engine filled it from the stream after subscribing the topic (its id channel, its
+//! consumer), and stays so while the topic stays subscribed (a reconnect fetches what it
+//! missed); a resume on a mirror not synced yet waits for the fill.
 
 #![forbid(unsafe_code)]
 

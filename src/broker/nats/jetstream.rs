@@ -19,14 +19,25 @@
 //!   deliveries twice). The first consumer of a topic starts from the topic's oldest kept
 //!   message: its create answer says how many it had then (`delivered.consumer_seq +
 //!   num_pending`), and those are the mirror's fill (`Stream::Kept`); what follows, and our
-//!   own publishes made after the topic's interest was queued, are messages. Deliveries that
-//!   arrive before the answer are held until it.
+//!   own publishes made after the topic's interest was queued, are messages. Deliveries are
+//!   held until the answer and, for a fill, until the fill is whole (its last kept message
+//!   delivered, or none left pending), so that a resume waiting for the mirror finds all of
+//!   it.
 //! - Every delivery's reply subject (`$JS.ACK.…`) carries its stream and consumer sequences.
 //!   A consumer sequence that skips (a delivery lost), or an idle heartbeat naming a later
 //!   one, recreates the consumer from the last stream sequence delivered plus one; so does
 //!   every reconnect (`by_start_sequence`), so nothing is delivered twice or skipped.
 //! - The stream's `created` time, in nanoseconds, is the ids' epoch: a stream deleted and
 //!   created again gets another, and an old id never resumes into it.
+//!
+//! What JetStream does not let us know: whether messages of a topic were discarded (by its
+//! per-subject limit) before the consumer delivered them. Stream sequences are shared by all
+//! topics, so a jump says nothing; the consumer's own sequence counts deliveries, not
+//! messages. Hence a fill's first message is where the mirror's coverage starts (an older id
+//! is reported not recovered), a resumed consumer reports a hole only when a loss was
+//! possible (the topic held its limit, or the stream's first sequence passed the last one
+//! delivered), and a burst over the limit that outruns a consumer reaches its readers
+//! incomplete, undetected (documented in the README).
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -151,6 +162,8 @@ enum Request {
 struct Delivery {
     sseq: u64,
     cseq: u64,
+    /// What the consumer had left to deliver after it.
+    pending: u64,
     payload: Vec<u8>,
     own: Option<(u64, Option<RawFd>)>,
 }
@@ -168,6 +181,9 @@ struct Consumer {
     /// Consumer sequences up to this are the topic's messages kept when it was created; known
     /// from its create answer.
     backlog: Option<u64>,
+    /// Its deliveries are handed on as they come: the answer is in, and the fill whole.
+    filled: bool,
+    /// Deliveries until then.
     held: Vec<Delivery>,
     /// The last consumer sequence seen.
     cseq: u64,
@@ -660,6 +676,7 @@ impl NatsProtocol {
                 mark,
                 stream_last: self.js.stream_last,
                 backlog: None,
+                filled: false,
                 held: Vec::new(),
                 cseq: 0,
                 started: false,
@@ -716,20 +733,21 @@ impl NatsProtocol {
         let delivery = Delivery {
             sseq: ack.stream_seq,
             cseq: ack.consumer_seq,
+            pending: ack.pending,
             payload: Vec::new(),
             own,
         };
         let Some(consumer) = self.js.consumers.get_mut(&sid) else {
             return;
         };
-        if consumer.backlog.is_none() {
-            consumer.held.push(Delivery {
-                payload: payload.to_vec(),
-                ..delivery
-            });
-            return;
+        if consumer.filled {
+            return self.consume(sid, &delivery, payload, sink);
         }
-        self.consume(sid, &delivery, payload, sink);
+        consumer.held.push(Delivery {
+            payload: payload.to_vec(),
+            ..delivery
+        });
+        self.release_held(sid, sink);
     }
 
     /// A message on a consumer's subject without an ack subject: an idle heartbeat, or a
@@ -800,17 +818,35 @@ impl NatsProtocol {
         let Some(consumer) = self.js.consumers.get_mut(&sid) else {
             return;
         };
-        let backlog = delivered.saturating_add(pending);
-        consumer.backlog = Some(backlog);
-        if backlog == 0 {
+        consumer.backlog = Some(delivered.saturating_add(pending));
+        self.release_held(sid, sink);
+    }
+
+    /// Hands on consumer `sid`'s held deliveries once its create answer is in and, for a
+    /// fill, once the fill is whole: its last kept message delivered (or none left pending,
+    /// should some have been discarded meanwhile), so that a resume waiting for the mirror
+    /// finds all of it.
+    fn release_held(&mut self, sid: u64, sink: &mut Sink<'_>) {
+        let Some(consumer) = self.js.consumers.get_mut(&sid) else {
+            return;
+        };
+        let Some(backlog) = consumer.backlog else {
+            return;
+        };
+        let whole = consumer.resume.is_some()
+            || backlog == 0
+            || consumer
+                .held
+                .last()
+                .is_some_and(|last| last.cseq >= backlog || last.pending == 0);
+        if !whole {
+            return;
+        }
+        consumer.filled = true;
+        let held = std::mem::take(&mut consumer.held);
+        if backlog == 0 && consumer.resume.is_none() {
             self.start_consumer(sid, None, sink);
         }
-        let held = self
-            .js
-            .consumers
-            .get_mut(&sid)
-            .map(|consumer| std::mem::take(&mut consumer.held))
-            .unwrap_or_default();
         for delivery in &held {
             self.consume(sid, delivery, &delivery.payload, sink);
         }
@@ -1155,6 +1191,7 @@ mod tests {
             &msg(&format!("{inbox}a.2"), 1, "", answer.as_bytes()),
         )
         .unwrap();
+        assert!(feed.received.is_empty(), "the fill is not whole yet");
         feed.all(&mut nats, &msg("app.news", 2, &ack(2, 7, 0), b"k7"))
             .unwrap();
         feed.all(&mut nats, &msg("app.news", 2, &ack(3, 9, 0), b"m9"))
