@@ -477,6 +477,11 @@ struct Plain {
 
 impl Plain {
     fn connect(url: &str) -> Plain {
+        Plain::connect_with(url, true)
+    }
+
+    /// A client that asks for headers or not (HMSG, or the payload alone).
+    fn connect_with(url: &str, headers: bool) -> Plain {
         let address = url.trim_start_matches("nats://").to_string();
         let stream = TcpStream::connect(&address).expect("the NATS server answers");
         let inbox = format!("_INBOX.plain{}", unique_prefix("p"));
@@ -487,7 +492,7 @@ impl Plain {
             next: 0,
         };
         let command = format!(
-            "CONNECT {{\"verbose\":false,\"headers\":true,\"no_responders\":true}}\r\n\
+            "CONNECT {{\"verbose\":false,\"headers\":{headers},\"no_responders\":{headers}}}\r\n\
              SUB {}.* 1\r\nPING\r\n",
             plain.inbox
         );
@@ -853,6 +858,8 @@ fn plain_clients() {
     b.ok("wait_idle");
     let mut raw = Plain::connect(&url);
     raw.subscribe(&subject, 7);
+    let mut old = Plain::connect_with(&url, false);
+    old.subscribe(&subject, 8);
 
     let mut plain = Plain::connect(&url);
     plain.publish(&subject, b"from plain");
@@ -861,7 +868,8 @@ fn plain_clients() {
     let kept = plain.stream_messages(&stream, &subject);
     assert_eq!(as_read(&epoch_of(&got[0].0), &kept), got);
     let msg = raw.message();
-    assert_eq!((msg.sid, msg.payload), (7, b"from plain".to_vec()));
+    assert_eq!((msg.sid, &msg.payload[..]), (7, &b"from plain"[..]));
+    assert_eq!(old.message().payload, b"from plain");
 
     // fdcast's publish, seen by the plain subscriber as its payload alone (its header is
     // fdcast's own, and a client without headers would not get it).
@@ -874,6 +882,12 @@ fn plain_clients() {
     assert!(
         String::from_utf8_lossy(&msg.headers).contains("Fdcast-Origin: "),
         "{msg:?}"
+    );
+    // A client without headers gets a plain MSG with the payload alone.
+    let msg = old.message();
+    assert_eq!(
+        (msg.sid, &msg.payload[..], msg.headers.len()),
+        (8, &b"from fdcast"[..], 0)
     );
     let kept = plain.stream_messages(&stream, &subject);
     assert_eq!(as_read(&epoch_of(&got[0].0), &kept), got);

@@ -558,10 +558,10 @@ impl Protocol for NatsProtocol {
             return;
         };
         self.topics.remove(&sid);
-        self.unsubscribed_shared(sid, topic);
         out.extend_from_slice(b"UNSUB ");
         write_decimal(out, sid);
         out.extend_from_slice(b"\r\n");
+        self.unsubscribed_shared(sid, topic, out);
         self.unpinged += 1;
         self.unconfirmed += 1;
     }

@@ -156,6 +156,8 @@ enum Request {
     StreamInfo,
     /// A consumer's creation, by its subscription's sid.
     Consumer(u64),
+    /// A consumer's deletion (its answer changes nothing).
+    Delete,
 }
 
 /// A delivery held until its consumer's create answer.
@@ -171,6 +173,8 @@ struct Delivery {
 /// One topic's consumer, by the sid of its deliver subject.
 struct Consumer {
     topic: Box<[u8]>,
+    /// The server's name for it, from its create answer.
+    name: Option<Box<[u8]>>,
     /// Resumed after this stream sequence (after a reconnect or a gap); `None`: it fills the
     /// topic's mirror from the oldest kept message.
     resume: Option<u64>,
@@ -509,6 +513,18 @@ impl NatsProtocol {
 
     /// `PUB $JS.API.<api><stream> <inbox>a.<n> <len>` and the body.
     fn request(&mut self, api: &[u8], request: Request, body: &[u8], out: &mut Vec<u8>) {
+        self.request_on(api, b"", request, body, out);
+    }
+
+    /// `request`, with `.<suffix>` after the stream's name when `suffix` is not empty.
+    fn request_on(
+        &mut self,
+        api: &[u8],
+        suffix: &[u8],
+        request: Request,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) {
         let js = &mut self.js;
         js.next_request += 1;
         let n = js.next_request;
@@ -516,6 +532,10 @@ impl NatsProtocol {
         out.extend_from_slice(b"PUB $JS.API.");
         out.extend_from_slice(api);
         out.extend_from_slice(&js.stream);
+        if !suffix.is_empty() {
+            out.push(b'.');
+            out.extend_from_slice(suffix);
+        }
         out.push(b' ');
         out.extend_from_slice(&js.inbox);
         out.extend_from_slice(b"a.");
@@ -560,6 +580,7 @@ impl NatsProtocol {
                     self.jetstream_unavailable();
                 }
             }
+            Request::Delete => {}
             Request::Consumer(sid) => {
                 if error {
                     sink.stats.malformed += 1;
@@ -672,6 +693,7 @@ impl NatsProtocol {
             sid,
             Consumer {
                 topic: Box::from(topic),
+                name: None,
                 resume,
                 mark,
                 stream_last: self.js.stream_last,
@@ -685,12 +707,21 @@ impl NatsProtocol {
         self.request(b"CONSUMER.CREATE.", Request::Consumer(sid), &body, out);
     }
 
-    /// A topic unsubscribed: its consumer goes (the server drops it once nobody listens),
-    /// and its mirror no longer follows (told on the next read).
-    pub(super) fn unsubscribed_shared(&mut self, sid: u64, topic: &[u8]) {
-        if self.js.consumers.remove(&sid).is_some() {
+    /// A topic unsubscribed: its consumer goes, and its mirror no longer follows (told on
+    /// the next read).
+    pub(super) fn unsubscribed_shared(&mut self, sid: u64, topic: &[u8], out: &mut Vec<u8>) {
+        if let Some(consumer) = self.js.consumers.remove(&sid) {
+            self.delete_consumer(&consumer, out);
             self.js.last.remove(topic);
             self.js.unsynced.push(Box::from(topic));
+        }
+    }
+
+    /// Deletes a consumer we no longer read, once its name is known (the server would drop
+    /// it anyway once nobody listened for its inactive threshold).
+    fn delete_consumer(&mut self, consumer: &Consumer, out: &mut Vec<u8>) {
+        if let Some(name) = consumer.name.as_deref().filter(|name| is_token(name)) {
+            self.request_on(b"CONSUMER.DELETE.", name, Request::Delete, b"", out);
         }
     }
 
@@ -793,6 +824,7 @@ impl NatsProtocol {
         out.extend_from_slice(b"UNSUB ");
         write_decimal(out, sid);
         out.extend_from_slice(b"\r\n");
+        self.delete_consumer(&consumer, out);
         self.unpinged += 1;
         self.unconfirmed += 1;
         let resume = if consumer.started {
@@ -818,6 +850,7 @@ impl NatsProtocol {
         let Some(consumer) = self.js.consumers.get_mut(&sid) else {
             return;
         };
+        consumer.name = json_field(body, b"name").and_then(json_text).map(Box::from);
         consumer.backlog = Some(delivered.saturating_add(pending));
         self.release_held(sid, sink);
     }
@@ -941,6 +974,11 @@ impl NatsProtocol {
 /// A subject we may publish to: printable ASCII, no blank.
 fn is_subject(subject: &[u8]) -> bool {
     !subject.is_empty() && subject.iter().all(|&b| (0x21..=0x7e).contains(&b))
+}
+
+/// A subject token: a subject without dots or wildcards.
+fn is_token(token: &[u8]) -> bool {
+    is_subject(token) && !token.iter().any(|b| b".*>".contains(b))
 }
 
 /// The history settings a sharing protocol reads, if any.
@@ -1339,7 +1377,8 @@ mod tests {
         let out = text(&feed.out);
         assert!(
             out.starts_with(&format!(
-                "UNSUB 2\r\nSUB {inbox}d.3 3\r\nPUB $JS.API.CONSUMER.CREATE.fdcast_app {inbox}a.3 "
+                "UNSUB 2\r\nPUB $JS.API.CONSUMER.DELETE.fdcast_app.C1 {inbox}a.3 0\r\n\r\n\
+                 SUB {inbox}d.3 3\r\nPUB $JS.API.CONSUMER.CREATE.fdcast_app {inbox}a.4 "
             )),
             "{out}"
         );
@@ -1348,7 +1387,7 @@ mod tests {
         // The old subscription's deliveries are no one's now.
         feed.all(&mut nats, &msg("app.news", 2, &ack(4, 13, 0), b"d"))
             .unwrap();
-        let reply = format!("{inbox}a.3");
+        let reply = format!("{inbox}a.4");
         let answer = "{\"name\":\"C2\",\"delivered\":{\"consumer_seq\":0},\"num_pending\":3}";
         feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
             .unwrap();
@@ -1495,7 +1534,13 @@ mod tests {
         feed.received.clear();
         let mut out = Vec::new();
         nats.unsubscribe(b"news", &mut out);
-        assert_eq!(out, b"UNSUB 2\r\n");
+        assert_eq!(
+            text(&out),
+            format!(
+                "UNSUB 2\r\nPUB $JS.API.CONSUMER.DELETE.fdcast_app.C1 {}a.3 0\r\n\r\n",
+                inbox(&nats)
+            )
+        );
         feed.all(&mut nats, b"PING\r\n").unwrap();
         assert_eq!(
             streams(&mut feed),
