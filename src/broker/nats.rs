@@ -616,8 +616,13 @@ impl Protocol for NatsProtocol {
     }
 
     /// Once HOLD_AFTER publishes are written since the last PING, a PING: until its PONG,
-    /// new publishes wait (`holding_publishes`) and then go out together.
+    /// new publishes wait (`holding_publishes`) and then go out together. `always` (a
+    /// disable) sends the parked ones too (see `jetstream`).
     fn end_of_publishes(&mut self, out: &mut Vec<u8>, always: bool) {
+        if always {
+            // The last word (a disable): parked publishes go now, consumer or not.
+            out.append(&mut self.js.parked);
+        }
         if self.unpinged_publishes == 0
             || (!always && self.unpinged_publishes < super::stream::HOLD_AFTER)
         {

@@ -222,8 +222,9 @@ pub(super) struct State {
     last: HashMap<Box<[u8]>, u64>,
     /// Topics unsubscribed, whose mirrors are to be told so.
     unsynced: Vec<Box<[u8]>>,
-    /// Publishes written while a consumer's creation was awaited, sent once none is.
-    parked: Vec<u8>,
+    /// Publishes written while a consumer's creation was awaited, sent once none is (or at a
+    /// disable).
+    pub(super) parked: Vec<u8>,
 }
 
 impl State {
@@ -1361,6 +1362,19 @@ mod tests {
         assert!(text(&feed.out).ends_with("PUB app.other 1\r\nx\r\n"));
         nats.publish(b"other", b"y", &mut out);
         assert_eq!(out, b"PUB app.other 1\r\ny\r\n");
+    }
+
+    #[test]
+    fn a_disable_sends_the_parked_publishes() {
+        let (mut nats, _) = open();
+        let mut out = Vec::new();
+        nats.subscribe(b"news", &mut out);
+        out.clear();
+        nats.publish(b"other", b"x", &mut out);
+        nats.end_of_publishes(&mut out, false);
+        assert!(out.is_empty(), "parked");
+        nats.end_of_publishes(&mut out, true);
+        assert_eq!(out, b"PUB app.other 1\r\nx\r\nPING\r\n");
     }
 
     #[test]
