@@ -148,8 +148,12 @@ impl Registry {
             return false;
         };
         // Interest is a set on the engine's side: asking again for a topic subscribed is a
-        // no-op, and the topic's first local subscriber will ask once more.
+        // no-op, and the topic's first local subscriber will ask once more. Asked under the
+        // index's write lock, as every change of interest is, so that it is ordered with
+        // them.
+        let index = self.write_index();
         broker.interest(topic, true);
+        drop(index);
         broker.kick(&self.reactor);
         let deadline = Instant::now() + MIRROR_WAIT;
         loop {
@@ -180,12 +184,16 @@ impl Registry {
     /// local subscriber now. Under the index's write lock, as every change of interest is.
     pub(super) fn release_mirror(&self, topic: &[u8]) {
         let index = self.write_index();
-        if index.subscribers_into(topic, &mut []) == 0
-            && let Some(broker) = self.broker.read().clone()
+        let broker = self.broker.read().clone();
+        if let Some(broker) = &broker
+            && index.subscribers_into(topic, &mut []) == 0
         {
             broker.interest(topic, false);
         }
         drop(index);
+        if let Some(broker) = broker {
+            broker.kick(&self.reactor);
+        }
     }
 
     /// History was set: a switch on or off while a sharing broker is installed starts its
