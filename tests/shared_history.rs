@@ -643,6 +643,8 @@ fn ids_are_the_streams() {
     a.tail(0, topic, Mode::Sse, 0);
     const N: usize = 200;
     a.seq(topic, 0..N);
+    // Every publish answered: all are in the stream.
+    a.ok("wait_idle");
 
     let key = [prefix.as_bytes(), topic].concat();
     let stream = Plain::connect(&url).xrange(&key);
