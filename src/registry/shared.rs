@@ -68,14 +68,15 @@ impl Registry {
         Ok(matched)
     }
 
-    /// A message or note of shared history, as the engine received it.
+    /// A message or note of shared history, as the engine received it; returns whether it
+    /// was a message delivered (not one seen already, nor a note or a fill's entry).
     pub(super) fn deliver_streamed(
         &self,
         topic: &[u8],
         payload: &[u8],
         stream: Stream,
         policy: WritePolicy,
-    ) {
+    ) -> bool {
         let ring = if self.history_on.load(Ordering::Relaxed) {
             self.topic_history(topic)
         } else {
@@ -85,8 +86,9 @@ impl Registry {
             // History was turned off meanwhile: a message is delivered as any other.
             if let Stream::Message { except, .. } = stream {
                 let _ = self.deliver_with(topic, payload, except, policy);
+                return true;
             }
-            return;
+            return false;
         };
         let now = Instant::now();
         let mut ring = ring.lock();
@@ -94,7 +96,7 @@ impl Registry {
             Stream::Message { id, except } => {
                 if !ring.is_new(id) {
                     // Seen already: a fill brought it, or it is our own echo.
-                    return;
+                    return false;
                 }
                 let message = Message {
                     topic,
@@ -114,6 +116,7 @@ impl Registry {
                 ring.push_shared(id, Arc::from(payload), payload.len(), now);
                 drop(ring);
                 self.settle(topic, outcomes);
+                return true;
             }
             Stream::Kept(id) => {
                 ring.push_shared(id, Arc::from(payload), payload.len(), now);
@@ -122,6 +125,7 @@ impl Registry {
             Stream::Hole(id) => ring.hole_until(id),
             Stream::Unsynced => ring.unsync(),
         }
+        false
     }
 
     /// Before a resume on a shared mirror: makes sure the topic's id channel is subscribed,
