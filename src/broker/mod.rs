@@ -676,6 +676,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn history_settings_tell_a_switch_from_new_limits() {
+        let history = SharedHistory::default();
+        let limits = |max_messages, age_ms| HistoryLimits {
+            max_messages,
+            max_age: (age_ms > 0).then(|| Duration::from_millis(age_ms)),
+            ..HistoryLimits::default()
+        };
+        assert!(!history.is_on());
+        assert!(history.set(limits(5, 0)), "on");
+        assert!(!history.set(limits(7, 250)), "new limits");
+        assert_eq!(history.limits(), (7, 250));
+        assert!(history.is_on());
+        assert!(history.set(limits(0, 0)), "off");
+        assert!(!history.set(limits(0, 0)));
+        assert!(!history.is_on());
+
+        let handoff = Handoff::default();
+        assert!(
+            !handoff.set_history(limits(5, 0)),
+            "no sharing broker installed"
+        );
+        assert!(!handoff.shares_history());
+        let record = shared_record(b"topic", b"pay load", Some(7));
+        assert_eq!(
+            split_shared_record(&record),
+            Some((&b"topic"[..], Some(7), &b"pay load"[..]))
+        );
+        let record = shared_record(b"t", b"", None);
+        assert_eq!(
+            split_shared_record(&record),
+            Some((&b"t"[..], None, &b""[..]))
+        );
+        assert_eq!(split_shared_record(&record[..3]), None);
+    }
+
+    #[test]
     fn the_scheme_picks_the_engine() {
         assert!(matches!(
             Scheme::of("postgresql://h/db"),
