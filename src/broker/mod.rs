@@ -232,6 +232,12 @@ pub(crate) trait Engine: Send {
     fn connect_timeout(&self) -> Duration {
         DEFAULT_CONNECT_TIMEOUT
     }
+    /// Whether the engine shares history across processes when history is on: it then
+    /// takes shared publishes ([`Handoff::push_shared_publish`]) and reports what it
+    /// receives with [`Stream`] notes, in the order its server gave them.
+    fn shares_history(&self) -> bool {
+        false
+    }
     /// History was turned on or off: an engine that shares history starts a new session,
     /// which subscribes and publishes the new way.
     fn history_switched(&mut self, _reactor: &Reactor) {}
@@ -290,7 +296,7 @@ pub(crate) struct Handoff {
     generation: AtomicU64,
     /// The registry's history settings, which a sharing engine reads as it goes.
     history: Arc<SharedHistory>,
-    /// Whether the last broker installed shares history (Redis, not Cluster).
+    /// Whether the engine of the last broker installed shares history (Redis, not Cluster).
     shares: AtomicBool,
 }
 
@@ -375,6 +381,8 @@ pub(crate) struct Broker {
     engine: Mutex<Box<dyn Engine>>,
     /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
     routes_interest: bool,
+    /// Whether the engine shares history (see [`Engine::shares_history`]).
+    shares_history: bool,
     /// The engine's name, for messages: "PostgreSQL", "Redis", "Redis Cluster", "NATS".
     kind: &'static str,
 }
@@ -481,15 +489,15 @@ impl Broker {
         let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
         handoff.outbound.reset(encoder);
         handoff.engine.store(scheme as u8, Ordering::Relaxed);
-        handoff
-            .shares
-            .store(scheme == Scheme::Redis, Ordering::Release);
+        let shares_history = engine.shares_history();
+        handoff.shares.store(shares_history, Ordering::Release);
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
             handoff: Arc::clone(handoff),
             generation,
             engine: Mutex::new(engine),
             routes_interest: scheme != Scheme::Postgres,
+            shares_history,
             kind: scheme.name(),
         };
         let mut ignored = Vec::new();
@@ -642,7 +650,7 @@ impl Broker {
 
     /// Whether this broker's engine shares history (when history is on).
     pub(crate) fn shares_history(&self) -> bool {
-        self.kind == "Redis"
+        self.shares_history
     }
 
     pub(crate) fn shut_down(&self, reactor: &Reactor) {
