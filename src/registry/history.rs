@@ -113,6 +113,15 @@ impl Registry {
         histories.sweep_at = 0;
     }
 
+    /// Gives `topic` the ring `ring` (tests: a mirror without a broker).
+    #[cfg(test)]
+    pub(super) fn insert_history(&self, topic: &[u8], ring: TopicRing) {
+        self.histories
+            .write()
+            .topics
+            .insert(Box::from(topic), Arc::new(Mutex::new(ring)));
+    }
+
     /// The ring of `topic` if it has one (none when history is off).
     pub(super) fn existing_history(&self, topic: &[u8]) -> Option<Arc<Mutex<TopicRing>>> {
         self.histories.read().topics.get(topic).cloned()
