@@ -266,16 +266,13 @@ impl Registry {
             self.await_mirror(topic, &ring, last)
         };
         let mut ring = ring.lock();
-        let subscription = match self.subscribe(topic, fd, mode) {
-            Ok(subscription) => subscription,
-            Err(err) => {
-                drop(ring);
-                if asked {
-                    self.release_mirror(topic);
-                }
-                return Err(err);
-            }
-        };
+        let subscribed = self.subscribe(topic, fd, mode);
+        if asked {
+            // Subscribed, the fd keeps the channel; refused, nothing does. The ring's lock is
+            // held (ring, then index), so a message cannot slip between subscribe and replay.
+            self.release_mirror(topic);
+        }
+        let subscription = subscribed?;
         ring.evict(Instant::now());
         let replay = match resume {
             Resume::Since(last) => ring.since(last),

@@ -136,6 +136,10 @@ impl Drop for IndexWriter<'_> {
         let broker = self.registry.broker.read().clone();
         if let Some(broker) = &broker {
             for (topic, subscribe) in &events {
+                // A resume waiting for the topic's mirror keeps its channel (shared.rs).
+                if !*subscribe && self.registry.mirror_pinned(topic) {
+                    continue;
+                }
                 broker.interest(topic, *subscribe);
             }
         }
@@ -178,6 +182,9 @@ pub struct Registry {
     history_on: AtomicBool,
     /// Every topic's kept messages (history.rs).
     histories: RwLock<history::Histories>,
+    /// Topics whose channel resumes keep subscribed while they wait for its mirror, and how
+    /// many (shared.rs). A leaf lock, taken under the index's write lock.
+    mirror_pins: Mutex<std::collections::HashMap<Box<[u8]>, usize>>,
     counters: Counters,
 }
 
@@ -203,6 +210,7 @@ impl Registry {
             on_gap: RwLock::new(None),
             history_on: AtomicBool::new(false),
             histories: RwLock::new(history::Histories::default()),
+            mirror_pins: Mutex::new(std::collections::HashMap::new()),
             counters: Counters::default(),
         })
     }

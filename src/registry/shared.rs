@@ -37,6 +37,11 @@ const MIRROR_AHEAD: u64 = 60_000;
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 
 impl Registry {
+    /// Whether a resume keeps `topic`'s channel subscribed while it waits for the mirror.
+    pub(super) fn mirror_pinned(&self, topic: &[u8]) -> bool {
+        self.mirror_pins.lock().contains_key(topic)
+    }
+
     /// Whether publishes and resumes go through the broker's streams now.
     pub(super) fn shares_history(&self) -> bool {
         self.broker_enabled.load(Ordering::Acquire) && self.broker.shares_history()
@@ -130,8 +135,9 @@ impl Registry {
 
     /// Before a resume on a shared mirror: makes sure the topic's id channel is subscribed,
     /// and drives the broker (with no lock held) until the mirror is synced and has reached
-    /// `last`, or [`MIRROR_WAIT`] passes. Returns whether it asked for the channel itself
-    /// (to be given back if the resume's subscribe fails).
+    /// `last`, or [`MIRROR_WAIT`] passes. Returns whether it pinned the channel (the topic's
+    /// last local subscriber leaving meanwhile does not unsubscribe it), for
+    /// [`Registry::release_mirror`] to unpin once the resume has subscribed or failed.
     pub(super) fn await_mirror(
         &self,
         topic: &[u8],
@@ -156,6 +162,7 @@ impl Registry {
         // index's write lock, as every change of interest is, so that it is ordered with
         // them.
         let index = self.write_index();
+        *self.mirror_pins.lock().entry(Box::from(topic)).or_default() += 1;
         broker.interest(topic, true);
         drop(index);
         broker.kick(&self.reactor);
@@ -184,12 +191,25 @@ impl Registry {
         true
     }
 
-    /// Gives back the interest [`Registry::await_mirror`] asked for, unless the topic has a
-    /// local subscriber now. Under the index's write lock, as every change of interest is.
+    /// Unpins what [`Registry::await_mirror`] pinned, and gives the channel back unless the
+    /// topic has a local subscriber or another waiting resume now. Under the index's write
+    /// lock, as every change of interest is.
     pub(super) fn release_mirror(&self, topic: &[u8]) {
         let index = self.write_index();
+        let pinned = {
+            let mut pins = self.mirror_pins.lock();
+            let pinned = pins.get_mut(topic).map_or(0, |pins| {
+                *pins -= 1;
+                *pins
+            });
+            if pinned == 0 {
+                pins.remove(topic);
+            }
+            pinned > 0
+        };
         let broker = self.broker.read().clone();
         if let Some(broker) = &broker
+            && !pinned
             && index.subscribers_into(topic, &mut []) == 0
         {
             broker.interest(topic, false);
