@@ -738,9 +738,8 @@ fn tail_through_another_process() {
     assert_eq!(payloads(&b.expect(0, 6))[4..], expected(30..32));
 }
 
-/// A plain client that adds to the stream and announces the id on the id channel is
-/// received with its id; plain subscribers of the raw and id channels see the documented
-/// forms.
+/// A plain client that publishes with README's script is received with its id; plain
+/// subscribers of the raw and id channels see the documented forms.
 fn plain_clients() {
     let url = redis_url();
     let prefix = unique_prefix("plain");
@@ -753,12 +752,15 @@ fn plain_clients() {
     let mut ids_sub = Plain::connect(&url);
     ids_sub.call(&[b"SSUBSCRIBE", &channel]);
 
+    // The one-step publish README gives plain clients.
+    let script = "local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[1]) \
+                  redis.call('PUBLISH', KEYS[1], ARGV[1]) \
+                  redis.call('SPUBLISH', KEYS[1], id .. ' ' .. ARGV[1]) \
+                  return id";
     let mut plain = Plain::connect(&url);
-    let id = plain.call(&[b"XADD", &channel, b"*", b"d", b"from plain"]);
+    let id = plain.call(&[b"EVAL", script.as_bytes(), b"1", &channel, b"from plain"]);
     let id = String::from_utf8(id.text().to_vec()).unwrap();
     let announced = format!("{id} from plain");
-    plain.call(&[b"PUBLISH", &channel, b"from plain"]);
-    plain.call(&[b"SPUBLISH", &channel, announced.as_bytes()]);
     assert_eq!(b.expect(0, 1), vec![(id.clone(), "from plain".to_string())]);
     assert_eq!(raw.message(), (channel.clone(), b"from plain".to_vec()));
     assert_eq!(ids_sub.message(), (channel.clone(), announced.into_bytes()));
