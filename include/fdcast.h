@@ -591,8 +591,21 @@ int fdcast_send(struct fdcast *fc, int fd, fdcast_mode mode, const void *payload
  * FDCAST_WS_TEXT_ID and FDCAST_WS_BINARY_ID frames carry "42-7\nhi" as their WebSocket
  * payload (see fdcast_mode); FDCAST_RAW, FDCAST_WS_TEXT and FDCAST_WS_BINARY frames are
  * unchanged. Publishes to one topic with history are serialized with each other
- * (publishes to other topics still run in parallel). Ids are per process: a broker's other
- * processes number the same messages their own way.
+ * (publishes to other topics still run in parallel). Ids are per process (a broker's other
+ * processes number the same messages their own way), except with a Redis broker:
+ *
+ * Shared history (a `redis://` broker, Redis 7+, with history on): a topic's history is
+ * the Redis stream at key `<name><topic>`, each entry's payload in its field `d`, and ids
+ * are the stream's ids, `<ms>-<seq>`, the same in every process, ordered as (ms, seq)
+ * pairs. A publish adds to the stream (XADD MAXLEN ~ max_messages; with no count limit,
+ * MINID ~ now - max_age_ms; with neither, MAXLEN ~ 1000), PUBLISHes the raw payload on the
+ * topic's channel and SPUBLISHes `<id> <payload>` on the same name in the shard channel
+ * space, in one script; every process (the publisher included, when Redis answers)
+ * delivers the topic's messages in the stream's order with its ids, keeping a mirror of its
+ * newest entries under these limits. PostgreSQL, NATS and Redis Cluster brokers keep
+ * history per process. Switching history on or off while a Redis broker is enabled starts
+ * the broker's session anew (publishes in flight are dropped); enabling or disabling a
+ * Redis broker with history on starts every topic's history anew.
  *
  * Changing limits keeps each topic's epoch and evicts what the new limits do not allow.
  *
@@ -619,8 +632,11 @@ int fdcast_set_history(struct fdcast *fc, size_t max_messages, size_t max_bytes,
 /**
  * fdcast_publish_except(), which also writes the id the topic's history gave the message
  * into `id_out`, as NUL-terminated text (e.g. "42-7", what SSE clients send back as
- * Last-Event-ID), or "" when history is off. `id_out` must hold FDCAST_MAX_EVENT_ID_LEN + 1
- * bytes; `id_out_len` says how many it holds.
+ * Last-Event-ID), or "" when history is off. Under shared history (a Redis broker, see
+ * fdcast_set_history()) it writes "" as well: Redis gives the id, one round trip later,
+ * when the message is also delivered to this process's subscribers (which the return
+ * value counts already). `id_out` must hold FDCAST_MAX_EVENT_ID_LEN + 1 bytes;
+ * `id_out_len` says how many it holds.
  *
  * Returns as fdcast_publish(), and -EINVAL also for a NULL `id_out` or an `id_out_len`
  * under FDCAST_MAX_EVENT_ID_LEN + 1 (nothing published). `id_out` is written only on
@@ -644,6 +660,15 @@ int64_t fdcast_publish_id(struct fdcast *fc, const char *topic, size_t topic_len
  * message still kept is replayed, and the host decides what to tell its client. With
  * history off, nothing is replayed and `*recovered` is 0.
  *
+ * Under shared history (a Redis broker, see fdcast_set_history()) `*recovered` is 1 when
+ * this process's mirror of the topic's stream holds every stream entry after `last_id`,
+ * whichever process gave the id. A process that has no subscriber of the topic yet (or
+ * lost its connection and has not fetched again) first fills its mirror from the stream:
+ * the call waits for that, driving the broker itself with no lock held (at most 5 s, then
+ * it answers with what it has, `*recovered` 0), and so it does for an id up to a minute
+ * newer than the mirror's newest (a message another process delivered a moment ago). It
+ * may be called from the thread that runs fdcast_dispatch().
+ *
  * Replayed frames go through the fd's outbox like live ones, written a few hundred at a time
  * in one writev: the kernel takes what it can, the outbox queues what fits under the outbox
  * limit, and the overflow policy meets the rest (under FDCAST_DROP_MESSAGE those frames are
@@ -664,7 +689,8 @@ FDCAST_MUST_USE int64_t fdcast_subscribe_since(struct fdcast *fc, const char *to
 /**
  * fdcast_subscribe(), then queues for `fd` the last `n` messages the topic's history keeps
  * (fewer if it keeps fewer), oldest first, before any live one: `tail -n N -f`. Replay and
- * live join as in fdcast_subscribe_since(), whose outbox rules apply.
+ * live join as in fdcast_subscribe_since(), whose outbox rules and wait for a shared
+ * history's mirror apply.
  *
  * Returns as fdcast_subscribe().
  *
@@ -914,6 +940,12 @@ int fdcast_set_gap_callback(struct fdcast *fc, fdcast_gap_fn on_gap, void *user)
  * backoff (100 ms doubling to 5 s) and every subscription re-issued; publishes meanwhile
  * wait in a bounded queue (65536 publishes or 64 MiB, then counted drops; for a Redis
  * Cluster, in total over its shards).
+ *
+ * With history on (fdcast_set_history()), a Redis broker (not Redis Cluster) shares it
+ * through Redis streams: a publish then reaches this process's subscribers too only when
+ * Redis has given it its id (one round trip, in the stream's order), and the session
+ * loads two scripts (SCRIPT LOAD) and subscribes topics' id channels (SSUBSCRIBE): Redis 7
+ * or later, with scripting allowed. See fdcast_set_history().
  *
  * Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
  * parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad

@@ -80,6 +80,7 @@ pub(crate) enum Delivery {
 #[derive(Clone, Copy)]
 pub(crate) struct InHistory<'a> {
     pub(crate) topic: &'a [u8],
+    /// Its local position (a shared ring's own numbering, not the stream's id).
     pub(crate) id: EventId,
     /// The offset of the oldest message the topic's history still keeps (this one aside).
     pub(crate) oldest_kept: u64,
@@ -771,21 +772,21 @@ impl Peer {
             }
             cursor = oldest;
         }
-        for (id, payload) in ring.kept_from(cursor) {
+        for (offset, id, payload) in ring.kept_from(cursor) {
             if mode.requires_utf8() && std::str::from_utf8(payload).is_err() {
                 // As a replay does: a publish could not have sent it in this mode either.
-                cursor = id.offset + 1;
+                cursor = offset + 1;
                 continue;
             }
             if payload.is_empty() && mode == Mode::Raw {
                 // An empty frame writes nothing: `deliver` counted it when it was published.
-                cursor = id.offset + 1;
+                cursor = offset + 1;
                 continue;
             }
             let Some(frame) = Frame::encode_with_id(mode, payload, Some(id)) else {
                 outbox.dropped += 1;
                 caught.dropped += 1;
-                cursor = id.offset + 1;
+                cursor = offset + 1;
                 continue;
             };
             if !outbox.chunks.is_empty() && outbox.queued_bytes + frame.len() > policy.outbox_limit
@@ -797,9 +798,9 @@ impl Peer {
             }
             outbox.last_active_tick = policy.heartbeat_tick;
             caught.queued += frame.len();
-            cursor = id.offset + 1;
+            cursor = offset + 1;
         }
-        if lost > 0 && cursor == oldest && cursor <= ring.last_id().offset {
+        if lost > 0 && cursor == oldest && cursor <= ring.last_offset() {
             // Nothing after the gap fit (the outbox holds another topic's refill): the fd
             // stays where it was, and the gap is found, grown, once it can go on after it,
             // so that it is told once, as the one jump its reader sees.
@@ -807,7 +808,7 @@ impl Peer {
         }
         caught.lost = lost;
         outbox.lost_to_gaps += lost;
-        if cursor > ring.last_id().offset {
+        if cursor > ring.last_offset() {
             outbox.lags.swap_remove(at);
             self.lagging.store(outbox.lags.len(), Ordering::Relaxed);
         } else {

@@ -47,12 +47,13 @@ pub(crate) mod wire;
 use std::ops::Range;
 use std::os::fd::RawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::error::Error;
+use crate::history::{EventId, HistoryLimits};
 use crate::io;
 use crate::reactor::Reactor;
 pub(crate) use outbound::Outbound;
@@ -124,9 +125,40 @@ pub(crate) struct Received {
     pub(crate) buffer: Vec<u8>,
     pub(crate) topic: Range<usize>,
     pub(crate) payload: Range<usize>,
+    /// Under shared history: the stream's word on it (see [`Stream`]).
+    pub(crate) stream: Option<Stream>,
+}
+
+/// What an engine that shares history (Redis) says of a received message or of a topic's
+/// mirror, in the order the server put them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // only Redis shares history
+pub(crate) enum Stream {
+    /// A message with the stream's id: kept in the topic's mirror and delivered, unless the
+    /// mirror has it already; `except` is the local sender's, for a publish of this process.
+    Message { id: EventId, except: Option<RawFd> },
+    /// An entry a fill brought: kept in the mirror, not delivered (it is history).
+    Kept(EventId),
+    /// The topic's mirror starts afresh, holding every stream entry after this id (the fill's
+    /// entries follow as `Kept`, then the messages that arrived meanwhile).
+    Synced(EventId),
+    /// Entries up to this id may be missing from the mirror (trimmed before a reconnect
+    /// fetched them); the entries fetched follow as messages.
+    Hole(EventId),
+    /// The mirror no longer follows the stream (its channel was unsubscribed).
+    Unsynced,
 }
 
 impl Received {
+    /// A note or message of shared history (`payload` empty for a note).
+    #[cfg(feature = "redis")]
+    pub(crate) fn streamed(topic: &[u8], payload: &[u8], stream: Stream) -> Received {
+        Received {
+            stream: Some(stream),
+            ..Received::new(topic, payload)
+        }
+    }
+
     #[cfg(any(feature = "redis", feature = "nats"))]
     pub(crate) fn new(topic: &[u8], payload: &[u8]) -> Received {
         let mut buffer = Vec::with_capacity(topic.len() + payload.len());
@@ -136,6 +168,7 @@ impl Received {
             buffer,
             topic: 0..topic.len(),
             payload: topic.len()..topic.len() + payload.len(),
+            stream: None,
         }
     }
 
@@ -199,6 +232,51 @@ pub(crate) trait Engine: Send {
     fn connect_timeout(&self) -> Duration {
         DEFAULT_CONNECT_TIMEOUT
     }
+    /// Whether the engine shares history across processes when history is on: it then
+    /// takes shared publishes ([`Handoff::push_shared_publish`]) and reports what it
+    /// receives with [`Stream`] notes, in the order its server gave them.
+    fn shares_history(&self) -> bool {
+        false
+    }
+    /// History was turned on or off: an engine that shares history starts a new session,
+    /// which subscribes and publishes the new way.
+    fn history_switched(&mut self, _reactor: &Reactor) {}
+}
+
+/// History as the registry sets it, for an engine that shares it (Redis): whether it is on,
+/// and how much a topic's stream keeps.
+#[derive(Default)]
+pub(crate) struct SharedHistory {
+    on: AtomicBool,
+    max_messages: AtomicUsize,
+    max_age_ms: AtomicU64,
+}
+
+impl SharedHistory {
+    /// Whether history is on.
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+
+    /// The count limit (0: none) and the age limit in milliseconds (0: none).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn limits(&self) -> (usize, u64) {
+        (
+            self.max_messages.load(Ordering::Relaxed),
+            self.max_age_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records new limits; returns whether history was switched on or off.
+    fn set(&self, limits: HistoryLimits) -> bool {
+        self.max_messages
+            .store(limits.max_messages, Ordering::Relaxed);
+        let age = limits.max_age.map_or(0, |age| {
+            u64::try_from(age.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.max_age_ms.store(age, Ordering::Relaxed);
+        self.on.swap(!limits.is_off(), Ordering::AcqRel) == limits.is_off()
+    }
 }
 
 /// What the registry keeps across its brokers: the queue publishes are handed to, and what
@@ -216,6 +294,10 @@ pub(crate) struct Handoff {
     /// Counts the brokers installed: a broker drives the engine only while it is the last
     /// one (a thread that still holds a disabled broker must not take the next one's work).
     generation: AtomicU64,
+    /// The registry's history settings, which a sharing engine reads as it goes.
+    history: Arc<SharedHistory>,
+    /// Whether the engine of the last broker installed shares history (Redis, not Cluster).
+    shares: AtomicBool,
 }
 
 impl Handoff {
@@ -242,6 +324,53 @@ impl Handoff {
     pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
         self.outbound.push_publish(topic, payload)
     }
+
+    /// Queues a publish whose history is shared: the engine adds it to the topic's stream and
+    /// hands it back with its id, to be delivered here then, skipping `except`. It travels as
+    /// a record with an empty topic (no topic is empty) whose payload is [`shared_record`]'s.
+    pub(crate) fn push_shared_publish(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> bool {
+        self.outbound
+            .push_publish(b"", &shared_record(topic, payload, except))
+    }
+
+    /// Whether publishes and topics go through the streams: history is on and the broker
+    /// installed last shares it.
+    pub(crate) fn shares_history(&self) -> bool {
+        self.shares.load(Ordering::Acquire) && self.history.is_on()
+    }
+
+    /// Records new history limits; returns whether history was switched on or off while a
+    /// sharing broker is installed.
+    pub(crate) fn set_history(&self, limits: HistoryLimits) -> bool {
+        self.history.set(limits) && self.shares.load(Ordering::Acquire)
+    }
+}
+
+/// A shared publish as queued: the topic's length (u32, native order), the topic, the except
+/// fd (i32, native order, -1 for none), then the payload.
+fn shared_record(topic: &[u8], payload: &[u8], except: Option<RawFd>) -> Vec<u8> {
+    let mut record = Vec::with_capacity(8 + topic.len() + payload.len());
+    record.extend_from_slice(&(topic.len() as u32).to_ne_bytes());
+    record.extend_from_slice(topic);
+    record.extend_from_slice(&except.unwrap_or(-1).to_ne_bytes());
+    record.extend_from_slice(payload);
+    record
+}
+
+/// The parts of a [`shared_record`]: topic, except fd, payload.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn split_shared_record(record: &[u8]) -> Option<(&[u8], Option<RawFd>, &[u8])> {
+    let (len, rest) = record.split_first_chunk::<4>()?;
+    let len = u32::from_ne_bytes(*len) as usize;
+    let topic = rest.get(..len)?;
+    let (except, payload) = rest.get(len..)?.split_first_chunk::<4>()?;
+    let except = RawFd::from_ne_bytes(*except);
+    Some((topic, (except >= 0).then_some(except), payload))
 }
 
 /// A connected engine, taking its work from the registry's [`Handoff`].
@@ -252,6 +381,8 @@ pub(crate) struct Broker {
     engine: Mutex<Box<dyn Engine>>,
     /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
     routes_interest: bool,
+    /// Whether the engine shares history (see [`Engine::shares_history`]).
+    shares_history: bool,
     /// The engine's name, for messages: "PostgreSQL", "Redis", "Redis Cluster", "NATS".
     kind: &'static str,
 }
@@ -333,7 +464,10 @@ impl Broker {
             #[cfg(feature = "pg")]
             Scheme::Postgres => (Box::new(pg::PgEngine::new(url, name)?), None),
             #[cfg(feature = "redis")]
-            Scheme::Redis => (redis::engine(url, name, limit)?, None),
+            Scheme::Redis => (
+                redis::engine(url, name, limit, Arc::clone(&handoff.history))?,
+                None,
+            ),
             #[cfg(feature = "redis")]
             Scheme::RedisCluster => (redis_cluster::engine(url, name, limit)?, None),
             #[cfg(feature = "nats")]
@@ -355,12 +489,15 @@ impl Broker {
         let generation = handoff.generation.fetch_add(1, Ordering::AcqRel) + 1;
         handoff.outbound.reset(encoder);
         handoff.engine.store(scheme as u8, Ordering::Relaxed);
+        let shares_history = engine.shares_history();
+        handoff.shares.store(shares_history, Ordering::Release);
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
             handoff: Arc::clone(handoff),
             generation,
             engine: Mutex::new(engine),
             routes_interest: scheme != Scheme::Postgres,
+            shares_history,
             kind: scheme.name(),
         };
         let mut ignored = Vec::new();
@@ -506,6 +643,16 @@ impl Broker {
         }
     }
 
+    /// History was switched on or off: see [`Engine::history_switched`].
+    pub(crate) fn history_switched(&self, reactor: &Reactor) {
+        self.engine.lock().history_switched(reactor);
+    }
+
+    /// Whether this broker's engine shares history (when history is on).
+    pub(crate) fn shares_history(&self) -> bool {
+        self.shares_history
+    }
+
     pub(crate) fn shut_down(&self, reactor: &Reactor) {
         let mut engine = self.engine.lock();
         // What is still queued goes out first, as far as the engine can send it now.
@@ -535,6 +682,42 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_settings_tell_a_switch_from_new_limits() {
+        let history = SharedHistory::default();
+        let limits = |max_messages, age_ms| HistoryLimits {
+            max_messages,
+            max_age: (age_ms > 0).then(|| Duration::from_millis(age_ms)),
+            ..HistoryLimits::default()
+        };
+        assert!(!history.is_on());
+        assert!(history.set(limits(5, 0)), "on");
+        assert!(!history.set(limits(7, 250)), "new limits");
+        assert_eq!(history.limits(), (7, 250));
+        assert!(history.is_on());
+        assert!(history.set(limits(0, 0)), "off");
+        assert!(!history.set(limits(0, 0)));
+        assert!(!history.is_on());
+
+        let handoff = Handoff::default();
+        assert!(
+            !handoff.set_history(limits(5, 0)),
+            "no sharing broker installed"
+        );
+        assert!(!handoff.shares_history());
+        let record = shared_record(b"topic", b"pay load", Some(7));
+        assert_eq!(
+            split_shared_record(&record),
+            Some((&b"topic"[..], Some(7), &b"pay load"[..]))
+        );
+        let record = shared_record(b"t", b"", None);
+        assert_eq!(
+            split_shared_record(&record),
+            Some((&b"t"[..], None, &b""[..]))
+        );
+        assert_eq!(split_shared_record(&record[..3]), None);
+    }
 
     #[test]
     fn the_scheme_picks_the_engine() {

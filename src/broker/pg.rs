@@ -303,6 +303,7 @@ impl PgEngine {
                     buffer: notification.payload,
                     topic,
                     payload,
+                    stream: None,
                 });
             } else {
                 self.stats.malformed += 1;

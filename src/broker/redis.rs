@@ -53,6 +53,13 @@
 //! node's later `MOVED` for our command answers nothing: a `MOVED` that does not name the
 //! slot of the command waiting is skipped.
 //!
+//! # Shared history
+//! With history on, a classic session shares it through Redis streams (`shared`): it loads
+//! two scripts in its handshake, publishes through one (the reply carries the stream's id),
+//! subscribes topics' id channels (`SSUBSCRIBE`, the shard channel space) instead of their
+//! raw channels, and fills the registry's mirrors with the other. Our echo on an id channel
+//! carries our reply's id, so the filter above needs no hashing for it.
+//!
 //! Frames are decoded by `redis-protocol`'s RESP3 decoder, which recurses once per nesting
 //! level (about 1 KiB of stack each: a few KiB of `*1\r\n` would overflow a thread's stack),
 //! so [`frame_len`] first finds where a frame ends, iteratively, and refuses nesting deeper
@@ -60,9 +67,12 @@
 
 #![forbid(unsafe_code)]
 
+mod shared;
+
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use redis_protocol::resp3::decode::complete::decode_range;
@@ -71,7 +81,7 @@ use redis_protocol::resp3::types::RangeFrame;
 use super::redis_cluster::key_slot;
 use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
 use super::url::BrokerUrl;
-use super::{Engine, Received, topic};
+use super::{Engine, Received, SharedHistory, topic};
 use crate::error::Error;
 use crate::registry::MAX_TOPIC_LEN;
 
@@ -84,9 +94,16 @@ const MAX_DEPTH: usize = 32;
 /// The engine for a `redis://[user[:password]@]host[:port][/db]` URL, or `rediss://` for
 /// TLS from the first byte (options `ca=`, `cert=`, `key=`, see `tls`); `name` is the
 /// channel prefix. It sets `limit` to the server's default bulk limit.
-pub(crate) fn engine(url: &str, name: &str, limit: &AtomicUsize) -> Result<Box<dyn Engine>, Error> {
+/// History is shared through streams (see `shared`) while `history` says it is on.
+pub(crate) fn engine(
+    url: &str,
+    name: &str,
+    limit: &AtomicUsize,
+    history: Arc<SharedHistory>,
+) -> Result<Box<dyn Engine>, Error> {
     let mut url = BrokerUrl::parse(url, 6379)?;
-    let protocol = RedisProtocol::new(&url, name)?;
+    let mut protocol = RedisProtocol::new(&url, name)?;
+    protocol.history = Some(history);
     let secure = url.scheme == "rediss";
     let tls = Tls::from_url(&mut url, secure, TlsStart::AtConnect)?;
     let engine = StreamEngine::new(protocol, &url.hosts, tls)?;
@@ -106,6 +123,12 @@ enum Expected {
     Publish(Fingerprint, Option<Retained>),
     /// `CLUSTER SHARDS` or `CLUSTER SLOTS`.
     Topology,
+    /// `SCRIPT LOAD` of a shared-history script, in the handshake.
+    ScriptLoad(usize),
+    /// A shared publish's script.
+    Eval(Box<shared::Eval>),
+    /// A fill's script.
+    Fetch(Box<shared::Fetch>),
 }
 
 /// Which pub/sub a session speaks.
@@ -225,6 +248,8 @@ struct Held {
     start: usize,
     channel: Range<usize>,
     payload: Range<usize>,
+    /// On an id channel (shared history): `<id> <payload>`.
+    shared: bool,
 }
 
 pub(crate) struct RedisProtocol {
@@ -250,6 +275,9 @@ pub(crate) struct RedisProtocol {
     channel: Vec<u8>,
     /// Filled by sharded sessions only.
     pub(crate) notes: ClusterNotes,
+    /// The registry's history settings, when history may be shared (classic sessions).
+    history: Option<Arc<SharedHistory>>,
+    shared: shared::State,
 }
 
 impl RedisProtocol {
@@ -308,6 +336,8 @@ impl RedisProtocol {
             hasher: RandomState::new(),
             channel: Vec::new(),
             notes: ClusterNotes::default(),
+            history: None,
+            shared: shared::State::default(),
         })
     }
 
@@ -329,6 +359,7 @@ impl RedisProtocol {
     fn head_publish(&self) -> Option<Fingerprint> {
         match self.expected.front() {
             Some(Expected::Publish(fingerprint, _)) => Some(*fingerprint),
+            Some(Expected::Eval(eval)) => Some(eval.fingerprint),
             _ => None,
         }
     }
@@ -343,10 +374,14 @@ impl RedisProtocol {
         }
     }
 
-    fn deliver_held(&self, held: Held, input: &[u8], sink: &mut Sink<'_>) {
+    fn deliver_held(&mut self, held: Held, input: &[u8], sink: &mut Sink<'_>) {
         // The ranges were checked when the push was held.
         if let (Some(channel), Some(payload)) = (input.get(held.channel), input.get(held.payload)) {
-            self.deliver(channel, payload, sink);
+            if held.shared {
+                self.id_message(channel, payload, sink);
+            } else {
+                self.deliver(channel, payload, sink);
+            }
         }
     }
 
@@ -430,7 +465,11 @@ impl RedisProtocol {
         let Some(kind) = items.first().and_then(|item| bytes(item, base, input)) else {
             return;
         };
-        let [message_kind, subscribe_kind, unsubscribe_kind] = self.flavor.push_kinds();
+        let [message_kind, subscribe_kind, unsubscribe_kind] = if self.shared.on {
+            Flavor::Sharded.push_kinds()
+        } else {
+            self.flavor.push_kinds()
+        };
         if kind == message_kind {
             let (Some(channel), Some(payload)) = (
                 items.get(1).and_then(|item| range(item, base)),
@@ -445,7 +484,23 @@ impl RedisProtocol {
                 sink.stats.malformed += 1;
                 return;
             };
-            if echo_after.is_some_and(|ours| self.matches(ours, channel_bytes, payload_bytes)) {
+            if self.shared.on {
+                let ours = self
+                    .head_eval_topic()
+                    .is_some_and(|topic| channel_bytes.strip_prefix(&*self.prefix) == Some(topic));
+                if ours {
+                    *held = Some(Held {
+                        start: base,
+                        channel,
+                        payload,
+                        shared: true,
+                    });
+                } else {
+                    self.id_message(channel_bytes, payload_bytes, sink);
+                }
+            } else if echo_after
+                .is_some_and(|ours| self.matches(ours, channel_bytes, payload_bytes))
+            {
                 sink.stats.ignored += 1;
             } else if self
                 .head_publish()
@@ -455,6 +510,7 @@ impl RedisProtocol {
                     start: base,
                     channel,
                     payload,
+                    shared: false,
                 });
             } else {
                 self.deliver(channel_bytes, payload_bytes, sink);
@@ -474,7 +530,11 @@ impl RedisProtocol {
                 _ => None,
             };
             if confirms {
-                self.expected.pop_front();
+                if let Some(Expected::Unsubscribe(topic)) = self.expected.pop_front()
+                    && self.shared.on
+                {
+                    self.unsubscribed_shared(&topic, sink);
+                }
                 self.changes -= 1;
                 if let Some(count) = count {
                     self.subscribed = count;
@@ -505,10 +565,10 @@ impl RedisProtocol {
     fn reply(
         &mut self,
         frame: &RangeFrame,
-        base: usize,
-        len: usize,
+        (base, len): (usize, usize),
         input: &[u8],
         held: &mut Option<Held>,
+        out: &mut Vec<u8>,
         sink: &mut Sink<'_>,
     ) -> Result<(), Error> {
         self.echo_after = None;
@@ -574,6 +634,47 @@ impl RedisProtocol {
                         }
                     }
                 }
+            }
+            (Expected::Eval(eval), None) => {
+                let held = held.take().and_then(|held| {
+                    let channel = input.get(held.channel)?;
+                    let payload = input.get(held.payload)?;
+                    let id = held
+                        .shared
+                        .then(|| shared::split_id(payload).map(|(id, _)| id))
+                        .flatten();
+                    Some((id, channel, payload))
+                });
+                self.eval_reply(*eval, frame, base, input, held, sink);
+            }
+            (Expected::Eval(eval), Some(message)) => {
+                if let Some(earlier) = held.take() {
+                    self.deliver_held(earlier, input, sink);
+                }
+                self.eval_refused(*eval, &message, out, sink);
+            }
+            (Expected::Fetch(fetch), error) => {
+                if let Some(earlier) = held.take() {
+                    self.deliver_held(earlier, input, sink);
+                }
+                let answer = match (&error, frame) {
+                    (Some(message), _) => Err(message.as_str()),
+                    (None, RangeFrame::Array { data, .. }) => Ok((&data[..], base, input)),
+                    (None, _) => Err("not an array"),
+                };
+                self.fetch_reply(*fetch, answer, out, sink);
+            }
+            (Expected::ScriptLoad(which), None) => {
+                let sha = bytes(frame, base, input).ok_or_else(|| {
+                    protocol_error("SCRIPT LOAD answered with something else than a string".into())
+                })?;
+                self.script_loaded(which, sha);
+                self.handshake -= 1;
+            }
+            (Expected::ScriptLoad(_), Some(message)) => {
+                return Err(Error::Unreachable(format!(
+                    "Redis: SCRIPT LOAD refused (shared history needs scripting): {message}"
+                )));
             }
             (Expected::Topology, _) => {
                 let frame = input.get(base..base + len).unwrap_or_default();
@@ -658,12 +759,13 @@ impl Protocol for RedisProtocol {
             self.expected.push_back(Expected::Select);
             self.handshake += 1;
         }
+        self.start_shared(out);
     }
 
     fn read(
         &mut self,
         input: &[u8],
-        _out: &mut Vec<u8>,
+        out: &mut Vec<u8>,
         sink: &mut Sink<'_>,
     ) -> Result<usize, Error> {
         let mut used = 0;
@@ -672,7 +774,7 @@ impl Protocol for RedisProtocol {
             let frame = decode(&input[used..used + len])?;
             match &frame {
                 RangeFrame::Push { data, .. } => self.push(data, used, input, &mut held, sink),
-                _ => self.reply(&frame, used, len, input, &mut held, sink)?,
+                _ => self.reply(&frame, (used, len), input, &mut held, out, sink)?,
             }
             used += len;
         }
@@ -685,16 +787,27 @@ impl Protocol for RedisProtocol {
     }
 
     fn subscribe(&mut self, topic: &[u8], out: &mut Vec<u8>) {
+        if self.shared.on {
+            return self.subscribe_shared(topic, out);
+        }
         let command = self.flavor.subscribe_command();
         self.subscription(command, Expected::Subscribe, topic, out);
     }
 
     fn unsubscribe(&mut self, topic: &[u8], out: &mut Vec<u8>) {
-        let command = self.flavor.unsubscribe_command();
+        let command = if self.shared.on {
+            Flavor::Sharded.unsubscribe_command()
+        } else {
+            self.flavor.unsubscribe_command()
+        };
         self.subscription(command, Expected::Unsubscribe, topic, out);
     }
 
     fn publish(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+        if topic.is_empty() {
+            // A shared publish's record (no topic is empty).
+            return self.publish_shared(payload, out);
+        }
         let fingerprint = self.write_publish(topic, payload, out);
         let retained = (self.flavor == Flavor::Sharded).then(|| Retained::new(topic, payload));
         self.expected
@@ -719,6 +832,10 @@ impl Protocol for RedisProtocol {
 
     fn subscribed(&self) -> usize {
         self.subscribed
+    }
+
+    fn shares_history(&self) -> bool {
+        self.history.is_some()
     }
 }
 
@@ -1365,7 +1482,12 @@ mod tests {
     #[test]
     fn engine_checks_the_url_and_prefix() {
         let limit = AtomicUsize::new(0);
-        let errno = |url: &str, name: &str| engine(url, name, &limit).err().map(|err| err.errno());
+        let history = Arc::new(SharedHistory::default());
+        let errno = |url: &str, name: &str| {
+            engine(url, name, &limit, Arc::clone(&history))
+                .err()
+                .map(|err| err.errno())
+        };
         assert_eq!(errno("redis://127.0.0.1", "app:"), None);
         assert_eq!(errno("redis://127.0.0.1:6380/15", ""), None);
         assert_eq!(errno("rediss://127.0.0.1", "app:"), None);
@@ -1392,7 +1514,7 @@ mod tests {
             errno("redis://127.0.0.1", &"p".repeat(256)),
             Some(libc::EINVAL)
         );
-        engine("redis://127.0.0.1", "", &limit).unwrap();
+        engine("redis://127.0.0.1", "", &limit, history).unwrap();
         assert_eq!(limit.load(Ordering::Relaxed), 512 << 20);
     }
 

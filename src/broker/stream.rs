@@ -108,6 +108,11 @@ pub(crate) trait Protocol: Send {
     fn greeted(&self) -> bool {
         true
     }
+    /// Whether the protocol speaks history (on or off) in its session: switching history
+    /// then starts a new session.
+    fn shares_history(&self) -> bool {
+        false
+    }
 }
 
 /// When a TLS connection starts its handshake.
@@ -685,6 +690,25 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     fn drain(&mut self, cx: &mut Context<'_>) {
         self.draining = true;
         self.write(cx);
+    }
+
+    fn shares_history(&self) -> bool {
+        self.protocol.shares_history()
+    }
+
+    fn history_switched(&mut self, reactor: &Reactor) {
+        if self.protocol.shares_history() && !matches!(self.phase, Phase::Down { .. }) {
+            // Reconnects at once: the new session subscribes and publishes the new way.
+            self.fail(
+                reactor,
+                Error::Backend(format!("{}: history switched", P::NAME)),
+            );
+            self.failure = None;
+            self.phase = Phase::Down {
+                retry_at: Instant::now(),
+            };
+            reactor.wake_backend();
+        }
     }
 
     fn wait(&self) -> Wait {

@@ -85,6 +85,12 @@ pub struct fdcast_broker_stats {
 /// wait in a bounded queue (65536 publishes or 64 MiB, then counted drops; for a Redis
 /// Cluster, in total over its shards).
 ///
+/// With history on (fdcast_set_history()), a Redis broker (not Redis Cluster) shares it
+/// through Redis streams: a publish then reaches this process's subscribers too only when
+/// Redis has given it its id (one round trip, in the stream's order), and the session
+/// loads two scripts (SCRIPT LOAD) and subscribes topics' id channels (SSUBSCRIBE): Redis 7
+/// or later, with scripting allowed. See fdcast_set_history().
+///
 /// Returns 0, or -EINVAL (NULL `fc`, `url` or `name`; not UTF-8; a URL that does not
 /// parse, an unknown scheme or option, a certificate file that cannot be loaded; a bad
 /// name), -ENOTSUP (the engine or TLS is compiled out),

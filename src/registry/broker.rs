@@ -14,6 +14,7 @@ use crate::broker::{Broker, BrokerStats, Handoff, PgStats, Received, Scheme};
 use crate::error::Error;
 use crate::io;
 use crate::reactor::Reactor;
+use std::os::fd::RawFd;
 
 /// The registry's broker, when one is enabled, and the [`Handoff`] that outlives it: a
 /// publish checks and queues through the hand-off with no lock and no reference count, and
@@ -38,6 +39,34 @@ impl BrokerSlot {
     /// Refuses, before anything is written anywhere, a publish the engine cannot carry.
     pub(super) fn check(&self, topic: &[u8], payload: &[u8]) -> Result<(), Error> {
         self.handoff.check(topic, payload)
+    }
+
+    /// Whether the broker installed last shares history, and history is on.
+    pub(super) fn shares_history(&self) -> bool {
+        self.handoff.shares_history()
+    }
+
+    /// Records new history limits for the engine; returns whether history was switched on or
+    /// off while a sharing broker is installed.
+    pub(super) fn set_history(&self, limits: crate::history::HistoryLimits) -> bool {
+        self.handoff.set_history(limits)
+    }
+
+    /// [`BrokerSlot::forward`] for a publish whose history is shared (see
+    /// [`Handoff::push_shared_publish`]).
+    pub(super) fn forward_shared(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        reactor: &Reactor,
+    ) {
+        if self.handoff.push_shared_publish(topic, payload, except) {
+            let broker = self.read().clone();
+            if let Some(broker) = broker {
+                broker.kick(reactor);
+            }
+        }
     }
 
     /// Queues a publish (already checked) and, if the engine can take it now and no other
@@ -99,6 +128,10 @@ impl Registry {
             *self.broker.write() = Some(Arc::clone(&broker));
             self.broker_enabled.store(true, Ordering::Release);
         }
+        if broker.shares_history() {
+            // Every topic's history starts anew, its ids the stream's from now on.
+            self.restart_histories();
+        }
         let mut received = Vec::new();
         let settled = broker.settle(&self.reactor, deadline, &mut received);
         self.deliver_received(received);
@@ -121,6 +154,10 @@ impl Registry {
         };
         if let Some(broker) = broker {
             broker.shut_down(&self.reactor);
+            if broker.shares_history() {
+                // Back to ids of this process's own.
+                self.restart_histories();
+            }
         }
         self.arm_timer();
     }
@@ -198,14 +235,21 @@ impl Registry {
         let mut policy = self.write_policy();
         let gather = !policy.corked && received.len() > 1;
         policy.corked |= gather;
+        let mut delivered = 0;
         for message in &received {
+            if let Some(stream) = message.stream {
+                let new = self.deliver_streamed(message.topic(), message.payload(), stream, policy);
+                delivered += usize::from(new);
+                continue;
+            }
             // A payload a local subscriber cannot take (not UTF-8 for a WebSocket text or SSE
             // subscriber) reaches nobody; there is no caller to tell.
             let _ = self.deliver_with(message.topic(), message.payload(), None, policy);
+            delivered += 1;
         }
         if gather {
             self.flush_and_spill();
         }
-        received.len()
+        delivered
     }
 }

@@ -58,13 +58,15 @@ impl Histories {
                 return true;
             };
             ring.evict(now);
-            ring.len() > 0
+            // A synced mirror stays even empty: its topic's fill is not asked for again.
+            ring.len() > 0 || ring.is_synced()
         });
         self.sweep_at = (self.topics.len() * 2).max(MIN_SWEEP_TOPICS);
     }
 }
 
 /// Which kept messages a resuming reader gets.
+#[derive(Clone, Copy)]
 enum Resume {
     /// Every kept message after this id.
     Since(EventId),
@@ -78,20 +80,46 @@ impl Registry {
     /// an id, put it in their SSE frames (`id: <epoch>-<offset>` before the `data:` lines),
     /// and let readers resume with [`Registry::subscribe_since`]. Changing the limits keeps
     /// each topic's epoch and applies the new limits to what it keeps.
+    ///
+    /// With a Redis broker enabled, history is shared across processes through Redis
+    /// streams (registry/shared.rs): ids are the streams'. Switching history on or off then
+    /// starts the broker's session anew.
     pub fn set_history(&self, limits: HistoryLimits) {
+        let switched = {
+            let mut histories = self.histories.write();
+            histories.limits = limits;
+            let switched = self.broker.set_history(limits);
+            if limits.is_off() {
+                histories.topics.clear();
+                histories.sweep_at = 0;
+                self.history_on.store(false, Ordering::Relaxed);
+            } else {
+                let now = Instant::now();
+                for ring in histories.topics.values() {
+                    ring.lock().set_limits(limits, now);
+                }
+                self.history_on.store(true, Ordering::Relaxed);
+            }
+            switched
+        };
+        self.history_set(switched);
+    }
+
+    /// Drops every topic's history (kept on, with the same limits): the next message of a
+    /// topic starts a history of the kind the broker now calls for.
+    pub(super) fn restart_histories(&self) {
         let mut histories = self.histories.write();
-        histories.limits = limits;
-        if limits.is_off() {
-            histories.topics.clear();
-            histories.sweep_at = 0;
-            self.history_on.store(false, Ordering::Relaxed);
-            return;
-        }
-        let now = Instant::now();
-        for ring in histories.topics.values() {
-            ring.lock().set_limits(limits, now);
-        }
-        self.history_on.store(true, Ordering::Relaxed);
+        histories.topics.clear();
+        histories.sweep_at = 0;
+    }
+
+    /// Gives `topic` the ring `ring` (tests: a mirror without a broker).
+    #[cfg(test)]
+    pub(super) fn insert_history(&self, topic: &[u8], ring: TopicRing) {
+        self.histories
+            .write()
+            .topics
+            .insert(Box::from(topic), Arc::new(Mutex::new(ring)));
     }
 
     /// The ring of `topic` if it has one (none when history is off).
@@ -122,7 +150,12 @@ impl Registry {
         if histories.topics.len() >= histories.sweep_at {
             histories.sweep(Instant::now());
         }
-        let ring = Arc::new(Mutex::new(Ring::new(histories.limits, random_epoch())));
+        let ring = if self.shares_history() {
+            Ring::shared(histories.limits, random_epoch())
+        } else {
+            Ring::new(histories.limits, random_epoch())
+        };
+        let ring = Arc::new(Mutex::new(ring));
         histories.topics.insert(Box::from(topic), Arc::clone(&ring));
         Some(ring)
     }
@@ -137,6 +170,10 @@ impl Registry {
     /// outbox limit meet the overflow policy. A kept payload that is not UTF-8 is skipped for
     /// a mode that needs UTF-8. Subscribing a (topic, fd) pair that already subscribes
     /// replays all the same.
+    ///
+    /// Under shared history, a topic's mirror not filled from its stream yet is filled
+    /// first: this waits for it (driving the broker, no lock held, up to 5 s); `recovered`
+    /// then says whether the mirror holds every stream entry after `last`.
     pub fn subscribe_since(
         &self,
         topic: &[u8],
@@ -171,8 +208,8 @@ impl Registry {
         &self,
         peer: &Arc<Peer>,
         (topic, mode): (&[u8], Mode),
-        oldest_kept: u64,
-        messages: impl Iterator<Item = (EventId, &'a Arc<[u8]>)>,
+        (epoch, oldest_kept): (u64, u64),
+        messages: impl Iterator<Item = (u64, EventId, &'a Arc<[u8]>)>,
         outcomes: &mut Outcomes,
     ) {
         let policy = self.write_policy();
@@ -183,13 +220,13 @@ impl Registry {
         let write_at = (policy.outbox_limit / 2).max(1);
         let (mut frames, mut bytes) = (0, 0);
         let mut encoder = ReplayEncoder::new(mode);
-        for (id, payload) in messages {
+        for (offset, id, payload) in messages {
             let frame = encoder.encode(payload, id);
             bytes += frame.as_ref().map_or(0, Frame::len);
             frames += 1;
             let at = InHistory {
                 topic,
-                id,
+                id: EventId { epoch, offset },
                 oldest_kept,
             };
             outcomes.deliver(peer, frame.as_ref(), |frame| {
@@ -220,24 +257,39 @@ impl Registry {
         let Some(ring) = self.topic_history(topic) else {
             return Ok((self.subscribe(topic, fd, mode)?, false));
         };
-        let mut ring = ring.lock();
-        let subscription = self.subscribe(topic, fd, mode)?;
-        ring.evict(Instant::now());
-        let (messages, recovered) = match resume {
-            Resume::Since(last) => {
-                let replay = ring.since(last);
-                (replay.messages, replay.recovered)
-            }
-            Resume::Tail(n) => (ring.tail(n), true),
+        let shared = ring.lock().is_shared();
+        let asked = shared && {
+            let last = match resume {
+                Resume::Since(last) => Some(last),
+                Resume::Tail(_) => None,
+            };
+            self.await_mirror(topic, &ring, last)
         };
+        let mut ring = ring.lock();
+        let subscribed = self.subscribe(topic, fd, mode);
+        if asked {
+            // Subscribed, the fd keeps the channel; refused, nothing does. The ring's lock is
+            // held (ring, then index), so a message cannot slip between subscribe and replay.
+            self.release_mirror(topic);
+        }
+        let subscription = subscribed?;
+        ring.evict(Instant::now());
+        let replay = match resume {
+            Resume::Since(last) => ring.since(last),
+            Resume::Tail(n) => ring.tail_replay(n),
+        };
+        let recovered = replay.recovered;
         let peer = self.index.read().peer(fd).cloned();
         let mut outcomes = Outcomes::default();
         if let Some(peer) = peer {
-            let replayable = messages.into_iter().filter(|(_, payload)| {
-                !mode.requires_utf8() || std::str::from_utf8(payload).is_ok()
-            });
-            let oldest_kept = ring.oldest_offset();
-            self.replay(&peer, (topic, mode), oldest_kept, replayable, &mut outcomes);
+            let replayable = (replay.first_offset..)
+                .zip(replay.messages)
+                .map(|(offset, (id, payload))| (offset, id, payload))
+                .filter(|(_, _, payload)| {
+                    !mode.requires_utf8() || std::str::from_utf8(payload).is_ok()
+                });
+            let positions = (ring.epoch(), ring.oldest_offset());
+            self.replay(&peer, (topic, mode), positions, replayable, &mut outcomes);
         }
         drop(ring);
         self.settle(topic, outcomes);

@@ -17,21 +17,23 @@ use crate::outbox::{Delivery, Flush, InBatch, InHistory, Overflow, Peer, WritePo
 
 /// A publish on its way to this registry's subscribers.
 #[derive(Clone, Copy)]
-struct Message<'a> {
-    topic: &'a [u8],
-    payload: &'a [u8],
+pub(super) struct Message<'a> {
+    pub(super) topic: &'a [u8],
+    pub(super) payload: &'a [u8],
     /// The sender: it gets nothing and is not counted.
-    except: Option<RawFd>,
-    /// The position its topic's history gave it, when history is on.
-    id: Option<EventId>,
+    pub(super) except: Option<RawFd>,
+    /// The id its frames carry, when history is on.
+    pub(super) id: Option<EventId>,
+    /// Its local position in the topic's history (the id itself, but in a shared ring).
+    pub(super) position: Option<EventId>,
     /// The oldest offset the topic's history keeps, when history is on.
-    oldest_kept: u64,
+    pub(super) oldest_kept: u64,
 }
 
 impl Message<'_> {
     /// Where the message sits in its topic's history, for the subscribers behind on it.
     fn in_history(&self) -> Option<InHistory<'_>> {
-        self.id.map(|id| InHistory {
+        self.position.map(|id| InHistory {
             topic: self.topic,
             id,
             oldest_kept: self.oldest_kept,
@@ -147,7 +149,9 @@ impl Registry {
     }
 
     /// [`Registry::publish_except`], which also returns the id the topic's history gave the
-    /// message (`None` when history is off; see [`Registry::set_history`]).
+    /// message (`None` when history is off; see [`Registry::set_history`]; `None` too under
+    /// shared history, where Redis gives the id later, as the message comes back to be
+    /// delivered here).
     pub fn publish_with_id(
         &self,
         topic: &[u8],
@@ -158,6 +162,10 @@ impl Registry {
         let forward = self.broker_enabled.load(Ordering::Acquire);
         if forward {
             self.broker.check(topic, payload)?;
+            if self.broker.shares_history() {
+                // Delivered here too once Redis gave it its id: no id to tell yet.
+                return Ok((self.publish_shared(topic, payload, except)?, None));
+            }
         }
         let delivered = self.deliver_numbered(topic, payload, except, self.write_policy())?;
         self.counters.publishes.fetch_add(1, Ordering::Relaxed);
@@ -194,6 +202,7 @@ impl Registry {
             payload,
             except,
             id: None,
+            position: None,
             oldest_kept: 0,
         };
         let mut outcomes = Outcomes::default();
@@ -210,6 +219,7 @@ impl Registry {
                 let mut ring = ring.lock();
                 let id = ring.next_id();
                 message.id = Some(id);
+                message.position = Some(id);
                 message.oldest_kept = ring.oldest_offset();
                 let result = self.deliver_message(message, policy, &mut outcomes);
                 if result.is_ok() {
@@ -222,7 +232,7 @@ impl Registry {
         result.map(|matched| (matched, message.id))
     }
 
-    fn deliver_message(
+    pub(super) fn deliver_message(
         &self,
         message: Message<'_>,
         policy: WritePolicy,
@@ -459,7 +469,11 @@ impl Registry {
 
 /// Refuses, before anything is written, a payload that is not UTF-8 when a recipient's mode
 /// needs it: `utf8_subscribers` of the topic's, less `except` (its mode, if it subscribes).
-fn check_utf8(payload: &[u8], utf8_subscribers: usize, except: Option<Mode>) -> Result<(), Error> {
+pub(super) fn check_utf8(
+    payload: &[u8],
+    utf8_subscribers: usize,
+    except: Option<Mode>,
+) -> Result<(), Error> {
     let recipients = utf8_subscribers - usize::from(except.is_some_and(Mode::requires_utf8));
     if recipients > 0 && std::str::from_utf8(payload).is_err() {
         return Err(Error::InvalidUtf8);

@@ -4,7 +4,7 @@
  * Every error path of fdcast_broker_*, then, for each engine, a live round trip between two
  * registries: a message crosses in the subscriber's framing, the publisher's own subscriber
  * gets it once (the engine's echo is filtered), the counters say so, and interest routing
- * follows the receiver's subscriptions. Servers: $FDCAST_REDIS_URL (default
+ * follows the receiver's subscriptions; history shared through Redis streams. Servers: $FDCAST_REDIS_URL (default
  * redis://127.0.0.1:6379), $FDCAST_NATS_URL (nats://127.0.0.1:4222), $FDCAST_PG_URL
  * (postgresql://127.0.0.1:5432/test, TLS off so valgrind sees only fdcast and libpq). A
  * missing server fails the test. Run by `make c-test` under ASan+UBSan and valgrind.
@@ -178,6 +178,82 @@ static void test_nats_payload_limit(const char *url) {
     fdcast_free(fc);
 }
 
+/* Polls `fc` until `buf`, holding `have` bytes read from `fd`, holds `n` at least; returns
+ * how many it holds. */
+static size_t poll_for(fdcast *fc, int fd, char *buf, size_t cap, size_t have, size_t n) {
+    double deadline = now_seconds() + 20;
+    while (have < n) {
+        CHECK(now_seconds() < deadline);
+        CHECK(fdcast_broker_poll_once(fc, 50) >= 0);
+        have += read_now(fd, buf + have, cap - have);
+    }
+    return have;
+}
+
+/* History shared through Redis streams: the publisher learns no id (Redis gives it later),
+ * a reader in another registry gets the stream's id, and a third registry that never saw
+ * the topic resumes after the first message with recovered = 1. */
+static void test_shared_history(const char *url) {
+    char name[64];
+    snprintf(name, sizeof name, "fdcast_c_shared_%ld:", (long)getpid());
+    fdcast *sender = fdcast_new();
+    fdcast *reader = fdcast_new();
+    fdcast *resumer = fdcast_new();
+    CHECK(sender != NULL && reader != NULL && resumer != NULL);
+    int at_reader[2], at_resumer[2];
+    make_pair(at_reader);
+    make_pair(at_resumer);
+    fdcast *all[3] = {sender, reader, resumer};
+    for (int i = 0; i < 3; i++) {
+        CHECK_EQ(fdcast_set_history(all[i], 10, 0, 0), 0);
+        CHECK_EQ(fdcast_broker_enable(all[i], url, name), 0);
+    }
+    CHECK(fdcast_subscribe_tail(reader, T("news"), at_reader[0], FDCAST_WS_TEXT_ID, 0) > 0);
+
+    char id[FDCAST_MAX_EVENT_ID_LEN + 1];
+    memset(id, 'x', sizeof id);
+    CHECK_EQ(fdcast_publish_id(sender, T("news"), "a", 1, -1, id, sizeof id), 0);
+    CHECK_EQ(strlen(id), 0);
+    CHECK_EQ(fdcast_publish_id(sender, T("news"), "b", 1, -1, id, sizeof id), 0);
+    for (int i = 0; i < 20; i++) CHECK(fdcast_broker_poll_once(sender, 10) >= 0);
+
+    /* Two frames "\x81 <len> <id>\n<payload>". */
+    char got[256];
+    size_t have = 0;
+    char first[FDCAST_MAX_EVENT_ID_LEN + 1], second[FDCAST_MAX_EVENT_ID_LEN + 1];
+    char *ids[2] = {first, second};
+    for (int i = 0; i < 2; i++) {
+        have = poll_for(reader, at_reader[1], got, sizeof got, have, 2);
+        size_t len = (unsigned char)got[1];
+        have = poll_for(reader, at_reader[1], got, sizeof got, have, 2 + len);
+        CHECK_EQ((unsigned char)got[0], 0x81);
+        char *lf = memchr(got + 2, '\n', len);
+        CHECK(lf != NULL);
+        size_t id_len = (size_t)(lf - (got + 2));
+        CHECK(id_len > 0 && id_len <= FDCAST_MAX_EVENT_ID_LEN);
+        memcpy(ids[i], got + 2, id_len);
+        ids[i][id_len] = 0;
+        CHECK_EQ(got[2 + len - 1], i == 0 ? 'a' : 'b');
+        memmove(got, got + 2 + len, have - (2 + len));
+        have -= 2 + len;
+    }
+    CHECK(strcmp(first, second) != 0);
+
+    int recovered = -1;
+    CHECK(fdcast_subscribe_since(resumer, T("news"), at_resumer[0], FDCAST_SSE, first,
+                                 strlen(first), &recovered) > 0);
+    CHECK_EQ(recovered, 1);
+    char want[128];
+    int want_len = snprintf(want, sizeof want, "id: %s\ndata: b\n\n", second);
+    expect_bytes(resumer, at_resumer[1], want, (size_t)want_len);
+
+    for (int i = 0; i < 3; i++) fdcast_free(all[i]);
+    for (int i = 0; i < 2; i++) {
+        close(at_reader[i]);
+        close(at_resumer[i]);
+    }
+}
+
 int main(void) {
     const char *redis_url = env_or("FDCAST_REDIS_URL", "redis://127.0.0.1:6379");
     const char *nats_url = env_or("FDCAST_NATS_URL", "nats://127.0.0.1:4222");
@@ -191,6 +267,7 @@ int main(void) {
     test_round_trip("nats", nats_url, 1);
     test_round_trip("pg", pg_url, 0);
     test_nats_payload_limit(nats_url);
+    test_shared_history(redis_url);
     printf("test_broker: %lu checks passed\n", checks_run);
     return 0;
 }

@@ -1,0 +1,962 @@
+//! History shared across processes through Redis streams, between real OS processes: this
+//! binary re-runs itself as agents (a registry each, driven by one-line commands on stdin, as
+//! tests/broker_cross_process.rs does), and checks what their readers get against the streams
+//! themselves, read with plain clients.
+//!
+//! Needs the shared Redis (FDCAST_REDIS_URL, default redis://127.0.0.1:6379) and the
+//! `redis-server` and `redis-cli` binaries; fails without them. The reconnect scenario starts
+//! its own Redis on a free port, so that killing connections there disturbs nobody.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fdcast::{EventId, HistoryLimits, Mode, Registry};
+
+/// Any single wait, at most.
+const T: Duration = Duration::from_secs(30);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("agent") {
+        return agent_main();
+    }
+    let started = Instant::now();
+    with_watchdog(240, scenarios);
+    println!(
+        "shared_history: ok ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn scenarios() {
+    let filter = std::env::args().skip(1).find(|arg| !arg.starts_with("--"));
+    let run = |name: &str, f: &dyn Fn()| {
+        if filter
+            .as_ref()
+            .is_some_and(|filter| !name.contains(filter.as_str()))
+        {
+            return;
+        }
+        let started = Instant::now();
+        f();
+        println!(
+            "shared_history: {name}: ok ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    run(
+        "ids are the stream's, in every id mode",
+        &ids_are_the_streams,
+    );
+    run(
+        "resume through another process while publishing",
+        &resume_through_another_process,
+    );
+    run("resume from a trimmed id", &resume_from_a_trimmed_id);
+    run(
+        "tail through another process",
+        &tail_through_another_process,
+    );
+    run("plain clients", &plain_clients);
+    run("the sender's fd is skipped", &except_is_honoured);
+    run("a refused resume gives its channel back", &refused_resume);
+    run("history switched off again", &history_switched_off);
+    run("reconnect after CLIENT KILL", &reconnect_after_client_kill);
+    run("history switched on after enable", &history_after_enable);
+}
+
+fn redis_url() -> String {
+    std::env::var("FDCAST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A prefix no other run uses.
+fn unique_prefix(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("sh{}{tag}{nanos}:", std::process::id())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn numbered(n: usize) -> String {
+    format!("m{n}")
+}
+
+fn mode_index(mode: Mode) -> usize {
+    Mode::ALL.iter().position(|&m| m == mode).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the agent
+// ---------------------------------------------------------------------------------------------
+
+struct AgentSub {
+    /// The registry's end, kept open while it is subscribed.
+    _ours: UnixStream,
+    peer: UnixStream,
+    got: Vec<u8>,
+}
+
+fn agent_main() {
+    let registry = Arc::new(Registry::new().unwrap());
+    registry.set_outbox_limit(64 << 20);
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut subs: HashMap<String, AgentSub> = HashMap::new();
+    let mut background: Option<thread::JoinHandle<()>> = None;
+    let mut out = std::io::stdout().lock();
+    let new_sub = |subs: &mut HashMap<String, AgentSub>, id: &str| {
+        let (ours, peer) = socketpair_nonblocking();
+        let fd = ours.as_raw_fd();
+        let sub = AgentSub {
+            _ours: ours,
+            peer,
+            got: Vec::new(),
+        };
+        assert!(subs.insert(id.to_string(), sub).is_none(), "sub {id} twice");
+        fd
+    };
+    loop {
+        agent_turn(&registry, &mut subs);
+        let line = match rx.try_recv() {
+            Ok(line) => line,
+            Err(mpsc::TryRecvError::Empty) => continue,
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
+        let words: Vec<&str> = line.split(' ').collect();
+        let reply = match words.as_slice() {
+            ["history", max_messages] => {
+                registry.set_history(HistoryLimits {
+                    max_messages: max_messages.parse().unwrap(),
+                    ..HistoryLimits::default()
+                });
+                "ok".to_string()
+            }
+            ["enable", url, name] => match registry.broker_enable(url, name) {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("err {} {e}", e.errno()),
+            },
+            ["sub", id, topic, mode] => {
+                let fd = new_sub(&mut subs, id);
+                let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
+                registry.subscribe(&unhex(topic), fd, mode).unwrap();
+                "ok".to_string()
+            }
+            ["deny"] => {
+                registry.set_authorizer(Some(Box::new(|_, _, _| false)));
+                "ok".to_string()
+            }
+            ["since_refused", topic, last] => {
+                let (ours, _peer) = socketpair_nonblocking();
+                let last = EventId::parse(last.as_bytes()).unwrap();
+                let err = registry
+                    .subscribe_since(&unhex(topic), ours.as_raw_fd(), Mode::Sse, last)
+                    .unwrap_err();
+                format!("ok {}", err.errno())
+            }
+            ["wait_topics", n] => {
+                let n: u64 = n.parse().unwrap();
+                let start = Instant::now();
+                while registry.broker_stats().topics != n {
+                    assert!(start.elapsed() < T, "agent: not {n} topics");
+                    agent_turn(&registry, &mut subs);
+                }
+                "ok".to_string()
+            }
+            ["since", id, topic, mode, last] => {
+                let fd = new_sub(&mut subs, id);
+                let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
+                let last = EventId::parse(last.as_bytes()).unwrap();
+                let (_, recovered) = registry
+                    .subscribe_since(&unhex(topic), fd, mode, last)
+                    .unwrap();
+                format!("ok {}", u8::from(recovered))
+            }
+            ["tail", id, topic, mode, n] => {
+                let fd = new_sub(&mut subs, id);
+                let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
+                registry
+                    .subscribe_tail(&unhex(topic), fd, mode, n.parse().unwrap())
+                    .unwrap();
+                "ok".to_string()
+            }
+            ["pub", topic, payload] => match registry.publish(&unhex(topic), &unhex(payload)) {
+                Ok(n) => format!("ok {n}"),
+                Err(e) => format!("err {} {e}", e.errno()),
+            },
+            // publish_with_id, skipping reader `except`'s fd: "ok <matched> <id or ->".
+            ["pubx", topic, payload, except] => {
+                let fd = subs[*except]._ours.as_raw_fd();
+                let (matched, id) = registry
+                    .publish_with_id(&unhex(topic), &unhex(payload), Some(fd))
+                    .unwrap();
+                let id = id.map_or("-".to_string(), |id| id.to_string());
+                format!("ok {matched} {id}")
+            }
+            ["seq", topic, from, to] => {
+                let topic = unhex(topic);
+                for n in from.parse().unwrap()..to.parse().unwrap() {
+                    registry.publish(&topic, numbered(n).as_bytes()).unwrap();
+                }
+                "ok".to_string()
+            }
+            // Publishes from another thread, one message every millisecond, while this one
+            // goes on taking commands and dispatching.
+            ["bg", topic, from, to] => {
+                let topic = unhex(topic);
+                let (from, to): (usize, usize) = (from.parse().unwrap(), to.parse().unwrap());
+                let registry = Arc::clone(&registry);
+                background = Some(thread::spawn(move || {
+                    for n in from..to {
+                        registry.publish(&topic, numbered(n).as_bytes()).unwrap();
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }));
+                "ok".to_string()
+            }
+            ["bg_wait"] => {
+                let handle = background.take().expect("a background publisher");
+                while !handle.is_finished() {
+                    agent_turn(&registry, &mut subs);
+                }
+                handle.join().unwrap();
+                "ok".to_string()
+            }
+            ["read", id] => {
+                agent_turn(&registry, &mut subs);
+                let sub = subs.get_mut(*id).expect("a known sub");
+                format!("ok {}", hex(&std::mem::take(&mut sub.got)))
+            }
+            ["reconnects"] => format!("ok {}", registry.broker_stats().reconnects),
+            ["wait_idle"] => {
+                let start = Instant::now();
+                loop {
+                    let stats = registry.broker_stats();
+                    if stats.connected == 1 && stats.queued == 0 {
+                        break;
+                    }
+                    assert!(start.elapsed() < T, "agent: not idle: {stats:?}");
+                    agent_turn(&registry, &mut subs);
+                }
+                "ok".to_string()
+            }
+            _ => panic!("agent: unknown command {line:?}"),
+        };
+        writeln!(out, "{reply}").unwrap();
+        out.flush().unwrap();
+    }
+    registry.broker_disable();
+}
+
+fn agent_turn(registry: &Registry, subs: &mut HashMap<String, AgentSub>) {
+    registry.dispatch(Some(Duration::from_millis(2))).unwrap();
+    for sub in subs.values_mut() {
+        let (bytes, eof) = read_now(sub.peer.as_raw_fd());
+        assert!(!eof, "agent: a subscriber was closed");
+        sub.got.extend(bytes);
+    }
+}
+
+struct Agent {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    /// What each reader got so far, parsed as (id, payload) per its mode.
+    got: HashMap<usize, (Mode, Vec<u8>)>,
+}
+
+impl Agent {
+    /// An agent with history on (`max_messages`) and the broker enabled.
+    fn start(url: &str, prefix: &str, max_messages: usize) -> Agent {
+        let mut agent = Agent::spawn();
+        agent.ok(&format!("history {max_messages}"));
+        agent.ok(&format!("enable {url} {prefix}"));
+        agent
+    }
+
+    fn spawn() -> Agent {
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .arg("agent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        // SAFETY: runs in the forked child before exec; prctl is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("the agent process starts");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Agent {
+            child,
+            stdin,
+            stdout,
+            got: HashMap::new(),
+        }
+    }
+
+    fn ok(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").expect("the agent takes a command");
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).unwrap();
+        assert!(n > 0, "the agent exited during `{command}`");
+        match line.trim_end().strip_prefix("ok") {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("agent: `{command}` answered {line:?}"),
+        }
+    }
+
+    fn tail(&mut self, id: usize, topic: &[u8], mode: Mode, n: usize) {
+        self.ok(&format!(
+            "tail {id} {} {} {n}",
+            hex(topic),
+            mode_index(mode)
+        ));
+        self.got.insert(id, (mode, Vec::new()));
+    }
+
+    fn since(&mut self, id: usize, topic: &[u8], mode: Mode, last: &str) -> bool {
+        let recovered = self.ok(&format!(
+            "since {id} {} {} {last}",
+            hex(topic),
+            mode_index(mode)
+        ));
+        self.got.insert(id, (mode, Vec::new()));
+        recovered == "1"
+    }
+
+    fn seq(&mut self, topic: &[u8], range: std::ops::Range<usize>) {
+        self.ok(&format!("seq {} {} {}", hex(topic), range.start, range.end));
+    }
+
+    /// Reads reader `id` until it holds `n` whole messages; returns them, and checks that
+    /// no more come within a short while.
+    fn expect(&mut self, id: usize, n: usize) -> Vec<(String, String)> {
+        let start = Instant::now();
+        loop {
+            let bytes = unhex(&self.ok(&format!("read {id}")));
+            let (mode, buffer) = self.got.get_mut(&id).expect("a known reader");
+            buffer.extend_from_slice(&bytes);
+            let messages = parse(*mode, buffer);
+            if messages.len() >= n {
+                assert_eq!(
+                    messages.len(),
+                    n,
+                    "reader {id}: more than {n}: {messages:?}"
+                );
+                return messages;
+            }
+            assert!(
+                start.elapsed() < T,
+                "reader {id}: {} of {n} messages within {T:?}: {messages:?}",
+                messages.len()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Checks that reader `id` got nothing more for a while.
+    fn expect_quiet(&mut self, id: usize, had: usize) {
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            let bytes = unhex(&self.ok(&format!("read {id}")));
+            let (mode, buffer) = self.got.get_mut(&id).expect("a known reader");
+            buffer.extend_from_slice(&bytes);
+            let messages = parse(*mode, buffer);
+            assert_eq!(messages.len(), had, "reader {id}: more came: {messages:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (id, payload) of every whole message in `buffer`, framed per `mode` (single-line payloads).
+fn parse(mode: Mode, buffer: &[u8]) -> Vec<(String, String)> {
+    match mode {
+        Mode::Sse => {
+            let text = std::str::from_utf8(buffer).unwrap();
+            let mut messages = Vec::new();
+            for frame in text.split("\n\n") {
+                if frame.is_empty() || !text.contains(&format!("{frame}\n\n")) {
+                    continue;
+                }
+                let mut lines = frame.lines();
+                let id = lines
+                    .next()
+                    .unwrap()
+                    .strip_prefix("id: ")
+                    .expect("an id line");
+                let data = lines.next().unwrap().strip_prefix("data: ").expect("data");
+                assert!(lines.next().is_none(), "{frame:?}");
+                messages.push((id.to_string(), data.to_string()));
+            }
+            messages
+        }
+        Mode::WsTextId | Mode::WsBinaryId => {
+            let (frames, _) = parse_ws_frames(buffer);
+            frames
+                .iter()
+                .map(|frame| {
+                    let opcode = if mode == Mode::WsTextId { 1 } else { 2 };
+                    assert_eq!(frame.opcode, opcode);
+                    let text = std::str::from_utf8(&frame.payload).unwrap();
+                    let (id, data) = text.split_once('\n').expect("<id>\\n<payload>");
+                    (id.to_string(), data.to_string())
+                })
+                .collect()
+        }
+        other => panic!("no ids in {other:?}"),
+    }
+}
+
+fn payloads(messages: &[(String, String)]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|(_, payload)| payload.clone())
+        .collect()
+}
+
+fn ids(messages: &[(String, String)]) -> Vec<String> {
+    messages.iter().map(|(id, _)| id.clone()).collect()
+}
+
+fn expected(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(numbered).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// a plain RESP client
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq)]
+enum Resp {
+    Text(Vec<u8>),
+    Int(i64),
+    Nil,
+    Error(String),
+    Array(Vec<Resp>),
+}
+
+impl Resp {
+    fn text(&self) -> &[u8] {
+        match self {
+            Resp::Text(text) => text,
+            other => panic!("not a string: {other:?}"),
+        }
+    }
+
+    fn items(&self) -> &[Resp] {
+        match self {
+            Resp::Array(items) => items,
+            other => panic!("not an array: {other:?}"),
+        }
+    }
+}
+
+/// One RESP2 (or RESP3 push) value at the front of `buf`, and its length.
+fn parse_resp(buf: &[u8]) -> Option<(Resp, usize)> {
+    let end = buf.windows(2).position(|pair| pair == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[1..end]).unwrap();
+    let after = end + 2;
+    match buf[0] {
+        b'+' => Some((Resp::Text(line.as_bytes().to_vec()), after)),
+        b'-' => Some((Resp::Error(line.to_string()), after)),
+        b':' => Some((Resp::Int(line.parse().unwrap()), after)),
+        b'$' => {
+            let len: i64 = line.parse().unwrap();
+            if len < 0 {
+                return Some((Resp::Nil, after));
+            }
+            let len = len as usize;
+            (buf.len() >= after + len + 2).then(|| {
+                (
+                    Resp::Text(buf[after..after + len].to_vec()),
+                    after + len + 2,
+                )
+            })
+        }
+        b'*' | b'>' => {
+            let n: i64 = line.parse().unwrap();
+            if n < 0 {
+                return Some((Resp::Nil, after));
+            }
+            let mut items = Vec::new();
+            let mut at = after;
+            for _ in 0..n {
+                let (item, used) = parse_resp(&buf[at..])?;
+                items.push(item);
+                at += used;
+            }
+            Some((Resp::Array(items), at))
+        }
+        other => panic!("unexpected RESP type {:?}", other as char),
+    }
+}
+
+struct Plain {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Plain {
+    fn connect(url: &str) -> Plain {
+        let address = url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_string();
+        let stream = TcpStream::connect(&address).expect("the Redis server answers");
+        Plain {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, args: &[&[u8]]) {
+        let mut command = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            command.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            command.extend_from_slice(arg);
+            command.extend_from_slice(b"\r\n");
+        }
+        self.stream.write_all(&command).unwrap();
+    }
+
+    fn next(&mut self, timeout: Duration) -> Option<Resp> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some((value, used)) = parse_resp(&self.buf) {
+                self.buf.drain(..used);
+                return Some(value);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => panic!("Redis closed the plain connection"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn call(&mut self, args: &[&[u8]]) -> Resp {
+        self.send(args);
+        let reply = self.next(T).expect("a reply");
+        if let Resp::Error(message) = &reply {
+            panic!("{:?}: {message}", String::from_utf8_lossy(args[0]));
+        }
+        reply
+    }
+
+    /// The stream's (id, payload) pairs, oldest first.
+    fn xrange(&mut self, key: &[u8]) -> Vec<(String, String)> {
+        self.call(&[b"XRANGE", key, b"-", b"+"])
+            .items()
+            .iter()
+            .map(|entry| {
+                let entry = entry.items();
+                let fields = entry[1].items();
+                assert_eq!(fields[0].text(), b"d");
+                (
+                    String::from_utf8(entry[0].text().to_vec()).unwrap(),
+                    String::from_utf8(fields[1].text().to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits for a message push on a subscribed channel: (channel, payload).
+    fn message(&mut self) -> (Vec<u8>, Vec<u8>) {
+        loop {
+            let push = self.next(T).expect("a message within the wait");
+            let items = push.items();
+            let kind = items[0].text();
+            if kind == b"message" || kind == b"smessage" {
+                return (items[1].text().to_vec(), items[2].text().to_vec());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scenarios
+// ---------------------------------------------------------------------------------------------
+
+/// Process A publishes; process B's readers, in each mode that carries ids, get every message
+/// once, in order, with the stream's ids; so does A's own reader.
+fn ids_are_the_streams() {
+    let url = redis_url();
+    let prefix = unique_prefix("ids");
+    let topic = b"news";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    let modes = [Mode::Sse, Mode::WsTextId, Mode::WsBinaryId];
+    for (i, &mode) in modes.iter().enumerate() {
+        b.tail(i, topic, mode, 0);
+    }
+    a.tail(0, topic, Mode::Sse, 0);
+    const N: usize = 200;
+    a.seq(topic, 0..N);
+    // Every publish answered: all are in the stream.
+    a.ok("wait_idle");
+
+    let key = [prefix.as_bytes(), topic].concat();
+    let stream = Plain::connect(&url).xrange(&key);
+    assert_eq!(payloads(&stream), expected(0..N));
+    for (i, _) in modes.iter().enumerate() {
+        assert_eq!(b.expect(i, N), stream, "B's reader {i}");
+    }
+    assert_eq!(a.expect(0, N), stream, "A's own reader");
+    let ids = ids(&stream);
+    assert!(
+        ids.windows(2).all(|pair| {
+            EventId::parse(pair[0].as_bytes()).unwrap()
+                < EventId::parse(pair[1].as_bytes()).unwrap()
+        }),
+        "increasing"
+    );
+    b.expect_quiet(0, N);
+}
+
+/// A reader of A stops after message k; it resumes through B, which had no reader of the
+/// topic, while a thread of A keeps publishing: it gets k+1.., each once, recovered.
+fn resume_through_another_process() {
+    let url = redis_url();
+    let prefix = unique_prefix("resume");
+    let topic = b"feed";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    a.tail(0, topic, Mode::Sse, 0);
+    const K: usize = 50;
+    const N: usize = 400;
+    a.seq(topic, 0..K);
+    let first = a.expect(0, K);
+    assert_eq!(payloads(&first), expected(0..K));
+    let last = first.last().unwrap().0.clone();
+
+    a.ok(&format!("bg {} {K} {N}", hex(topic)));
+    assert!(b.since(0, topic, Mode::Sse, &last), "recovered");
+    a.ok("bg_wait");
+    let resumed = b.expect(0, N - K);
+    assert_eq!(payloads(&resumed), expected(K..N));
+
+    let key = [prefix.as_bytes(), topic].concat();
+    let stream = Plain::connect(&url).xrange(&key);
+    assert_eq!(stream[K..], resumed[..], "the stream's ids");
+    // A resume from the newest id gets nothing but what comes next, live.
+    let newest = resumed.last().unwrap().0.clone();
+    assert!(b.since(1, topic, Mode::WsTextId, &newest));
+    a.seq(topic, N..N + 3);
+    assert_eq!(payloads(&b.expect(1, 3)), expected(N..N + 3));
+    assert_eq!(
+        payloads(&b.expect(0, N - K + 3))[N - K..],
+        expected(N..N + 3)
+    );
+}
+
+/// With history keeping 5 messages, a resume from an id older than that is not recovered and
+/// gets the 5 kept; one from a kept id is recovered.
+fn resume_from_a_trimmed_id() {
+    let url = redis_url();
+    let prefix = unique_prefix("trim");
+    let topic = b"t";
+    let mut a = Agent::start(&url, &prefix, 5);
+    let mut b = Agent::start(&url, &prefix, 5);
+    a.seq(topic, 0..20);
+    a.ok("wait_idle");
+    let key = [prefix.as_bytes(), topic].concat();
+    let stream = Plain::connect(&url).xrange(&key);
+    assert_eq!(payloads(&stream[stream.len() - 5..]), expected(15..20));
+
+    assert!(!b.since(0, topic, Mode::Sse, &stream[stream.len() - 18].0));
+    assert_eq!(b.expect(0, 5), stream[stream.len() - 5..]);
+    assert!(b.since(1, topic, Mode::Sse, &stream[stream.len() - 3].0));
+    assert_eq!(payloads(&b.expect(1, 2)), expected(18..20));
+}
+
+/// `subscribe_tail` through a process that never saw the topic gets the stream's last n.
+fn tail_through_another_process() {
+    let url = redis_url();
+    let prefix = unique_prefix("tail");
+    let topic = b"log";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    a.seq(topic, 0..30);
+    a.ok("wait_idle");
+    b.tail(0, topic, Mode::WsBinaryId, 4);
+    let tail = b.expect(0, 4);
+    assert_eq!(payloads(&tail), expected(26..30));
+    let key = [prefix.as_bytes(), topic].concat();
+    assert_eq!(Plain::connect(&url).xrange(&key)[26..], tail[..]);
+    a.seq(topic, 30..32);
+    assert_eq!(payloads(&b.expect(0, 6))[4..], expected(30..32));
+}
+
+/// A plain client that publishes with README's script is received with its id; plain
+/// subscribers of the raw and id channels see the documented forms.
+fn plain_clients() {
+    let url = redis_url();
+    let prefix = unique_prefix("plain");
+    let topic = b"chat";
+    let channel = [prefix.as_bytes(), topic].concat();
+    let mut b = Agent::start(&url, &prefix, 100);
+    b.tail(0, topic, Mode::Sse, 0);
+    let mut raw = Plain::connect(&url);
+    raw.call(&[b"SUBSCRIBE", &channel]);
+    let mut ids_sub = Plain::connect(&url);
+    ids_sub.call(&[b"SSUBSCRIBE", &channel]);
+
+    // The one-step publish README gives plain clients.
+    let script = "local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[1]) \
+                  redis.call('PUBLISH', KEYS[1], ARGV[1]) \
+                  redis.call('SPUBLISH', KEYS[1], id .. ' ' .. ARGV[1]) \
+                  return id";
+    let mut plain = Plain::connect(&url);
+    let id = plain.call(&[b"EVAL", script.as_bytes(), b"1", &channel, b"from plain"]);
+    let id = String::from_utf8(id.text().to_vec()).unwrap();
+    let announced = format!("{id} from plain");
+    assert_eq!(b.expect(0, 1), vec![(id.clone(), "from plain".to_string())]);
+    assert_eq!(raw.message(), (channel.clone(), b"from plain".to_vec()));
+    assert_eq!(ids_sub.message(), (channel.clone(), announced.into_bytes()));
+
+    // fdcast's publish, seen by the plain subscribers.
+    let mut a = Agent::start(&url, &prefix, 100);
+    a.ok(&format!("pub {} {}", hex(topic), hex(b"from fdcast")));
+    let got = b.expect(0, 2);
+    assert_eq!(got[1].1, "from fdcast");
+    assert_eq!(raw.message(), (channel.clone(), b"from fdcast".to_vec()));
+    let (_, announced) = ids_sub.message();
+    assert_eq!(announced, format!("{} from fdcast", got[1].0).into_bytes());
+    assert_eq!(ids(&plain.xrange(&channel)), [id, got[1].0.clone()]);
+}
+
+/// Kills process B's connection (CLIENT KILL on a Redis of its own) while A publishes: B's
+/// reader gets every message once, in order, after B reconnects.
+fn reconnect_after_client_kill() {
+    let server = OwnRedis::start();
+    let url = server.url();
+    let prefix = unique_prefix("kill");
+    let topic = b"k";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    b.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..10);
+    assert_eq!(payloads(&b.expect(0, 10)), expected(0..10));
+    let mut plain = Plain::connect(&url);
+    // A publishes from another thread, one message a millisecond, through B's reconnect:
+    // some while B is down, some while B subscribes again and fetches what it missed.
+    const N: usize = 400;
+    a.ok(&format!("bg {} 10 {N}", hex(topic)));
+    thread::sleep(Duration::from_millis(50));
+    // B is the only client subscribed to anything.
+    let killed = plain.call(&[b"CLIENT", b"KILL", b"TYPE", b"pubsub"]);
+    assert_eq!(killed, Resp::Int(1));
+    a.ok("bg_wait");
+    a.ok("wait_idle");
+    b.ok("wait_idle");
+    let got = b.expect(0, N);
+    assert_eq!(payloads(&got), expected(0..N));
+    let key = [prefix.as_bytes(), topic].concat();
+    assert_eq!(plain.xrange(&key), got);
+    let reconnects: u64 = b.ok("reconnects").parse().unwrap();
+    assert!(reconnects >= 1, "B reconnected");
+    b.expect_quiet(0, N);
+}
+
+/// History turned on after the broker is enabled: the session starts anew and shares it.
+fn history_after_enable() {
+    let url = redis_url();
+    let prefix = unique_prefix("late");
+    let topic = b"late";
+    let mut a = Agent::spawn();
+    a.ok(&format!("enable {url} {prefix}"));
+    a.ok("history 100");
+    a.ok("wait_idle");
+    let mut b = Agent::start(&url, &prefix, 100);
+    b.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..5);
+    let got = b.expect(0, 5);
+    assert_eq!(payloads(&got), expected(0..5));
+    let key = [prefix.as_bytes(), topic].concat();
+    assert_eq!(Plain::connect(&url).xrange(&key), got);
+}
+
+/// `publish_except` under shared history: the local delivery, one round trip later, skips
+/// the sender; the count is the local subscribers at publish time; no id is known yet.
+fn except_is_honoured() {
+    let url = redis_url();
+    let prefix = unique_prefix("except");
+    let topic = b"room";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    a.tail(0, topic, Mode::Sse, 0);
+    a.tail(1, topic, Mode::Sse, 0);
+    b.tail(0, topic, Mode::Sse, 0);
+    let reply = a.ok(&format!("pubx {} {} 1", hex(topic), hex(b"hello")));
+    assert_eq!(
+        reply, "1 -",
+        "one local subscriber besides the sender, no id yet"
+    );
+    let got = a.expect(0, 1);
+    assert_eq!(b.expect(0, 1), got);
+    a.expect_quiet(1, 0);
+    let key = [prefix.as_bytes(), topic].concat();
+    assert_eq!(Plain::connect(&url).xrange(&key), got);
+}
+
+/// A resume the authorizer refuses still filled the mirror (the channel was subscribed for
+/// it): the channel is given back, since no local subscriber needs it.
+fn refused_resume() {
+    let url = redis_url();
+    let prefix = unique_prefix("refused");
+    let topic = b"secret";
+    let mut a = Agent::start(&url, &prefix, 10);
+    a.seq(topic, 0..3);
+    let mut b = Agent::start(&url, &prefix, 10);
+    b.ok("deny");
+    let errno: i32 = b
+        .ok(&format!("since_refused {} 0-0", hex(topic)))
+        .parse()
+        .unwrap();
+    assert_eq!(errno, libc::EACCES);
+    b.ok("wait_topics 0");
+    b.ok("wait_idle");
+}
+
+/// History switched off while the broker shares it: the session goes back to raw channels,
+/// and publishes reach both processes at once again, without ids.
+fn history_switched_off() {
+    let url = redis_url();
+    let prefix = unique_prefix("off");
+    let topic = b"plain";
+    let mut a = Agent::start(&url, &prefix, 100);
+    let mut b = Agent::start(&url, &prefix, 100);
+    for agent in [&mut a, &mut b] {
+        agent.ok("history 0");
+        agent.ok("wait_idle");
+    }
+    b.ok(&format!(
+        "sub 0 {} {}",
+        hex(topic),
+        mode_index(Mode::WsTextId)
+    ));
+    b.got.insert(0, (Mode::WsTextId, Vec::new()));
+    b.ok("wait_idle");
+    let mut raw = Plain::connect(&url);
+    let channel = [prefix.as_bytes(), topic].concat();
+    raw.call(&[b"SUBSCRIBE", &channel]);
+    // B's subscription may take a moment to be in effect: publish until B has one.
+    let start = Instant::now();
+    let got = loop {
+        a.ok(&format!("pub {} {}", hex(topic), hex(b"x")));
+        let bytes = unhex(&b.ok("read 0"));
+        let (mode, buffer) = b.got.get_mut(&0).unwrap();
+        buffer.extend_from_slice(&bytes);
+        let got = parse(*mode, buffer);
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(start.elapsed() < T, "B got nothing");
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got[0], (String::new(), "x".to_string()), "no id");
+    assert_eq!(raw.message(), (channel.clone(), b"x".to_vec()));
+    assert!(
+        Plain::connect(&url).xrange(&channel).is_empty(),
+        "no stream"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// a Redis of our own
+// ---------------------------------------------------------------------------------------------
+
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < T, "redis-server did not listen");
+            thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
