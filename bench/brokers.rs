@@ -12,7 +12,9 @@
 //!    publish through libpq's pipeline; Redis Cluster: a plain client pipelining SPUBLISH
 //!    to the primary owning each channel's slot, one connection per primary, on one topic
 //!    and on 6 topics spread over the 3 primaries (each socket subscribed to one of them).
-//!    Ratios against the targets (Redis, Redis Cluster, NATS ≥ 0.8×, PostgreSQL ≥ 5×);
+//!    Ratios against the targets (Redis, Redis Cluster, NATS ≥ 0.8×, PostgreSQL ≥ 5×) on the
+//!    sustained rate, the one that reaches the receivers; the publisher's burst rate (how fast
+//!    the server took the messages in) is shown beside it;
 //! 2. latency from `publish` in this process to the bytes on each socket in the others at
 //!    10,000 publishes/s (CLOCK_MONOTONIC, which every process shares; target p99 ≤ 2 ms for
 //!    Redis and NATS);
@@ -1556,6 +1558,10 @@ fn main() {
          last (PostgreSQL, Redis: its replies; NATS: the PONG of a PING written after it; \
          fdcast: until `broker_disable` returned; redis-benchmark: its own rate); \
          `delivered/s`: until the last socket of the slower receiver read the last message. \
+         The targets are checked on delivered/s, the rate from one process to the two others: \
+         published/s only says how fast the server swallows a burst into its buffers for the \
+         receivers, which nobody can sustain for longer than those buffers last (a NATS server \
+         cuts a subscriber off at 64 MiB pending); its ratio is shown last, as the burst ratio. \
          Redis Cluster: three primaries started by the bench, fdcast on `redis+cluster://` \
          (SPUBLISH, SSUBSCRIBE); with 6 topics, two on each primary, published in turn, \
          each socket subscribed to one of them. Median of {reps} alternating run(s).\n"
@@ -1569,9 +1575,10 @@ fn main() {
     say("### 7.1 Publish throughput\n");
     say(
         "| engine | payload | messages | fdcast published/s | fdcast delivered/s | baseline \
-         | baseline published/s | baseline delivered/s | fdcast / baseline (published) | target |",
+         | baseline published/s | baseline delivered/s | fdcast / baseline (delivered: sustained) \
+         | target | fdcast / baseline (published: burst) |",
     );
-    say("|---|---|---|---|---|---|---|---|---|---|");
+    say("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut routing: Vec<(String, u64, (u64, u64), u64)> = Vec::new();
     for engine in &engines {
         for &size in &sizes {
@@ -1607,7 +1614,8 @@ fn main() {
             let (f_published, f_delivered) = (median(fdcast.0), median(fdcast.1));
             for (&baseline, (published, delivered)) in engine.baselines.iter().zip(baselines) {
                 let (b_published, b_delivered) = (median(published), median(delivered));
-                let ratio = f_published / b_published;
+                let sustained = f_delivered / b_delivered;
+                let burst = f_published / b_published;
                 let n_baseline = messages(engine.key, baseline, size);
                 let messages = if n_fdcast == n_baseline {
                     n_fdcast.to_string()
@@ -1616,11 +1624,12 @@ fn main() {
                 };
                 say(&format!(
                     "| {} | {size} B | {messages} | {f_published:.0} | {f_delivered:.0} | {} \
-                     | {b_published:.0} | {b_delivered:.0} | {ratio:.2} | ≥ {} {} |",
+                     | {b_published:.0} | {b_delivered:.0} | {sustained:.2} | ≥ {} {} \
+                     | {burst:.2} |",
                     engine.label,
                     baseline.label(),
                     engine.target,
-                    mark(ratio >= engine.target),
+                    mark(sustained >= engine.target),
                 ));
             }
         }

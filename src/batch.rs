@@ -294,7 +294,7 @@ impl Batch {
             let excepted = except.and_then(|fd| batch.members.iter().position(|m| m.fd == fd));
             let recipients = (batch.members.len() - usize::from(excepted.is_some())) as u64;
             let Some(frame) = frames.get(mode) else {
-                appended.dropped += recipients;
+                appended.dropped += batch.count_dropped(excepted);
                 continue;
             };
             if frame.len() == 0 {
@@ -308,7 +308,7 @@ impl Batch {
             }
             let separated = excepted.is_none_or(|member| batch.separate(member));
             if !separated || !reserve_frame(&mut batch.bytes, &mut batch.ends, frame.len()) {
-                appended.dropped += recipients;
+                appended.dropped += batch.count_dropped(excepted);
                 continue;
             }
             frame.copy_from(0, &mut batch.bytes);
@@ -325,6 +325,7 @@ impl Batch {
                     frame.copy_from(0, &mut own.bytes);
                     own.ends.push(own.bytes.len());
                 } else {
+                    members[member].peer.count_dropped(1);
                     appended.dropped += 1;
                     appended.queued -= frame.len() as u64;
                 }
@@ -419,6 +420,19 @@ impl ModeBatch {
         }
         self.with_own.clear();
         smallest_room
+    }
+
+    /// Counts a frame dropped for every member but the excepted one, in each member's own
+    /// counters too; returns how many it dropped.
+    fn count_dropped(&self, excepted: Option<usize>) -> u64 {
+        let mut dropped = 0;
+        for (at, member) in self.members.iter().enumerate() {
+            if Some(at) != excepted {
+                member.peer.count_dropped(1);
+                dropped += 1;
+            }
+        }
+        dropped
     }
 
     /// Gives `member` frames of its own, a copy of the batch's so far, unless it has them;

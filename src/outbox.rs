@@ -677,10 +677,16 @@ impl Peer {
         self.lagging.load(Ordering::Relaxed)
     }
 
-    /// The topics the fd is behind on.
+    /// The topics the fd is behind on, in the order to refill them: each call starts one
+    /// topic further on, so that a topic far behind, which can fill the outbox on every
+    /// refill, does not hold back the others until it has caught up.
     pub(crate) fn lagging_topics(&self) -> Vec<Box<[u8]>> {
-        let outbox = self.outbox.lock();
-        outbox.lags.iter().map(|lag| lag.topic.clone()).collect()
+        let mut outbox = self.outbox.lock();
+        let topics = outbox.lags.iter().map(|lag| lag.topic.clone()).collect();
+        if !outbox.lags.is_empty() {
+            outbox.lags.rotate_left(1);
+        }
+        topics
     }
 
     /// Forgets the lags of topics the fd no longer subscribes to: nothing more is owed there.

@@ -263,6 +263,31 @@ fn several_topics_on_one_fd_each_arrive_whole_and_in_order() {
 }
 
 #[test]
+fn a_topic_far_behind_does_not_hold_back_another_topic_of_the_fd() {
+    let reg = registry(keep_messages(10_000), Overflow::DropMessage);
+    let (sub, reader) = slow_pair();
+    let fd = sub.as_raw_fd();
+    for topic in ["far", "near"] {
+        reg.subscribe(topic.as_bytes(), fd, Mode::Raw).unwrap();
+    }
+    publish_lines(&reg, "far", 1..=3000);
+    publish_lines(&reg, "near", 1..=20);
+    assert_eq!(reg.fd_stats(fd).unwrap().catching_up, 2);
+    let bytes = read_until_caught_up(&reg, fd, &reader);
+    let text = std::str::from_utf8(&bytes).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = |wanted: &str| lines.iter().position(|line| *line == wanted).unwrap();
+    // Each refill of an outbox of OUTBOX_LIMIT bytes takes a few hundred of these lines: the
+    // near topic gets its turn within the first few, not after all of the far one.
+    assert!(
+        at(line("near", 20).trim_end()) < at(line("far", 1000).trim_end()),
+        "the near topic waited for the far one"
+    );
+    assert_eq!(numbers(&bytes, "far"), (1..=3000).collect::<Vec<_>>());
+    assert_eq!(numbers(&bytes, "near"), (1..=20).collect::<Vec<_>>());
+}
+
+#[test]
 fn corked_publishes_catch_up_too() {
     let reg = registry(keep_messages(10_000), Overflow::DropMessage);
     let (sub, reader) = slow_pair();

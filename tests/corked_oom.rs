@@ -160,4 +160,33 @@ fn a_corked_frame_without_memory_is_a_counted_drop_for_the_fd_it_misses() {
     }
     let stats = reg.stats();
     assert_eq!((stats.dropped_messages, stats.queued_bytes), (1, 0));
+    let dropped: Vec<u64> = pairs
+        .iter()
+        .map(|(writer, _)| reg.fd_stats(writer.as_raw_fd()).unwrap().dropped)
+        .collect();
+    assert_eq!(dropped, [1, 0, 0], "the drop is the excepted fd's own");
+}
+
+#[test]
+fn a_corked_batch_without_memory_drops_the_frame_for_each_member_and_says_so_per_fd() {
+    let (reg, pairs) = three_members();
+    let excepted = pairs[2].0.as_raw_fd();
+    let lost = big_frame("lost");
+    {
+        let _refusing = Refusing::from(REFUSED_FROM_BYTES);
+        // The batch's buffer has never held a frame: taking this one needs memory.
+        let matched = reg.publish_except(b"t", &lost, Some(excepted));
+        assert_eq!(matched.unwrap(), 2);
+    }
+    reg.publish(b"t", &big_frame("kept")).unwrap();
+    assert_eq!(reg.flush(), 3);
+    for (_, reader) in &pairs {
+        assert_eq!(received_tags(reader), ["kept"]);
+    }
+    assert_eq!(reg.stats().dropped_messages, 2);
+    let dropped: Vec<u64> = pairs
+        .iter()
+        .map(|(writer, _)| reg.fd_stats(writer.as_raw_fd()).unwrap().dropped)
+        .collect();
+    assert_eq!(dropped, [1, 1, 0], "every member but the excepted one");
 }

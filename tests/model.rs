@@ -746,7 +746,7 @@ impl World {
     }
 
     /// What fdcast does when connection `conn`'s outbox drains while it is behind on topics:
-    /// for each, in its order, from the cursor on, the kept messages framed in the
+    /// for each, in its order (each refill starting one topic further on), from the cursor on, the kept messages framed in the
     /// subscription's mode while they fit under the outbox limit (an empty outbox takes any
     /// frame); a gap first if the history dropped messages it was owed. Returns whether it
     /// queued anything.
@@ -761,6 +761,10 @@ impl World {
             .iter()
             .map(|lag| lag.topic.clone())
             .collect();
+        // The next refill starts one topic further on.
+        if !topics.is_empty() {
+            self.conns[conn].lags.rotate_left(1);
+        }
         for topic in topics {
             let Some(at) = self.conns[conn]
                 .lags

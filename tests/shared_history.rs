@@ -71,6 +71,7 @@ fn scenarios() {
     );
     run("plain clients", &plain_clients);
     run("the sender's fd is skipped", &except_is_honoured);
+    run("a refused resume gives its channel back", &refused_resume);
     run("history switched off again", &history_switched_off);
     run("reconnect after CLIENT KILL", &reconnect_after_client_kill);
     run("history switched on after enable", &history_after_enable);
@@ -169,6 +170,27 @@ fn agent_main() {
                 let fd = new_sub(&mut subs, id);
                 let mode = Mode::ALL[mode.parse::<usize>().unwrap()];
                 registry.subscribe(&unhex(topic), fd, mode).unwrap();
+                "ok".to_string()
+            }
+            ["deny"] => {
+                registry.set_authorizer(Some(Box::new(|_, _, _| false)));
+                "ok".to_string()
+            }
+            ["since_refused", topic, last] => {
+                let (ours, _peer) = socketpair_nonblocking();
+                let last = EventId::parse(last.as_bytes()).unwrap();
+                let err = registry
+                    .subscribe_since(&unhex(topic), ours.as_raw_fd(), Mode::Sse, last)
+                    .unwrap_err();
+                format!("ok {}", err.errno())
+            }
+            ["wait_topics", n] => {
+                let n: u64 = n.parse().unwrap();
+                let start = Instant::now();
+                while registry.broker_stats().topics != n {
+                    assert!(start.elapsed() < T, "agent: not {n} topics");
+                    agent_turn(&registry, &mut subs);
+                }
                 "ok".to_string()
             }
             ["since", id, topic, mode, last] => {
@@ -621,6 +643,8 @@ fn ids_are_the_streams() {
     a.tail(0, topic, Mode::Sse, 0);
     const N: usize = 200;
     a.seq(topic, 0..N);
+    // Every publish answered: all are in the stream.
+    a.ok("wait_idle");
 
     let key = [prefix.as_bytes(), topic].concat();
     let stream = Plain::connect(&url).xrange(&key);
@@ -714,9 +738,8 @@ fn tail_through_another_process() {
     assert_eq!(payloads(&b.expect(0, 6))[4..], expected(30..32));
 }
 
-/// A plain client that adds to the stream and announces the id on the id channel is
-/// received with its id; plain subscribers of the raw and id channels see the documented
-/// forms.
+/// A plain client that publishes with README's script is received with its id; plain
+/// subscribers of the raw and id channels see the documented forms.
 fn plain_clients() {
     let url = redis_url();
     let prefix = unique_prefix("plain");
@@ -729,12 +752,15 @@ fn plain_clients() {
     let mut ids_sub = Plain::connect(&url);
     ids_sub.call(&[b"SSUBSCRIBE", &channel]);
 
+    // The one-step publish README gives plain clients.
+    let script = "local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[1]) \
+                  redis.call('PUBLISH', KEYS[1], ARGV[1]) \
+                  redis.call('SPUBLISH', KEYS[1], id .. ' ' .. ARGV[1]) \
+                  return id";
     let mut plain = Plain::connect(&url);
-    let id = plain.call(&[b"XADD", &channel, b"*", b"d", b"from plain"]);
+    let id = plain.call(&[b"EVAL", script.as_bytes(), b"1", &channel, b"from plain"]);
     let id = String::from_utf8(id.text().to_vec()).unwrap();
     let announced = format!("{id} from plain");
-    plain.call(&[b"PUBLISH", &channel, b"from plain"]);
-    plain.call(&[b"SPUBLISH", &channel, announced.as_bytes()]);
     assert_eq!(b.expect(0, 1), vec![(id.clone(), "from plain".to_string())]);
     assert_eq!(raw.message(), (channel.clone(), b"from plain".to_vec()));
     assert_eq!(ids_sub.message(), (channel.clone(), announced.into_bytes()));
@@ -822,6 +848,25 @@ fn except_is_honoured() {
     a.expect_quiet(1, 0);
     let key = [prefix.as_bytes(), topic].concat();
     assert_eq!(Plain::connect(&url).xrange(&key), got);
+}
+
+/// A resume the authorizer refuses still filled the mirror (the channel was subscribed for
+/// it): the channel is given back, since no local subscriber needs it.
+fn refused_resume() {
+    let url = redis_url();
+    let prefix = unique_prefix("refused");
+    let topic = b"secret";
+    let mut a = Agent::start(&url, &prefix, 10);
+    a.seq(topic, 0..3);
+    let mut b = Agent::start(&url, &prefix, 10);
+    b.ok("deny");
+    let errno: i32 = b
+        .ok(&format!("since_refused {} 0-0", hex(topic)))
+        .parse()
+        .unwrap();
+    assert_eq!(errno, libc::EACCES);
+    b.ok("wait_topics 0");
+    b.ok("wait_idle");
 }
 
 /// History switched off while the broker shares it: the session goes back to raw channels,

@@ -232,6 +232,12 @@ pub(crate) trait Engine: Send {
     fn connect_timeout(&self) -> Duration {
         DEFAULT_CONNECT_TIMEOUT
     }
+    /// Whether the engine shares history across processes when history is on: it then
+    /// takes shared publishes ([`Handoff::push_shared_publish`]) and reports what it
+    /// receives with [`Stream`] notes, in the order its server gave them.
+    fn shares_history(&self) -> bool {
+        false
+    }
     /// History was turned on or off: an engine that shares history starts a new session,
     /// which subscribes and publishes the new way.
     fn history_switched(&mut self, _reactor: &Reactor) {}
@@ -304,7 +310,8 @@ pub(crate) struct Handoff {
     generation: AtomicU64,
     /// The registry's history settings, which a sharing engine reads as it goes.
     history: Arc<SharedHistory>,
-    /// Whether the last broker installed shares history (Redis, not Cluster; NATS).
+    /// Whether the engine of the last broker installed shares history (Redis, not Cluster;
+    /// NATS).
     shares: AtomicBool,
 }
 
@@ -391,6 +398,8 @@ pub(crate) struct Broker {
     engine: Mutex<Box<dyn Engine>>,
     /// Whether the engine subscribes per topic (Redis, NATS) rather than to one channel.
     routes_interest: bool,
+    /// Whether the engine shares history (see [`Engine::shares_history`]).
+    shares_history: bool,
     /// The engine's name, for messages: "PostgreSQL", "Redis", "Redis Cluster", "NATS".
     kind: &'static str,
 }
@@ -499,16 +508,15 @@ impl Broker {
         handoff.outbound.reset(encoder);
         handoff.engine.store(scheme as u8, Ordering::Relaxed);
         handoff.history.set_unavailable(false);
-        handoff.shares.store(
-            matches!(scheme, Scheme::Redis | Scheme::Nats),
-            Ordering::Release,
-        );
+        let shares_history = engine.shares_history();
+        handoff.shares.store(shares_history, Ordering::Release);
         let deadline = Instant::now() + engine.connect_timeout();
         let broker = Broker {
             handoff: Arc::clone(handoff),
             generation,
             engine: Mutex::new(engine),
             routes_interest: scheme != Scheme::Postgres,
+            shares_history,
             kind: scheme.name(),
         };
         let mut ignored = Vec::new();
@@ -662,7 +670,7 @@ impl Broker {
     /// Whether this broker's engine shares history (when history is on): Redis always, NATS
     /// unless its server answered that it has no JetStream.
     pub(crate) fn shares_history(&self) -> bool {
-        self.kind == "Redis" || (self.kind == "NATS" && !self.handoff.history.is_unavailable())
+        self.shares_history && !self.handoff.history.is_unavailable()
     }
 
     pub(crate) fn shut_down(&self, reactor: &Reactor) {
@@ -694,6 +702,42 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_settings_tell_a_switch_from_new_limits() {
+        let history = SharedHistory::default();
+        let limits = |max_messages, age_ms| HistoryLimits {
+            max_messages,
+            max_age: (age_ms > 0).then(|| Duration::from_millis(age_ms)),
+            ..HistoryLimits::default()
+        };
+        assert!(!history.is_on());
+        assert!(history.set(limits(5, 0)), "on");
+        assert!(!history.set(limits(7, 250)), "new limits");
+        assert_eq!(history.limits(), (7, 250));
+        assert!(history.is_on());
+        assert!(history.set(limits(0, 0)), "off");
+        assert!(!history.set(limits(0, 0)));
+        assert!(!history.is_on());
+
+        let handoff = Handoff::default();
+        assert!(
+            !handoff.set_history(limits(5, 0)),
+            "no sharing broker installed"
+        );
+        assert!(!handoff.shares_history());
+        let record = shared_record(b"topic", b"pay load", Some(7));
+        assert_eq!(
+            split_shared_record(&record),
+            Some((&b"topic"[..], Some(7), &b"pay load"[..]))
+        );
+        let record = shared_record(b"t", b"", None);
+        assert_eq!(
+            split_shared_record(&record),
+            Some((&b"t"[..], None, &b""[..]))
+        );
+        assert_eq!(split_shared_record(&record[..3]), None);
+    }
 
     #[test]
     fn the_scheme_picks_the_engine() {

@@ -1166,6 +1166,10 @@ impl Engine for ClusterEngine {
         self.take(cx);
         let mut connecting = false;
         for index in 0..self.shards.len() {
+            // Redirected publishes go before the queue: a fence lifted once their MOVED
+            // answers were all in, so what it held, and what came after, must not overtake
+            // them while they wait here for the next turn of `advance`.
+            self.send_resends(index, cx.received);
             let shard = &mut self.shards[index];
             if let Some(stream) = shard.stream.as_mut() {
                 stream.write(&mut Context {
@@ -1922,6 +1926,76 @@ mod tests {
         assert_eq!(engine.stats().dropped, 1);
         let why = engine.take_failure().unwrap().to_string();
         assert!(why.contains("redirected"), "{why}");
+    }
+
+    #[test]
+    fn a_publishers_turn_sends_redirected_publishes_before_the_queue() {
+        // A node of our own that answers the handshake and records what it is sent.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let node = std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let (mut socket, _) = listener.accept().unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut greeted = false;
+            while let Ok(n @ 1..) = socket.read(&mut chunk) {
+                seen.extend_from_slice(&chunk[..n]);
+                if !greeted && seen.windows(5).any(|w| w == b"HELLO") {
+                    socket.write_all(HELLO_REPLY).unwrap();
+                    greeted = true;
+                }
+            }
+            seen
+        });
+        let mut engine = ClusterEngine::new(url(), "app:").unwrap();
+        engine.apply_topology(&[SlotRange {
+            start: 0,
+            end: 16383,
+            node: ("127.0.0.1".into(), port),
+        }]);
+        let reactor = Reactor::new().unwrap();
+        let registry_queue = Outbound::default();
+        let mut received = Vec::new();
+        engine.route(b"t", b"queued-first");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !engine.shards[0].stream.as_ref().unwrap().is_open() {
+            assert!(Instant::now() < deadline, "the node never answered HELLO");
+            let Shard {
+                outbound, stream, ..
+            } = &mut engine.shards[0];
+            stream.as_mut().unwrap().advance(&mut Context {
+                reactor: &engine.inner,
+                outbound,
+                received: &mut received,
+            });
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A publish that came back MOVED waits to be sent again; a fence lifted since lets
+        // the next publish of its topic into the queue. The publisher's turn sends both,
+        // the redirected one first.
+        engine.queue_resend(0, Retained::new(b"t", b"redirected"));
+        assert!(registry_queue.push_publish(b"t", b"published-after"));
+        engine.write(&mut Context {
+            reactor: &reactor,
+            outbound: &registry_queue,
+            received: &mut received,
+        });
+        engine.shut_down(&reactor);
+        let seen = node.join().unwrap();
+        let at = |payload: &[u8]| {
+            seen.windows(payload.len())
+                .position(|w| w == payload)
+                .unwrap_or_else(|| panic!("{} never sent", String::from_utf8_lossy(payload)))
+        };
+        assert!(at(b"queued-first") < at(b"redirected"));
+        assert!(
+            at(b"redirected") < at(b"published-after"),
+            "the queue overtook a redirected publish"
+        );
     }
 
     #[test]

@@ -692,6 +692,10 @@ impl<P: Protocol> Engine for StreamEngine<P> {
         self.write(cx);
     }
 
+    fn shares_history(&self) -> bool {
+        self.protocol.shares_history()
+    }
+
     fn history_switched(&mut self, reactor: &Reactor) {
         if self.protocol.shares_history() && !matches!(self.phase, Phase::Down { .. }) {
             // Reconnects at once: the new session subscribes and publishes the new way.

@@ -69,7 +69,8 @@ use crate::registry::Registry;
 /// each message once in publish order, always (gaps aside). Across the topics of one fd:
 /// publish order while the fd is live on them; while it is behind on a topic, that topic's
 /// older messages arrive after newer ones of topics it is live on, and topics it is behind on
-/// are refilled one after another. Turning history off ends every catching up: what a
+/// take turns (each refill starts one topic further on, so one far behind holds back no
+/// other). Turning history off ends every catching up: what a
 /// behind fd was still owed is lost (counted as a gap when the fd next takes bytes).
 ///
 /// Returns 0 or -EINVAL (NULL `fc`).

@@ -235,18 +235,21 @@ impl Registry {
         let mut policy = self.write_policy();
         let gather = !policy.corked && received.len() > 1;
         policy.corked |= gather;
+        let mut delivered = 0;
         for message in &received {
             if let Some(stream) = message.stream {
-                self.deliver_streamed(message.topic(), message.payload(), stream, policy);
+                let new = self.deliver_streamed(message.topic(), message.payload(), stream, policy);
+                delivered += usize::from(new);
                 continue;
             }
             // A payload a local subscriber cannot take (not UTF-8 for a WebSocket text or SSE
             // subscriber) reaches nobody; there is no caller to tell.
             let _ = self.deliver_with(message.topic(), message.payload(), None, policy);
+            delivered += 1;
         }
         if gather {
             self.flush_and_spill();
         }
-        received.len()
+        delivered
     }
 }

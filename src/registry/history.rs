@@ -114,6 +114,15 @@ impl Registry {
         histories.sweep_at = 0;
     }
 
+    /// Gives `topic` the ring `ring` (tests: a mirror without a broker).
+    #[cfg(test)]
+    pub(super) fn insert_history(&self, topic: &[u8], ring: TopicRing) {
+        self.histories
+            .write()
+            .topics
+            .insert(Box::from(topic), Arc::new(Mutex::new(ring)));
+    }
+
     /// The ring of `topic` if it has one (none when history is off).
     pub(super) fn existing_history(&self, topic: &[u8]) -> Option<Arc<Mutex<TopicRing>>> {
         self.histories.read().topics.get(topic).cloned()
@@ -258,16 +267,13 @@ impl Registry {
             self.await_mirror(topic, &ring, last)
         };
         let mut ring = ring.lock();
-        let subscription = match self.subscribe(topic, fd, mode) {
-            Ok(subscription) => subscription,
-            Err(err) => {
-                drop(ring);
-                if asked {
-                    self.release_mirror(topic);
-                }
-                return Err(err);
-            }
-        };
+        let subscribed = self.subscribe(topic, fd, mode);
+        if asked {
+            // Subscribed, the fd keeps the channel; refused, nothing does. The ring's lock is
+            // held (ring, then index), so a message cannot slip between subscribe and replay.
+            self.release_mirror(topic);
+        }
+        let subscription = subscribed?;
         ring.evict(Instant::now());
         let replay = match resume {
             Resume::Since(last) => ring.since(last),

@@ -1,8 +1,9 @@
 //! The public `Registry`: the struct, its lock order, subscriptions and stats. The other jobs
 //! have a file each: `publish` (fan-out and `send`), `flush` (cork, flush, dispatch),
 //! `heartbeat` (keep-alive timers), `evict` (forgetting and evicting fds), `broker`
-//! (cross-process fan-out), `history` (per-topic history and resume) and `catch_up` (readers
-//! that fell behind on a topic with history, gaps, per-fd counters).
+//! (cross-process fan-out), `history` (per-topic history and resume), `catch_up` (readers
+//! that fell behind on a topic with history, gaps, per-fd counters) and `shared` (history
+//! shared across processes through a broker).
 //!
 //! Locks, always taken in this order and never the other way round:
 //! 0. with history on, `histories` (an `RwLock`, the map of topics to rings): read to find a
@@ -24,8 +25,9 @@
 //!
 //! An immediate publish holds no lock while it walks its subscriber list and at most one
 //! outbox lock at a time, so a publish to many fds never blocks changes on other topics,
-//! publishes to other topics run in parallel, and no cycle can form. `heartbeat` and
-//! `flush_list` are leaf locks: nothing else is taken while either is held. The reactor's poll
+//! publishes to other topics run in parallel, and no cycle can form. `heartbeat`,
+//! `flush_list` and `mirror_pins` (shared.rs) are leaf locks: nothing else is taken while
+//! one is held. The reactor's poll
 //! mutex is only held for the wait itself, and the hook slots are read-locked only to clone
 //! the callback out; callbacks run with no lock held (a publish or resume settles its evictions
 //! after releasing its topic's ring).
@@ -136,6 +138,10 @@ impl Drop for IndexWriter<'_> {
         let broker = self.registry.broker.read().clone();
         if let Some(broker) = &broker {
             for (topic, subscribe) in &events {
+                // A resume waiting for the topic's mirror keeps its channel (shared.rs).
+                if !*subscribe && self.registry.mirror_pinned(topic) {
+                    continue;
+                }
                 broker.interest(topic, *subscribe);
             }
         }
@@ -178,6 +184,9 @@ pub struct Registry {
     history_on: AtomicBool,
     /// Every topic's kept messages (history.rs).
     histories: RwLock<history::Histories>,
+    /// Topics whose channel resumes keep subscribed while they wait for its mirror, and how
+    /// many (shared.rs). A leaf lock, taken under the index's write lock.
+    mirror_pins: Mutex<std::collections::HashMap<Box<[u8]>, usize>>,
     counters: Counters,
 }
 
@@ -203,6 +212,7 @@ impl Registry {
             on_gap: RwLock::new(None),
             history_on: AtomicBool::new(false),
             histories: RwLock::new(history::Histories::default()),
+            mirror_pins: Mutex::new(std::collections::HashMap::new()),
             counters: Counters::default(),
         })
     }

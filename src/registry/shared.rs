@@ -39,6 +39,11 @@ const MIRROR_AHEAD: u64 = 60_000;
 const WAIT_SLICE: Duration = Duration::from_millis(10);
 
 impl Registry {
+    /// Whether a resume keeps `topic`'s channel subscribed while it waits for the mirror.
+    pub(super) fn mirror_pinned(&self, topic: &[u8]) -> bool {
+        self.mirror_pins.lock().contains_key(topic)
+    }
+
     /// Whether publishes and resumes go through the broker's streams now.
     pub(super) fn shares_history(&self) -> bool {
         self.broker_enabled.load(Ordering::Acquire) && self.broker.shares_history()
@@ -70,14 +75,15 @@ impl Registry {
         Ok(matched)
     }
 
-    /// A message or note of shared history, as the engine received it.
+    /// A message or note of shared history, as the engine received it; returns whether it
+    /// was a message delivered (not one seen already, nor a note or a fill's entry).
     pub(super) fn deliver_streamed(
         &self,
         topic: &[u8],
         payload: &[u8],
         stream: Stream,
         policy: WritePolicy,
-    ) {
+    ) -> bool {
         let ring = if self.history_on.load(Ordering::Relaxed) {
             self.topic_history(topic)
         } else {
@@ -87,8 +93,9 @@ impl Registry {
             // History was turned off meanwhile: a message is delivered as any other.
             if let Stream::Message { except, .. } = stream {
                 let _ = self.deliver_with(topic, payload, except, policy);
+                return true;
             }
-            return;
+            return false;
         };
         let now = Instant::now();
         let mut ring = ring.lock();
@@ -96,7 +103,7 @@ impl Registry {
             Stream::Message { id, except } => {
                 if !ring.is_new(id) {
                     // Seen already: a fill brought it, or it is our own echo.
-                    return;
+                    return false;
                 }
                 let message = Message {
                     topic,
@@ -116,6 +123,7 @@ impl Registry {
                 ring.push_shared(id, Arc::from(payload), payload.len(), now);
                 drop(ring);
                 self.settle(topic, outcomes);
+                return true;
             }
             Stream::Kept(id) => {
                 ring.push_shared(id, Arc::from(payload), payload.len(), now);
@@ -124,12 +132,14 @@ impl Registry {
             Stream::Hole(id) => ring.hole_until(id),
             Stream::Unsynced => ring.unsync(),
         }
+        false
     }
 
     /// Before a resume on a shared mirror: makes sure the topic's id channel is subscribed,
     /// and drives the broker (with no lock held) until the mirror is synced and has reached
-    /// `last`, or [`MIRROR_WAIT`] passes. Returns whether it asked for the channel itself
-    /// (to be given back if the resume's subscribe fails).
+    /// `last`, or [`MIRROR_WAIT`] passes. Returns whether it pinned the channel (the topic's
+    /// last local subscriber leaving meanwhile does not unsubscribe it), for
+    /// [`Registry::release_mirror`] to unpin once the resume has subscribed or failed.
     pub(super) fn await_mirror(
         &self,
         topic: &[u8],
@@ -150,8 +160,13 @@ impl Registry {
             return false;
         };
         // Interest is a set on the engine's side: asking again for a topic subscribed is a
-        // no-op, and the topic's first local subscriber will ask once more.
+        // no-op, and the topic's first local subscriber will ask once more. Asked under the
+        // index's write lock, as every change of interest is, so that it is ordered with
+        // them.
+        let index = self.write_index();
+        *self.mirror_pins.lock().entry(Box::from(topic)).or_default() += 1;
         broker.interest(topic, true);
+        drop(index);
         broker.kick(&self.reactor);
         let deadline = Instant::now() + MIRROR_WAIT;
         loop {
@@ -178,16 +193,33 @@ impl Registry {
         true
     }
 
-    /// Gives back the interest [`Registry::await_mirror`] asked for, unless the topic has a
-    /// local subscriber now. Under the index's write lock, as every change of interest is.
+    /// Unpins what [`Registry::await_mirror`] pinned, and gives the channel back unless the
+    /// topic has a local subscriber or another waiting resume now. Under the index's write
+    /// lock, as every change of interest is.
     pub(super) fn release_mirror(&self, topic: &[u8]) {
         let index = self.write_index();
-        if index.subscribers_into(topic, &mut []) == 0
-            && let Some(broker) = self.broker.read().clone()
+        let pinned = {
+            let mut pins = self.mirror_pins.lock();
+            let pinned = pins.get_mut(topic).map_or(0, |pins| {
+                *pins -= 1;
+                *pins
+            });
+            if pinned == 0 {
+                pins.remove(topic);
+            }
+            pinned > 0
+        };
+        let broker = self.broker.read().clone();
+        if let Some(broker) = &broker
+            && !pinned
+            && index.subscribers_into(topic, &mut []) == 0
         {
             broker.interest(topic, false);
         }
         drop(index);
+        if let Some(broker) = broker {
+            broker.kick(&self.reactor);
+        }
     }
 
     /// History was set: a switch on or off while a sharing broker is installed starts its
@@ -201,5 +233,159 @@ impl Registry {
         if let Some(broker) = broker {
             broker.history_switched(&self.reactor);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{ErrorKind, Read};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::frame::Mode;
+    use crate::history::{HistoryLimits, Ring};
+
+    fn stream_id(ms: u64, seq: u64) -> EventId {
+        EventId {
+            epoch: ms,
+            offset: seq,
+        }
+    }
+
+    /// A registry with history on whose topic `t` has a mirror, as a sharing broker makes.
+    fn with_mirror(max_messages: usize) -> Registry {
+        let registry = Registry::new().unwrap();
+        let limits = HistoryLimits {
+            max_messages,
+            ..HistoryLimits::default()
+        };
+        registry.set_history(limits);
+        registry.insert_history(b"t", Ring::shared(limits, 99));
+        registry
+    }
+
+    fn note(registry: &Registry, payload: &[u8], stream: Stream) -> bool {
+        registry.deliver_streamed(b"t", payload, stream, registry.write_policy())
+    }
+
+    fn message(id: EventId) -> Stream {
+        Stream::Message { id, except: None }
+    }
+
+    /// Reads what is there now.
+    fn drain(peer: &mut UnixStream) -> String {
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            match peer.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(err) if err.kind() == ErrorKind::WouldBlock => break,
+                Err(err) => panic!("{err}"),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[test]
+    fn a_mirror_delivers_each_stream_id_once_and_resumes_by_it() {
+        let registry = with_mirror(4);
+        let (live, mut live_peer) = UnixStream::pair().unwrap();
+        live_peer.set_nonblocking(true).unwrap();
+        registry
+            .subscribe(b"t", live.as_raw_fd(), Mode::Sse)
+            .unwrap();
+
+        // A fill: history, not delivered; then messages, the one seen already skipped.
+        assert!(!note(&registry, b"", Stream::Synced(stream_id(1, 0))));
+        assert!(!note(&registry, b"a", Stream::Kept(stream_id(2, 0))));
+        assert!(!note(&registry, b"b", Stream::Kept(stream_id(3, 0))));
+        assert!(!note(&registry, b"b", message(stream_id(3, 0))));
+        assert!(note(&registry, b"c", message(stream_id(5, 7))));
+        assert_eq!(drain(&mut live_peer), "id: 5-7\ndata: c\n\n");
+
+        // Resumes: by the stream's ids.
+        let (resumer, mut resumer_peer) = UnixStream::pair().unwrap();
+        resumer_peer.set_nonblocking(true).unwrap();
+        let (_, recovered) = registry
+            .subscribe_since(b"t", resumer.as_raw_fd(), Mode::Sse, stream_id(2, 0))
+            .unwrap();
+        assert!(recovered);
+        assert_eq!(
+            drain(&mut resumer_peer),
+            "id: 3-0\ndata: b\n\nid: 5-7\ndata: c\n\n"
+        );
+        let (old, mut old_peer) = UnixStream::pair().unwrap();
+        old_peer.set_nonblocking(true).unwrap();
+        let (_, recovered) = registry
+            .subscribe_since(b"t", old.as_raw_fd(), Mode::WsTextId, stream_id(0, 5))
+            .unwrap();
+        assert!(!recovered, "before the fill's floor");
+        assert_eq!(drain(&mut old_peer).matches('\n').count(), 3, "all 3 kept");
+
+        // The sender's fd is skipped; the message is kept all the same.
+        let stream = Stream::Message {
+            id: stream_id(6, 0),
+            except: Some(live.as_raw_fd()),
+        };
+        assert!(note(&registry, b"d", stream));
+        assert_eq!(drain(&mut live_peer), "");
+        assert_eq!(drain(&mut resumer_peer), "id: 6-0\ndata: d\n\n");
+
+        // Unsynced, a resume from a kept id is no recovery (there is no broker to wait for).
+        note(&registry, b"", Stream::Unsynced);
+        let (late, _late_peer) = UnixStream::pair().unwrap();
+        let (_, recovered) = registry
+            .subscribe_since(b"t", late.as_raw_fd(), Mode::Sse, stream_id(5, 7))
+            .unwrap();
+        assert!(!recovered);
+    }
+
+    #[test]
+    fn a_slow_reader_catches_up_from_the_mirror_with_the_streams_ids() {
+        const N: u64 = 200;
+        let registry = with_mirror(N as usize);
+        registry.set_outbox_limit(64 << 10);
+        let (slow, mut slow_peer) = UnixStream::pair().unwrap();
+        slow_peer.set_nonblocking(true).unwrap();
+        registry
+            .subscribe(b"t", slow.as_raw_fd(), Mode::Sse)
+            .unwrap();
+        note(&registry, b"", Stream::Synced(EventId::ZERO));
+        let payload = "x".repeat(10 << 10);
+        for n in 1..=N {
+            // Sparse ids, as a stream's are.
+            assert!(note(
+                &registry,
+                payload.as_bytes(),
+                message(stream_id(n * 10, n % 3))
+            ));
+        }
+        let fd_stats = registry.fd_stats(slow.as_raw_fd()).unwrap();
+        assert_eq!(fd_stats.catching_up, 1, "the reader fell behind");
+        let mut got = String::new();
+        for _ in 0..10_000 {
+            got.push_str(&drain(&mut slow_peer));
+            registry
+                .dispatch(Some(std::time::Duration::from_millis(1)))
+                .unwrap();
+            if registry.fd_stats(slow.as_raw_fd()).unwrap().catching_up == 0
+                && registry.pending_bytes(slow.as_raw_fd()).unwrap() == 0
+            {
+                break;
+            }
+        }
+        got.push_str(&drain(&mut slow_peer));
+        let ids: Vec<&str> = got
+            .split("\n\n")
+            .filter(|frame| !frame.is_empty())
+            .map(|frame| frame.lines().next().unwrap())
+            .collect();
+        let want: Vec<String> = (1..=N)
+            .map(|n| format!("id: {}", stream_id(n * 10, n % 3)))
+            .collect();
+        assert_eq!(ids, want);
+        assert_eq!(registry.stats().lost_to_gaps, 0);
     }
 }

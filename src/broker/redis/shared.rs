@@ -133,11 +133,6 @@ pub(super) struct State {
     pub(super) echo_after: Option<(EventId, u64)>,
 }
 
-/// An id as the server writes it.
-fn parse_id(text: &[u8]) -> Option<EventId> {
-    EventId::parse(text)
-}
-
 impl RedisProtocol {
     /// The shared-history part of the handshake: loads the scripts.
     pub(super) fn start_shared(&mut self, out: &mut Vec<u8>) {
@@ -347,7 +342,7 @@ impl RedisProtocol {
         sink: &mut Sink<'_>,
     ) {
         self.publishes -= 1;
-        let id = bytes(frame, base, input).and_then(parse_id);
+        let id = bytes(frame, base, input).and_then(EventId::parse);
         let Some(id) = id else {
             sink.stats.dropped += 1;
             if let Some((_, channel, payload)) = held {
@@ -504,7 +499,7 @@ impl RedisProtocol {
 /// `<id> <payload>`.
 pub(crate) fn split_id(message: &[u8]) -> Option<(EventId, &[u8])> {
     let space = message.iter().position(|&byte| byte == b' ')?;
-    Some((parse_id(&message[..space])?, &message[space + 1..]))
+    Some((EventId::parse(&message[..space])?, &message[space + 1..]))
 }
 
 /// A fetch script's answer, read.
@@ -522,12 +517,12 @@ fn parse_fill<'a>(
     count: usize,
 ) -> Option<Fill<'a>> {
     let text = |at: usize| items.get(at).and_then(|item| bytes(item, base, input));
-    let deleted = parse_id(text(0)?)?;
+    let deleted = EventId::parse(text(0)?)?;
     let first = match text(1)? {
         b"" => None,
-        first => Some(parse_id(first)?),
+        first => Some(EventId::parse(first)?),
     };
-    let last_generated = parse_id(text(2)?)?;
+    let last_generated = EventId::parse(text(2)?)?;
     let gone: u64 = std::str::from_utf8(text(3)?).ok()?.parse().ok()?;
     let rest = items.get(4..)?;
     if rest.len() % 2 != 0 {
@@ -535,7 +530,7 @@ fn parse_fill<'a>(
     }
     let mut entries = Vec::with_capacity(rest.len() / 2);
     for pair in rest.chunks(2) {
-        let id = parse_id(bytes(&pair[0], base, input)?)?;
+        let id = EventId::parse(bytes(&pair[0], base, input)?)?;
         let payload = bytes(&pair[1], base, input)?;
         if entries.last().is_some_and(|(last, _)| *last >= id) {
             return None;
