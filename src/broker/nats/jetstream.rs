@@ -676,7 +676,7 @@ impl NatsProtocol {
             Some(last) => body.extend_from_slice(
                 format!(
                     ",\"deliver_policy\":\"by_start_sequence\",\"opt_start_seq\":{}",
-                    last + 1
+                    last.saturating_add(1)
                 )
                 .as_bytes(),
             ),
@@ -753,7 +753,7 @@ impl NatsProtocol {
         if ack.consumer_seq <= consumer.cseq {
             return;
         }
-        if ack.consumer_seq != consumer.cseq + 1 {
+        if Some(ack.consumer_seq) != consumer.cseq.checked_add(1) {
             // A delivery went missing: start again after the last one delivered.
             return self.recreate(sid, out);
         }
@@ -902,7 +902,7 @@ impl NatsProtocol {
             None => {
                 // The topic's messages before the first kept one may have been discarded, or
                 // be none: an id before it cannot be told from a loss.
-                let covers = first.map_or(consumer.stream_last, |first| first - 1);
+                let covers = first.map_or(consumer.stream_last, |first| first.saturating_sub(1));
                 sink.received.push(Received::streamed(
                     &consumer.topic,
                     b"",
@@ -913,14 +913,16 @@ impl NatsProtocol {
             Some(after) => {
                 // Messages of the topic after `after` may be gone if the stream dropped its
                 // oldest past it, or if the topic holds as many as it may keep.
-                let suspect = js.stream_first > after + 1
+                let suspect = js.stream_first > after.saturating_add(1)
                     || (js.per_subject > 0
                         && consumer.backlog.is_some_and(|n| n >= js.per_subject));
-                if let Some(first) = first.filter(|&first| first > after + 1 && suspect) {
+                if let Some(first) =
+                    first.filter(|&first| first > after.saturating_add(1) && suspect)
+                {
                     sink.received.push(Received::streamed(
                         &consumer.topic,
                         b"",
-                        Stream::Hole(id(first - 1)),
+                        Stream::Hole(id(first.saturating_sub(1))),
                     ));
                 }
             }
