@@ -240,6 +240,23 @@ pub(crate) struct NatsProtocol {
 }
 
 impl NatsProtocol {
+    /// Subscribes `subject` for `topic` under the next sid; returns the sid.
+    fn write_sub(&mut self, topic: &[u8], subject: &[u8], out: &mut Vec<u8>) -> u64 {
+        let sid = self.next_sid;
+        self.next_sid += 1;
+        out.reserve(subject.len() + 32);
+        out.extend_from_slice(b"SUB ");
+        out.extend_from_slice(subject);
+        out.push(b' ');
+        write_decimal(out, sid);
+        out.extend_from_slice(b"\r\n");
+        self.topics.insert(sid, Box::from(topic));
+        self.sids.insert(Box::from(topic), sid);
+        self.unpinged += 1;
+        self.unconfirmed += 1;
+        sid
+    }
+
     fn new(url: &BrokerUrl, name: &str, limit: Arc<AtomicUsize>) -> Result<NatsProtocol, Error> {
         let tls = match url.scheme.as_str() {
             "nats" => false,
@@ -538,19 +555,10 @@ impl Protocol for NatsProtocol {
         if self.js.on {
             return self.subscribe_shared(topic, out);
         }
-        let sid = self.next_sid;
-        self.next_sid += 1;
         topic::nats_subject(&self.prefix, topic, &mut self.subject);
-        out.reserve(self.subject.len() + 32);
-        out.extend_from_slice(b"SUB ");
-        out.extend_from_slice(&self.subject);
-        out.push(b' ');
-        write_decimal(out, sid);
-        out.extend_from_slice(b"\r\n");
-        self.topics.insert(sid, Box::from(topic));
-        self.sids.insert(Box::from(topic), sid);
-        self.unpinged += 1;
-        self.unconfirmed += 1;
+        let subject = std::mem::take(&mut self.subject);
+        self.write_sub(topic, &subject, out);
+        self.subject = subject;
     }
 
     fn unsubscribe(&mut self, topic: &[u8], out: &mut Vec<u8>) {

@@ -650,20 +650,11 @@ impl NatsProtocol {
     }
 
     fn new_consumer(&mut self, topic: &[u8], resume: Option<u64>, mark: u64, out: &mut Vec<u8>) {
-        let sid = self.next_sid;
-        self.next_sid += 1;
+        // Each consumer delivers to an inbox of its own, named by the sid that subscribes it.
         let mut deliver = self.js.inbox.clone();
         deliver.extend_from_slice(b"d.");
-        write_decimal(&mut deliver, sid);
-        out.extend_from_slice(b"SUB ");
-        out.extend_from_slice(&deliver);
-        out.push(b' ');
-        write_decimal(out, sid);
-        out.extend_from_slice(b"\r\n");
-        self.topics.insert(sid, Box::from(topic));
-        self.sids.insert(Box::from(topic), sid);
-        self.unpinged += 1;
-        self.unconfirmed += 1;
+        write_decimal(&mut deliver, self.next_sid);
+        let sid = self.write_sub(topic, &deliver, out);
 
         topic::nats_subject(&self.prefix, topic, &mut self.subject);
         let mut body = b"{\"stream_name\":".to_vec();
