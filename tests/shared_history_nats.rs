@@ -67,6 +67,10 @@ fn scenarios() {
     run("plain clients", &plain_clients);
     run("the sender's fd is skipped", &except_is_honoured);
     run("reconnect after kill -9", &reconnect_after_kill);
+    run(
+        "a consumer deleted on the server",
+        &consumer_deleted_on_the_server,
+    );
     run("a server without JetStream", &without_jetstream);
     run("history switched on after enable", &history_after_enable);
     run("history switched off again", &history_switched_off);
@@ -557,6 +561,39 @@ fn except_is_honoured() {
 /// kill -9 of the NATS server (its own, with a store directory) while A publishes, then a
 /// restart on the same port and store: B's reader gets what the stream holds, each once, in
 /// order, and what A publishes after.
+/// A consumer deleted on the server (by an operator, say) while the connection stays up:
+/// its heartbeats stop, and after three missed ones the process replaces it, resuming after
+/// the last message it delivered.
+fn consumer_deleted_on_the_server() {
+    let url = nats_url();
+    let prefix = unique_prefix("del");
+    let stream = stream_of(&prefix);
+    let topic = b"d";
+    let mut a = Agent::start(&url, &prefix, 1000);
+    let mut b = Agent::start(&url, &prefix, 1000);
+    b.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..3);
+    assert_eq!(payloads(&b.expect(0, 3)), expected(0..3));
+    let mut plain = Plain::connect(&url);
+    let answer = plain.request(&format!("CONSUMER.NAMES.{stream}"), "");
+    let names: Vec<String> = answer
+        .split("\"consumers\":[")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .unwrap_or_else(|| panic!("{answer}"))
+        .split(',')
+        .map(|name| name.trim_matches('"').to_string())
+        .filter(|name| !name.is_empty())
+        .collect();
+    assert_eq!(names.len(), 1, "B's consumer alone: {answer}");
+    let deleted = plain.request(&format!("CONSUMER.DELETE.{stream}.{}", names[0]), "");
+    assert!(deleted.contains("\"success\":true"), "{deleted}");
+    a.seq(topic, 3..6);
+    let got = b.expect(0, 6);
+    assert_eq!(payloads(&got), expected(0..6));
+    b.expect_quiet(0, 6);
+}
+
 fn reconnect_after_kill() {
     let mut server = OwnNats::start(true);
     let url = server.url();

@@ -45,6 +45,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use super::outbound::{Encode, Publishes};
 use super::stream::{Protocol, Sink, StreamEngine, Tls, TlsStart};
@@ -669,6 +670,20 @@ impl Protocol for NatsProtocol {
 
     fn shares_history(&self) -> bool {
         self.history.is_some()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        if self.js.on {
+            self.silence_deadline()
+        } else {
+            None
+        }
+    }
+
+    fn on_deadline(&mut self, now: Instant, out: &mut Vec<u8>) {
+        if self.js.on {
+            self.replace_silent(now, out);
+        }
     }
 }
 

@@ -113,6 +113,13 @@ pub(crate) trait Protocol: Send {
     fn shares_history(&self) -> bool {
         false
     }
+    /// When the open session wants `on_deadline` called, though nothing arrives (a protocol
+    /// that expects the server to speak at intervals, and acts on its silence).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// `deadline` has passed: writes what the protocol does about it to `out`.
+    fn on_deadline(&mut self, _now: Instant, _out: &mut Vec<u8>) {}
 }
 
 /// When a TLS connection starts its handshake.
@@ -674,6 +681,12 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                     }
                     self.read(cx.reactor, cx.received);
                     self.subscribe_all();
+                    let now = Instant::now();
+                    if self.protocol.is_open()
+                        && self.protocol.deadline().is_some_and(|due| now >= due)
+                    {
+                        self.protocol.on_deadline(now, &mut self.output);
+                    }
                 }
             }
             if (self.phase_number(), self.subscribed) == before {
@@ -730,7 +743,11 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                     stream.as_raw_fd(),
                     stream.is_ready() && self.written < self.output.len(),
                 )),
-                deadline: (!self.protocol.is_open()).then_some(*session_deadline),
+                deadline: if self.protocol.is_open() {
+                    self.protocol.deadline()
+                } else {
+                    Some(*session_deadline)
+                },
             },
         }
     }

@@ -24,9 +24,11 @@
 //!   delivered, or none left pending), so that a resume waiting for the mirror finds all of
 //!   it.
 //! - Every delivery's reply subject (`$JS.ACK.…`) carries its stream and consumer sequences.
-//!   A consumer sequence that skips (a delivery lost), or an idle heartbeat naming a later
-//!   one, recreates the consumer from the last stream sequence delivered plus one; so does
-//!   every reconnect (`by_start_sequence`), so nothing is delivered twice or skipped.
+//!   A consumer sequence that skips (a delivery lost), an idle heartbeat naming a later
+//!   one, or a consumer the server has said nothing of for three heartbeats (deleted on the
+//!   server: the session's deadline, `Protocol::deadline`) recreates the consumer from the
+//!   last stream sequence delivered plus one; so does every reconnect (`by_start_sequence`),
+//!   so nothing is delivered twice or skipped.
 //! - The stream's `created` time, in nanoseconds, is the ids' epoch: a stream deleted and
 //!   created again gets another, and an old id never resumes into it.
 //!
@@ -43,6 +45,7 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -55,6 +58,9 @@ use crate::history::{EventId, random_epoch};
 pub(crate) const ORIGIN_HEADER: &[u8] = b"Fdcast-Origin";
 /// Consumers' idle heartbeat.
 const HEARTBEAT_NS: u64 = 5_000_000_000;
+/// A consumer the server has said nothing of for this long (three missed idle heartbeats)
+/// is gone (deleted on the server, say): it is replaced, as after a lost delivery.
+const SILENCE: Duration = Duration::from_nanos(3 * HEARTBEAT_NS);
 /// How long the server keeps a consumer nobody listens to (ours, after a lost connection).
 const INACTIVE_NS: u64 = 30_000_000_000;
 /// Messages a subject keeps when history has neither a count nor an age limit.
@@ -193,6 +199,8 @@ struct Consumer {
     cseq: u64,
     /// Whether its start (a sync or a hole) was told.
     started: bool,
+    /// When the server last spoke of it (created, a delivery, a heartbeat, flow control).
+    heard: Instant,
 }
 
 /// The session's shared-history state.
@@ -694,6 +702,7 @@ impl NatsProtocol {
                 held: Vec::new(),
                 cseq: 0,
                 started: false,
+                heard: Instant::now(),
             },
         );
         self.request(b"CONSUMER.CREATE.", Request::Consumer(sid), &body, out);
@@ -741,6 +750,7 @@ impl NatsProtocol {
         let Some(consumer) = self.js.consumers.get_mut(&sid) else {
             return;
         };
+        consumer.heard = Instant::now();
         if ack.consumer_seq <= consumer.cseq {
             return;
         }
@@ -787,6 +797,9 @@ impl NatsProtocol {
             sink.stats.malformed += 1;
             return;
         };
+        if let Some(consumer) = self.js.consumers.get_mut(&sid) {
+            consumer.heard = Instant::now();
+        }
         // Flow control: an empty publish to the reply subject lets the consumer go on.
         for to in [reply, headers.get(b"Nats-Consumer-Stalled")]
             .into_iter()
@@ -801,6 +814,31 @@ impl NatsProtocol {
         if let (Some(last), Some(consumer)) = (last, self.js.consumers.get(&sid))
             && last > consumer.cseq
         {
+            self.recreate(sid, out);
+        }
+    }
+
+    /// When the consumer heard from least recently turns silent for [`SILENCE`].
+    pub(super) fn silence_deadline(&self) -> Option<Instant> {
+        let heard = self
+            .js
+            .consumers
+            .values()
+            .map(|consumer| consumer.heard)
+            .min()?;
+        Some(heard + SILENCE)
+    }
+
+    /// Replaces every consumer the server has said nothing of for [`SILENCE`] at `now`.
+    pub(super) fn replace_silent(&mut self, now: Instant, out: &mut Vec<u8>) {
+        let silent: Vec<u64> = self
+            .js
+            .consumers
+            .iter()
+            .filter(|(_, consumer)| now >= consumer.heard + SILENCE)
+            .map(|(&sid, _)| sid)
+            .collect();
+        for sid in silent {
             self.recreate(sid, out);
         }
     }
@@ -1420,6 +1458,39 @@ mod tests {
                 (b"d".to_vec(), message(13)),
             ]
         );
+    }
+
+    #[test]
+    fn a_consumer_the_server_falls_silent_about_is_replaced() {
+        let (mut nats, mut feed) = open();
+        let inbox = inbox(&nats);
+        assert_eq!(
+            Protocol::deadline(&nats),
+            None,
+            "no consumer, nothing to hear"
+        );
+        consumer(&mut nats, &mut feed, 0);
+        feed.all(&mut nats, &msg("app.news", 2, &ack(1, 10, 0), b"a"))
+            .unwrap();
+        feed.out.clear();
+        let due = Protocol::deadline(&nats).expect("a consumer is listened for");
+        // Before the silence is long enough, nothing happens.
+        let mut out = Vec::new();
+        nats.on_deadline(due - Duration::from_millis(1), &mut out);
+        assert!(out.is_empty(), "{}", text(&out));
+        // A heartbeat is the server speaking of it: the deadline moves on.
+        std::thread::sleep(Duration::from_millis(2));
+        let headers = "NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 1\r\n\r\n";
+        let n = headers.len();
+        let heartbeat = format!("HMSG {inbox}d.2 2  {n} {n}\r\n{headers}\r\n");
+        feed.all(&mut nats, heartbeat.as_bytes()).unwrap();
+        let later = Protocol::deadline(&nats).unwrap();
+        assert!(later > due);
+        // Silent past it (deleted on the server, say): replaced after the last delivered.
+        nats.on_deadline(later, &mut out);
+        let out = text(&out);
+        assert!(out.starts_with("UNSUB 2\r\n"), "{out}");
+        assert!(out.contains("\"opt_start_seq\":11"), "{out}");
     }
 
     #[test]
