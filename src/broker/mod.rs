@@ -340,17 +340,14 @@ impl Handoff {
         self.outbound.push_publish(topic, payload)
     }
 
-    /// Queues a publish whose history is shared: the engine adds it to the topic's stream and
-    /// hands it back with its id, to be delivered here then, skipping `except`. It travels as
-    /// a record with an empty topic (no topic is empty) whose payload is [`shared_record`]'s.
+    /// Queues a publish whose history is shared (see [`Outbound::push_shared_publish`]).
     pub(crate) fn push_shared_publish(
         &self,
         topic: &[u8],
         payload: &[u8],
         except: Option<RawFd>,
     ) -> bool {
-        self.outbound
-            .push_publish(b"", &shared_record(topic, payload, except))
+        self.outbound.push_shared_publish(topic, payload, except)
     }
 
     /// Whether publishes and topics go through the streams: history is on and the broker
@@ -368,19 +365,37 @@ impl Handoff {
     }
 }
 
-/// A shared publish as queued: the topic's length (u32, native order), the topic, the except
-/// fd (i32, native order, -1 for none), then the payload.
-fn shared_record(topic: &[u8], payload: &[u8], except: Option<RawFd>) -> Vec<u8> {
-    let mut record = Vec::with_capacity(8 + topic.len() + payload.len());
-    record.extend_from_slice(&(topic.len() as u32).to_ne_bytes());
-    record.extend_from_slice(topic);
-    record.extend_from_slice(&except.unwrap_or(-1).to_ne_bytes());
-    record.extend_from_slice(payload);
+/// How long a shared publish's record is (see [`write_shared_record`]).
+pub(crate) fn shared_record_len(topic: &[u8], payload: &[u8]) -> usize {
+    8 + topic.len() + payload.len()
+}
+
+/// A shared publish as a queue without an encoder keeps it, as the payload of a record with
+/// an empty topic: the topic's length (u32, native order), the topic, the except fd (i32,
+/// native order, -1 for none), then the payload.
+pub(crate) fn write_shared_record(
+    out: &mut Vec<u8>,
+    topic: &[u8],
+    payload: &[u8],
+    except: Option<RawFd>,
+) {
+    out.extend_from_slice(&(topic.len() as u32).to_ne_bytes());
+    out.extend_from_slice(topic);
+    out.extend_from_slice(&except.unwrap_or(-1).to_ne_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A shared publish's record, for tests.
+#[cfg(test)]
+pub(crate) fn shared_record(topic: &[u8], payload: &[u8], except: Option<RawFd>) -> Vec<u8> {
+    let mut record = Vec::with_capacity(shared_record_len(topic, payload));
+    write_shared_record(&mut record, topic, payload, except);
     record
 }
 
-/// The parts of a [`shared_record`]: topic, except fd, payload.
-#[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
+/// The parts of a shared publish's record (see [`write_shared_record`]): topic, except fd,
+/// payload.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // only Redis queues records
 pub(crate) fn split_shared_record(record: &[u8]) -> Option<(&[u8], Option<RawFd>, &[u8])> {
     let (len, rest) = record.split_first_chunk::<4>()?;
     let len = u32::from_ne_bytes(*len) as usize;

@@ -43,6 +43,7 @@ mod jetstream;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Display;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -103,8 +104,9 @@ pub(crate) struct PubEncoder {
     /// Where the length starts in `line`, and the length it holds.
     length_at: usize,
     length: Option<usize>,
-    /// Scratch for a subject.
+    /// Scratch for a subject, and for a shared publish's headers.
     subject: Vec<u8>,
+    header: Vec<u8>,
 }
 
 impl PubEncoder {
@@ -117,17 +119,13 @@ impl PubEncoder {
             length_at: 0,
             length: None,
             subject: Vec::new(),
+            header: Vec::new(),
         }
     }
 }
 
 impl Encode for PubEncoder {
     fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>) {
-        if topic.is_empty() {
-            self.own
-                .encode(&self.prefix, payload, &mut self.subject, out);
-            return;
-        }
         if self.topic != topic || self.line.is_empty() {
             topic::nats_subject(&self.prefix, topic, &mut self.subject);
             self.line.clear();
@@ -149,6 +147,21 @@ impl Encode for PubEncoder {
         out.extend_from_slice(&self.line);
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
+    }
+
+    fn encode_shared(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        out: &mut Vec<u8>,
+    ) {
+        self.own.encode(
+            &self.prefix,
+            (topic, payload, except),
+            (&mut self.subject, &mut self.header),
+            out,
+        );
     }
 
     fn interest(&mut self, topic: &[u8], subscribe: bool) {

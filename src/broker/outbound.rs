@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
@@ -20,6 +21,15 @@ pub(crate) const MAX_QUEUED_BYTES: usize = 64 << 20;
 pub(crate) trait Encode: Send {
     /// Appends the command that publishes `payload` on `topic` to `out`.
     fn encode(&mut self, topic: &[u8], payload: &[u8], out: &mut Vec<u8>);
+    /// Appends the command that publishes `payload` on `topic` with its history shared (see
+    /// [`Outbound::push_shared_publish`]), its local delivery skipping `except`.
+    fn encode_shared(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+        out: &mut Vec<u8>,
+    );
     /// A change of interest is queued, after every publish encoded so far and before the
     /// next: an engine that must tell its publishes made before a subscription from those
     /// made after (NATS under shared history) notes the point here.
@@ -55,6 +65,20 @@ impl Publishes {
         self.largest_payload = self.largest_payload.max(payload.len());
     }
 
+    /// Queues a shared publish as a record with an empty topic (no topic is empty) whose
+    /// payload [`super::split_shared_record`] reads.
+    pub(crate) fn push_shared(&mut self, topic: &[u8], payload: &[u8], except: Option<RawFd>) {
+        debug_assert!(!self.encoded, "records and commands are never mixed");
+        let record_len = super::shared_record_len(topic, payload);
+        self.bytes.reserve(HEADER + record_len);
+        self.bytes.extend_from_slice(&0u32.to_ne_bytes());
+        self.bytes
+            .extend_from_slice(&(record_len as u32).to_ne_bytes());
+        super::write_shared_record(&mut self.bytes, topic, payload, except);
+        self.count += 1;
+        self.largest_payload = self.largest_payload.max(record_len);
+    }
+
     /// Queues a publish as `encoder` writes its command.
     pub(crate) fn push_encoded(&mut self, topic: &[u8], payload: &[u8], encoder: &mut dyn Encode) {
         debug_assert!(
@@ -63,6 +87,22 @@ impl Publishes {
         );
         self.encoded = true;
         encoder.encode(topic, payload, &mut self.bytes);
+        self.count += 1;
+        self.largest_payload = self.largest_payload.max(payload.len());
+    }
+
+    /// Queues a shared publish as `encoder` writes its command.
+    fn push_shared_encoded(
+        &mut self,
+        (topic, payload, except): (&[u8], &[u8], Option<RawFd>),
+        encoder: &mut dyn Encode,
+    ) {
+        debug_assert!(
+            self.encoded || self.is_empty(),
+            "records and commands are never mixed"
+        );
+        self.encoded = true;
+        encoder.encode_shared(topic, payload, except, &mut self.bytes);
         self.count += 1;
         self.largest_payload = self.largest_payload.max(payload.len());
     }
@@ -225,21 +265,51 @@ impl Outbound {
     /// the queue is full (the publish is dropped and counted), and when the engine holds
     /// publishes for the server's answer: the thread that reads the answer takes them.
     pub(crate) fn push_publish(&self, topic: &[u8], payload: &[u8]) -> bool {
+        self.push_with(
+            topic.len() + payload.len(),
+            |publishes, encoder| match encoder {
+                Some(encoder) => publishes.push_encoded(topic, payload, encoder.as_mut()),
+                None => publishes.push(topic, payload),
+            },
+        )
+    }
+
+    /// [`Outbound::push_publish`] for a publish whose history is shared: the engine adds it
+    /// to the topic's stream and hands it back with its id, to be delivered here then,
+    /// skipping `except`.
+    pub(crate) fn push_shared_publish(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        except: Option<RawFd>,
+    ) -> bool {
+        self.push_with(
+            topic.len() + payload.len(),
+            |publishes, encoder| match encoder {
+                Some(encoder) => {
+                    publishes.push_shared_encoded((topic, payload, except), encoder.as_mut())
+                }
+                None => publishes.push_shared(topic, payload, except),
+            },
+        )
+    }
+
+    /// Queues with `push` unless the queue is full (`bytes`: the publish's topic and payload).
+    fn push_with(
+        &self,
+        bytes: usize,
+        push: impl FnOnce(&mut Publishes, Option<&mut Box<dyn Encode>>),
+    ) -> bool {
         {
             let mut queue = self.queue.lock();
             let queue = &mut *queue;
             if queue.publishes.len() >= MAX_QUEUED_PUBLISHES
-                || queue.publishes.byte_len() + topic.len() + payload.len() > MAX_QUEUED_BYTES
+                || queue.publishes.byte_len() + bytes > MAX_QUEUED_BYTES
             {
                 queue.dropped += 1;
                 return false;
             }
-            match &mut queue.encoder {
-                Some(encoder) => queue
-                    .publishes
-                    .push_encoded(topic, payload, encoder.as_mut()),
-                None => queue.publishes.push(topic, payload),
-            }
+            push(&mut queue.publishes, queue.encoder.as_mut());
             self.dirty.store(true, Ordering::Release);
         }
         // After the queue's lock: an engine that stops holding says so before it takes (under
@@ -344,6 +414,45 @@ mod tests {
             out.extend_from_slice(payload);
             out.push(b';');
         }
+
+        fn encode_shared(
+            &mut self,
+            topic: &[u8],
+            payload: &[u8],
+            _except: Option<RawFd>,
+            out: &mut Vec<u8>,
+        ) {
+            out.push(b'!');
+            self.encode(topic, payload, out);
+        }
+    }
+
+    #[test]
+    fn shared_publishes_are_queued_whole_in_either_form() {
+        let outbound = Outbound::default();
+        assert!(outbound.push_shared_publish(b"topic", b"pay load", Some(7)));
+        assert!(outbound.push_publish(b"plain", b"x"));
+        let mut taken = Publishes::default();
+        outbound.take(&mut Vec::new(), Some(&mut taken));
+        let records: Vec<(&[u8], &[u8])> = taken.iter().collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            records[0].0, b"",
+            "a shared publish is a record with no topic"
+        );
+        assert_eq!(
+            super::super::split_shared_record(records[0].1),
+            Some((&b"topic"[..], Some(7), &b"pay load"[..]))
+        );
+        assert_eq!(records[1], (&b"plain"[..], &b"x"[..]));
+        outbound.reset(Some(Box::new(Assign)));
+        assert!(outbound.push_shared_publish(b"t", b"1", None));
+        assert!(outbound.push_publish(b"u", b"2"));
+        let mut taken = Publishes::default();
+        outbound.take(&mut Vec::new(), Some(&mut taken));
+        let mut commands = Vec::new();
+        taken.move_commands_to(&mut commands);
+        assert_eq!(commands, b"!t=1;u=2;");
     }
 
     #[test]

@@ -51,7 +51,7 @@ use parking_lot::Mutex;
 
 use super::{NatsProtocol, Session, decimal, json_field, write_decimal};
 use crate::broker::stream::Sink;
-use crate::broker::{Received, SharedHistory, Stream, split_shared_record, topic};
+use crate::broker::{Received, SharedHistory, Stream, topic};
 use crate::history::{EventId, random_epoch};
 
 /// The header that marks a publish of this registry.
@@ -83,30 +83,27 @@ impl Own {
         }
     }
 
-    /// Writes a shared publish's record (see [`split_shared_record`]) as its `HPUB`; returns
-    /// whether it could read it (the registry queues no other).
+    /// Writes a shared publish as its `HPUB`, with this registry's origin, its number and
+    /// `except` in the origin header. `subject` and `header` are the caller's scratch.
     pub(super) fn encode(
         &self,
         prefix: &[u8],
-        record: &[u8],
-        subject: &mut Vec<u8>,
+        (topic, payload, except): (&[u8], &[u8], Option<RawFd>),
+        (subject, header): (&mut Vec<u8>, &mut Vec<u8>),
         out: &mut Vec<u8>,
-    ) -> bool {
-        let Some((topic, except, payload)) = split_shared_record(record) else {
-            return false;
-        };
+    ) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         topic::nats_subject(prefix, topic, subject);
-        let mut header = Vec::with_capacity(64);
+        header.clear();
         header.extend_from_slice(b"NATS/1.0\r\n");
         header.extend_from_slice(ORIGIN_HEADER);
         header.extend_from_slice(b": ");
         header.extend_from_slice(&self.origin);
         header.push(b' ');
-        write_decimal(&mut header, seq);
+        write_decimal(header, seq);
         header.push(b' ');
         match except {
-            Some(fd) => write_decimal(&mut header, u64::try_from(fd).unwrap_or(0)),
+            Some(fd) => write_decimal(header, u64::try_from(fd).unwrap_or(0)),
             None => header.push(b'-'),
         }
         header.extend_from_slice(b"\r\n\r\n");
@@ -118,10 +115,9 @@ impl Own {
         out.push(b' ');
         write_decimal(out, (header.len() + payload.len()) as u64);
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&header);
+        out.extend_from_slice(header);
         out.extend_from_slice(payload);
         out.extend_from_slice(b"\r\n");
-        true
     }
 
     /// Notes, as `topic`'s interest is queued, how many publishes were encoded before it.
@@ -1307,10 +1303,11 @@ mod tests {
         // Published before the topic's interest: history if the consumer finds it kept.
         let mut encoder = super::super::PubEncoder::new("app", Arc::clone(&own));
         let mut before = Vec::new();
-        crate::broker::outbound::Encode::encode(
+        crate::broker::outbound::Encode::encode_shared(
             &mut encoder,
-            b"",
-            &crate::broker::shared_record(b"news", b"old", None),
+            b"news",
+            b"old",
+            None,
             &mut before,
         );
         let origin = text(&own.origin);
@@ -1325,10 +1322,11 @@ mod tests {
         );
         crate::broker::outbound::Encode::interest(&mut encoder, b"news", true);
         let mut after = Vec::new();
-        crate::broker::outbound::Encode::encode(
+        crate::broker::outbound::Encode::encode_shared(
             &mut encoder,
-            b"",
-            &crate::broker::shared_record(b"news", b"new", Some(9)),
+            b"news",
+            b"new",
+            Some(9),
             &mut after,
         );
         assert!(text(&after).contains(&format!("Fdcast-Origin: {origin} 2 9\r\n")));
