@@ -189,7 +189,8 @@ typedef struct fdcast_stats {
   uint64_t fds;
   /**
    * Messages owed to fds that fell behind on a topic with history and left the history
-   * before those fds caught up (see fdcast_gap_fn).
+   * before those fds caught up, or that a shared history's stream discarded before this
+   * process got them (see fdcast_gap_fn).
    */
   uint64_t lost_to_gaps;
 } fdcast_stats;
@@ -213,7 +214,8 @@ typedef struct fdcast_fd_counters {
   uint64_t dropped;
   /**
    * Messages of topics with history that the fd, having fallen behind, was owed and never
-   * got because they left the history first (each also told to the gap callback).
+   * got because they left the history first, or that a shared history's stream discarded
+   * before this process got them (each also told to the gap callback).
    */
   uint64_t lost_to_gaps;
   /**
@@ -256,6 +258,11 @@ typedef void (*fdcast_evict_fn)(void *user, int fd, int reason);
  * FDCAST_DROP_MESSAGE the fd goes on from the oldest message still kept; with FDCAST_EVICT it
  * is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
  * only valid during the call.
+ *
+ * Also told, under history shared through NATS JetStream, of messages another fdcast process
+ * (or this one) published to the topic that the stream discarded (the topic's limit) before
+ * this process's consumer delivered them: each subscriber of the topic here lost them,
+ * counted the same way; nobody is evicted for it (inside fdcast_dispatch).
  *
  * When: with FDCAST_DROP_MESSAGE, when the fd's outbox drains and fdcast refills it
  * from the history (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a

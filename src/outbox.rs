@@ -126,7 +126,8 @@ pub struct FdStats {
     /// Frames dropped by [`Overflow::DropMessage`] (or for lack of memory).
     pub dropped: u64,
     /// Messages the fd was owed on a topic with history that left the history before the
-    /// fd caught up.
+    /// fd caught up, or that a shared history's stream discarded before this process got
+    /// them.
     pub lost_to_gaps: u64,
     /// Bytes waiting in the fd's outbox now.
     pub queued_bytes: u64,
@@ -705,6 +706,12 @@ impl Peer {
     /// Counts a frame dropped before it reached the outbox (no memory to encode it).
     pub(crate) fn count_dropped(&self, frames: u64) {
         self.outbox.lock().dropped += frames;
+    }
+
+    /// Counts messages the fd will never get because they were lost before they reached
+    /// this process (see `Stream::Lost`).
+    pub(crate) fn count_lost(&self, messages: u64) {
+        self.outbox.lock().lost_to_gaps += messages;
     }
 
     /// The fd's counters now (bytes a corked batch holds for it aside).

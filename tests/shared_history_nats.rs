@@ -11,7 +11,7 @@ mod common;
 #[path = "common/history_agent.rs"]
 mod history_agent;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -60,6 +60,10 @@ fn scenarios() {
         &resume_through_another_process,
     );
     run("resume from a trimmed id", &resume_from_a_trimmed_id);
+    run(
+        "a burst the topic's limit discards is a counted gap",
+        &a_discarded_burst_is_a_counted_gap,
+    );
     run(
         "tail through another process",
         &tail_through_another_process,
@@ -454,6 +458,65 @@ fn resume_from_a_trimmed_id() {
     assert!(!a.since(0, topic, Mode::WsTextId, &trimmed));
     assert_eq!(a.expect(0, 5), kept);
     plain.delete_stream(&stream);
+}
+
+/// B stops reading while A publishes a burst far over the topic's limit: the stream discards
+/// what B's consumer had not delivered. B's reader gets the rest in order, and every message
+/// it misses is counted, once, in its fd_stats, the registry's stats and the gap callback.
+fn a_discarded_burst_is_a_counted_gap() {
+    let url = nats_url();
+    let prefix = unique_prefix("burst");
+    let stream = stream_of(&prefix);
+    let topic = b"burst";
+    const N: usize = 20_000;
+    let mut a = Agent::start(&url, &prefix, 10);
+    let mut b = Agent::start(&url, &prefix, 10);
+    b.tail(0, topic, Mode::Sse, 0);
+    // B's consumer exists once a first message reaches it.
+    a.seq(topic, 0..1);
+    assert_eq!(payloads(&b.expect(0, 1)), expected(0..1));
+
+    let mut sleeper = b.stdin.take().unwrap();
+    writeln!(sleeper, "sleep 1500").unwrap();
+    sleeper.flush().unwrap();
+    a.seq(topic, 1..N);
+    a.ok("wait_idle");
+    b.stdin = Some(sleeper);
+    let mut line = String::new();
+    b.stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ok");
+
+    // The newest message is never discarded: B gets it, and what it got before is in order.
+    let start = Instant::now();
+    let mut got: Vec<(String, String)> = Vec::new();
+    let mut buffer = Vec::new();
+    while got
+        .last()
+        .is_none_or(|(_, payload)| *payload != numbered(N - 1))
+    {
+        assert!(start.elapsed() < T, "B never got the last message");
+        buffer.extend_from_slice(&unhex(&b.ok("read 0")));
+        got = parse(Mode::Sse, &buffer);
+        thread::sleep(Duration::from_millis(5));
+    }
+    let numbers: Vec<usize> = payloads(&got)
+        .iter()
+        .map(|payload| payload[1..].parse().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|pair| pair[0] < pair[1]), "in order");
+    let missing = (N - 1 - numbers.len()) as u64;
+    let counts: Vec<u64> = b
+        .ok("lost 0")
+        .split(' ')
+        .map(|count| count.parse().unwrap())
+        .collect();
+    assert_eq!(counts, [missing; 3], "fd_stats, stats, callback");
+    assert!(
+        missing > 0,
+        "a 1.5 s stall over a {N}-message burst lost nothing: the test no longer stalls B's consumer"
+    );
+    println!("  {missing} of {} lost, all counted", N - 1);
+    Plain::connect(&url).delete_stream(&stream);
 }
 
 /// `subscribe_tail` through a process that never saw the topic gets the stream's last n.

@@ -145,6 +145,11 @@ pub(crate) enum Stream {
     /// Entries up to this id may be missing from the mirror (trimmed before a reconnect
     /// fetched them); the entries fetched follow as messages.
     Hole(EventId),
+    /// `count` messages of the topic, with ids up to `before`, were lost on the broker's side
+    /// before this process delivered them (a publisher's numbering skipped them): a hole in
+    /// the mirror as [`Stream::Hole`], and a gap for every local subscriber of the topic.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Lost { before: EventId, count: u64 },
     /// The mirror no longer follows the stream (its channel was unsubscribed).
     Unsynced,
 }

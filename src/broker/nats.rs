@@ -107,7 +107,14 @@ pub(crate) struct PubEncoder {
     /// Scratch for a subject, and for a shared publish's headers.
     subject: Vec<u8>,
     header: Vec<u8>,
+    /// Per topic, the number of the last shared publish to it (see `jetstream`), by which
+    /// receivers tell a loss. Forgotten whole at [`MAX_NUMBERED_TOPICS`]: the topics' numbers
+    /// start again at 1, which receivers take as a new count, not a loss.
+    numbers: HashMap<Box<[u8]>, u64>,
 }
+
+/// Topics a publisher keeps a shared-publish number for.
+const MAX_NUMBERED_TOPICS: usize = 1 << 16;
 
 impl PubEncoder {
     fn new(prefix: &str, own: Arc<Own>) -> PubEncoder {
@@ -120,6 +127,7 @@ impl PubEncoder {
             length: None,
             subject: Vec::new(),
             header: Vec::new(),
+            numbers: HashMap::new(),
         }
     }
 }
@@ -156,9 +164,22 @@ impl Encode for PubEncoder {
         except: Option<RawFd>,
         out: &mut Vec<u8>,
     ) {
+        let number = match self.numbers.get_mut(topic) {
+            Some(number) => {
+                *number += 1;
+                *number
+            }
+            None => {
+                if self.numbers.len() == MAX_NUMBERED_TOPICS {
+                    self.numbers.clear();
+                }
+                self.numbers.insert(Box::from(topic), 1);
+                1
+            }
+        };
         self.own.encode(
             &self.prefix,
-            (topic, payload, except),
+            (topic, payload, except, number),
             (&mut self.subject, &mut self.header),
             out,
         );

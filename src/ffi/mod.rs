@@ -127,7 +127,8 @@ pub struct fdcast_stats {
     /// Distinct fds with at least one subscription or queued bytes.
     pub fds: u64,
     /// Messages owed to fds that fell behind on a topic with history and left the history
-    /// before those fds caught up (see fdcast_gap_fn).
+    /// before those fds caught up, or that a shared history's stream discarded before this
+    /// process got them (see fdcast_gap_fn).
     pub lost_to_gaps: u64,
 }
 

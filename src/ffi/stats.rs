@@ -20,7 +20,8 @@ pub struct fdcast_fd_counters {
     /// Frames dropped by FDCAST_DROP_MESSAGE, or for lack of memory.
     pub dropped: u64,
     /// Messages of topics with history that the fd, having fallen behind, was owed and never
-    /// got because they left the history first (each also told to the gap callback).
+    /// got because they left the history first, or that a shared history's stream discarded
+    /// before this process got them (each also told to the gap callback).
     pub lost_to_gaps: u64,
     /// Bytes waiting for the fd now (in its outbox, or gathered for it while corked).
     pub queued_bytes: u64,

@@ -87,7 +87,8 @@ impl Registry {
     }
 
     /// Sets (or, with `None`, removes) the callback told of each gap: an fd that lost
-    /// messages of a topic because they left the topic's history before it caught up.
+    /// messages of a topic because they left the topic's history before it caught up, or
+    /// because a shared history's stream discarded them before this process got them.
     pub fn set_gap_callback(&self, callback: Option<Box<GapCallback>>) {
         *self.on_gap.write() = callback.map(Arc::from);
     }

@@ -91,9 +91,13 @@ impl Registry {
         };
         let Some(ring) = ring else {
             // History was turned off meanwhile: a message is delivered as any other.
-            if let Stream::Message { except, .. } = stream {
-                let _ = self.deliver_with(topic, payload, except, policy);
-                return true;
+            match stream {
+                Stream::Message { except, .. } => {
+                    let _ = self.deliver_with(topic, payload, except, policy);
+                    return true;
+                }
+                Stream::Lost { count, .. } => self.report_lost(topic, count),
+                _ => {}
             }
             return false;
         };
@@ -130,9 +134,33 @@ impl Registry {
             }
             Stream::Synced(covers_from) => ring.sync(covers_from),
             Stream::Hole(id) => ring.hole_until(id),
+            Stream::Lost { before, count } => {
+                ring.hole_until(before);
+                drop(ring);
+                self.report_lost(topic, count);
+            }
             Stream::Unsynced => ring.unsync(),
         }
         false
+    }
+
+    /// `count` messages of `topic` never reached this process: each local subscriber of the
+    /// topic lost them, counted and told as a gap. Nobody is evicted for it: the fd did not
+    /// fall behind, and a resume could not recover them either.
+    fn report_lost(&self, topic: &[u8], count: u64) {
+        let peers: Vec<_> = {
+            let index = self.index.read();
+            index.snapshot(topic).map_or_else(Vec::new, |list| {
+                list.subscribers()
+                    .iter()
+                    .map(|subscriber| Arc::clone(&subscriber.peer))
+                    .collect()
+            })
+        };
+        for peer in peers {
+            peer.count_lost(count);
+            self.report_gap(&peer, topic, count, false);
+        }
     }
 
     /// Before a resume on a shared mirror: makes sure the topic's id channel is subscribed,
@@ -387,5 +415,59 @@ mod tests {
             .collect();
         assert_eq!(ids, want);
         assert_eq!(registry.stats().lost_to_gaps, 0);
+    }
+
+    #[test]
+    fn a_loss_on_the_brokers_side_is_a_gap_for_every_subscriber_and_a_hole() {
+        let registry = with_mirror(10);
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&told);
+        registry.set_gap_callback(Some(Box::new(move |fd, topic: &[u8], lost| {
+            log.lock().push((fd, topic.to_vec(), lost));
+        })));
+        let (first, _first_peer) = UnixStream::pair().unwrap();
+        let (second, _second_peer) = UnixStream::pair().unwrap();
+        let (elsewhere, _elsewhere_peer) = UnixStream::pair().unwrap();
+        for (fd, topic) in [(&first, b"t"), (&second, b"t"), (&elsewhere, b"u")] {
+            registry
+                .subscribe(topic, fd.as_raw_fd(), Mode::Sse)
+                .unwrap();
+        }
+        note(&registry, b"", Stream::Synced(EventId::ZERO));
+        assert!(note(&registry, b"a", message(stream_id(1, 0))));
+        let lost = Stream::Lost {
+            before: stream_id(4, 0),
+            count: 3,
+        };
+        assert!(!note(&registry, b"", lost));
+        assert!(note(&registry, b"e", message(stream_id(5, 0))));
+
+        let mut told = told.lock().clone();
+        told.sort_unstable();
+        let mut want = vec![
+            (first.as_raw_fd(), b"t".to_vec(), 3),
+            (second.as_raw_fd(), b"t".to_vec(), 3),
+        ];
+        want.sort_unstable();
+        assert_eq!(told, want);
+        for (fd, lost) in [(&first, 3), (&second, 3), (&elsewhere, 0)] {
+            assert_eq!(
+                registry.fd_stats(fd.as_raw_fd()).unwrap().lost_to_gaps,
+                lost
+            );
+        }
+        assert_eq!(registry.stats().lost_to_gaps, 6);
+
+        // A resume from before the loss is no recovery; from its last id, it is.
+        let (resumer, _resumer_peer) = UnixStream::pair().unwrap();
+        let (_, recovered) = registry
+            .subscribe_since(b"t", resumer.as_raw_fd(), Mode::Sse, stream_id(1, 0))
+            .unwrap();
+        assert!(!recovered);
+        let (later, _later_peer) = UnixStream::pair().unwrap();
+        let (_, recovered) = registry
+            .subscribe_since(b"t", later.as_raw_fd(), Mode::Sse, stream_id(4, 0))
+            .unwrap();
+        assert!(recovered);
     }
 }

@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -54,6 +55,11 @@ pub struct AgentSub {
 pub fn agent_main() {
     let registry = Arc::new(Registry::new().unwrap());
     registry.set_outbox_limit(64 << 20);
+    let told_lost = Arc::new(AtomicU64::new(0));
+    let tell = Arc::clone(&told_lost);
+    registry.set_gap_callback(Some(Box::new(move |_, _, lost| {
+        tell.fetch_add(lost, Ordering::Relaxed);
+    })));
     let (tx, rx) = mpsc::channel::<String>();
     thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -197,6 +203,21 @@ pub fn agent_main() {
                 format!("ok {}", hex(&std::mem::take(&mut sub.got)))
             }
             ["reconnects"] => format!("ok {}", registry.broker_stats().reconnects),
+            // Stops reading anything (the broker's socket included) for a while.
+            ["sleep", ms] => {
+                thread::sleep(Duration::from_millis(ms.parse().unwrap()));
+                "ok".to_string()
+            }
+            // Messages lost to gaps: "ok <reader's fd_stats> <registry's stats> <callback's sum>".
+            ["lost", id] => {
+                let fd = subs[*id]._ours.as_raw_fd();
+                format!(
+                    "ok {} {} {}",
+                    registry.fd_stats(fd).unwrap().lost_to_gaps,
+                    registry.stats().lost_to_gaps,
+                    told_lost.load(Ordering::Relaxed)
+                )
+            }
             ["wait_idle"] => {
                 let start = Instant::now();
                 loop {

@@ -11,7 +11,8 @@
 //!   without JetStream (no responders, or an error) leaves history per process
 //!   ([`SharedHistory::set_unavailable`]), and the session goes on as plain NATS core.
 //! - A publish goes out as `HPUB` on the topic's subject with the header
-//!   `Fdcast-Origin: <origin> <seq> <except fd>`: the stream stores it, plain subscribers
+//!   `Fdcast-Origin: <origin> <seq> <except fd> <number>` (`number`: 1, 2, 3, ... per topic
+//!   of this registry): the stream stores it, plain subscribers
 //!   get the payload (headers stripped for clients without them), and it comes back to this
 //!   process through its consumer, to be delivered here with its id, skipping the except fd.
 //! - A topic subscribed gets an ephemeral push consumer filtered on its subject, delivering
@@ -36,10 +37,13 @@
 //! per-subject limit) before the consumer delivered them. Stream sequences are shared by all
 //! topics, so a jump says nothing; the consumer's own sequence counts deliveries, not
 //! messages. Hence a fill's first message is where the mirror's coverage starts (an older id
-//! is reported not recovered), a resumed consumer reports a hole only when a loss was
-//! possible (the topic held its limit, or the stream's first sequence passed the last one
-//! delivered), and a burst over the limit that outruns a consumer reaches its readers
-//! incomplete, undetected (documented in the README).
+//! is reported not recovered), and a resumed consumer reports a hole when a loss was possible
+//! (the topic held its limit, or the stream's first sequence passed the last one delivered).
+//! What fdcast publishers send tells more: each numbers its publishes per topic, and a
+//! number that skips, by publisher (`Followed`), is a loss (`Stream::Lost`: a gap for the
+//! topic's readers; a hole only, during a fill). A burst over the limit that outruns a
+//! consumer thus reaches its readers incomplete but counted; only plain clients' messages
+//! can go missing unnoticed.
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -83,12 +87,13 @@ impl Own {
         }
     }
 
-    /// Writes a shared publish as its `HPUB`, with this registry's origin, its number and
-    /// `except` in the origin header. `subject` and `header` are the caller's scratch.
+    /// Writes a shared publish as its `HPUB`, with this registry's origin, its number,
+    /// `except` and its `number` on the topic in the origin header. `subject` and `header`
+    /// are the caller's scratch.
     pub(super) fn encode(
         &self,
         prefix: &[u8],
-        (topic, payload, except): (&[u8], &[u8], Option<RawFd>),
+        (topic, payload, except, number): (&[u8], &[u8], Option<RawFd>, u64),
         (subject, header): (&mut Vec<u8>, &mut Vec<u8>),
         out: &mut Vec<u8>,
     ) {
@@ -106,6 +111,8 @@ impl Own {
             Some(fd) => write_decimal(header, u64::try_from(fd).unwrap_or(0)),
             None => header.push(b'-'),
         }
+        header.push(b' ');
+        write_decimal(header, number);
         header.extend_from_slice(b"\r\n\r\n");
         out.reserve(subject.len() + header.len() + payload.len() + 32);
         out.extend_from_slice(b"HPUB ");
@@ -152,6 +159,16 @@ impl Own {
     }
 }
 
+/// `(origin, number on the topic)` of a delivery's origin header, whichever registry
+/// published it (an origin is 16 hex digits).
+fn numbered(value: &[u8]) -> Option<(u64, u64)> {
+    let mut words = value.split(|&b| b == b' ');
+    let origin = words.next().filter(|origin| origin.len() == 16)?;
+    let origin = u64::from_str_radix(std::str::from_utf8(origin).ok()?, 16).ok()?;
+    let number = decimal(words.nth(2)?)?;
+    Some((origin, number))
+}
+
 /// An API request in flight, by the number in its reply subject.
 enum Request {
     Stream,
@@ -170,6 +187,45 @@ struct Delivery {
     pending: u64,
     payload: Vec<u8>,
     own: Option<(u64, Option<RawFd>)>,
+    /// Its publisher's origin and number on the topic, if an fdcast registry published it.
+    numbered: Option<(u64, u64)>,
+}
+
+/// Publishers a topic remembers the last number of; past it, the least recently added is
+/// forgotten (its next message is not checked).
+const MAX_ORIGINS: usize = 64;
+
+/// What a synced topic's consumers have delivered.
+struct Followed {
+    /// The last stream sequence.
+    last: u64,
+    /// Per publishing registry (its origin), the last number it gave a message of the topic.
+    origins: Vec<(u64, u64)>,
+}
+
+impl Followed {
+    fn after(last: u64) -> Followed {
+        Followed {
+            last,
+            origins: Vec::new(),
+        }
+    }
+
+    /// Notes message `number` of publisher `origin`; returns how many of its messages were
+    /// skipped since its last one here. A number not above the last is a publisher that
+    /// started counting again (it forgot the topic): nothing is known lost.
+    fn lost_before(&mut self, origin: u64, number: u64) -> u64 {
+        if let Some((_, last)) = self.origins.iter_mut().find(|(seen, _)| *seen == origin) {
+            let lost = number.saturating_sub(*last).saturating_sub(1);
+            *last = number;
+            return lost;
+        }
+        if self.origins.len() == MAX_ORIGINS {
+            self.origins.remove(0);
+        }
+        self.origins.push((origin, number));
+        0
+    }
 }
 
 /// One topic's consumer, by the sid of its deliver subject.
@@ -221,9 +277,10 @@ pub(super) struct State {
     per_subject: u64,
     stream_first: u64,
     stream_last: u64,
-    /// Per topic whose mirror is synced: the last stream sequence delivered. Kept across
-    /// reconnects (of one stream), so that the next consumer resumes after it.
-    last: HashMap<Box<[u8]>, u64>,
+    /// Per topic whose mirror is synced: the last stream sequence delivered, and each
+    /// publisher's last number. Kept across reconnects (of one stream), so that the next
+    /// consumer resumes after it and a loss meanwhile shows.
+    followed: HashMap<Box<[u8]>, Followed>,
     /// Topics unsubscribed, whose mirrors are to be told so.
     unsynced: Vec<Box<[u8]>>,
     /// Publishes written while a consumer's creation was awaited, sent once none is (or at a
@@ -481,7 +538,7 @@ impl NatsProtocol {
         let js = &mut self.js;
         if on != js.on {
             // Switched: nothing of the other way's mirrors holds.
-            js.last.clear();
+            js.followed.clear();
         }
         js.on = on;
         js.stream_pending = on;
@@ -610,7 +667,7 @@ impl NatsProtocol {
         let js = &mut self.js;
         if epoch != js.epoch {
             // Another stream: no mirror follows it yet.
-            js.last.clear();
+            js.followed.clear();
             js.epoch = epoch;
         }
         js.per_subject = json_field(config, b"max_msgs_per_subject")
@@ -637,7 +694,7 @@ impl NatsProtocol {
     fn jetstream_unavailable(&mut self) {
         self.js.on = false;
         self.js.stream_pending = false;
-        self.js.last.clear();
+        self.js.followed.clear();
         if let Some(history) = &self.history {
             history.set_unavailable(true);
         }
@@ -649,7 +706,7 @@ impl NatsProtocol {
     /// Subscribes a topic's deliveries and asks for its consumer.
     pub(super) fn subscribe_shared(&mut self, topic: &[u8], out: &mut Vec<u8>) {
         let mark = self.own.take_mark(topic);
-        let resume = self.js.last.get(topic).copied();
+        let resume = self.js.followed.get(topic).map(|followed| followed.last);
         self.new_consumer(topic, resume, mark, out);
     }
 
@@ -709,7 +766,7 @@ impl NatsProtocol {
     pub(super) fn unsubscribed_shared(&mut self, sid: u64, topic: &[u8], out: &mut Vec<u8>) {
         if let Some(consumer) = self.js.consumers.remove(&sid) {
             self.delete_consumer(&consumer, out);
-            self.js.last.remove(topic);
+            self.js.followed.remove(topic);
             self.js.unsynced.push(Box::from(topic));
         }
     }
@@ -756,15 +813,14 @@ impl NatsProtocol {
         }
         consumer.cseq = ack.consumer_seq;
         self.js.stream_last = self.js.stream_last.max(ack.stream_seq);
-        let own = headers
-            .and_then(|headers| headers.get(ORIGIN_HEADER))
-            .and_then(|value| self.own.ours(value));
+        let origin = headers.and_then(|headers| headers.get(ORIGIN_HEADER));
         let delivery = Delivery {
             sseq: ack.stream_seq,
             cseq: ack.consumer_seq,
             pending: ack.pending,
             payload: Vec::new(),
-            own,
+            own: origin.and_then(|value| self.own.ours(value)),
+            numbered: origin.and_then(numbered),
         };
         let Some(consumer) = self.js.consumers.get_mut(&sid) else {
             return;
@@ -854,7 +910,10 @@ impl NatsProtocol {
         self.unpinged += 1;
         self.unconfirmed += 1;
         let resume = if consumer.started {
-            self.js.last.get(&consumer.topic).copied()
+            self.js
+                .followed
+                .get(&consumer.topic)
+                .map(|followed| followed.last)
         } else {
             consumer.resume
         };
@@ -933,7 +992,8 @@ impl NatsProtocol {
                     b"",
                     Stream::Synced(id(covers)),
                 ));
-                js.last.insert(consumer.topic.clone(), covers);
+                js.followed
+                    .insert(consumer.topic.clone(), Followed::after(covers));
             }
             Some(after) => {
                 // Messages of the topic after `after` may be gone if the stream dropped its
@@ -967,13 +1027,16 @@ impl NatsProtocol {
         let Some(consumer) = js.consumers.get(&sid) else {
             return;
         };
-        let Some(last) = js.last.get_mut(&consumer.topic) else {
+        let Some(followed) = js.followed.get_mut(&consumer.topic) else {
             return;
         };
-        if delivery.sseq <= *last {
+        if delivery.sseq <= followed.last {
             return;
         }
-        *last = delivery.sseq;
+        followed.last = delivery.sseq;
+        let lost = delivery
+            .numbered
+            .map_or(0, |(origin, number)| followed.lost_before(origin, number));
         let id = EventId {
             epoch: js.epoch,
             offset: delivery.sseq,
@@ -983,7 +1046,27 @@ impl NatsProtocol {
                 .backlog
                 .is_some_and(|backlog| delivery.cseq <= backlog);
         let live_own = delivery.own.is_some_and(|(seq, _)| seq > consumer.mark);
-        let stream = if filling && !live_own {
+        let kept = filling && !live_own;
+        if lost > 0 {
+            // The topic's limit discarded them before the consumer got to them (or they were
+            // lost on the way to the stream): gone for every process that had not delivered
+            // them yet. Their ids lie somewhere before this one.
+            let before = EventId {
+                offset: delivery.sseq.saturating_sub(1),
+                ..id
+            };
+            let note = if kept {
+                Stream::Hole(before)
+            } else {
+                Stream::Lost {
+                    before,
+                    count: lost,
+                }
+            };
+            sink.received
+                .push(Received::streamed(&consumer.topic, b"", note));
+        }
+        let stream = if kept {
             Stream::Kept(id)
         } else {
             if delivery.own.is_none() {
@@ -1311,7 +1394,7 @@ mod tests {
             &mut before,
         );
         let origin = text(&own.origin);
-        let header = format!("NATS/1.0\r\nFdcast-Origin: {origin} 1 -\r\n\r\n");
+        let header = format!("NATS/1.0\r\nFdcast-Origin: {origin} 1 - 1\r\n\r\n");
         assert_eq!(
             text(&before),
             format!(
@@ -1329,7 +1412,7 @@ mod tests {
             Some(9),
             &mut after,
         );
-        assert!(text(&after).contains(&format!("Fdcast-Origin: {origin} 2 9\r\n")));
+        assert!(text(&after).contains(&format!("Fdcast-Origin: {origin} 2 9 2\r\n")));
         consumer(&mut nats, &mut feed, 2);
         feed.received.clear();
         feed.all(
@@ -1337,14 +1420,14 @@ mod tests {
             &hmsg("app.news", 2, &ack(1, 5, 1), &header, b"old"),
         )
         .unwrap();
-        let header = format!("NATS/1.0\r\nFdcast-Origin: {origin} 2 9\r\n\r\n");
+        let header = format!("NATS/1.0\r\nFdcast-Origin: {origin} 2 9 2\r\n\r\n");
         feed.all(
             &mut nats,
             &hmsg("app.news", 2, &ack(2, 6, 0), &header, b"new"),
         )
         .unwrap();
         // Another registry's header is anybody's message.
-        let header = "NATS/1.0\r\nFdcast-Origin: 0123456789abcdef 3 4\r\n\r\n";
+        let header = "NATS/1.0\r\nFdcast-Origin: 0123456789abcdef 3 4 1\r\n\r\n";
         feed.all(
             &mut nats,
             &hmsg("app.news", 2, &ack(3, 8, 0), header, b"theirs"),
@@ -1374,6 +1457,113 @@ mod tests {
             ]
         );
         assert_eq!(feed.stats.received, 1, "ours are not received from others");
+    }
+
+    #[test]
+    fn each_topic_numbers_its_shared_publishes() {
+        let own = Arc::new(Own::new());
+        let mut encoder = super::super::PubEncoder::new("app", Arc::clone(&own));
+        let mut out = Vec::new();
+        for topic in [b"a", b"b", b"a", b"a", b"b"] {
+            crate::broker::outbound::Encode::encode_shared(
+                &mut encoder,
+                topic,
+                b"x",
+                None,
+                &mut out,
+            );
+        }
+        let origin = text(&own.origin);
+        let numbers: Vec<String> = text(&out)
+            .lines()
+            .filter_map(|line| line.strip_prefix(&format!("Fdcast-Origin: {origin} ")))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(numbers, ["1 - 1", "2 - 1", "3 - 2", "4 - 3", "5 - 2"]);
+    }
+
+    #[test]
+    fn a_publishers_skipped_numbers_are_a_loss_told_once() {
+        let (mut nats, mut feed) = open();
+        consumer(&mut nats, &mut feed, 0);
+        feed.received.clear();
+        let news = b"news".to_vec();
+        let deliver =
+            |nats: &mut NatsProtocol, feed: &mut Feed, n: u64, sseq: u64, header: &str| {
+                let payload = format!("m{sseq}");
+                feed.all(
+                    nats,
+                    &hmsg("app.news", 2, &ack(n, sseq, 0), header, payload.as_bytes()),
+                )
+                .unwrap();
+            };
+        let theirs = |number: u64| {
+            format!("NATS/1.0\r\nFdcast-Origin: 0123456789abcdef {number} - {number}\r\n\r\n")
+        };
+        let other = "NATS/1.0\r\nFdcast-Origin: fedcba9876543210 9 - 7\r\n\r\n";
+        deliver(&mut nats, &mut feed, 1, 10, &theirs(1));
+        // Another publisher's first message starts its count, whatever its number.
+        deliver(&mut nats, &mut feed, 2, 11, other);
+        deliver(&mut nats, &mut feed, 3, 12, &theirs(2));
+        // Numbers 3 to 5 were discarded before the consumer got to them.
+        deliver(&mut nats, &mut feed, 4, 20, &theirs(6));
+        // A publisher that starts counting again lost nothing.
+        deliver(&mut nats, &mut feed, 5, 21, &theirs(1));
+        let message = |sseq| {
+            (
+                news.clone(),
+                format!("m{sseq}").into_bytes(),
+                Stream::Message {
+                    id: id(sseq),
+                    except: None,
+                },
+            )
+        };
+        assert_eq!(
+            streams(&mut feed),
+            [
+                message(10),
+                message(11),
+                message(12),
+                (
+                    news.clone(),
+                    vec![],
+                    Stream::Lost {
+                        before: id(19),
+                        count: 3
+                    }
+                ),
+                message(20),
+                message(21),
+            ]
+        );
+
+        // Across a reconnect, the count goes on: the topic's limit discarded two meanwhile.
+        nats.start(&mut Vec::new());
+        let mut feed = Feed::default();
+        feed.all(&mut nats, INFO).unwrap();
+        feed.all(&mut nats, b"PONG\r\n").unwrap();
+        let answer = stream_answer(CREATED);
+        let reply = format!("{}a.1", inbox(&nats));
+        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+        consumer(&mut nats, &mut feed, 1);
+        feed.received.clear();
+        deliver(&mut nats, &mut feed, 1, 30, &theirs(4));
+        assert_eq!(
+            streams(&mut feed),
+            [
+                (
+                    news.clone(),
+                    vec![],
+                    Stream::Lost {
+                        before: id(29),
+                        count: 2
+                    }
+                ),
+                message(30),
+            ]
+        );
     }
 
     #[test]

@@ -294,7 +294,8 @@ impl RedisProtocol {
             Stream::Message { id, .. }
             | Stream::Kept(id)
             | Stream::Synced(id)
-            | Stream::Hole(id) => id,
+            | Stream::Hole(id)
+            | Stream::Lost { before: id, .. } => id,
             Stream::Unsynced => return,
         };
         if let Some(last) = self.shared.last.get_mut(topic) {
