@@ -183,6 +183,8 @@ enum Request {
 struct Delivery {
     sseq: u64,
     cseq: u64,
+    /// When the stream stored it.
+    stored: u64,
     /// What the consumer had left to deliver after it.
     pending: u64,
     payload: Vec<u8>,
@@ -243,6 +245,10 @@ struct Consumer {
     /// Consumer sequences up to this are the topic's messages kept when it was created; known
     /// from its create answer.
     backlog: Option<u64>,
+    /// When the server made it (ns since 1970, from the create answer, if it said): what the
+    /// stream stored since is live, even at a consumer sequence of the backlog's (the
+    /// topic's limit discarded part of the fill before the consumer got to it).
+    created: Option<u64>,
     /// Its deliveries are handed on as they come: the answer is in, and the fill whole.
     filled: bool,
     /// Deliveries until then.
@@ -431,6 +437,8 @@ pub(crate) struct Ack<'a> {
     pub(crate) consumer: &'a [u8],
     pub(crate) stream_seq: u64,
     pub(crate) consumer_seq: u64,
+    /// When the stream stored the message (ns since 1970, the server's clock).
+    pub(crate) stored: u64,
     pub(crate) pending: u64,
 }
 
@@ -450,6 +458,7 @@ pub(crate) fn ack(reply: &[u8]) -> Option<Ack<'_>> {
         consumer: tokens.get(base + 1).filter(|name| !name.is_empty())?,
         stream_seq: decimal(tokens.get(base + 3)?)?,
         consumer_seq: decimal(tokens.get(base + 4)?)?,
+        stored: decimal(tokens.get(base + 5)?)?,
         pending: decimal(tokens.get(base + 6)?)?,
     })
 }
@@ -751,6 +760,7 @@ impl NatsProtocol {
                 mark,
                 stream_last: self.js.stream_last,
                 backlog: None,
+                created: None,
                 filled: false,
                 held: Vec::new(),
                 cseq: 0,
@@ -817,6 +827,7 @@ impl NatsProtocol {
         let delivery = Delivery {
             sseq: ack.stream_seq,
             cseq: ack.consumer_seq,
+            stored: ack.stored,
             pending: ack.pending,
             payload: Vec::new(),
             own: origin.and_then(|value| self.own.ours(value)),
@@ -937,6 +948,9 @@ impl NatsProtocol {
         };
         consumer.name = json_field(body, b"name").and_then(json_text).map(Box::from);
         consumer.backlog = Some(delivered.saturating_add(pending));
+        consumer.created = json_field(body, b"created")
+            .and_then(json_text)
+            .and_then(rfc3339_nanos);
         self.release_held(sid, sink);
     }
 
@@ -951,12 +965,14 @@ impl NatsProtocol {
         let Some(backlog) = consumer.backlog else {
             return;
         };
+        let created = consumer.created;
         let whole = consumer.resume.is_some()
             || backlog == 0
-            || consumer
-                .held
-                .last()
-                .is_some_and(|last| last.cseq >= backlog || last.pending == 0);
+            || consumer.held.last().is_some_and(|last| {
+                last.cseq >= backlog
+                    || last.pending == 0
+                    || created.is_some_and(|created| last.stored >= created)
+            });
         if !whole {
             return;
         }
@@ -1044,7 +1060,10 @@ impl NatsProtocol {
         let filling = consumer.resume.is_none()
             && consumer
                 .backlog
-                .is_some_and(|backlog| delivery.cseq <= backlog);
+                .is_some_and(|backlog| delivery.cseq <= backlog)
+            && consumer
+                .created
+                .is_none_or(|created| delivery.stored < created);
         let live_own = delivery.own.is_some_and(|(seq, _)| seq > consumer.mark);
         let kept = filling && !live_own;
         if lost > 0 {
@@ -1367,6 +1386,59 @@ mod tests {
         feed.all(&mut nats, &msg("app.news", 2, &ack(3, 9, 0), b"m9"))
             .unwrap();
         assert!(feed.received.is_empty());
+    }
+
+    #[test]
+    fn what_the_stream_stored_after_a_fills_consumer_was_made_is_live() {
+        let (mut nats, mut feed) = open();
+        let inbox = inbox(&nats);
+        nats.subscribe(b"news", &mut Vec::new());
+        // Three kept when the consumer was made; the topic's limit discards two of them
+        // before it delivers them, and two new ones take their consumer sequences.
+        let answer = format!(
+            "{{\"name\":\"C1\",\"created\":\"{CREATED}\",\
+             \"delivered\":{{\"consumer_seq\":0,\"stream_seq\":0}},\"num_pending\":3}}"
+        );
+        feed.all(
+            &mut nats,
+            &msg(&format!("{inbox}a.2"), 1, "", answer.as_bytes()),
+        )
+        .unwrap();
+        let created: u64 = 1_796_579_430_840_370_237;
+        let stored_ack = |cseq: u64, sseq: u64, stored: u64| {
+            format!("$JS.ACK.fdcast_app.C1.1.{sseq}.{cseq}.{stored}.0")
+        };
+        for (cseq, sseq, stored, payload) in [
+            (1, 6, created - 5, &b"k6"[..]),
+            (2, 8, created + 1, b"m8"),
+            (3, 9, created + 2, b"m9"),
+        ] {
+            feed.all(
+                &mut nats,
+                &msg("app.news", 2, &stored_ack(cseq, sseq, stored), payload),
+            )
+            .unwrap();
+        }
+        let news = b"news".to_vec();
+        let live = |sseq, payload: &[u8]| {
+            (
+                news.clone(),
+                payload.to_vec(),
+                Stream::Message {
+                    id: id(sseq),
+                    except: None,
+                },
+            )
+        };
+        assert_eq!(
+            streams(&mut feed),
+            vec![
+                (news.clone(), vec![], Stream::Synced(id(5))),
+                (news.clone(), b"k6".to_vec(), Stream::Kept(id(6))),
+                live(8, b"m8"),
+                live(9, b"m9"),
+            ]
+        );
     }
 
     #[test]
@@ -1828,6 +1900,7 @@ mod tests {
                 consumer: b"c",
                 stream_seq: 16,
                 consumer_seq: 5,
+                stored: 1_796_580_964_781_583_609,
                 pending: 2
             })
         );
@@ -1837,6 +1910,7 @@ mod tests {
                 consumer: b"c",
                 stream_seq: 16,
                 consumer_seq: 5,
+                stored: 1_796_580_964_781_583_609,
                 pending: 2
             })
         );
