@@ -172,7 +172,8 @@ typedef struct fdcast_stats {
    */
   uint64_t evicted_fds;
   /**
-   * Bytes waiting in outboxes now.
+   * Bytes waiting in outboxes now (a gauge: read while other threads publish or flush, it
+   * may lag them by the frames in flight; it never reads below 0).
    */
   uint64_t queued_bytes;
   /**

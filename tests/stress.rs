@@ -285,3 +285,63 @@ fn publish_while_unsubscribing_same_topic() {
         assert_eq!(st.evicted_fds, 0);
     });
 }
+
+/// `queued_bytes` is a gauge that publishes and flushes move with no lock held, so a reader
+/// may see it a little behind; it must never read below zero (as a u64, wrapped to ~2^64)
+/// nor above what the outboxes can hold, while publishers, a dispatcher and readers race.
+#[test]
+fn the_queued_bytes_gauge_stays_within_the_outboxes() {
+    const READERS: usize = 8;
+    const LIMIT: usize = 1 << 16;
+    const FRAME: usize = 3000;
+    with_watchdog(60, || {
+        let registry = Arc::new(Registry::new().unwrap());
+        registry.set_outbox_limit(LIMIT);
+        let pairs: Vec<_> = (0..READERS).map(|_| socketpair_nonblocking()).collect();
+        for (ours, _) in &pairs {
+            registry
+                .subscribe(b"t", ours.as_raw_fd(), Mode::Raw)
+                .unwrap();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawn = |work: Box<dyn Fn(&Registry) + Send>| {
+            let (registry, stop) = (Arc::clone(&registry), Arc::clone(&stop));
+            thread::spawn(move || {
+                let mut highest = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    work(&registry);
+                    highest = highest.max(registry.stats().queued_bytes);
+                }
+                highest
+            })
+        };
+        let mut threads = Vec::new();
+        for _ in 0..2 {
+            threads.push(spawn(Box::new(|registry| {
+                let _ = registry.publish(b"t", &[7u8; FRAME]);
+            })));
+        }
+        threads.push(spawn(Box::new(|registry| {
+            registry.dispatch(Some(Duration::from_millis(1))).unwrap();
+        })));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            for (_, peer) in &pairs {
+                let _ = read_now(peer.as_raw_fd());
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let highest = threads
+            .into_iter()
+            .map(|thread| thread.join().unwrap())
+            .max()
+            .unwrap();
+        // Each outbox holds at most its limit plus the frame that passed it; a flush's
+        // writes may be subtracted a moment after publishes added theirs: twice that.
+        let bound = (2 * READERS * (LIMIT + FRAME)) as u64;
+        assert!(
+            highest <= bound,
+            "queued_bytes read {highest} (bound {bound})"
+        );
+    });
+}

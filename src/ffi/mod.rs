@@ -118,7 +118,8 @@ pub struct fdcast_stats {
     pub dropped_messages: u64,
     /// Fds removed because the peer was gone or by FDCAST_EVICT.
     pub evicted_fds: u64,
-    /// Bytes waiting in outboxes now.
+    /// Bytes waiting in outboxes now (a gauge: read while other threads publish or flush, it
+    /// may lag them by the frames in flight; it never reads below 0).
     pub queued_bytes: u64,
     /// Live subscriptions.
     pub subscriptions: u64,

@@ -84,7 +84,8 @@ pub struct Stats {
     pub lost_to_gaps: u64,
     /// Fds removed because the peer was gone or by [`Overflow::Evict`].
     pub evicted_fds: u64,
-    /// Bytes waiting in outboxes now.
+    /// Bytes waiting in outboxes now (a gauge: read while other threads publish or flush, it
+    /// may lag them by the frames in flight; it never reads below 0).
     pub queued_bytes: u64,
     /// Live subscriptions.
     pub subscriptions: u64,
@@ -382,7 +383,10 @@ impl Registry {
             dropped_messages: counters.dropped_messages.load(Ordering::Relaxed),
             lost_to_gaps: counters.lost_to_gaps.load(Ordering::Relaxed),
             evicted_fds: counters.evicted_fds.load(Ordering::Relaxed),
-            queued_bytes: counters.queued_bytes.load(Ordering::Relaxed),
+            // Publishes and flushes move the gauge after their outbox changed, with no lock
+            // held: a flush's subtraction can land before the publish's addition it drained,
+            // and the u64 would read as ~2^64 for that moment. Read as signed, never below 0.
+            queued_bytes: (counters.queued_bytes.load(Ordering::Relaxed) as i64).max(0) as u64,
             subscriptions: subscriptions as u64,
             topics: topics as u64,
             fds: fds as u64,
