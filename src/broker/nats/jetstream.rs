@@ -193,39 +193,48 @@ struct Delivery {
     numbered: Option<(u64, u64)>,
 }
 
-/// Publishers a topic remembers the last number of; past it, the least recently added is
-/// forgotten (its next message is not checked).
-const MAX_ORIGINS: usize = 64;
+/// Publishers a topic remembers the last number of; past it, the one heard from least
+/// recently is forgotten (its next message is not checked).
+const MAX_ORIGINS: usize = 1024;
 
 /// What a synced topic's consumers have delivered.
 struct Followed {
     /// The last stream sequence.
     last: u64,
-    /// Per publishing registry (its origin), the last number it gave a message of the topic.
-    origins: Vec<(u64, u64)>,
+    /// Per publishing registry (its origin): the last number it gave a message of the topic,
+    /// and that message's stream sequence.
+    origins: HashMap<u64, (u64, u64)>,
 }
 
 impl Followed {
     fn after(last: u64) -> Followed {
         Followed {
             last,
-            origins: Vec::new(),
+            origins: HashMap::new(),
         }
     }
 
-    /// Notes message `number` of publisher `origin`; returns how many of its messages were
-    /// skipped since its last one here. A number not above the last is a publisher that
-    /// started counting again (it forgot the topic): nothing is known lost.
-    fn lost_before(&mut self, origin: u64, number: u64) -> u64 {
-        if let Some((_, last)) = self.origins.iter_mut().find(|(seen, _)| *seen == origin) {
+    /// Notes message `number` of publisher `origin`, at stream sequence `sseq`; returns how
+    /// many of its messages were skipped since its last one here. A number not above the
+    /// last is a publisher that started counting again (it forgot the topic): nothing is
+    /// known lost.
+    fn lost_before(&mut self, origin: u64, number: u64, sseq: u64) -> u64 {
+        if let Some((last, heard)) = self.origins.get_mut(&origin) {
             let lost = number.saturating_sub(*last).saturating_sub(1);
-            *last = number;
+            (*last, *heard) = (number, sseq);
             return lost;
         }
-        if self.origins.len() == MAX_ORIGINS {
-            self.origins.remove(0);
+        if self.origins.len() >= MAX_ORIGINS {
+            let quietest = self
+                .origins
+                .iter()
+                .min_by_key(|(_, (_, heard))| *heard)
+                .map(|(&origin, _)| origin);
+            if let Some(quietest) = quietest {
+                self.origins.remove(&quietest);
+            }
         }
-        self.origins.push((origin, number));
+        self.origins.insert(origin, (number, sseq));
         0
     }
 }
@@ -1050,9 +1059,9 @@ impl NatsProtocol {
             return;
         }
         followed.last = delivery.sseq;
-        let lost = delivery
-            .numbered
-            .map_or(0, |(origin, number)| followed.lost_before(origin, number));
+        let lost = delivery.numbered.map_or(0, |(origin, number)| {
+            followed.lost_before(origin, number, delivery.sseq)
+        });
         let id = EventId {
             epoch: js.epoch,
             offset: delivery.sseq,
@@ -1552,6 +1561,26 @@ mod tests {
             .map(str::to_owned)
             .collect();
         assert_eq!(numbers, ["1 - 1", "2 - 1", "3 - 2", "4 - 3", "5 - 2"]);
+    }
+
+    #[test]
+    fn past_its_publisher_limit_a_topic_forgets_the_quietest() {
+        let mut followed = Followed::after(0);
+        let mut sseq = 0;
+        let mut hear = |followed: &mut Followed, origin: u64, number: u64| {
+            sseq += 1;
+            followed.lost_before(origin, number, sseq)
+        };
+        for origin in 0..MAX_ORIGINS as u64 {
+            assert_eq!(hear(&mut followed, origin, 1), 0);
+        }
+        // Origin 0 speaks again: origin 1 is now the quietest, and goes for a newcomer.
+        assert_eq!(hear(&mut followed, 0, 3), 1);
+        assert_eq!(hear(&mut followed, 9999, 1), 0);
+        assert_eq!(followed.origins.len(), MAX_ORIGINS);
+        assert_eq!(hear(&mut followed, 0, 5), 1, "origin 0 still checked");
+        assert_eq!(hear(&mut followed, 1, 9), 0, "origin 1 starts afresh");
+        assert_eq!(hear(&mut followed, 2, 9), 0, "origin 2 made room for origin 1");
     }
 
     #[test]
