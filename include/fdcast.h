@@ -260,10 +260,12 @@ typedef void (*fdcast_evict_fn)(void *user, int fd, int reason);
  * is evicted right after this returns (the evict callback follows, with ENOBUFS). `topic` is
  * only valid during the call.
  *
- * Also told, under history shared through NATS JetStream, of messages another fdcast process
- * (or this one) published to the topic that the stream discarded (the topic's limit) before
- * this process's consumer delivered them: each subscriber of the topic here lost them,
- * counted the same way; nobody is evicted for it (inside fdcast_dispatch).
+ * Also told, under shared history, of messages of the topic that never reached this process:
+ * with NATS JetStream, messages of fdcast publishers that the stream discarded (the topic's
+ * limit) before this process's consumer delivered them; with Redis, entries the stream no
+ * longer held when this process fetched what it missed during a lost connection. Each
+ * subscriber of the topic here lost them, counted the same way; nobody is evicted for it
+ * (inside fdcast_dispatch).
  *
  * When: with FDCAST_DROP_MESSAGE, when the fd's outbox drains and fdcast refills it
  * from the history (inside fdcast_dispatch, fdcast_flush or fdcast_uncork), as one call for all that a

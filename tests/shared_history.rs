@@ -68,6 +68,10 @@ fn scenarios() {
     run("a refused resume gives its channel back", &refused_resume);
     run("history switched off again", &history_switched_off);
     run("reconnect after CLIENT KILL", &reconnect_after_client_kill);
+    run(
+        "a reconnect past the stream's limit is a counted gap",
+        &a_reconnect_past_the_limit_is_a_counted_gap,
+    );
     run("history switched on after enable", &history_after_enable);
 }
 
@@ -395,6 +399,43 @@ fn plain_clients() {
     let (_, announced) = ids_sub.message();
     assert_eq!(announced, format!("{} from fdcast", got[1].0).into_bytes());
     assert_eq!(ids(&plain.xrange(&channel)), [id, got[1].0.clone()]);
+}
+
+/// B stops reading; A publishes, B's connection is killed, and A publishes far more than the
+/// stream keeps before B reads again: B's reconnect fetches what the stream still holds, and
+/// every message it can no longer get is counted once, in its fd_stats, the registry's stats
+/// and the gap callback.
+fn a_reconnect_past_the_limit_is_a_counted_gap() {
+    let server = OwnRedis::start();
+    let url = server.url();
+    let prefix = unique_prefix("gap");
+    let topic = b"g";
+    let mut a = Agent::start(&url, &prefix, 10);
+    let mut b = Agent::start(&url, &prefix, 10);
+    b.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..5);
+    assert_eq!(payloads(&b.expect(0, 5)), expected(0..5));
+    const N: usize = 3000;
+    b.send("sleep 1500");
+    a.seq(topic, 5..1000);
+    a.ok("wait_idle");
+    let mut plain = Plain::connect(&url);
+    // B is the only client subscribed to anything.
+    let killed = plain.call(&[b"CLIENT", b"KILL", b"TYPE", b"pubsub"]);
+    assert_eq!(killed, Resp::Int(1));
+    a.seq(topic, 1000..N);
+    a.ok("wait_idle");
+    b.answer("sleep");
+
+    let got = b.read_until(0, &numbered(N - 1));
+    let missing = missing_are_counted(&got, 5..N, b.lost(0));
+    assert!(
+        missing >= (N - 1000 - 200) as u64,
+        "B was down for {} publishes and the stream keeps about 10: {missing} lost",
+        N - 1000
+    );
+    let reconnects: u64 = b.ok("reconnects").parse().unwrap();
+    assert!(reconnects >= 1, "B reconnected");
 }
 
 /// Kills process B's connection (CLIENT KILL on a Redis of its own) while A publishes: B's

@@ -148,7 +148,7 @@ pub(crate) enum Stream {
     /// `count` messages of the topic, with ids up to `before`, were lost on the broker's side
     /// before this process delivered them (a publisher's numbering skipped them): a hole in
     /// the mirror as [`Stream::Hole`], and a gap for every local subscriber of the topic.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
     Lost { before: EventId, count: u64 },
     /// The mirror no longer follows the stream (its channel was unsubscribed).
     Unsynced,
@@ -272,7 +272,7 @@ impl SharedHistory {
     }
 
     /// Records whether the server can keep the streams (NATS: whether JetStream answered).
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
     pub(crate) fn set_unavailable(&self, unavailable: bool) {
         self.unavailable.store(unavailable, Ordering::Release);
     }

@@ -291,9 +291,18 @@ impl Agent {
     }
 
     pub fn ok(&mut self, command: &str) -> String {
+        self.send(command);
+        self.answer(command)
+    }
+
+    /// Gives a command without waiting for its answer (`answer` reads it).
+    pub fn send(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().unwrap();
         writeln!(stdin, "{command}").expect("the agent takes a command");
         stdin.flush().unwrap();
+    }
+
+    pub fn answer(&mut self, command: &str) -> String {
         let mut line = String::new();
         let n = self.stdout.read_line(&mut line).unwrap();
         assert!(n > 0, "the agent exited during `{command}`");
@@ -301,6 +310,33 @@ impl Agent {
             Some(rest) => rest.trim().to_string(),
             None => panic!("agent: `{command}` answered {line:?}"),
         }
+    }
+
+    /// Reads SSE reader `id` until it got `last` (the newest message, which no history
+    /// limit drops); returns what it got from the previous `read` on.
+    pub fn read_until(&mut self, id: usize, last: &str) -> Vec<(String, String)> {
+        let start = Instant::now();
+        let mut buffer = Vec::new();
+        loop {
+            buffer.extend_from_slice(&unhex(&self.ok(&format!("read {id}"))));
+            let got = parse(Mode::Sse, &buffer);
+            if got.last().is_some_and(|(_, payload)| payload == last) {
+                return got;
+            }
+            assert!(start.elapsed() < T, "reader {id} never got {last}");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Messages reader `id` lost to gaps: as its fd_stats, the registry's stats and the gap
+    /// callback's sum count them.
+    pub fn lost(&mut self, id: usize) -> [u64; 3] {
+        let counts: Vec<u64> = self
+            .ok(&format!("lost {id}"))
+            .split(' ')
+            .map(|count| count.parse().unwrap())
+            .collect();
+        counts.try_into().unwrap()
     }
 
     pub fn tail(&mut self, id: usize, topic: &[u8], mode: Mode, n: usize) {
@@ -421,4 +457,22 @@ pub fn payloads(messages: &[(String, String)]) -> Vec<String> {
 
 pub fn expected(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(numbered).collect()
+}
+
+/// Checks that `got` (from `Agent::read_until`) holds messages `range` in order but for some
+/// missing, and that the reader's three loss counters each say how many: returns that.
+pub fn missing_are_counted(
+    got: &[(String, String)],
+    range: std::ops::Range<usize>,
+    lost: [u64; 3],
+) -> u64 {
+    let numbers: Vec<usize> = payloads(got)
+        .iter()
+        .map(|payload| payload[1..].parse().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|pair| pair[0] < pair[1]), "in order");
+    assert!(numbers.iter().all(|n| range.contains(n)), "{numbers:?}");
+    let missing = (range.len() - numbers.len()) as u64;
+    assert_eq!(lost, [missing; 3], "fd_stats, stats, callback");
+    missing
 }

@@ -1580,7 +1580,11 @@ mod tests {
         assert_eq!(followed.origins.len(), MAX_ORIGINS);
         assert_eq!(hear(&mut followed, 0, 5), 1, "origin 0 still checked");
         assert_eq!(hear(&mut followed, 1, 9), 0, "origin 1 starts afresh");
-        assert_eq!(hear(&mut followed, 2, 9), 0, "origin 2 made room for origin 1");
+        assert_eq!(
+            hear(&mut followed, 2, 9),
+            0,
+            "origin 2 made room for origin 1"
+        );
     }
 
     #[test]

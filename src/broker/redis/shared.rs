@@ -16,6 +16,12 @@
 //!   it delivered, when it subscribes again after a lost connection): what arrives for the
 //!   topic in between is held until the answer, so the registry's mirror gets the fill, then
 //!   the messages after it, each once.
+//! - A fill after a reconnect counts what it missed: the stream's `entries-added` now,
+//!   against the count the session kept (the fill's, one more per message since), less
+//!   the entries fetched, is how many were trimmed meanwhile or lay past the fetch's count:
+//!   `Stream::Lost`, a gap for the topic's readers. Exact while every writer of the stream
+//!   announces its entries on the id channel (the publish script, or a plain client as the
+//!   README shows); an entry added or deleted otherwise counts as missed.
 //! - Our own message comes back on the id channel next to the script's reply (before it up
 //!   to Redis 7.0, after it since 7.2): it carries the reply's id, which no other message
 //!   can, so it is told apart exactly and dropped.
@@ -55,8 +61,8 @@ return id
 
 /// `KEYS[1]`: the stream key. `ARGV`: the id after which to fetch ('' for the newest), how
 /// many entries at most. Returns the stream's max deleted id, its first entry's id ('' when
-/// empty), its last generated id, how many entries it dropped (trimmed or deleted), then
-/// the entries' ids and payloads, oldest first.
+/// empty), its last generated id, how many entries it dropped (trimmed or deleted), how
+/// many it was ever given, then the entries' ids and payloads, oldest first.
 pub(crate) const FETCH_SCRIPT: &str = "\
 local e
 if ARGV[1] == '' then
@@ -64,7 +70,7 @@ if ARGV[1] == '' then
 else
   e = redis.call('XREVRANGE', KEYS[1], '+', '(' .. ARGV[1], 'COUNT', ARGV[2])
 end
-local deleted, first, last, gone = '0-0', '', '0-0', '0'
+local deleted, first, last, gone, total = '0-0', '', '0-0', '0', '0'
 if redis.call('TYPE', KEYS[1]).ok == 'stream' then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   local length, added = 0, 0
@@ -77,8 +83,9 @@ if redis.call('TYPE', KEYS[1]).ok == 'stream' then
     elseif k == 'first-entry' then if v then first = v[1] end end
   end
   gone = tostring(added - length)
+  total = tostring(added)
 end
-local out = {deleted, first, last, gone}
+local out = {deleted, first, last, gone, total}
 for i = #e, 1, -1 do
   local d = ''
   local f = e[i][2]
@@ -123,14 +130,26 @@ pub(super) struct State {
     pub(super) on: bool,
     /// The scripts' SHA-1s, as `SCRIPT LOAD` answered.
     shas: [Option<Box<[u8]>>; 2],
-    /// Per topic subscribed and filled: the newest id delivered. Kept across reconnects, so
-    /// that the next fill fetches what was missed.
-    last: HashMap<Box<[u8]>, EventId>,
+    /// Per topic subscribed and filled: what was delivered. Kept across reconnects, so that
+    /// the next fill fetches what was missed, and counts what it can no longer fetch.
+    last: HashMap<Box<[u8]>, Followed>,
     /// Per topic whose fill is awaited: how many fills, and what arrived meanwhile.
     fetching: HashMap<Box<[u8]>, (usize, Vec<Received>)>,
     /// The id (and topic hash) of our publish whose reply was the last frame, while its echo
     /// may be the next.
     pub(super) echo_after: Option<(EventId, u64)>,
+}
+
+/// What a topic's id channel delivered.
+#[derive(Clone, Copy)]
+struct Followed {
+    /// The newest id.
+    id: EventId,
+    /// How many entries the stream had been given through this id (`entries-added`): the
+    /// fill's count, one more per newer message since, each the publish script's XADD. A
+    /// fetch after a reconnect finds how many were added since, and so how many of those
+    /// it can no longer get (trimmed meanwhile, or past its count).
+    added: u64,
 }
 
 impl RedisProtocol {
@@ -229,7 +248,7 @@ impl RedisProtocol {
     /// Subscribes a topic's id channel, then asks for its fill.
     pub(super) fn subscribe_shared(&mut self, topic: &[u8], out: &mut Vec<u8>) {
         self.subscription(b"SSUBSCRIBE", Expected::Subscribe, topic, out);
-        let after = self.shared.last.get(topic).copied();
+        let after = self.shared.last.get(topic).map(|followed| followed.id);
         let (max_messages, _) = self
             .history
             .as_ref()
@@ -298,8 +317,13 @@ impl RedisProtocol {
             | Stream::Lost { before: id, .. } => id,
             Stream::Unsynced => return,
         };
-        if let Some(last) = self.shared.last.get_mut(topic) {
-            *last = (*last).max(id);
+        if let Some(followed) = self.shared.last.get_mut(topic)
+            && id > followed.id
+        {
+            if let Stream::Message { .. } = stream {
+                followed.added += 1;
+            }
+            followed.id = id;
         }
     }
 
@@ -450,12 +474,22 @@ impl RedisProtocol {
                 }
             }
             Some(after) => {
-                if fill.covers_from > after {
-                    sink.received.push(Received::streamed(
-                        topic,
-                        b"",
-                        Stream::Hole(fill.covers_from),
-                    ));
+                // Given to the stream since `after`, and not fetched: never delivered here.
+                let lost = self.shared.last.get(topic).map_or(0, |followed| {
+                    fill.added
+                        .saturating_sub(followed.added)
+                        .saturating_sub(fill.entries.len() as u64)
+                });
+                let note = if lost > 0 {
+                    Some(Stream::Lost {
+                        before: fill.covers_from.max(after),
+                        count: lost,
+                    })
+                } else {
+                    (fill.covers_from > after).then_some(Stream::Hole(fill.covers_from))
+                };
+                if let Some(note) = note {
+                    sink.received.push(Received::streamed(topic, b"", note));
                 }
                 for (id, payload) in &fill.entries {
                     sink.stats.received += 1;
@@ -468,10 +502,19 @@ impl RedisProtocol {
                 }
             }
         }
+        // The count restarts from the stream's own, at its last generated id (newer than
+        // any entry fetched, when the newest were deleted).
+        let followed = Followed {
+            id: newest,
+            added: fill.added,
+        };
         match self.shared.last.entry(Box::from(topic)) {
-            Entry::Occupied(mut last) => *last.get_mut() = (*last.get()).max(newest),
+            Entry::Occupied(mut last) => {
+                let id = last.get().id.max(newest);
+                *last.get_mut() = Followed { id, ..followed };
+            }
             Entry::Vacant(vacant) => {
-                vacant.insert(newest);
+                vacant.insert(followed);
             }
         }
     }
@@ -507,6 +550,8 @@ pub(crate) fn split_id(message: &[u8]) -> Option<(EventId, &[u8])> {
 struct Fill<'a> {
     /// The mirror holds every entry after this once the entries are in.
     covers_from: EventId,
+    /// How many entries the stream was ever given (`entries-added`).
+    added: u64,
     entries: Vec<(EventId, &'a [u8])>,
 }
 
@@ -525,7 +570,8 @@ fn parse_fill<'a>(
     };
     let last_generated = EventId::parse(text(2)?)?;
     let gone: u64 = std::str::from_utf8(text(3)?).ok()?.parse().ok()?;
-    let rest = items.get(4..)?;
+    let added: u64 = std::str::from_utf8(text(4)?).ok()?.parse().ok()?;
+    let rest = items.get(5..)?;
     if rest.len() % 2 != 0 {
         return None;
     }
@@ -556,6 +602,7 @@ fn parse_fill<'a>(
     }
     Some(Fill {
         covers_from,
+        added,
         entries,
     })
 }
@@ -630,8 +677,8 @@ mod tests {
         EventId::parse(text.as_bytes()).unwrap()
     }
 
-    /// The fetch script's answer: deleted, first, last generated, gone, then entries.
-    fn fill_reply(head: [&str; 4], entries: &[(&str, &str)]) -> Vec<u8> {
+    /// The fetch script's answer: deleted, first, last generated, gone, added, then entries.
+    fn fill_reply(head: [&str; 5], entries: &[(&str, &str)]) -> Vec<u8> {
         let mut items: Vec<&[u8]> = head.iter().map(|item| item.as_bytes()).collect();
         for (id, payload) in entries {
             items.push(id.as_bytes());
@@ -659,7 +706,7 @@ mod tests {
             // Arrives between the subscription and the fill: held for after it.
             &smessage(b"app:t", "5-0", b"five"),
             &fill_reply(
-                ["0-0", "1-0", "5-0", "1"],
+                ["0-0", "1-0", "5-0", "1", "4"],
                 &[("2-0", "two"), ("4-0", "four"), ("5-0", "five")],
             ),
             &smessage(b"app:t", "6-0", b"six"),
@@ -712,9 +759,10 @@ mod tests {
         );
         let stream = [
             b">3\r\n$10\r\nssubscribe\r\n$5\r\napp:t\r\n:1\r\n".as_slice(),
-            // 7-0 and 8-0 were trimmed before the fetch: a hole up to 8-0.
+            // 7-0 and 8-0 were added (the stream's 6th and 7th) and trimmed before the
+            // fetch: two lost, a hole up to 8-0.
             &fill_reply(
-                ["0-0", "9-0", "10-0", "8"],
+                ["0-0", "9-0", "10-0", "7", "9"],
                 &[("9-0", "nine"), ("10-0", "ten")],
             ),
         ]
@@ -730,7 +778,10 @@ mod tests {
                 (
                     t.clone(),
                     vec![],
-                    Some(Stream::Hole(id("8-18446744073709551615")))
+                    Some(Stream::Lost {
+                        before: id("8-18446744073709551615"),
+                        count: 2
+                    })
                 ),
                 (t.clone(), b"nine".to_vec(), Some(message("9-0"))),
                 (t.clone(), b"ten".to_vec(), Some(message("10-0"))),
@@ -849,7 +900,7 @@ mod tests {
     #[test]
     fn a_fill_cut_by_its_count_covers_from_its_oldest() {
         let reply = fill_reply(
-            ["0-0", "1-0", "9-0", "0"],
+            ["0-0", "1-0", "9-0", "0", "3"],
             &[("7-0", "a"), ("8-0", "b"), ("9-0", "c")],
         );
         let frame = crate::broker::redis::decode(&reply).unwrap();
@@ -864,7 +915,7 @@ mod tests {
         let after = parse_fill(&data, 0, &reply, Some(id("6-5")), 4).unwrap();
         assert_eq!(after.covers_from, id("6-5"));
         // Deleted entries count, and an empty stream covers up to its last id.
-        let reply = fill_reply(["8-0", "", "9-0", "3"], &[]);
+        let reply = fill_reply(["8-0", "", "9-0", "3", "3"], &[]);
         let RangeFrame::Array { data, .. } = crate::broker::redis::decode(&reply).unwrap() else {
             unreachable!()
         };
@@ -872,7 +923,10 @@ mod tests {
             parse_fill(&data, 0, &reply, None, 4).unwrap().covers_from,
             id("9-0")
         );
-        let unordered = fill_reply(["0-0", "1-0", "9-0", "0"], &[("8-0", "b"), ("7-0", "a")]);
+        let unordered = fill_reply(
+            ["0-0", "1-0", "9-0", "0", "2"],
+            &[("8-0", "b"), ("7-0", "a")],
+        );
         let RangeFrame::Array { data, .. } = crate::broker::redis::decode(&unordered).unwrap()
         else {
             unreachable!()
