@@ -48,8 +48,8 @@
 //! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted TOPIC[,TOPIC…] [history]`
 //! (fdcast), `bystander URL NAME` (fdcast, subscribed to another topic until stdin says stop);
 //! and, to profile a publisher alone (`perf record -g broker_bench publish …`, no receivers),
-//! `publish URL NAME N SIZE [history]` (fdcast's, any engine) and `publish-bare URL NAME N
-//! SIZE` (the bare NATS publisher).
+//! `publish URL NAME N SIZE [history]` (fdcast's, any engine; with history, the stream it
+//! fills stays on the server) and `publish-bare URL NAME N SIZE` (the bare NATS publisher).
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::io::{BufRead, BufReader, Read, Write};
