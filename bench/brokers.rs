@@ -406,17 +406,17 @@ fn receiver(
     // Without history, subscribed before the broker is enabled: enable returns once the
     // subscriptions are in effect on the engine, so nothing published after "ready" is missed.
     if !history {
-        ours.iter()
-            .enumerate()
-            .for_each(|(i, our)| subscribe(i, our));
+        for (i, our) in ours.iter().enumerate() {
+            subscribe(i, our);
+        }
     }
     registry
         .broker_enable(url, name)
         .unwrap_or_else(|e| fail(&format!("receiver: broker_enable: {e}")));
     if history {
-        ours.iter()
-            .enumerate()
-            .for_each(|(i, our)| subscribe(i, our));
+        for (i, our) in ours.iter().enumerate() {
+            subscribe(i, our);
+        }
     }
     // This process reads everything: a burst must queue, not be dropped at the default
     // outbox limit (1 MiB).
