@@ -20,7 +20,14 @@
 //!    Redis and NATS);
 //! 3. interest routing: what a third process, connected to the same broker but subscribed
 //!    only to another topic, received meanwhile (`broker_stats().received`, and the bytes its
-//!    broker connection received, from the socket's TCP_INFO).
+//!    broker connection received, from the socket's TCP_INFO);
+//! 4. shared history (Redis streams, NATS JetStream): fdcast's 64-byte runs of part 1 with
+//!    history on in every process (`set_history` before `broker_enable`, max_messages
+//!    [`HISTORY_MESSAGES`], above the run's burst: JetStream discards a topic's oldest message
+//!    at its limit whether or not a consumer delivered it), alternating with the same runs
+//!    with history off; the ratio on / off. The history's Redis stream or JetStream stream is
+//!    deleted after each run (its absence fails the bench: history was not shared), so runs
+//!    stay alike and nothing piles up on the server.
 //!
 //! Every receiver checks that each message arrived once, in order, on every socket (from
 //! redis-benchmark, whose payloads are all alike: their count and size); a miss makes the
@@ -38,11 +45,11 @@
 //! every n publishes instead of every one (what batching alone buys, without fdcast).
 //!
 //! Roles (this binary runs itself as the other processes):
-//! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted TOPIC[,TOPIC…]` (fdcast),
-//! `bystander URL NAME` (fdcast, subscribed to another topic until stdin says stop); and, to profile a
-//! publisher alone (`perf record -g broker_bench publish …`, no receivers), `publish URL
-//! NAME N SIZE` (fdcast's, any engine) and `publish-bare URL NAME N SIZE` (the bare NATS
-//! publisher).
+//! `receiver URL NAME N SIZE SUBSCRIBERS ordered|timed|counted TOPIC[,TOPIC…] [history]`
+//! (fdcast), `bystander URL NAME` (fdcast, subscribed to another topic until stdin says stop);
+//! and, to profile a publisher alone (`perf record -g broker_bench publish …`, no receivers),
+//! `publish URL NAME N SIZE [history]` (fdcast's, any engine; with history, the stream it
+//! fills stays on the server) and `publish-bare URL NAME N SIZE` (the bare NATS publisher).
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -54,7 +61,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use fdcast::{Mode, Registry};
+use fdcast::{HistoryLimits, Mode, Registry};
 
 /// The topic every benchmark publishes on.
 const TOPIC: &str = "bench";
@@ -66,6 +73,19 @@ const WINDOW: u64 = 16_384;
 const PUBLISHED_PER_TURN: u64 = 64 << 10;
 /// A receiver that gets nothing for this long gives up: a message was lost.
 const STALL: Duration = Duration::from_secs(10);
+/// max_messages of the history runs (part 4): the per-topic limit of the Redis stream
+/// (`MAXLEN ~`) and of the JetStream stream (`max_msgs_per_subject`). Every run publishes
+/// fewer on its topic, so JetStream never discards one a consumer has not delivered yet.
+const HISTORY_MESSAGES: usize = 100_000;
+
+/// Turns history on with [`HISTORY_MESSAGES`] (before `broker_enable`: enabling then makes
+/// the broker share it).
+fn history_on(registry: &Registry) {
+    registry.set_history(HistoryLimits {
+        max_messages: HISTORY_MESSAGES,
+        ..HistoryLimits::default()
+    });
+}
 
 fn env_url(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.into())
@@ -339,13 +359,14 @@ fn drain(
 
 /// fdcast receiver: `subscribers` socketpairs subscribed (RAW) through its own registry and
 /// broker connection, socket `i` to `topics[i % topics.len()]`, their other ends read and
-/// checked by a thread. Prints "ready", then the report over every socket, its broker's
-/// `received` and the bytes its broker connection received.
+/// checked by a thread; with `history`, history is on and shared through the broker. Prints
+/// "ready", then the report over every socket, its broker's `received` and the bytes its
+/// broker connection received.
 fn receiver(
     url: &str,
     name: &str,
     (messages, size): (u64, usize),
-    subscribers: usize,
+    (subscribers, history): (usize, bool),
     how: &str,
     topics: &[&str],
 ) {
@@ -355,6 +376,9 @@ fn receiver(
         _ => (false, false),
     };
     let registry = Registry::new().unwrap();
+    if history {
+        history_on(&registry);
+    }
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     let mut expected = Vec::new();
@@ -362,18 +386,38 @@ fn receiver(
         let topic = i % topics.len();
         let (our, their) = UnixStream::pair().unwrap();
         their.set_nonblocking(true).unwrap();
-        // Subscribed before the broker is enabled: enable returns once the subscription is
-        // in effect on the engine, so nothing published after "ready" is missed.
-        registry
-            .subscribe(topics[topic].as_bytes(), our.as_raw_fd(), Mode::Raw)
-            .unwrap();
         expected.push(messages_on(topic, topics.len(), messages));
         ours.push(our);
         theirs.push(their);
     }
+    let subscribe = |i: usize, our: &UnixStream| {
+        let topic = topics[i % topics.len()].as_bytes();
+        if history {
+            // After enable, as a tail of 0: it returns once the topic's mirror is filled
+            // from the stream, so its subscription on the engine (the id channel, the
+            // JetStream consumer) is in effect and what is published after "ready" comes
+            // live, not as part of the fill.
+            registry.subscribe_tail(topic, our.as_raw_fd(), Mode::Raw, 0)
+        } else {
+            registry.subscribe(topic, our.as_raw_fd(), Mode::Raw)
+        }
+        .unwrap_or_else(|e| fail(&format!("receiver: subscribe: {e}")));
+    };
+    // Without history, subscribed before the broker is enabled: enable returns once the
+    // subscriptions are in effect on the engine, so nothing published after "ready" is missed.
+    if !history {
+        for (i, our) in ours.iter().enumerate() {
+            subscribe(i, our);
+        }
+    }
     registry
         .broker_enable(url, name)
         .unwrap_or_else(|e| fail(&format!("receiver: broker_enable: {e}")));
+    if history {
+        for (i, our) in ours.iter().enumerate() {
+            subscribe(i, our);
+        }
+    }
     // This process reads everything: a burst must queue, not be dropped at the default
     // outbox limit (1 MiB).
     registry.set_outbox_limit(1 << 30);
@@ -654,6 +698,100 @@ fn wait_pong(stream: &mut TcpStream, input: &mut Vec<u8>, buf: &mut [u8]) {
             }
         }
         read_more(stream, input, buf);
+    }
+}
+
+/// The JetStream stream fdcast keeps a NATS broker name's shared history in: `fdcast_`, then
+/// the name with every byte outside `A-Z a-z 0-9 -` written `_XX` (README, History and resume).
+fn jetstream_stream(name: &str) -> String {
+    let mut stream = String::from("fdcast_");
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            stream.push(char::from(byte));
+        } else {
+            stream.push_str(&format!("_{byte:02X}"));
+        }
+    }
+    stream
+}
+
+/// Deletes what a history run left on the server: the Redis stream of each topic (`DEL`), or
+/// the name's JetStream stream (`$JS.API.STREAM.DELETE`). Fails when there was none: history
+/// then did not go through the broker, and the run measured something else.
+fn delete_history(engine: &Engine, name: &str, topics: &[&str]) {
+    if engine.key == "redis" {
+        let mut stream = connect(&engine.url);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let (mut input, mut buf) = (Vec::new(), [0u8; 512]);
+        for topic in topics {
+            let key = format!("{name}{topic}");
+            stream
+                .write_all(&resp_command(&[b"DEL", key.as_bytes()]))
+                .unwrap();
+            let end = loop {
+                match line_end(&input) {
+                    Some(end) => break end,
+                    None => read_more(&mut stream, &mut input, &mut buf),
+                }
+            };
+            if &input[..end] != b":1" {
+                fail(&format!(
+                    "history run: no Redis stream {key} to delete ({}): history was not shared",
+                    String::from_utf8_lossy(&input[..end])
+                ));
+            }
+            input.drain(..end + 2);
+        }
+        return;
+    }
+    let stream_name = jetstream_stream(name);
+    let answer = nats_request(&engine.url, &format!("$JS.API.STREAM.DELETE.{stream_name}"));
+    if !answer.contains("\"success\":true") {
+        fail(&format!(
+            "history run: JetStream stream {stream_name} not deleted ({answer}): is the NATS \
+             server running JetStream (-js)?"
+        ));
+    }
+}
+
+/// A NATS request with an empty body on a connection of its own: the payload of the answer,
+/// or a failure after 10 s without one.
+fn nats_request(url: &str, subject: &str) -> String {
+    let mut stream = connect(url);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut input, mut buf) = (Vec::new(), vec![0u8; 1 << 12]);
+    nats_handshake(&mut stream, &mut input, &mut buf);
+    let inbox = format!("_INBOX.broker_bench.{}", std::process::id());
+    stream
+        .write_all(format!("SUB {inbox} 1\r\nPUB {subject} {inbox} 0\r\n\r\n").as_bytes())
+        .unwrap();
+    loop {
+        if let Some(end) = line_end(&input) {
+            if let Some(rest) = input[..end].strip_prefix(b"MSG ") {
+                let len = number(rest.rsplit(|&b| b == b' ').next().unwrap_or_default());
+                let start = end + 2;
+                if input.len() >= start + len + 2 {
+                    return String::from_utf8_lossy(&input[start..start + len]).into_owned();
+                }
+            } else {
+                // PING, +OK, INFO: anything else before the answer, answered where needed.
+                if &input[..end] == b"PING" {
+                    stream.write_all(b"PONG\r\n").unwrap();
+                } else if input.starts_with(b"-ERR") {
+                    fail(&format!(
+                        "plain NATS client: {}",
+                        String::from_utf8_lossy(&input[..end])
+                    ));
+                }
+                input.drain(..end + 2);
+                continue;
+            }
+        }
+        read_more(&mut stream, &mut input, &mut buf);
     }
 }
 
@@ -1127,16 +1265,20 @@ fn old_pg_publish(url: &str, channel: &str, messages: u64, size: usize) -> Publi
 // --- fdcast publisher --------------------------------------------------------------------
 
 /// Publishes `messages` over `topics` (see [`messages_on`]) through a fresh registry and
-/// broker connection, `rate` per second (0: as fast as the window allows). Returns when the
-/// engine has taken every publish and the server has answered everything written.
+/// broker connection, `rate` per second (0: as fast as the window allows), with history on
+/// or off. Returns when the engine has taken every publish and the server has answered
+/// everything written.
 fn fdcast_publish(
     url: &str,
     name: &str,
     topics: &[&str],
     (messages, size): (u64, usize),
-    rate: u64,
+    (rate, history): (u64, bool),
 ) -> Published {
     let registry = Registry::new().unwrap();
+    if history {
+        history_on(&registry);
+    }
     registry
         .broker_enable(url, name)
         .unwrap_or_else(|e| fail(&format!("publisher: broker_enable: {e}")));
@@ -1247,21 +1389,26 @@ impl Publisher {
     }
 
     /// Publishes `messages` of `size` bytes over `topics` (only fdcast's publisher and the
-    /// plain cluster client take more than one).
+    /// plain cluster client take more than one), with history (fdcast's only) or without.
     fn publish(
         self,
         url: &str,
         name: &str,
         topics: &[&str],
         (messages, size): (u64, usize),
-        rate: u64,
+        (rate, history): (u64, bool),
     ) -> Published {
         if topics.len() > 1 && !matches!(self, Publisher::Fdcast | Publisher::PlainCluster) {
             fail(&format!("{} publishes on one topic only", self.label()));
         }
+        if history && self != Publisher::Fdcast {
+            fail(&format!("{} publishes without history only", self.label()));
+        }
         let channels: Vec<String> = topics.iter().map(|t| format!("{name}{t}")).collect();
         match self {
-            Publisher::Fdcast => fdcast_publish(url, name, topics, (messages, size), rate),
+            Publisher::Fdcast => {
+                fdcast_publish(url, name, topics, (messages, size), (rate, history))
+            }
             Publisher::OldPg => old_pg_publish(url, name, messages, size),
             Publisher::RedisBenchmark => redis_benchmark_publish(url, name, messages, size),
             Publisher::PlainRedis => {
@@ -1361,7 +1508,9 @@ fn finish((mut child, mut lines): (Child, ChildLines)) -> Vec<f64> {
 static RUN: AtomicU64 = AtomicU64::new(0);
 
 /// One run: RECEIVERS receiving processes of `subscribers` sockets each (and a bystander if
-/// asked), `messages` published from here at `rate` per second (0: as fast as they go).
+/// asked), `messages` published from here at `rate` per second (0: as fast as they go); with
+/// `history`, history is on in the publisher and the receivers, and its stream is deleted
+/// after the run.
 fn run(
     engine: &Engine,
     publisher: Publisher,
@@ -1369,6 +1518,7 @@ fn run(
     size: usize,
     (rate, subscribers): (u64, usize),
     with_bystander: bool,
+    history: bool,
 ) -> Outcome {
     let name = engine.name(RUN.fetch_add(1, Ordering::Relaxed));
     let topics = engine.topics(&name);
@@ -1386,7 +1536,7 @@ fn run(
     };
     let receivers: Vec<_> = (0..RECEIVERS)
         .map(|_| {
-            spawn(&[
+            let mut args = vec![
                 "receiver",
                 &engine.url,
                 &name,
@@ -1395,12 +1545,25 @@ fn run(
                 &subscribers,
                 how,
                 &topic_list,
-            ])
+            ];
+            if history {
+                args.push("history");
+            }
+            spawn(&args)
         })
         .collect();
     let mut bystander = with_bystander.then(|| spawn(&["bystander", &engine.url, &name]));
-    let published = publisher.publish(&engine.url, &name, &topics, (messages, size), rate);
+    let published = publisher.publish(
+        &engine.url,
+        &name,
+        &topics,
+        (messages, size),
+        (rate, history),
+    );
     let reports: Vec<Vec<f64>> = receivers.into_iter().map(finish).collect();
+    if history {
+        delete_history(engine, &name, &topics);
+    }
     let bystander = bystander.take().map(|(mut child, lines)| {
         let mut stdin: ChildStdin = child.stdin.take().unwrap();
         let _ = stdin.write_all(b"stop\n");
@@ -1445,6 +1608,60 @@ fn mark(ok: bool) -> &'static str {
     if ok { "✓" } else { "✗" }
 }
 
+/// Part 4: fdcast's 64-byte publish throughput with history shared through the broker
+/// against the same runs without history, alternating.
+fn history_part(engines: &[&&Engine], reps: usize, quick: bool) {
+    // Below HISTORY_MESSAGES: a run never passes the topic's limit (JetStream would discard
+    // messages not delivered yet).
+    let messages: u64 = if quick { 8_000 } else { 80_000 };
+    let size = 64;
+    say(&format!(
+        "\n### 7.4 Publish throughput with shared history\n\nfdcast's publisher and \
+         receivers of 7.1 ({RECEIVERS} receiving processes of {SUBSCRIBERS} sockets, {size}-byte \
+         payloads, {messages} messages a run) with history on in every process \
+         (`set_history`, max_messages {HISTORY_MESSAGES}, before `broker_enable`), alternating \
+         with the same runs with history off. History on: Redis: a publish is one `EVALSHA` \
+         (`XADD` to the topic's stream, `PUBLISH`, `SPUBLISH` of id and payload), the \
+         receivers read the id channel; NATS: a publish is an `HPUB` stored in the JetStream \
+         stream, the receivers read it through a push consumer each. Every receiver checks \
+         every message on every socket (once, in order); the stream is deleted after each \
+         run. Median of {reps} run(s) each.\n"
+    ));
+    say(
+        "| engine | payload | messages | history off published/s | history off delivered/s \
+         | history on published/s | history on delivered/s | on / off (delivered: sustained) \
+         | on / off (published: burst) |",
+    );
+    say("|---|---|---|---|---|---|---|---|---|");
+    for engine in engines {
+        let (mut off, mut on) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for _ in 0..reps {
+            for (history, rates) in [(false, &mut off), (true, &mut on)] {
+                let outcome = run(
+                    engine,
+                    Publisher::Fdcast,
+                    messages,
+                    size,
+                    (0, SUBSCRIBERS),
+                    false,
+                    history,
+                );
+                rates.0.push(outcome.published);
+                rates.1.push(outcome.delivered);
+            }
+        }
+        let (off_published, off_delivered) = (median(off.0), median(off.1));
+        let (on_published, on_delivered) = (median(on.0), median(on.1));
+        say(&format!(
+            "| {} | {size} B | {messages} | {off_published:.0} | {off_delivered:.0} \
+             | {on_published:.0} | {on_delivered:.0} | {:.2} | {:.2} |",
+            engine.label,
+            on_delivered / off_delivered,
+            on_published / off_published,
+        ));
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
@@ -1455,7 +1672,7 @@ fn main() {
                 arg(2),
                 arg(3),
                 (arg(4).parse().unwrap(), arg(5).parse().unwrap()),
-                arg(6).parse().unwrap(),
+                (arg(6).parse().unwrap(), arg(9) == "history"),
                 arg(7),
                 &topics,
             );
@@ -1465,7 +1682,8 @@ fn main() {
             let messages = arg(4).parse().unwrap();
             let size = arg(5).parse().unwrap();
             let published = if arg(1) == "publish" {
-                fdcast_publish(arg(2), arg(3), &[TOPIC], (messages, size), 0)
+                let history = arg(6) == "history";
+                fdcast_publish(arg(2), arg(3), &[TOPIC], (messages, size), (0, history))
             } else {
                 plain_nats_publish(arg(2), arg(3), messages, size)
             };
@@ -1593,6 +1811,7 @@ fn main() {
                     size,
                     (0, SUBSCRIBERS),
                     rep == 0 && size == 64,
+                    false,
                 );
                 if let Some(b) = outcome.bystander {
                     routing.push((
@@ -1606,7 +1825,7 @@ fn main() {
                 fdcast.1.push(outcome.delivered);
                 for (&baseline, rates) in engine.baselines.iter().zip(&mut baselines) {
                     let n = messages(engine.key, baseline, size);
-                    let outcome = run(engine, baseline, n, size, (0, SUBSCRIBERS), false);
+                    let outcome = run(engine, baseline, n, size, (0, SUBSCRIBERS), false, false);
                     rates.0.push(outcome.published);
                     rates.1.push(outcome.delivered);
                 }
@@ -1660,6 +1879,7 @@ fn main() {
                 64,
                 (rate, subscribers),
                 false,
+                false,
             );
             let target = if engine.key == "pg" {
                 "–".to_string()
@@ -1690,6 +1910,14 @@ fn main() {
             receiver_bytes as f64 / n as f64
         ));
     }
+    let history_engines: Vec<&&Engine> = engines
+        .iter()
+        .filter(|e| matches!(e.key, "redis" | "nats"))
+        .collect();
+    if !history_engines.is_empty() {
+        history_part(&history_engines, reps, quick);
+    }
+
     let mut load = [0f64; 3];
     // SAFETY: getloadavg writes at most 3 doubles into the array it is given.
     let got = unsafe { libc::getloadavg(load.as_mut_ptr(), 3) };

@@ -11,7 +11,8 @@
 # registry costs and contention), bench/slow.c (part 5, slow consumers),
 # bench/pg_crossprocess.rs (part 6), bench/brokers.rs (part 7: PostgreSQL, Redis, Redis Cluster
 # (three primaries it starts itself) and NATS from one process to two others, against a
-# baseline publisher of each), bench/replay.c (part 8: CPU of replaying 1,000 missed messages
+# baseline publisher of each; and, part 7.4, Redis and NATS with history shared through the
+# broker against the same runs without), bench/replay.c (part 8: CPU of replaying 1,000 missed messages
 # to one fd, per mode, against its 100 µs target), bench/lagging.c (part 9: RSS of readers
 # that stop reading, with history on and off). Each runs its contenders alternating, reps
 # times, and reports medians; bench/report.py makes the tables of parts 1-5.
@@ -138,8 +139,9 @@ done
 
 # Cross-process through PostgreSQL, Redis, Redis Cluster and NATS against a baseline publisher
 # of each
-# (bench/brokers.rs): throughput, latency at 10,000/s, interest routing. Every receiver checks
-# every message on every socket (once, in order).
+# (bench/brokers.rs): throughput, latency at 10,000/s, interest routing, and Redis and NATS
+# throughput with shared history (Redis streams, JetStream) on against off. Every receiver
+# checks every message on every socket (once, in order).
 broker_args=()
 if ((quick)); then broker_args=(--quick); fi
 echo >>"$md"
