@@ -686,9 +686,9 @@ int64_t fdcast_publish_id(struct fdcast *fc, const char *topic, size_t topic_len
  * message still kept is replayed, and the host decides what to tell its client. With
  * history off, nothing is replayed and `*recovered` is 0.
  *
- * Under shared history (a Redis broker, see fdcast_set_history()) `*recovered` is 1 when
- * this process's mirror of the topic's stream holds every stream entry after `last_id`,
- * whichever process gave the id. A process that has no subscriber of the topic yet (or
+ * Under shared history (a Redis broker, or a NATS broker with JetStream; see
+ * fdcast_set_history()) `*recovered` is 1 when this process's mirror of the topic's stream
+ * holds every stream entry after `last_id`, whichever process gave the id. A process that has no subscriber of the topic yet (or
  * lost its connection and has not fetched again) first fills its mirror from the stream:
  * the call waits for that, driving the broker itself with no lock held (at most 5 s, then
  * it answers with what it has, `*recovered` 0), and so it does for an id up to a minute
