@@ -76,7 +76,8 @@ pub struct BrokerStats {
     /// Publishes waiting to be sent or confirmed now.
     pub queued: u64,
     /// Publishes not forwarded: the queue was full, the server refused them, or they were in
-    /// flight when the connection broke.
+    /// flight when the connection broke (with Redis and shared history: those the stream
+    /// does not hold after the reconnect).
     pub dropped: u64,
     /// 1 while the session is up and subscribed, 0 while connecting or reconnecting.
     pub connected: u64,

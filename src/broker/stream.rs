@@ -85,6 +85,12 @@ pub(crate) trait Protocol: Send {
     /// Publishes written whose fate is unknown until the server answers (lost with the
     /// connection).
     fn in_flight(&self) -> usize;
+    /// The connection broke: returns how many publishes in flight are lost with it (counted
+    /// dropped). A protocol that a later session can tell which of them the server ran keeps
+    /// those, to count them itself then (through the sink or `report`).
+    fn lose_in_flight(&mut self) -> usize {
+        self.in_flight()
+    }
     /// Whether enough publishes are written and not yet answered that new ones should wait
     /// for the answer (see `HOLD_AFTER`).
     fn holding_publishes(&self) -> bool;
@@ -577,7 +583,7 @@ impl<P: Protocol> StreamEngine<P> {
         }
         let was_open = matches!(self.phase, Phase::Open { .. }) && self.protocol.is_open();
         if matches!(self.phase, Phase::Open { .. }) {
-            self.stats.dropped += self.protocol.in_flight() as u64;
+            self.stats.dropped += self.protocol.lose_in_flight() as u64;
         }
         self.subscribed = false;
         self.input.clear();
