@@ -79,6 +79,10 @@ fn scenarios() {
         "a publisher's order holds through SCRIPT FLUSH",
         &order_through_script_flush,
     );
+    run(
+        "history switched off keeps the publishes in flight",
+        &switch_off_keeps_publishes_in_flight,
+    );
 }
 
 fn redis_url() -> String {
@@ -637,6 +641,44 @@ fn order_through_script_flush() {
     let stats = a.ok("stats");
     assert_eq!(stats.split(' ').nth(1), Some("0"), "none dropped: {stats}");
     println!("shared_history: {flushes} flushes during {N} publishes: in order");
+}
+
+/// History is switched off while a thread of A publishes bursts, and while Redis holds them
+/// (CLIENT PAUSE, on a Redis of its own): the publishes in flight then are answered before
+/// the session starts anew, so A's reader gets every message once and a plain subscriber of
+/// the raw channel gets them all in A's order; none is dropped.
+fn switch_off_keeps_publishes_in_flight() {
+    let server = OwnRedis::start();
+    let url = server.url();
+    let prefix = unique_prefix("switch");
+    let topic = b"s";
+    let channel = [prefix.as_bytes(), topic].concat();
+    let mut raw = Plain::connect(&url);
+    raw.call(&[b"SUBSCRIBE", &channel]);
+    let mut a = Agent::start(&url, &prefix, 100_000);
+    a.tail(0, topic, Mode::WsTextId, 0);
+    a.ok("wait_idle");
+    const N: usize = 4_000;
+    a.ok(&format!("burst {} 0 {N} -", hex(topic)));
+    thread::sleep(Duration::from_millis(20));
+    // Scripts wait while writes are paused: A's publishes stay in flight.
+    let mut plain = Plain::connect(&url);
+    plain.call(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]);
+    thread::sleep(Duration::from_millis(50));
+    a.ok("history 0");
+    a.ok("bg_wait");
+    a.ok("wait_idle");
+    let stats = a.ok("stats");
+    assert_eq!(stats.split(' ').nth(1), Some("0"), "none dropped: {stats}");
+    // Those delivered by their replies may come after those published since, delivered at
+    // once: each once, none lost.
+    let mut got = payloads(&a.expect(0, N));
+    got.sort_by_key(|payload| payload[1..].parse::<usize>().unwrap());
+    assert_eq!(got, expected(0..N));
+    let raw_got: Vec<String> = (0..N)
+        .map(|_| String::from_utf8(raw.message().1).unwrap())
+        .collect();
+    assert_eq!(raw_got, expected(0..N), "the raw channel, in order");
 }
 
 // ---------------------------------------------------------------------------------------------

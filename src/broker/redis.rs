@@ -863,6 +863,13 @@ impl Protocol for RedisProtocol {
     fn shares_history(&self) -> bool {
         self.history.is_some()
     }
+
+    fn answers_before_switch(&self) -> bool {
+        // Shared publishes are delivered here by their replies; plain ones were delivered at
+        // once (and a plain session's messages must not meet the mirrors history on makes).
+        let on = self.history.as_ref().is_some_and(|history| history.is_on());
+        self.shared.on && !on && self.publishes > 0
+    }
 }
 
 /// `MOVED <slot> <host>:<port>`: the slot and its owner (the host may be empty: the node

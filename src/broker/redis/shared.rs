@@ -1224,6 +1224,17 @@ mod tests {
     }
 
     #[test]
+    fn history_switched_off_waits_for_the_publishes_in_flight_only() {
+        let (mut redis, history) = open_shared(10);
+        publish(&mut redis, b"t", b"x", None);
+        assert!(!redis.answers_before_switch(), "history is still on");
+        history.set(HistoryLimits::default());
+        assert!(redis.answers_before_switch());
+        Feed::default().all(&mut redis, &blob(b"1-0")).unwrap();
+        assert!(!redis.answers_before_switch(), "answered");
+    }
+
+    #[test]
     fn malformed_id_messages_are_counted_not_delivered() {
         let (mut redis, _) = open_shared(10);
         let mut feed = Feed::default();
