@@ -35,6 +35,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::BuildHasher;
+use std::io::Write;
 use std::os::fd::RawFd;
 
 use redis_protocol::resp3::types::RangeFrame;
@@ -153,6 +154,8 @@ pub(super) struct State {
     /// This engine's origin, in every entry it adds: kept across reconnects, so that a fill
     /// after one knows this engine's entries.
     origin: Box<[u8]>,
+    /// Scratch for a publish's origin argument.
+    origin_arg: Vec<u8>,
     /// Shared publishes numbered so far.
     seq: u64,
     /// Per topic: the numbers of publishes written on a connection that broke before their
@@ -176,6 +179,7 @@ impl State {
             origin: format!("{:016x}", crate::history::random_epoch())
                 .into_bytes()
                 .into(),
+            origin_arg: Vec::new(),
             seq: 0,
             lost: HashMap::new(),
             settled_dropped: 0,
@@ -298,12 +302,14 @@ impl RedisProtocol {
             .history
             .as_ref()
             .map_or((0, 0), |history| history.limits());
-        let mut origin = Vec::with_capacity(self.shared.origin.len() + 24);
+        let mut origin = std::mem::take(&mut self.shared.origin_arg);
+        origin.clear();
         origin.extend_from_slice(&self.shared.origin);
-        match eval.except {
-            Some(fd) => origin.extend_from_slice(format!(" {} {fd}", eval.seq).as_bytes()),
-            None => origin.extend_from_slice(format!(" {} -", eval.seq).as_bytes()),
-        }
+        // Writing to a Vec cannot fail.
+        let _ = match eval.except {
+            Some(fd) => write!(origin, " {} {fd}", eval.seq),
+            None => write!(origin, " {} -", eval.seq),
+        };
         topic::redis_channel(&self.prefix, eval.publish.topic(), &mut self.channel);
         let channel = std::mem::take(&mut self.channel);
         self.run_script(
@@ -319,6 +325,7 @@ impl RedisProtocol {
             out,
         );
         self.channel = channel;
+        self.shared.origin_arg = origin;
         self.expected.push_back(Expected::Eval(Box::new(eval)));
     }
 
