@@ -4,8 +4,9 @@
 //! themselves, read with plain clients.
 //!
 //! Needs the shared Redis (FDCAST_REDIS_URL, default redis://127.0.0.1:6379) and the
-//! `redis-server` and `redis-cli` binaries; fails without them. The reconnect scenario starts
-//! its own Redis on a free port, so that killing connections there disturbs nobody.
+//! `redis-server` and `redis-cli` binaries; fails without them. The scenarios that kill
+//! connections, flush the script cache or pause clients start their own Redis on a free
+//! port, so that what they do there disturbs nobody.
 
 mod common;
 #[path = "common/history_agent.rs"]
