@@ -240,7 +240,8 @@ pub(crate) trait Engine: Send {
         false
     }
     /// History was turned on or off: an engine that shares history starts a new session,
-    /// which subscribes and publishes the new way.
+    /// which subscribes and publishes the new way (Redis switching off: once the publishes
+    /// in flight are answered, see `Protocol::answers_before_switch`).
     fn history_switched(&mut self, _reactor: &Reactor) {}
 }
 
