@@ -1231,6 +1231,43 @@ mod tests {
     }
 
     #[test]
+    fn lost_publishes_in_a_first_fill_are_history_and_a_switch_drops_the_rest() {
+        // Published to t before t's first fill answered, then the connection broke.
+        let (mut redis, history) = open_shared(10);
+        publish(&mut redis, b"t", b"a", Some(9));
+        publish(&mut redis, b"v", b"b", None);
+        assert_eq!(redis.lose_in_flight(), 0);
+        redis.start(&mut Vec::new());
+        let mut feed = Feed::default();
+        feed.all(&mut redis, HELLO_REPLY).unwrap();
+        feed.all(&mut redis, &[blob(b"sha-p"), blob(b"sha-f")].concat())
+            .unwrap();
+        redis.subscribe(b"t", &mut Vec::new());
+        redis.subscribe(b"v", &mut Vec::new());
+        redis.end_of_subscriptions(&mut Vec::new());
+        let ours = format!("{} 1 9", origin(&redis));
+        let stream = [
+            b">3\r\n$10\r\nssubscribe\r\n$5\r\napp:t\r\n:1\r\n".as_slice(),
+            &fill_reply_from(["0-0", "2-0", "2-0", "0"], &[("2-0", "a", ours)]),
+        ]
+        .concat();
+        feed.all(&mut redis, &stream).unwrap();
+        let got: Vec<_> = feed.received.iter().filter_map(|r| r.stream).collect();
+        assert_eq!(
+            got,
+            [Stream::Synced(EventId::ZERO), Stream::Kept(id("2-0"))]
+        );
+        assert_eq!((feed.stats.published, feed.stats.received), (1, 0));
+        // v's fill never answers: history is switched off, and the next session cannot
+        // tell whether b ran.
+        history.set(HistoryLimits::default());
+        assert_eq!(redis.lose_in_flight(), 0);
+        redis.start(&mut Vec::new());
+        redis.report(&mut feed.stats);
+        assert_eq!(feed.stats.dropped, 1);
+    }
+
+    #[test]
     fn history_switched_off_waits_for_the_publishes_in_flight_only() {
         let (mut redis, history) = open_shared(10);
         publish(&mut redis, b"t", b"x", None);
