@@ -311,7 +311,8 @@ typedef struct fdcast_broker_stats {
   uint64_t queued;
   /**
    * Publishes not forwarded: the queue was full (65536 publishes or 64 MiB), the server
-   * refused them, or they were in flight when the connection broke.
+   * refused them, or they were in flight when the connection broke (with Redis and
+   * shared history: those the stream does not hold after the reconnect).
    */
   uint64_t dropped;
   /**

@@ -4,8 +4,9 @@
 //! themselves, read with plain clients.
 //!
 //! Needs the shared Redis (FDCAST_REDIS_URL, default redis://127.0.0.1:6379) and the
-//! `redis-server` and `redis-cli` binaries; fails without them. The reconnect scenario starts
-//! its own Redis on a free port, so that killing connections there disturbs nobody.
+//! `redis-server` and `redis-cli` binaries; fails without them. The scenarios that kill
+//! connections, flush the script cache or pause clients start their own Redis on a free
+//! port, so that what they do there disturbs nobody.
 
 mod common;
 #[path = "common/history_agent.rs"]
@@ -14,6 +15,8 @@ mod history_agent;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -73,6 +76,18 @@ fn scenarios() {
         &a_reconnect_past_the_limit_is_a_counted_gap,
     );
     run("history switched on after enable", &history_after_enable);
+    run(
+        "the sender's fd is skipped across reconnects",
+        &except_across_reconnects,
+    );
+    run(
+        "a publisher's order holds through SCRIPT FLUSH",
+        &order_through_script_flush,
+    );
+    run(
+        "history switched off keeps the publishes in flight",
+        &switch_off_keeps_publishes_in_flight,
+    );
 }
 
 fn redis_url() -> String {
@@ -573,6 +588,139 @@ fn history_switched_off() {
         Plain::connect(&url).xrange(&channel).is_empty(),
         "no stream"
     );
+}
+
+/// A's connection is killed (CLIENT KILL, on a Redis of its own) again and again while a
+/// thread of A publishes bursts skipping reader 1: publishes whose reply a kill took, and
+/// which Redis ran, come back in the fill after the reconnect. Reader 1 gets none of them,
+/// reader 0 gets every message of the stream once, in order, and each publish is counted
+/// once: published if the stream has it, dropped if not.
+fn except_across_reconnects() {
+    let server = OwnRedis::start();
+    let url = server.url();
+    let prefix = unique_prefix("xkill");
+    let topic = b"x";
+    let mut a = Agent::start(&url, &prefix, 100_000);
+    a.tail(0, topic, Mode::Sse, 0);
+    a.tail(1, topic, Mode::Sse, 0);
+    a.ok("wait_idle");
+    const N: usize = 20_000;
+    a.ok(&format!("burst {} 0 {N} 1", hex(topic)));
+    let mut plain = Plain::connect(&url);
+    let key = [prefix.as_bytes(), topic].concat();
+    let mut kills = 0;
+    for _ in 0..40 {
+        thread::sleep(Duration::from_millis(10));
+        // A is the only client subscribed to anything.
+        if let Resp::Int(1) = plain.call(&[b"CLIENT", b"KILL", b"TYPE", b"pubsub"]) {
+            kills += 1;
+        }
+    }
+    a.ok("bg_wait");
+    a.ok("wait_idle");
+    let stream = plain.xrange(&key);
+    let got = a.expect(0, stream.len());
+    assert_eq!(got, stream, "reader 0: the stream, once, in order");
+    a.expect_quiet(1, 0);
+    let stats = a.ok("stats");
+    let [published, dropped, _]: [usize; 3] = stats
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    assert_eq!(
+        (published, dropped),
+        (stream.len(), N - stream.len()),
+        "{kills} kills"
+    );
+    assert!(kills >= 1, "A was connected when killed");
+    println!(
+        "shared_history: {kills} kills: {published} published, {dropped} dropped, reader 0 \
+         got {}",
+        got.len()
+    );
+}
+
+/// The script cache is flushed again and again (SCRIPT FLUSH, on a Redis of its own) while
+/// a thread of A publishes bursts: B's reader gets A's messages in A's order, each once,
+/// none lost, and so does the stream.
+fn order_through_script_flush() {
+    let server = OwnRedis::start();
+    let url = server.url();
+    let prefix = unique_prefix("flush");
+    let topic = b"f";
+    let mut a = Agent::start(&url, &prefix, 100_000);
+    let mut b = Agent::start(&url, &prefix, 100_000);
+    b.tail(0, topic, Mode::Sse, 0);
+    b.ok("wait_idle");
+    const N: usize = 20_000;
+    let done = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let (url, done) = (url.clone(), Arc::clone(&done));
+        thread::spawn(move || {
+            let mut plain = Plain::connect(&url);
+            let mut flushes = 0;
+            while !done.load(Ordering::Relaxed) {
+                plain.call(&[b"SCRIPT", b"FLUSH"]);
+                flushes += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            flushes
+        })
+    };
+    a.ok(&format!("burst {} 0 {N} -", hex(topic)));
+    a.ok("bg_wait");
+    done.store(true, Ordering::Relaxed);
+    let flushes = flusher.join().unwrap();
+    assert!(flushes > 10, "{flushes} flushes");
+    a.ok("wait_idle");
+    let mut plain = Plain::connect(&url);
+    let got = b.expect(0, N);
+    assert_eq!(payloads(&got), expected(0..N), "in order, once, none lost");
+    let key = [prefix.as_bytes(), topic].concat();
+    assert_eq!(plain.xrange(&key), got);
+    let stats = a.ok("stats");
+    assert_eq!(stats.split(' ').nth(1), Some("0"), "none dropped: {stats}");
+    println!("shared_history: {flushes} flushes during {N} publishes: in order");
+}
+
+/// History is switched off while a thread of A publishes bursts, and while Redis holds them
+/// (CLIENT PAUSE, on a Redis of its own): the publishes in flight then are answered before
+/// the session starts anew, so A's reader gets every message once and a plain subscriber of
+/// the raw channel gets them all in A's order; none is dropped.
+fn switch_off_keeps_publishes_in_flight() {
+    let server = OwnRedis::start();
+    let url = server.url();
+    let prefix = unique_prefix("switch");
+    let topic = b"s";
+    let channel = [prefix.as_bytes(), topic].concat();
+    let mut raw = Plain::connect(&url);
+    raw.call(&[b"SUBSCRIBE", &channel]);
+    let mut a = Agent::start(&url, &prefix, 100_000);
+    a.tail(0, topic, Mode::WsTextId, 0);
+    a.ok("wait_idle");
+    const N: usize = 4_000;
+    a.ok(&format!("burst {} 0 {N} -", hex(topic)));
+    thread::sleep(Duration::from_millis(20));
+    // Scripts wait while writes are paused: A's publishes stay in flight.
+    let mut plain = Plain::connect(&url);
+    plain.call(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]);
+    thread::sleep(Duration::from_millis(50));
+    a.ok("history 0");
+    a.ok("bg_wait");
+    a.ok("wait_idle");
+    let stats = a.ok("stats");
+    assert_eq!(stats.split(' ').nth(1), Some("0"), "none dropped: {stats}");
+    // Those delivered by their replies may come after those published since, delivered at
+    // once: each once, none lost.
+    let mut got = payloads(&a.expect(0, N));
+    got.sort_by_key(|payload| payload[1..].parse::<usize>().unwrap());
+    assert_eq!(got, expected(0..N));
+    let raw_got: Vec<String> = (0..N)
+        .map(|_| String::from_utf8(raw.message().1).unwrap())
+        .collect();
+    assert_eq!(raw_got, expected(0..N), "the raw channel, in order");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ pub struct BrokerStats {
     /// Publishes waiting to be sent or confirmed now.
     pub queued: u64,
     /// Publishes not forwarded: the queue was full, the server refused them, or they were in
-    /// flight when the connection broke.
+    /// flight when the connection broke (with Redis and shared history: those the stream
+    /// does not hold after the reconnect).
     pub dropped: u64,
     /// 1 while the session is up and subscribed, 0 while connecting or reconnecting.
     pub connected: u64,
@@ -244,7 +245,8 @@ pub(crate) trait Engine: Send {
         false
     }
     /// History was turned on or off: an engine that shares history starts a new session,
-    /// which subscribes and publishes the new way.
+    /// which subscribes and publishes the new way (Redis switching off: once the publishes
+    /// in flight are answered, see `Protocol::answers_before_switch`).
     fn history_switched(&mut self, _reactor: &Reactor) {}
 }
 

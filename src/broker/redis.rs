@@ -125,6 +125,8 @@ enum Expected {
     Topology,
     /// `SCRIPT LOAD` of a shared-history script, in the handshake.
     ScriptLoad(usize),
+    /// `SCRIPT LOAD` of the publish script after a `NOSCRIPT` (see `shared`).
+    ScriptReload,
     /// A shared publish's script.
     Eval(Box<shared::Eval>),
     /// A fill's script.
@@ -337,7 +339,7 @@ impl RedisProtocol {
             channel: Vec::new(),
             notes: ClusterNotes::default(),
             history: None,
-            shared: shared::State::default(),
+            shared: shared::State::new(),
         })
     }
 
@@ -671,6 +673,16 @@ impl RedisProtocol {
                 self.script_loaded(which, sha);
                 self.handshake -= 1;
             }
+            (Expected::ScriptReload, error) => {
+                if let Some(earlier) = held.take() {
+                    self.deliver_held(earlier, input, sink);
+                }
+                let answer = match &error {
+                    Some(message) => Err(message.as_str()),
+                    None => bytes(frame, base, input).ok_or("not a string"),
+                };
+                self.script_reloaded(answer, out, sink);
+            }
             (Expected::ScriptLoad(_), Some(message)) => {
                 return Err(Error::Unreachable(format!(
                     "Redis: SCRIPT LOAD refused (shared history needs scripting): {message}"
@@ -822,8 +834,22 @@ impl Protocol for RedisProtocol {
         self.publishes
     }
 
+    fn lose_in_flight(&mut self) -> usize {
+        self.publishes - self.keep_lost_evals()
+    }
+
+    fn end_of_subscriptions(&mut self, _out: &mut Vec<u8>) {
+        self.settle_unfetched();
+    }
+
+    fn report(&mut self, stats: &mut super::BrokerStats) {
+        stats.dropped += std::mem::take(&mut self.shared.settled_dropped);
+    }
+
     fn holding_publishes(&self) -> bool {
-        self.publishes >= super::stream::HOLD_AFTER
+        // While the publish script is loaded again, new publishes wait behind the refused
+        // ones (see `shared`).
+        self.publishes >= super::stream::HOLD_AFTER || self.shared.reloading()
     }
 
     fn awaiting_answers(&self) -> bool {
@@ -836,6 +862,13 @@ impl Protocol for RedisProtocol {
 
     fn shares_history(&self) -> bool {
         self.history.is_some()
+    }
+
+    fn answers_before_switch(&self) -> bool {
+        // Shared publishes are delivered here by their replies; plain ones were delivered at
+        // once (and a plain session's messages must not meet the mirrors history on makes).
+        let on = self.history.as_ref().is_some_and(|history| history.is_on());
+        self.shared.on && !on && self.publishes > 0
     }
 }
 

@@ -85,6 +85,12 @@ pub(crate) trait Protocol: Send {
     /// Publishes written whose fate is unknown until the server answers (lost with the
     /// connection).
     fn in_flight(&self) -> usize;
+    /// The connection broke: returns how many publishes in flight are lost with it (counted
+    /// dropped). A protocol that a later session can tell which of them the server ran keeps
+    /// those, to count them itself then (through the sink or `report`).
+    fn lose_in_flight(&mut self) -> usize {
+        self.in_flight()
+    }
     /// Whether enough publishes are written and not yet answered that new ones should wait
     /// for the answer (see `HOLD_AFTER`).
     fn holding_publishes(&self) -> bool;
@@ -111,6 +117,12 @@ pub(crate) trait Protocol: Send {
     /// Whether the protocol speaks history (on or off) in its session: switching history
     /// then starts a new session.
     fn shares_history(&self) -> bool {
+        false
+    }
+    /// History was switched: whether the publishes in flight must be answered on this
+    /// session before it starts anew (their answers deliver them here, and the next session
+    /// could not tell whether the server ran them).
+    fn answers_before_switch(&self) -> bool {
         false
     }
     /// When the open session wants `on_deadline` called, though nothing arrives (a protocol
@@ -209,6 +221,10 @@ pub(crate) struct StreamEngine<P: Protocol> {
     stats: BrokerStats,
     /// Shutting down: publishes are no longer held for a batch.
     draining: bool,
+    /// History was switched while publishes were in flight that the session must see
+    /// answered (`Protocol::answers_before_switch`): it starts anew once they are, or at
+    /// this deadline; new publishes wait for the new session.
+    switch_at: Option<Instant>,
 }
 
 impl<P: Protocol> StreamEngine<P> {
@@ -263,6 +279,7 @@ impl<P: Protocol> StreamEngine<P> {
             watched: None,
             stats: BrokerStats::default(),
             draining: false,
+            switch_at: None,
         })
     }
 
@@ -461,7 +478,9 @@ impl<P: Protocol> StreamEngine<P> {
         let backed_up = self.output.len() - self.written >= OUTPUT_HIGH_WATER;
         // Publishes held for the server's answers are not "left behind a backed-up output":
         // the answers, read by dispatch, release them.
-        let held = sending && !self.draining && self.protocol.holding_publishes();
+        let held = sending
+            && !self.draining
+            && (self.protocol.holding_publishes() || self.switch_at.is_some());
         cx.outbound.hold_publishes(held);
         let held_here = held && !(dispatching && self.protocol.dispatch_sends_held());
         let take_publishes = sending && !backed_up && !held_here;
@@ -576,8 +595,10 @@ impl<P: Protocol> StreamEngine<P> {
             reactor.unwatch(socket);
         }
         let was_open = matches!(self.phase, Phase::Open { .. }) && self.protocol.is_open();
+        // The next session starts the new way anyway.
+        self.switch_at = None;
         if matches!(self.phase, Phase::Open { .. }) {
-            self.stats.dropped += self.protocol.in_flight() as u64;
+            self.stats.dropped += self.protocol.lose_in_flight() as u64;
         }
         self.subscribed = false;
         self.input.clear();
@@ -606,6 +627,20 @@ impl<P: Protocol> StreamEngine<P> {
         self.failure = Some(error);
         // Found by a publisher's write, the failure leaves no socket to watch and no timer
         // armed for `retry_at`: only dispatch's service of the backend arms it.
+        reactor.wake_backend();
+    }
+
+    /// Reconnects at once: the new session subscribes and publishes the way history now
+    /// calls for.
+    fn restart_session(&mut self, reactor: &Reactor) {
+        self.fail(
+            reactor,
+            Error::Backend(format!("{}: history switched", P::NAME)),
+        );
+        self.failure = None;
+        self.phase = Phase::Down {
+            retry_at: Instant::now(),
+        };
         reactor.wake_backend();
     }
 
@@ -680,6 +715,13 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                         continue;
                     }
                     self.read(cx.reactor, cx.received);
+                    if self
+                        .switch_at
+                        .is_some_and(|due| self.protocol.in_flight() == 0 || Instant::now() >= due)
+                    {
+                        self.restart_session(cx.reactor);
+                        continue;
+                    }
                     self.subscribe_all();
                     let now = Instant::now();
                     if self.protocol.is_open()
@@ -710,18 +752,16 @@ impl<P: Protocol> Engine for StreamEngine<P> {
     }
 
     fn history_switched(&mut self, reactor: &Reactor) {
-        if self.protocol.shares_history() && !matches!(self.phase, Phase::Down { .. }) {
-            // Reconnects at once: the new session subscribes and publishes the new way.
-            self.fail(
-                reactor,
-                Error::Backend(format!("{}: history switched", P::NAME)),
-            );
-            self.failure = None;
-            self.phase = Phase::Down {
-                retry_at: Instant::now(),
-            };
-            reactor.wake_backend();
+        if !self.protocol.shares_history() || matches!(self.phase, Phase::Down { .. }) {
+            return;
         }
+        if self.protocol.answers_before_switch() {
+            // Dispatch reads the answers, then starts the session anew.
+            self.switch_at = Some(Instant::now() + super::SHUTDOWN_GRACE);
+            reactor.wake_backend();
+            return;
+        }
+        self.restart_session(reactor);
     }
 
     fn wait(&self) -> Wait {
@@ -744,7 +784,10 @@ impl<P: Protocol> Engine for StreamEngine<P> {
                     stream.is_ready() && self.written < self.output.len(),
                 )),
                 deadline: if self.protocol.is_open() {
-                    self.protocol.deadline()
+                    match (self.protocol.deadline(), self.switch_at) {
+                        (Some(due), Some(switch)) => Some(due.min(switch)),
+                        (due, switch) => due.or(switch),
+                    }
                 } else {
                     Some(*session_deadline)
                 },

@@ -27,7 +27,8 @@ pub struct fdcast_broker_stats {
     /// among them).
     pub queued: u64,
     /// Publishes not forwarded: the queue was full (65536 publishes or 64 MiB), the server
-    /// refused them, or they were in flight when the connection broke.
+    /// refused them, or they were in flight when the connection broke (with Redis and
+    /// shared history: those the stream does not hold after the reconnect).
     pub dropped: u64,
     /// 1 while the session is up and subscribed, 0 while connecting or reconnecting.
     pub connected: u64,

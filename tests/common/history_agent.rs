@@ -189,6 +189,25 @@ pub fn agent_main() {
                 }));
                 "ok".to_string()
             }
+            // Publishes from another thread in bursts of 50 (a pipeline of publishes in
+            // flight), 1 ms apart, skipping reader `except`'s fd (`-`: none).
+            ["burst", topic, from, to, except] => {
+                let topic = unhex(topic);
+                let (from, to): (usize, usize) = (from.parse().unwrap(), to.parse().unwrap());
+                let except = (*except != "-").then(|| subs[*except]._ours.as_raw_fd());
+                let registry = Arc::clone(&registry);
+                background = Some(thread::spawn(move || {
+                    for n in from..to {
+                        registry
+                            .publish_with_id(&topic, numbered(n).as_bytes(), except)
+                            .unwrap();
+                        if n % 50 == 49 {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }));
+                "ok".to_string()
+            }
             ["bg_wait"] => {
                 let handle = background.take().expect("a background publisher");
                 while !handle.is_finished() {
@@ -216,6 +235,13 @@ pub fn agent_main() {
                     registry.fd_stats(fd).unwrap().lost_to_gaps,
                     registry.stats().lost_to_gaps,
                     told_lost.load(Ordering::Relaxed)
+                )
+            }
+            ["stats"] => {
+                let stats = registry.broker_stats();
+                format!(
+                    "ok {} {} {}",
+                    stats.published, stats.dropped, stats.received
                 )
             }
             ["wait_idle"] => {
