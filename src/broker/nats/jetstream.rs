@@ -1190,16 +1190,22 @@ mod tests {
     /// A session through its handshake, the stream created (`CREATED`).
     fn open() -> (NatsProtocol, Feed) {
         let (mut nats, _) = with_history(5);
-        let mut feed = Feed::default();
-        feed.all(&mut nats, INFO).unwrap();
-        feed.all(&mut nats, b"PONG\r\n").unwrap();
-        let answer = stream_answer(CREATED);
-        let reply = format!("{}a.1", inbox(&nats));
-        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
-            .unwrap();
+        let mut feed = handshake(&mut nats, CREATED);
         assert!(nats.is_open());
         feed.out.clear();
         (nats, feed)
+    }
+
+    /// A connection's handshake, through the answer of a stream made at `created`.
+    fn handshake(nats: &mut NatsProtocol, created: &str) -> Feed {
+        let mut feed = Feed::default();
+        feed.all(nats, INFO).unwrap();
+        feed.all(nats, b"PONG\r\n").unwrap();
+        let answer = stream_answer(created);
+        let reply = format!("{}a.1", inbox(nats));
+        feed.all(nats, &msg(&reply, 1, "", answer.as_bytes()))
+            .unwrap();
+        feed
     }
 
     fn id(offset: u64) -> EventId {
@@ -1645,13 +1651,7 @@ mod tests {
 
         // Across a reconnect, the count goes on: the topic's limit discarded two meanwhile.
         nats.start(&mut Vec::new());
-        let mut feed = Feed::default();
-        feed.all(&mut nats, INFO).unwrap();
-        feed.all(&mut nats, b"PONG\r\n").unwrap();
-        let answer = stream_answer(CREATED);
-        let reply = format!("{}a.1", inbox(&nats));
-        feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
-            .unwrap();
+        let mut feed = handshake(&mut nats, CREATED);
         consumer(&mut nats, &mut feed, 1);
         feed.received.clear();
         deliver(&mut nats, &mut feed, 1, 30, &theirs(4));
@@ -1831,13 +1831,7 @@ mod tests {
             .unwrap();
         for (created, resumes) in [(CREATED, true), ("2026-12-06T18:00:00Z", false)] {
             nats.start(&mut Vec::new());
-            let mut feed = Feed::default();
-            feed.all(&mut nats, INFO).unwrap();
-            feed.all(&mut nats, b"PONG\r\n").unwrap();
-            let answer = stream_answer(created);
-            let reply = format!("{}a.1", inbox(&nats));
-            feed.all(&mut nats, &msg(&reply, 1, "", answer.as_bytes()))
-                .unwrap();
+            handshake(&mut nats, created);
             let mut out = Vec::new();
             nats.subscribe(b"news", &mut out);
             let out = text(&out);
