@@ -108,13 +108,18 @@ pub(crate) struct PubEncoder {
     subject: Vec<u8>,
     header: Vec<u8>,
     /// Per topic, the number of the last shared publish to it (see `jetstream`), by which
-    /// receivers tell a loss. Forgotten whole at [`MAX_NUMBERED_TOPICS`]: the topics' numbers
-    /// start again at 1, which receivers take as a new count, not a loss.
+    /// receivers tell a loss. Forgotten whole past [`MAX_NUMBERED_TOPICS`] or
+    /// [`MAX_NUMBERED_BYTES`] of names: the topics' numbers start again at 1, which receivers
+    /// take as a new count, not a loss.
     numbers: HashMap<Box<[u8]>, u64>,
+    /// The bytes of the names in `numbers`.
+    numbered_bytes: usize,
 }
 
-/// Topics a publisher keeps a shared-publish number for.
+/// Topics a publisher keeps a shared-publish number for, and the bytes of their names (a
+/// topic may be 4 KiB long: 65,536 of those would hold 256 MiB).
 const MAX_NUMBERED_TOPICS: usize = 1 << 16;
+const MAX_NUMBERED_BYTES: usize = 4 << 20;
 
 impl PubEncoder {
     fn new(prefix: &str, own: Arc<Own>) -> PubEncoder {
@@ -128,6 +133,7 @@ impl PubEncoder {
             subject: Vec::new(),
             header: Vec::new(),
             numbers: HashMap::new(),
+            numbered_bytes: 0,
         }
     }
 }
@@ -170,10 +176,14 @@ impl Encode for PubEncoder {
                 *number
             }
             None => {
-                if self.numbers.len() == MAX_NUMBERED_TOPICS {
+                if self.numbers.len() == MAX_NUMBERED_TOPICS
+                    || self.numbered_bytes + topic.len() > MAX_NUMBERED_BYTES
+                {
                     self.numbers.clear();
+                    self.numbered_bytes = 0;
                 }
                 self.numbers.insert(Box::from(topic), 1);
+                self.numbered_bytes += topic.len();
                 1
             }
         };

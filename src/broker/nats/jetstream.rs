@@ -1567,6 +1567,22 @@ mod tests {
             .map(str::to_owned)
             .collect();
         assert_eq!(numbers, ["1 - 1", "2 - 1", "3 - 2", "4 - 3", "5 - 2"]);
+
+        // Past 4 MiB of topic names the numbers are forgotten and start again at 1.
+        let long_topics = (4 << 20) / 4096;
+        for n in 0..=long_topics {
+            let topic = format!("{n:04096}");
+            crate::broker::outbound::Encode::encode_shared(
+                &mut encoder,
+                topic.as_bytes(),
+                b"x",
+                None,
+                &mut Vec::new(),
+            );
+        }
+        let mut out = Vec::new();
+        crate::broker::outbound::Encode::encode_shared(&mut encoder, b"a", b"x", None, &mut out);
+        assert!(text(&out).contains(" - 1\r\n"), "{}", text(&out));
     }
 
     #[test]
