@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""bench/report.py RESULTS.txt OUT.md [PLOT.png]: turns the RESULT lines of bench/run.sh into
-markdown tables (fdcast / other ratios next to every rate) and, when matplotlib is there, the
-plot of deliveries/s against N. Targets are docs/performance.md's; a ratio under its target is marked ✗."""
+"""bench/report.py RESULTS.txt OUT.md [PLOT.png] [--summary DOC.md]: turns the RESULT lines of
+bench/run.sh into markdown tables (fdcast / other ratios next to every rate) and, when matplotlib
+is there, the plot of deliveries/s against N. Targets are docs/performance.md's; a ratio under
+its target is marked ✗. With --summary, also rewrites DOC.md's summary of the run (between its
+SUMMARY_BEGIN and SUMMARY_END lines) from the same rows, so that it never drifts from them."""
 import os
 import platform
 import subprocess
@@ -285,7 +287,61 @@ def plot(fan, ps, path):
     return True
 
 
+SUMMARY_BEGIN = "<!-- summary of the last full run: written by bench/report.py --summary -->"
+SUMMARY_END = "<!-- end of the summary -->"
+
+
+def summary(fan, ps):
+    """docs/performance.md's summary: part 1 over Unix sockets at S = 64, and part 2."""
+    keys = sorted(n for (t, s, n) in fan if t == "unix" and s == 64)
+    if not keys:
+        return None
+    k = next(iter(fan[("unix", 64, keys[0])].values()))["k"]
+    body = []
+    for n in keys:
+        c = fan[("unix", 64, n)]
+        rate = lambda name: c[name]["rate"] if name in c else None
+        body.append([n, *(mps(rate(x)) if rate(x) else "–" for x in
+                          ("loop", "coalesce", "raw", "ws", "sse", "corked")),
+                     ratio(rate("raw"), rate("loop")), ratio(rate("ws"), rate("loop")),
+                     ratio(rate("sse"), rate("loop")), ratio(rate("corked"), rate("coalesce"))])
+    out = [f"Run of {time.strftime('%Y-%m-%d')} (Unix socketpairs, 64-byte messages, K = {k}, "
+           "M deliveries/s, median of 5;\n"
+           "bench/results.md has every table):\n",
+           table(["N", "send loop", f"coalesce ×{k}", "fdcast RAW", "WS", "SSE", "fdcast corked",
+                  "RAW / loop", "WS / loop", "SSE / loop", "corked / coalesce"], body)]
+    if ps:
+        ns = sorted(ps)
+        rate = lambda n, name: ps[n][name]["rate"] if name in ps[n] else None
+        rates = [" / ".join(mps(rate(n, x)) if rate(n, x) else "–"
+                            for x in ("redis", "fdcast", "fdcast-server")) for n in ns]
+        ratios = [" / ".join(f"{float(rate(n, x)) / float(rate(n, 'redis')):.1f}"
+                             if rate(n, x) and rate(n, "redis") else "–"
+                             for x in ("fdcast", "fdcast-server")) for n in ns]
+        s = next(iter(ps[ns[0]].values()))["s"]
+        out.append(table([f"Redis pub/sub against fdcast corked (Unix, S = {s})",
+                          *(f"N = {n}" for n in ns)],
+                         [["Redis / fdcast in-process / fdcast server process, M deliveries/s",
+                           *rates],
+                          ["fdcast ÷ Redis (in-process / server process)", *ratios]]))
+    return "\n".join(out)
+
+
+def write_summary(doc, text):
+    old = open(doc, encoding="utf-8").read()
+    begin, end = old.index(SUMMARY_BEGIN), old.index(SUMMARY_END)
+    new = old[:begin] + SUMMARY_BEGIN + "\n\n" + text.rstrip("\n") + "\n" + old[end:]
+    open(doc, "w", encoding="utf-8").write(new)
+
+
 def main():
+    args = sys.argv[1:]
+    doc = None
+    if "--summary" in args:
+        at = args.index("--summary")
+        doc = args[at + 1]
+        del args[at:at + 2]
+    sys.argv[1:] = args
     rows = parse(sys.argv[1])
     fan_md, fan = fanout_section(rows)
     ps_md, ps = pubsub_section(rows)
@@ -301,6 +357,10 @@ def main():
     text = "\n".join(x for x in md if x)
     open(sys.argv[2], "w", encoding="utf-8").write(text)
     print(text)
+    if doc:
+        text = summary(fan, ps)
+        if text:
+            write_summary(doc, text)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,10 @@ else
   run $B/slow n=400 s=1024 m=1400 reps=3
 fi
 
-python3 bench/report.py "$raw" "$md" $png
+# A full run also rewrites docs/performance.md's summary from the same rows.
+summary_args=()
+if ((!quick)); then summary_args=(--summary docs/performance.md); fi
+python3 bench/report.py "$raw" "$md" $png ${summary_args[@]+"${summary_args[@]}"}
 cp "$raw" "${md%.md}.txt"
 
 # Cross-process fan-out through PostgreSQL: publish in this process, bytes on a
