@@ -425,11 +425,7 @@ fn a_reconnect_past_the_limit_is_a_counted_gap() {
     let url = server.url();
     let prefix = unique_prefix("gap");
     let topic = b"g";
-    let mut a = Agent::start(&url, &prefix, 10);
-    let mut b = Agent::start(&url, &prefix, 10);
-    b.tail(0, topic, Mode::Sse, 0);
-    a.seq(topic, 0..5);
-    assert_eq!(payloads(&b.expect(0, 5)), expected(0..5));
+    let (mut a, mut b) = publisher_and_reader(&url, &prefix, 10, topic, 5);
     const N: usize = 3000;
     b.send("sleep 1500");
     a.seq(topic, 5..1000);
@@ -460,11 +456,7 @@ fn reconnect_after_client_kill() {
     let url = server.url();
     let prefix = unique_prefix("kill");
     let topic = b"k";
-    let mut a = Agent::start(&url, &prefix, 1000);
-    let mut b = Agent::start(&url, &prefix, 1000);
-    b.tail(0, topic, Mode::Sse, 0);
-    a.seq(topic, 0..10);
-    assert_eq!(payloads(&b.expect(0, 10)), expected(0..10));
+    let (mut a, mut b) = publisher_and_reader(&url, &prefix, 1000, topic, 10);
     let mut plain = Plain::connect(&url);
     // A publishes from another thread, one message a millisecond, through B's reconnect:
     // some while B is down, some while B subscribes again and fetches what it missed.

@@ -469,12 +469,8 @@ fn a_discarded_burst_is_a_counted_gap() {
     let stream = stream_of(&prefix);
     let topic = b"burst";
     const N: usize = 20_000;
-    let mut a = Agent::start(&url, &prefix, 10);
-    let mut b = Agent::start(&url, &prefix, 10);
-    b.tail(0, topic, Mode::Sse, 0);
     // B's consumer exists once a first message reaches it.
-    a.seq(topic, 0..1);
-    assert_eq!(payloads(&b.expect(0, 1)), expected(0..1));
+    let (mut a, mut b) = publisher_and_reader(&url, &prefix, 10, topic, 1);
 
     b.send("sleep 1500");
     a.seq(topic, 1..N);
@@ -604,11 +600,7 @@ fn consumer_deleted_on_the_server() {
     let prefix = unique_prefix("del");
     let stream = stream_of(&prefix);
     let topic = b"d";
-    let mut a = Agent::start(&url, &prefix, 1000);
-    let mut b = Agent::start(&url, &prefix, 1000);
-    b.tail(0, topic, Mode::Sse, 0);
-    a.seq(topic, 0..3);
-    assert_eq!(payloads(&b.expect(0, 3)), expected(0..3));
+    let (mut a, mut b) = publisher_and_reader(&url, &prefix, 1000, topic, 3);
     let mut plain = Plain::connect(&url);
     let answer = plain.request(&format!("CONSUMER.NAMES.{stream}"), "");
     let names: Vec<String> = answer
@@ -635,11 +627,7 @@ fn reconnect_after_kill() {
     let prefix = unique_prefix("kill");
     let stream = stream_of(&prefix);
     let topic = b"k";
-    let mut a = Agent::start(&url, &prefix, 1000);
-    let mut b = Agent::start(&url, &prefix, 1000);
-    b.tail(0, topic, Mode::Sse, 0);
-    a.seq(topic, 0..10);
-    assert_eq!(payloads(&b.expect(0, 10)), expected(0..10));
+    let (mut a, mut b) = publisher_and_reader(&url, &prefix, 1000, topic, 10);
     const N: usize = 300;
     a.ok(&format!("bg {} 10 {N}", hex(topic)));
     thread::sleep(Duration::from_millis(50));

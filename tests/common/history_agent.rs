@@ -281,6 +281,24 @@ pub struct Agent {
     pub got: HashMap<usize, (Mode, Vec<u8>)>,
 }
 
+/// Agents A and B on `prefix` (history keeping `max_messages`), B's SSE reader 0 tailing
+/// `topic` from now on and checked to hold A's first `first` messages (so B's subscription is
+/// in effect on the broker).
+pub fn publisher_and_reader(
+    url: &str,
+    prefix: &str,
+    max_messages: usize,
+    topic: &[u8],
+    first: usize,
+) -> (Agent, Agent) {
+    let mut a = Agent::start(url, prefix, max_messages);
+    let mut b = Agent::start(url, prefix, max_messages);
+    b.tail(0, topic, Mode::Sse, 0);
+    a.seq(topic, 0..first);
+    assert_eq!(payloads(&b.expect(0, first)), expected(0..first));
+    (a, b)
+}
+
 impl Agent {
     /// An agent with history on (`max_messages`) and the broker enabled.
     pub fn start(url: &str, prefix: &str, max_messages: usize) -> Agent {
