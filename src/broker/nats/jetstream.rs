@@ -73,6 +73,8 @@ pub(crate) const DEFAULT_PER_SUBJECT: usize = 1000;
 /// What the publishers' encoder and the session share: this registry's origin, the count of
 /// its shared publishes, and, per topic whose interest is queued, that count then.
 pub(crate) struct Own {
+    /// The origin, and its 16 hex digits as the header carries them.
+    id: u64,
     origin: Box<[u8]>,
     seq: AtomicU64,
     marks: Mutex<HashMap<Box<[u8]>, u64>>,
@@ -80,8 +82,10 @@ pub(crate) struct Own {
 
 impl Own {
     pub(crate) fn new() -> Own {
+        let id = random_epoch();
         Own {
-            origin: format!("{:016x}", random_epoch()).into_bytes().into(),
+            id,
+            origin: format!("{id:016x}").into_bytes().into(),
             seq: AtomicU64::new(0),
             marks: Mutex::new(HashMap::new()),
         }
@@ -143,30 +147,39 @@ impl Own {
             .remove(topic)
             .unwrap_or_else(|| self.seq.load(Ordering::Relaxed))
     }
+}
 
-    /// `(seq, except)` of a delivery's origin header, if it names this registry.
-    fn ours(&self, value: &[u8]) -> Option<(u64, Option<RawFd>)> {
+/// A delivery's `Fdcast-Origin` header, read once for both its uses: whether this registry
+/// published it (`seq`, `except`), and the publisher's number on the topic (absent from
+/// the headers of registries that did not number them yet).
+#[derive(Clone, Copy)]
+struct OriginHeader {
+    origin: u64,
+    seq: u64,
+    except: Option<RawFd>,
+    number: Option<u64>,
+}
+
+impl OriginHeader {
+    fn parse(value: &[u8]) -> Option<OriginHeader> {
         let mut words = value.split(|&b| b == b' ');
-        if words.next()? != &*self.origin {
-            return None;
-        }
+        let origin = words.next().filter(|origin| origin.len() == 16)?;
+        let origin = origin.iter().try_fold(0u64, |id, &digit| {
+            Some(id << 4 | u64::from(char::from(digit).to_digit(16)?))
+        })?;
         let seq = decimal(words.next()?)?;
         let except = match words.next()? {
             b"-" => None,
             fd => Some(RawFd::try_from(decimal(fd)?).ok()?),
         };
-        Some((seq, except))
+        let number = words.next().and_then(decimal);
+        Some(OriginHeader {
+            origin,
+            seq,
+            except,
+            number,
+        })
     }
-}
-
-/// `(origin, number on the topic)` of a delivery's origin header, whichever registry
-/// published it (an origin is 16 hex digits).
-fn numbered(value: &[u8]) -> Option<(u64, u64)> {
-    let mut words = value.split(|&b| b == b' ');
-    let origin = words.next().filter(|origin| origin.len() == 16)?;
-    let origin = u64::from_str_radix(std::str::from_utf8(origin).ok()?, 16).ok()?;
-    let number = decimal(words.nth(2)?)?;
-    Some((origin, number))
 }
 
 /// An API request in flight, by the number in its reply subject.
@@ -832,15 +845,19 @@ impl NatsProtocol {
         }
         consumer.cseq = ack.consumer_seq;
         self.js.stream_last = self.js.stream_last.max(ack.stream_seq);
-        let origin = headers.and_then(|headers| headers.get(ORIGIN_HEADER));
+        let origin = headers
+            .and_then(|headers| headers.get(ORIGIN_HEADER))
+            .and_then(OriginHeader::parse);
         let delivery = Delivery {
             sseq: ack.stream_seq,
             cseq: ack.consumer_seq,
             stored: ack.stored,
             pending: ack.pending,
             payload: Vec::new(),
-            own: origin.and_then(|value| self.own.ours(value)),
-            numbered: origin.and_then(numbered),
+            own: origin
+                .filter(|header| header.origin == self.own.id)
+                .map(|header| (header.seq, header.except)),
+            numbered: origin.and_then(|header| Some((header.origin, header.number?))),
         };
         let Some(consumer) = self.js.consumers.get_mut(&sid) else {
             return;
